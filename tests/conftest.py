@@ -1,0 +1,38 @@
+"""Shared pytest fixtures for iopo-jax."""
+import os
+import pathlib
+
+# Eight forced host devices so sharding tests can run on a CPU-only machine.
+# Must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """Path to ../shared/data; skips the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data not found at {SHARED_DATA} (the ../shared checkout is absent)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """A real Qwen2 tokenizer directory built offline once per test session."""
+    from iopo_jax.tokenizer import build_qwen2_tokenizer
+
+    return build_qwen2_tokenizer(str(tmp_path_factory.mktemp("qwen2_tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_tokenizer_dir):
+    from iopo_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(qwen_tokenizer_dir)
