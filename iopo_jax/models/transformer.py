@@ -1,0 +1,314 @@
+"""Flax NNX decoder-only transformer for Qwen2 / Qwen2.5 and Llama-3 / 3.1.
+
+One file, whole and readable. Shapes use letters: b batch, t query length, s key length,
+d model width, n query heads, k key/value heads, g = n // k query heads per kv head,
+h head dim, f MLP width, v vocabulary.
+
+Parameters are stored in ``param_dtype`` (fp32 by default) and cast to ``dtype`` for the
+matmuls; RMSNorm statistics, RoPE tables, softmax and logits are float32.
+
+Masking. Without a cache, ``segment_ids [b, t]`` decides who sees whom: token i attends to token
+j <= i of the same non-zero segment (0 marks padding). This covers right padding, left padding
+(segment ids = attention mask) and packed sequences (segment ids 1, 2, 3 ...). ``positions``
+are the RoPE positions (restart at 0 for each packed segment; for left padding, count from the
+first real token). With a :class:`KVCache` the new keys are written at slots
+``[end, end + t)`` and a query at slot ``end + i`` sees every valid slot ``<= end + i``.
+
+Example::
+
+    cfg = ModelConfig.from_hf("/path/to/Qwen2-7B-Instruct")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    hidden, _ = model(input_ids, positions, segment_ids)
+    logits = model.logits(hidden)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from iopo_jax.models.config import ModelConfig
+from iopo_jax.sharding import BATCH_AXES, constrain
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _dt(name: str):
+    return jnp.dtype(name)
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+    """Inverse frequencies [h/2], with llama3 scaling when configured."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if cfg.rope_llama3 is None:
+        return inv
+    factor, lo, hi, orig = cfg.rope_llama3
+    lo_wavelen, hi_wavelen = orig / lo, orig / hi
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_btnh, positions_bt, inv_freq):
+    """Rotate-half RoPE (the HF layout: the two halves of the head dim are the pairs)."""
+    ang = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [b, t, h/2]
+    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+    x = x_btnh.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return (x * cos + rot * sin).astype(x_btnh.dtype)
+
+
+# ----------------------------------------------------------------------------- layers
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, cfg: ModelConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), _dt(cfg.param_dtype)))
+        self.eps = eps
+        self.dtype = _dt(cfg.dtype)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x W^T (+ b) (+ scale * B A x when LoRA is on).
+
+    Weights keep the HF / PEFT layouts so checkpoints load without transposes:
+    ``weight [out, in]``, ``lora_a [r, in]``, ``lora_b [out, r]``.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, name: str, rngs: nnx.Rngs):
+        pdt = _dt(cfg.param_dtype)
+        std = 1.0 / math.sqrt(d_in)
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (d_out, d_in), pdt) * std)
+        self.bias = nnx.Param(jnp.zeros((d_out,), pdt)) if bias else None
+        self.dtype = _dt(cfg.dtype)
+        lora = cfg.lora
+        if lora is not None and name in lora.targets:
+            # PEFT's init: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the adapter starts as a no-op.
+            bound = 1.0 / math.sqrt(d_in)
+            self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (lora.rank, d_in), jnp.float32, -bound, bound))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((d_out, lora.rank), jnp.float32))
+            self.lora_scale = lora.scale
+            self.lora_dropout = nnx.Dropout(lora.dropout, rngs=rngs) if lora.dropout > 0 else None
+        else:
+            self.lora_a = None
+            self.lora_b = None
+            self.lora_scale = 0.0
+            self.lora_dropout = None
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            xd = self.lora_dropout(x) if self.lora_dropout is not None else x
+            a = self.lora_a[...].astype(self.dtype)
+            b = self.lora_b[...].astype(self.dtype)
+            y = y + jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", xd, a), b) * jnp.asarray(
+                self.lora_scale, self.dtype)
+        return y
+
+
+@dataclasses.dataclass
+class LayerCache:
+    k: jnp.ndarray  # [b, s, k, h]
+    v: jnp.ndarray
+
+
+jax.tree_util.register_dataclass(LayerCache, data_fields=["k", "v"], meta_fields=[])
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated key/value cache for all layers.
+
+    ``mask [b, s]`` marks valid slots (False for left padding and unwritten slots);
+    ``end`` (int32 scalar) is the next slot to write.
+    """
+
+    layers: list
+    mask: jnp.ndarray
+    end: jnp.ndarray
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = _dt(cfg.dtype) if dtype is None else dtype
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        layers = [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+        return cls(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["layers", "mask", "end"], meta_fields=[])
+
+
+def attend(q_btnh, k_bskh, v_bskh, mask_bts, impl: str = "xla"):
+    """Grouped-query attention with a boolean mask; softmax in float32."""
+    b, t, n, h = q_btnh.shape
+    kh = k_bskh.shape[2]
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(
+            q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], implementation="cudnn").reshape(b, t, n * h)
+    q = q_btnh.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(h)
+    scores = jnp.where(mask_bts[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    return out.reshape(b, t, n * h)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, n * h, bias=cfg.attention_bias, cfg=cfg, name="q_proj", rngs=rngs)
+        self.k_proj = Linear(d, k * h, bias=cfg.attention_bias, cfg=cfg, name="k_proj", rngs=rngs)
+        self.v_proj = Linear(d, k * h, bias=cfg.attention_bias, cfg=cfg, name="v_proj", rngs=rngs)
+        self.o_proj = Linear(n * h, d, bias=False, cfg=cfg, name="o_proj", rngs=rngs)
+        self.n, self.k, self.h = n, k, h
+        self.impl = cfg.attention_impl
+
+    def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, cache: LayerCache | None, end):
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd).reshape(b, t, self.n, self.h)
+        k = self.k_proj(x_btd).reshape(b, t, self.k, self.h)
+        v = self.v_proj(x_btd).reshape(b, t, self.k, self.h)
+        q = constrain(apply_rope(q, positions_bt, inv_freq), (BATCH_AXES, None, "tensor", None))
+        k = apply_rope(k, positions_bt, inv_freq)
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
+            cache = LayerCache(k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        out = attend(q, k, v, mask_bts, self.impl)
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, bias=False, cfg=cfg, name="gate_proj", rngs=rngs)
+        self.up_proj = Linear(d, f, bias=False, cfg=cfg, name="up_proj", rngs=rngs)
+        self.down_proj = Linear(f, d, bias=False, cfg=cfg, name="down_proj", rngs=rngs)
+
+    def __call__(self, x_btd):
+        hid = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        hid = constrain(hid, (BATCH_AXES, None, "tensor"))
+        return self.down_proj(hid)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, cache, end):
+        attn, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, inv_freq, mask_bts, cache, end)
+        x_btd = x_btd + attn
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        return constrain(x_btd, (BATCH_AXES, None, None)), cache
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), _dt(cfg.param_dtype)) * 0.02)
+        self.dtype = _dt(cfg.dtype)
+
+    def __call__(self, ids_bt):
+        return jnp.take(self.embedding[...], ids_bt, axis=0).astype(self.dtype)
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _run_layer(layer, x, positions, inv_freq, mask, cache, end):
+    return layer(x, positions, inv_freq, mask, cache, end)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. ``__call__`` returns final-norm hidden states; :meth:`logits` projects."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = Embed(cfg, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg.replace(lora=None), name="lm_head", rngs=rngs)
+
+    def __call__(self, input_ids_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None):
+        cfg = self.config
+        b, t = input_ids_bt.shape
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones((b, t), jnp.int32)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        inv_freq = rope_inv_freq(cfg)
+        end = None
+        if cache is None:
+            seg = segment_ids_bt
+            idx = jnp.arange(t)
+            mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (idx[None, :, None] >= idx[None, None, :])
+        else:
+            end = cache.end
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, segment_ids_bt != 0, (0, end))
+            slots = jnp.arange(kv_mask.shape[1])
+            causal = slots[None, None, :] <= (end + jnp.arange(t))[None, :, None]
+            mask = causal & kv_mask[:, None, :]
+        x = constrain(self.embed(input_ids_bt), (BATCH_AXES, None, None))
+        run = _run_layer
+        if cfg.remat != "none" and cache is None:
+            run = nnx.remat(_run_layer, policy=_REMAT[cfg.remat])
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            lc = cache.layers[i] if cache is not None else None
+            x, lc = run(layer, x, positions_bt, inv_freq, mask, lc, end)
+            new_layers.append(lc)
+        x = self.norm(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(new_layers, kv_mask, end + t)
+        return x, new_cache
+
+    def lm_head_weight(self) -> jnp.ndarray:
+        """The [v, d] output projection (the embedding itself when tied)."""
+        if self.lm_head is None:
+            return self.embed.embedding[...]
+        return self.lm_head.weight[...]
+
+    def logits(self, hidden_btd) -> jnp.ndarray:
+        """Float32 logits [.., v]. Materialises the vocabulary axis: use iopo_jax.logprobs for training."""
+        dt = _dt(self.config.dtype)
+        return jnp.einsum("...d,vd->...v", hidden_btd.astype(dt), self.lm_head_weight().astype(dt),
+                          preferred_element_type=jnp.float32)
+
+
+def padding_inputs(attention_mask_bt):
+    """positions and segment ids for a (left- or right-) padded batch from its 0/1 attention mask."""
+    am = attention_mask_bt.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(am, axis=-1) - 1, 0)
+    return positions, am
+
+
+def count_params(tree: Any) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

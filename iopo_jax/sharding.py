@@ -1,0 +1,161 @@
+"""Device meshes and partition rules over the named axes ``data``, ``fsdp`` and ``tensor``.
+
+- ``data``: pure data parallelism (parameters replicated along it).
+- ``fsdp``: data parallelism with parameters (and optimizer state) sharded along it.
+- ``tensor``: tensor (model) parallelism: attention heads, MLP hidden units and vocabulary split.
+
+The batch is sharded over ``("data", "fsdp")``. Parameters follow :data:`PARAM_RULES`, one regex
+per parameter path. A mesh axis that does not divide a dimension is dropped for that dimension
+(the dimension is replicated instead), so every rule works for every model size.
+
+Example::
+
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 2})   # -1: "the rest of the devices"
+    with use_mesh(mesh):
+        ...
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+class MeshError(ValueError):
+    """The requested mesh does not fit the available devices."""
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Fill in one ``-1`` axis and check that the product equals ``num_devices``."""
+    unknown = set(shape) - set(AXES)
+    if unknown:
+        raise MeshError(f"unknown mesh axes {sorted(unknown)}; the axes are {AXES}")
+    sizes = {a: int(shape.get(a, 1)) for a in AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise MeshError(f"only one mesh axis may be -1, got {free}")
+    if any(s == 0 or s < -1 for s in sizes.values()):
+        raise MeshError(f"mesh axis sizes must be positive or -1, got {sizes}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise MeshError(
+                f"mesh {sizes} does not divide the {num_devices} available devices "
+                f"({num_devices} is not a multiple of {fixed})")
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise MeshError(
+            f"mesh {sizes} needs {fixed} devices but {num_devices} are available; "
+            "make the product of the axis sizes equal the device count or set one axis to -1")
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+    """A ``Mesh`` with axes (data, fsdp, tensor). Default: everything on ``fsdp``."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(shape or {"fsdp": -1}, len(devices))
+    dims = tuple(sizes[a] for a in AXES)
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(dims, devices=devices)
+    except Exception:  # CPU devices or unusual topologies: plain reshape is fine there
+        arr = np.asarray(devices, dtype=object).reshape(dims)
+    return Mesh(arr, AXES)
+
+
+# Parameter partition rules: (regex on the '.'-joined parameter path, spec per dimension).
+# Weights keep the HF layout: linear weights [out, in], LoRA A [r, in], LoRA B [out, r].
+PARAM_RULES: list[tuple[str, tuple]] = [
+    (r"embed\.embedding$", ("tensor", "fsdp")),  # [vocab, d]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),  # [out, d]
+    (r"(q_proj|k_proj|v_proj)\.bias$", ("tensor",)),
+    (r"(o_proj|down_proj)\.weight$", ("fsdp", "tensor")),  # [d, in]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_a$", (None, "fsdp")),  # [r, d]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_b$", ("tensor", None)),  # [out, r]
+    (r"(o_proj|down_proj)\.lora_a$", (None, "tensor")),  # [r, in]
+    (r"(o_proj|down_proj)\.lora_b$", ("fsdp", None)),  # [d, r]
+    (r"lm_head\.weight$", ("tensor", "fsdp")),  # [vocab, d]
+    (r"(norm|layernorm)\.scale$", (None,)),
+]
+
+
+def _fit(spec: Sequence, shape: Sequence[int], mesh: Mesh | None) -> P:
+    """Drop mesh axes that do not divide their dimension (replicate that dimension instead)."""
+    out = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axis is None or mesh is None:
+            out.append(axis if mesh is None else None)
+            continue
+        names = axis if isinstance(axis, tuple) else (axis,)
+        names = tuple(n for n in names if n in mesh.shape)
+        size = math.prod(mesh.shape[n] for n in names)
+        if names and dim % size == 0:
+            out.append(names if len(names) > 1 else names[0])
+        else:
+            out.append(None)
+    return P(*out)
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh | None = None) -> P:
+    """PartitionSpec of one parameter, from :data:`PARAM_RULES`. Unknown paths raise."""
+    for pattern, spec in PARAM_RULES:
+        if re.search(pattern, path):
+            return _fit(spec, shape, mesh)
+    raise KeyError(f"no partition rule matches parameter '{path}'; add one to iopo_jax.sharding.PARAM_RULES")
+
+
+def path_str(path: Sequence) -> str:
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for every leaf of an nnx State / pytree of arrays keyed by parameter path."""
+
+    def one(path, leaf):
+        return NamedSharding(mesh, param_spec(path_str(path), leaf.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None) -> NamedSharding:
+    """Sharding of a batch array: leading dim over (data, fsdp), the rest replicated."""
+    spec = (BATCH_AXES,) + (None,) * (ndim - 1)
+    if shape is not None:
+        return NamedSharding(mesh, _fit(spec, shape, mesh))
+    return NamedSharding(mesh, P(*spec))
+
+
+def current_mesh():
+    """The mesh set by :func:`use_mesh` (an AbstractMesh), or None."""
+    m = jax.sharding.get_abstract_mesh()
+    return None if (m is None or m.empty) else m
+
+
+def constrain(x, spec: Sequence):
+    """``with_sharding_constraint`` under the current mesh; a no-op without one.
+
+    Axes that do not divide a dimension are dropped for it.
+    """
+    mesh = current_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None):
+    """Make ``mesh`` the current mesh (activation constraints use it). ``None``: no mesh."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh):
+        yield

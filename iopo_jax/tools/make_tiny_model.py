@@ -1,0 +1,88 @@
+"""Write a small random Qwen2 or Llama model in HF format, with the real Qwen2 tokenizer.
+
+The vocabulary is the full 151,936 rows of Qwen2 so that the real tokenizer works with it.
+Used by the CPU demo and the tests; also handy for smoke tests of a new setup. Sizes are flags,
+so the same tool makes larger checkpoints for benchmarks.
+
+Example::
+
+    python -m iopo_jax.tools.make_tiny_model --out /tmp/tiny-qwen2
+    python -m iopo_jax.tools.make_tiny_model --out /tmp/tiny-llama --family llama
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+FAMILY_DEFAULTS = {
+    "qwen2": dict(model_type="qwen2", rope_theta=1_000_000.0, attention_bias=True, tie_word_embeddings=True),
+    "llama": dict(model_type="llama", rope_theta=500_000.0, attention_bias=False, tie_word_embeddings=False,
+                  rope_llama3=(8.0, 1.0, 4.0, 8192)),
+}
+
+
+def tiny_config(family: str = "qwen2", *, hidden_size: int = 64, intermediate_size: int = 128,
+                num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
+                tie_word_embeddings: bool | None = None, vocab_size: int = 151936):
+    from iopo_jax.models.config import ModelConfig
+
+    if family not in FAMILY_DEFAULTS:
+        raise ValueError(f"--family must be one of {sorted(FAMILY_DEFAULTS)}, got '{family}'")
+    kw = dict(FAMILY_DEFAULTS[family])
+    if tie_word_embeddings is not None:
+        kw["tie_word_embeddings"] = tie_word_embeddings
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim or hidden_size // num_heads, max_position_embeddings=32768,
+        eos_token_id=151645, bos_token_id=151643, **kw)
+
+
+def make_tiny_model(out: str, family: str = "qwen2", seed: int = 0, dtype: str = "float32",
+                    tokenizer_dir: str | None = None, **sizes) -> str:
+    """Create the model directory ``out`` (config.json, model.safetensors, tokenizer files)."""
+    from flax import nnx
+
+    from iopo_jax.models.transformer import Transformer
+    from iopo_jax.models.weights import export_hf
+    from iopo_jax.tokenizer import build_qwen2_tokenizer
+
+    cfg = tiny_config(family, **sizes)
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    os.makedirs(out, exist_ok=True)
+    export_hf(model, out, dtype=dtype)
+    if tokenizer_dir:
+        from iopo_jax.models.weights import copy_tokenizer
+
+        copy_tokenizer(tokenizer_dir, out)
+    else:
+        build_qwen2_tokenizer(out)
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        f.write('{"eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": false}\n')
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m iopo_jax.tools.make_tiny_model", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--family", default="qwen2", choices=sorted(FAMILY_DEFAULTS), help="architecture family")
+    p.add_argument("--hidden_size", type=int, default=64, help="model width d")
+    p.add_argument("--intermediate_size", type=int, default=128, help="MLP width")
+    p.add_argument("--num_layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--num_heads", type=int, default=4, help="query heads")
+    p.add_argument("--num_kv_heads", type=int, default=2, help="key/value heads (GQA when < num_heads)")
+    p.add_argument("--tie_word_embeddings", choices=["default", "true", "false"], default="default",
+                   help="share the embedding and the output projection (default: true for qwen2, false for llama)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    a = p.parse_args(argv)
+    tie = None if a.tie_word_embeddings == "default" else a.tie_word_embeddings == "true"
+    make_tiny_model(a.out, a.family, a.seed, a.dtype, hidden_size=a.hidden_size,
+                    intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
+                    num_kv_heads=a.num_kv_heads, tie_word_embeddings=tie)
+    print(f"wrote a random {a.family} model to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
