@@ -336,7 +336,7 @@ def _host(arr) -> np.ndarray:
 
 def base_params(model: Transformer) -> dict[str, jax.Array]:
     """{our path: array} of the base (non-LoRA) parameters."""
-    _, lora, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    _, _, base, _ = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
     flat = {}
     jax.tree_util.tree_map_with_path(lambda p, x: flat.__setitem__(path_str(p), x), nnx.to_pure_dict(base))
     return flat
