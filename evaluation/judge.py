@@ -379,6 +379,11 @@ class ChatClient:
                                                context=self._ssl_context)
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.config.timeout_s)
+        conn.connect()
+        try:  # small requests should not wait for Nagle's algorithm
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
         self._local.conn = conn
         return conn, False
 
@@ -395,8 +400,9 @@ class ChatClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = "Bearer " + self._api_key
-        conn, reused = self._connection()
+        reused = False
         try:
+            conn, reused = self._connection()
             conn.request("POST", self._path, body=payload, headers=headers)
             resp = conn.getresponse()
             status = resp.status

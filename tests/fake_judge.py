@@ -103,6 +103,12 @@ class FakeJudge:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self):
+                super().setup()
+                # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm and
+                # the client's delayed ACK add ~40 ms to every reply.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def log_message(self, *args):  # silence the default stderr access log
                 pass
 

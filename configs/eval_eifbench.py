@@ -1,0 +1,22 @@
+"""EIFBench evaluation (multi-task, multi-constraint instances; SPEC section 5).
+
+    python -m evaluation.run --config=configs/eval_eifbench.py \
+        --data_path=/path/to/sorted_party100.json[,/path/to/sorted_single450.json,...] \
+        --predictions=preds.jsonl  (or --model_dir=CKPT, or --gen_base_url=URL --gen_model=NAME) \
+        --judge_base_url=https://api.openai.com/v1 --judge_model=gpt-4o --workdir=runs/eif_x
+
+All fields are documented in evaluation/config_defaults.py.
+"""
+from evaluation.config_defaults import base_config
+
+
+def get_config():
+    c = base_config("eifbench")
+    c.generation.temperature = 0.1  # Low-temperature answers, as for TRACE.
+    c.generation.max_new_tokens = 4096  # Answers cover ~8.5 sub-instructions.
+    c.generation.max_chars = 8192  # Longer inputs are answered in two halves (both kept).
+    c.judge.temperature = 0.0
+    c.judge.top_p = 0.8
+    c.judge.concurrency = 32  # ~80 judge calls per instance.
+    c.metrics.error_policy = "exclude_pair"
+    return c

@@ -1,0 +1,18 @@
+"""TRACE evaluation (1,042 judged instructions; SPEC section 5).
+
+    python -m evaluation.run --config=configs/eval_trace.py \
+        --data_path=/path/to/202409_trace_evaluation.jsonl \
+        --predictions=preds.jsonl  (or --model_dir=CKPT, or --gen_base_url=URL --gen_model=NAME) \
+        --judge_base_url=https://api.openai.com/v1 --judge_model=gpt-4o --workdir=runs/trace_x
+
+All fields are documented in evaluation/config_defaults.py.
+"""
+from evaluation.config_defaults import base_config
+
+
+def get_config():
+    c = base_config("trace")
+    c.generation.temperature = 0.1  # TRACE protocol: answers sampled at temperature 0.1.
+    c.judge.temperature = 0.0  # TRACE protocol: judge at temperature 0, top_p 0.8.
+    c.judge.top_p = 0.8
+    return c

@@ -1,0 +1,118 @@
+"""Shared ``ml_collections`` config for ``python -m evaluation.run`` (every field documented here).
+
+The files ``configs/eval_trace.py``, ``configs/eval_eifbench.py`` and ``configs/eval_demo.py`` call
+:func:`base_config` and change the few fields that differ. Any field can be overridden on the command
+line (``--config.judge.concurrency=32``); the most common ones also have short flags (see
+``evaluation/run.py``). No field holds a secret: API keys are read from the environment variables
+*named* by ``*.api_key_env``.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config(benchmark: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Which evaluation to run: "trace", "eifbench" or "demo".
+    c.benchmark = benchmark
+    # Output folder (predictions.jsonl, judgments.jsonl, metrics.json, report.md, charts, caches, eval.log).
+    # Usually given as --workdir. Rerunning with the same workdir resumes the run.
+    c.workdir = ""
+    # Model to generate with when generation.backend is "jax" (a checkpoint/export folder). Also used as
+    # the model's name in the report. Usually given as --model_dir.
+    c.model_dir = ""
+    # Show tqdm progress bars (on stderr).
+    c.progress = True
+    # Random seed for sampling.
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    # Benchmark data. trace: the 202409_trace_evaluation.jsonl file; eifbench: one or more split files
+    # (sorted_party100.json, ...), comma-separated; demo: "" = the bundled demo set. Given as --data_path.
+    c.data.path = ""
+    # Evaluate only the first N items (per split for EIFBench); 0 = all. Given as --limit.
+    c.data.limit = 0
+
+    c.generation = ml_collections.ConfigDict()
+    # "auto" (predictions file if given, else API if base_url is set, else JAX sampler), "predictions",
+    # "api" (OpenAI-compatible server) or "jax" (our sampler, from model_dir).
+    c.generation.backend = "auto"
+    # JSONL file of {"id", "response"} answers to evaluate instead of generating (--predictions).
+    c.generation.predictions = ""
+    # OpenAI-compatible server to generate with (--gen_base_url), e.g. http://127.0.0.1:8000/v1.
+    c.generation.base_url = ""
+    # Model name sent to that server (--gen_model).
+    c.generation.model = ""
+    # Name of the env var holding that server's API key; "" = no key (--gen_api_key_env).
+    c.generation.api_key_env = ""
+    # Sampling temperature (--temperature). TRACE protocol: 0.1.
+    c.generation.temperature = 0.1
+    # Nucleus sampling mass (--top_p).
+    c.generation.top_p = 1.0
+    # Max new tokens per answer (--max_new_tokens); sent as max_tokens to an API server.
+    c.generation.max_new_tokens = 2048
+    # Prompts per sampler call (jax backend).
+    c.generation.batch_size = 16
+    # Requests in flight (api backend).
+    c.generation.concurrency = 8
+    # Per-request timeout in seconds (api backend).
+    c.generation.timeout_s = 600.0
+    # Retries per request (api backend).
+    c.generation.max_retries = 6
+    # Max generation requests per run (api backend); 0 = no cap.
+    c.generation.request_budget = 0
+    # EIFBench only: answer prompt template file with the field {input_text}; "" = our own wording.
+    c.generation.answer_template = ""
+    # EIFBench only: split instances whose input text is longer than this many characters in two halves.
+    c.generation.max_chars = 8192
+
+    c.judge = ml_collections.ConfigDict()
+    # OpenAI-compatible judge server (--judge_base_url), e.g. https://api.openai.com/v1.
+    c.judge.base_url = ""
+    # Judge model name (--judge_model). The protocols use GPT-4o.
+    c.judge.model = "gpt-4o"
+    # Name of the env var holding the judge's API key (--judge_api_key_env); "" = no key.
+    c.judge.api_key_env = "OPENAI_API_KEY"
+    # Judge sampling. TRACE protocol: temperature 0, top_p 0.8.
+    c.judge.temperature = 0.0
+    c.judge.top_p = 0.8
+    # Completion token cap sent to the judge; 0 = do not send.
+    c.judge.max_tokens = 0
+    # Per-request timeout, seconds.
+    c.judge.timeout_s = 120.0
+    # Requests in flight (--concurrency).
+    c.judge.concurrency = 16
+    # Retries per request on timeouts, connection errors, 429 and 5xx.
+    c.judge.max_retries = 6
+    # Backoff: first delay and cap, seconds (exponential with jitter; 429 Retry-After wins).
+    c.judge.backoff_base_s = 1.0
+    c.judge.backoff_max_s = 60.0
+    # Max judge HTTP requests in this run, retries included (--budget); 0 = no cap. Units left unjudged
+    # when it runs out are counted as judge errors; rerun to continue.
+    c.judge.request_budget = 0
+    # Prices per 1,000 prompt / completion tokens for the cost report (defaults: GPT-4o list price, USD).
+    c.judge.price_prompt_per_1k = 0.0025
+    c.judge.price_completion_per_1k = 0.01
+    # Judge prompt template file (--judge_template); "" = our own wording. TRACE fields: {format_str},
+    # {description}, {constraints}, {ans}; EIFBench fields: {input}, {output}, {sub_instruction}, {question}.
+    c.judge.template = ""
+    # TRACE only: the per-constraint JSON example given to the template as {format_str}; "" = automatic
+    # (the official example with a template file, our own example with the default template).
+    c.judge.format_str = ""
+    # System message before the judge prompt; "default" = the benchmark's default (TRACE: none;
+    # EIFBench: "You are a helpful assistant."), "" = none.
+    c.judge.system_prompt = "default"
+    # Ask again this many times when a judge reply cannot be parsed; then it is counted as unparseable.
+    c.judge.max_parse_retries = 2
+    # Keep the judge request messages in judge_cache.jsonl too (audit; large for EIFBench).
+    c.judge.store_prompts = False
+
+    c.metrics = ml_collections.ConfigDict()
+    # EIFBench: "exclude_pair" (failed judgments are left out of their instance, like the public metric
+    # script) or "exclude_instance" (an instance with any failed judgment is left out whole).
+    c.metrics.error_policy = "exclude_pair"
+
+    c.report = ml_collections.ConfigDict()
+    # Draw the PNG charts of report.md.
+    c.report.charts = True
+    return c

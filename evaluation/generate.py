@@ -1,0 +1,150 @@
+"""Generation backends behind one small interface (:class:`evaluation.driver.Generator`).
+
+* :class:`PredictionsFileGenerator` - answers read from a JSONL file of ``{"id": ..., "response": ...}``
+  lines (``predictions.jsonl`` of an earlier run has this format). For EIFBench the id is
+  ``"<split>/<main_id>"`` (e.g. ``party100/7``); a bare ``main_id`` is accepted when only one split
+  is evaluated. The keys ``output``, ``generated``, ``prediction`` and ``answer`` are accepted in place
+  of ``response``.
+* :class:`ChatAPIGenerator` - any OpenAI-compatible chat model, through the same client as the judge
+  (:class:`evaluation.judge.ChatClient`, with its own response store, so an interrupted generation
+  pass resumes without re-sending).
+* :class:`JaxSamplerGenerator` - our own JAX sampler (``iopo_jax.sampling``) through
+  :func:`jax_sampler_generate`, the one adapter function to wire to the sampler's batch API.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+from typing import Any, Iterator, Optional, Sequence
+
+from evaluation import driver
+from evaluation import io_utils
+from evaluation import judge as judge_lib
+
+logger = logging.getLogger(__name__)
+
+RESPONSE_KEYS = ("response", "output", "generated", "prediction", "answer")
+
+
+class SamplerUnavailableError(RuntimeError):
+    """The JAX sampler cannot be used (not installed yet, or the adapter is not wired)."""
+
+
+def load_predictions_file(path: str) -> dict[str, str]:
+    """{id: response} from a JSONL predictions file; errors name file, line and field."""
+    out: dict[str, str] = {}
+    for lineno, line in io_utils.iter_nonempty_lines(path):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise ValueError(f"{path}:{lineno}: missing field 'id'")
+        text = next((rec[k] for k in RESPONSE_KEYS if k in rec), None)
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: missing string field 'response' "
+                             f"(or one of {', '.join(RESPONSE_KEYS[1:])})")
+        uid = str(rec["id"])
+        if "split" in rec and "/" not in uid:
+            uid = f"{rec['split']}/{uid}"
+        if uid in out:
+            raise ValueError(f"{path}:{lineno}: duplicate id {uid!r}")
+        out[uid] = text
+    return out
+
+
+class PredictionsFileGenerator:
+    """Answers from a predictions file; requests whose unit id is absent yield nothing."""
+
+    whole_units = True  # one answer per unit (parts are not generated separately)
+
+    def __init__(self, path: str):
+        self.path = path
+        self.name = "predictions file"
+        self._preds = load_predictions_file(path)
+
+    def lookup(self, unit_id: str) -> Optional[str]:
+        if unit_id in self._preds:
+            return self._preds[unit_id]
+        bare = unit_id.rsplit("/", 1)[-1]
+        if "/" in unit_id and bare in self._preds:
+            return self._preds[bare]
+        return None
+
+    def generate(self, requests: Sequence[driver.GenRequest]) -> Iterator[driver.GenResult]:
+        for r in requests:
+            text = self.lookup(r.id.rpartition("#")[0])
+            if text is not None:
+                yield driver.GenResult(r.id, text)
+
+
+class ChatAPIGenerator:
+    """Answers from an OpenAI-compatible chat endpoint, ``concurrency`` requests at a time."""
+
+    def __init__(self, config: judge_lib.ClientConfig):
+        self.client = judge_lib.ChatClient(config)
+        self.name = f"api:{config.model}"
+        self.concurrency = config.concurrency
+
+    def generate(self, requests: Sequence[driver.GenRequest]) -> Iterator[driver.GenResult]:
+        def one(r: driver.GenRequest) -> driver.GenResult:
+            try:
+                return driver.GenResult(r.id, self.client.complete(r.messages).text)
+            except judge_lib.ChatError as e:
+                return driver.GenResult(r.id, None, str(e))
+
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="gen")
+        try:
+            futures = [pool.submit(one, r) for r in requests]
+            for fut in cf.as_completed(futures):
+                yield fut.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def usage(self) -> dict[str, Any]:
+        return self.client.usage()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], *, temperature: float,
+                         top_p: float, max_new_tokens: int, seed: int) -> list[str]:
+    """Adapter to our JAX sampler: answers a batch of chat conversations, one string each.
+
+    This is the single place to wire ``iopo_jax.sampling``'s batch API (load the model from
+    ``model_dir`` once, apply the chat template, sample with the given settings, decode the new
+    tokens). Until that is done it raises :class:`SamplerUnavailableError`; evaluate from a
+    predictions file (``--predictions``) or an OpenAI-compatible server (``--gen_base_url``, e.g.
+    ``python -m iopo_jax.serve``) meanwhile.
+    """
+    del batch, temperature, top_p, max_new_tokens, seed
+    try:
+        import iopo_jax.sampling  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError as e:
+        raise SamplerUnavailableError(
+            f"the JAX sampler (iopo_jax.sampling) is not available ({e}); generate with --predictions=FILE "
+            "or --gen_base_url=URL --gen_model=NAME instead") from None
+    raise SamplerUnavailableError(
+        "iopo_jax.sampling exists but evaluation.generate.jax_sampler_generate is not wired to its batch API "
+        f"yet (model_dir={model_dir!r}); generate with --predictions=FILE or --gen_base_url=URL meanwhile")
+
+
+class JaxSamplerGenerator:
+    """Answers from our JAX sampler, ``batch_size`` conversations per call (see :func:`jax_sampler_generate`)."""
+
+    def __init__(self, model_dir: str, *, temperature: float, top_p: float, max_new_tokens: int,
+                 batch_size: int, seed: int = 0):
+        self.model_dir = model_dir
+        self.name = f"jax:{model_dir}"
+        self.kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        self.batch_size = batch_size
+
+    def generate(self, requests: Sequence[driver.GenRequest]) -> Iterator[driver.GenResult]:
+        for batch in driver.iter_batches(list(requests), self.batch_size):
+            texts = jax_sampler_generate(self.model_dir, [r.messages for r in batch], **self.kw)
+            if len(texts) != len(batch):
+                raise RuntimeError(f"jax_sampler_generate returned {len(texts)} answers for {len(batch)} prompts")
+            for r, t in zip(batch, texts):
+                yield driver.GenResult(r.id, t)
