@@ -1,0 +1,227 @@
+"""One call from files to train / validation iterators: what the trainer uses.
+
+    from data_pipeline import DataConfig, build_data
+    data = build_data(DataConfig(kind="iopo", train_files=["data_pipeline/demo_data/iopo_train.json"],
+                                 val_fraction=0.1, cutoff_len=512, batch_size=8), tokenizer)
+    for batch in data.train: ...        # static-shape numpy dicts (see data_pipeline.batching)
+    print(data.summary_text())
+
+Steps: read + validate (``skip_invalid`` counts bad records instead of raising) -> hold out a
+validation split (by fraction or count, seeded) -> keep this host's shard when
+``jax.process_count() > 1`` (record i goes to host ``i % process_count``; training shards are cut to
+equal size) -> tokenise and truncate (cached on disk) -> :class:`~data_pipeline.batching.BatchIterator`.
+``batch_size`` is global (groups per step over all hosts); each host yields ``batch_size / process_count``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from data_pipeline.batching import BatchIterator
+from data_pipeline.dataset import TokenizedDataset
+from data_pipeline.errors import InvalidReport
+from data_pipeline.readers import TRAIN_KINDS, load_records
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Data settings (mirrors the ``data`` block of the training configs).
+
+    kind: iopo | dpo | sft.
+    train_files: files, directories, globs or ``hf:owner/name`` ids.
+    val_files: explicit validation files; when empty, ``val_fraction`` / ``val_count`` of the
+      training records are held out (the paper holds out 10%).
+    skip_invalid: skip bad records (counted in the summary) instead of raising.
+    template: chat template, ``qwen`` or ``llama3``. system: overrides the template's default system prompt.
+    cutoff_len: joint truncation length (SPEC section 3).
+    batch_size: global groups per step. eval_batch_size: defaults to batch_size.
+    seed: shuffling and split seed. num_epochs: None = forever.
+    buckets / bucket_step: length buckets (default multiples of 128 up to cutoff_len).
+    pack: pack SFT conversations into full rows (segment ids). drop_last: for training.
+    cache_dir: tokenisation cache (None = no cache). num_proc: processes for tokenising.
+    """
+
+    kind: str = "iopo"
+    train_files: Sequence[str] = ()
+    val_files: Sequence[str] = ()
+    val_fraction: float = 0.0
+    val_count: int = 0
+    skip_invalid: bool = False
+    template: str = "qwen"
+    system: Optional[str] = None
+    cutoff_len: int = 1024
+    batch_size: int = 8
+    eval_batch_size: Optional[int] = None
+    seed: int = 0
+    num_epochs: Optional[int] = 1
+    buckets: Optional[Sequence[int]] = None
+    bucket_step: int = 128
+    pack: bool = False
+    drop_last: bool = True
+    cache_dir: Optional[str] = None
+    num_proc: int = 1
+
+    @classmethod
+    def from_mapping(cls, m: Any) -> "DataConfig":
+        """From a dict or an ml_collections ConfigDict (unknown keys raise, naming them)."""
+        d = dict(m.to_dict() if hasattr(m, "to_dict") else m)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown data config keys {unknown}; known: {sorted(names)}")
+        if isinstance(d.get("train_files"), str):
+            d["train_files"] = [d["train_files"]]
+        if isinstance(d.get("val_files"), str):
+            d["val_files"] = [d["val_files"]]
+        return cls(**d)
+
+
+def split_validation(records: Sequence, fraction: float = 0.0, count: int = 0, seed: int = 0):
+    """Hold out ``count`` records (or ``round(fraction * N)``, at least 1 when fraction > 0), seeded.
+
+    Returns ``(train, val, train_index, val_index)``; the index arrays point into ``records`` and keep
+    the original order inside each split.
+    """
+    n = len(records)
+    if count and fraction:
+        raise ValueError("give val_fraction or val_count, not both")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    n_val = int(count) if count else (max(1, int(round(fraction * n))) if fraction > 0 else 0)
+    if n_val < 0 or (n_val and n_val >= n):
+        raise ValueError(f"cannot hold out {n_val} of {n} records for validation")
+    perm = np.random.default_rng([int(seed), 7919]).permutation(n)
+    val_idx = np.sort(perm[:n_val]).astype(np.int64)
+    train_idx = np.sort(perm[n_val:]).astype(np.int64)
+    return [records[i] for i in train_idx], [records[i] for i in val_idx], train_idx, val_idx
+
+
+def shard_indices(n: int, process_index: int, process_count: int, equal: bool) -> np.ndarray:
+    """Indices of host ``process_index``'s records: ``i % process_count == process_index``.
+
+    ``equal`` cuts every shard to ``n // process_count`` (training: every host takes the same number of steps).
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
+    idx = np.arange(process_index, n, process_count, dtype=np.int64)
+    if equal:
+        idx = idx[: n // process_count]
+    return idx
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: BatchIterator
+    val: Optional[BatchIterator]
+    train_dataset: TokenizedDataset
+    val_dataset: Optional[TokenizedDataset]
+    report: InvalidReport
+    summary: dict
+
+    def summary_text(self) -> str:
+        s = self.summary
+        lines = [f"data: {s['kind']} | {self.report.summary()}"]
+        lines.append(
+            f"  train {s['train_records']} records (this host {s['train_records_host']}), "
+            f"val {s['val_records']}; truncated at {s['cutoff_len']}: {s['train_truncated']} train, "
+            f"{s['val_truncated']} val; tokenisation cache {'hit' if s['cache_hit'] else 'miss'}")
+        lines.append(f"  batch shapes (rows, L): {s['shapes']}; steps/epoch {s['steps_per_epoch']}")
+        if s["dropped_for_equal_shards"]:
+            lines.append(f"  {s['dropped_for_equal_shards']} training records left out so every host has an equal shard")
+        return "\n".join(lines)
+
+
+def _jax_processes():
+    try:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    except Exception:  # pragma: no cover - jax is a core dependency
+        return 0, 1
+
+
+def build_data(
+    cfg: Any,
+    tokenizer,
+    *,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    allgather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+) -> DataBundle:
+    """Read, validate, split, shard, tokenise (cached) and wrap in iterators. See the module docstring."""
+    cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_mapping(cfg)
+    if cfg.kind not in TRAIN_KINDS:
+        raise ValueError(f"data.kind must be one of {TRAIN_KINDS}, got {cfg.kind!r}")
+    if not cfg.train_files:
+        raise ValueError("data.train_files is empty; point it at your training data")
+    if process_index is None or process_count is None:
+        process_index, process_count = _jax_processes()
+    if cfg.batch_size % process_count:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {process_count} processes")
+    if process_count > 1 and allgather is None:
+        from jax.experimental import multihost_utils
+
+        allgather = multihost_utils.process_allgather
+
+    records, report = load_records(cfg.kind, cfg.train_files, skip_invalid=cfg.skip_invalid)
+    if cfg.val_files:
+        if cfg.val_fraction or cfg.val_count:
+            raise ValueError("give val_files or val_fraction/val_count, not both")
+        val_records, val_report = load_records(cfg.kind, cfg.val_files, skip_invalid=cfg.skip_invalid)
+        report.merge(val_report)
+        train_records = records
+        train_index = np.arange(len(records), dtype=np.int64)
+        val_index = np.arange(len(val_records), dtype=np.int64)
+    else:
+        train_records, val_records, train_index, val_index = split_validation(
+            records, cfg.val_fraction, cfg.val_count, cfg.seed)
+    if not train_records:
+        raise ValueError(f"no valid training records in {list(cfg.train_files)} ({report.summary()})")
+
+    t_idx = shard_indices(len(train_records), process_index, process_count, equal=True)
+    dropped = len(train_records) - len(t_idx) * process_count
+    common = dict(tok=tokenizer, kind=cfg.kind, cutoff_len=cfg.cutoff_len, template=cfg.template,
+                  default_system=cfg.system, cache_dir=cfg.cache_dir, num_proc=cfg.num_proc)
+    train_ds = TokenizedDataset.build([train_records[i] for i in t_idx], source_index=train_index[t_idx], **common)
+    local_bs = cfg.batch_size // process_count
+    train_it = BatchIterator(train_ds, local_bs, seed=cfg.seed, shuffle=True, num_epochs=cfg.num_epochs,
+                             drop_last=cfg.drop_last, buckets=cfg.buckets, bucket_step=cfg.bucket_step,
+                             pack=cfg.pack, allgather=allgather)
+    val_ds = val_it = None
+    if val_records:
+        v_idx = shard_indices(len(val_records), process_index, process_count, equal=False)
+        val_ds = TokenizedDataset.build([val_records[i] for i in v_idx], source_index=val_index[v_idx], **common)
+        ebs = (cfg.eval_batch_size or cfg.batch_size) // process_count
+        if ebs < 1:
+            raise ValueError(f"eval_batch_size must be >= process_count ({process_count})")
+        val_it = BatchIterator(val_ds, ebs, shuffle=False, num_epochs=1, drop_last=False,
+                               buckets=cfg.buckets, bucket_step=cfg.bucket_step, pack=False,
+                               allgather=allgather)
+    summary = {
+        "kind": cfg.kind,
+        "train_records": len(train_records),
+        "train_records_host": len(train_ds),
+        "val_records": len(val_records),
+        "invalid": report.to_dict(),
+        "cutoff_len": cfg.cutoff_len,
+        "train_truncated": train_ds.num_truncated(),
+        "val_truncated": val_ds.num_truncated() if val_ds is not None else 0,
+        "cache_hit": bool(train_ds.meta.get("cache_hit")),
+        "shapes": train_it.shapes(),
+        "steps_per_epoch": train_it.steps_per_epoch,
+        "dropped_for_equal_shards": dropped,
+        "process_index": process_index,
+        "process_count": process_count,
+    }
+    return DataBundle(train_it, val_it, train_ds, val_ds, report, summary)
+
+
+def fresh_val_iterator(bundle: DataBundle) -> Optional[BatchIterator]:
+    """A new one-pass validation iterator (call it at every evaluation)."""
+    if bundle.val is None:
+        return None
+    v = bundle.val
+    return BatchIterator(v.dataset, v.batch_size, shuffle=False, num_epochs=1, drop_last=False,
+                         buckets=list(v.buckets), allgather=v.allgather)
