@@ -17,16 +17,19 @@ keyword_frequency   keyword, n|min|max          the keyword's number of occurren
 word_count          n|min|max                   English words (``[A-Za-z0-9]+`` with ' and -) in range
 char_count          n|min|max                   non-whitespace characters in range (for Chinese)
 bullet_count        n|min|max                   lines starting with ``- ``, ``* `` or ``• `` in range
-bullet_items        items: [str]                exactly len(items) bullet lines, every item in one of them
+bullet_items        items: [str]                one bullet line per item: exactly len(items) bullet
+                                                lines, each holding a different item
 paragraph_count     n|min|max                   blocks separated by blank lines in range
 starts_with         phrase                      the stripped response starts with it (case-insensitive)
 ends_with           phrase                      the stripped response ends with it (case-insensitive)
 json_format         keys: [str] (optional)      the stripped response is a JSON object with the keys
 lowercase           (none)                      has letters and no uppercase letter
-language            lang: "en" | "zh"           en: Latin letters and no CJK; zh: CJK >= half of the
-                                                CJK + Latin letters
+language            lang: "en" | "zh"           en: Latin letters and no CJK; zh: at least as many CJK
+                                                characters as Latin words
 no_commas           (none)                      no ``,`` and no ``，``
 ==================  ==========================  ===================================================
+
+An empty (whitespace-only) response fails every constraint.
 
 Multi-part answers (SegPO): a prompt with sub-instructions asks for one section per sub-instruction,
 each opened by a heading line ``SUB_INSTRUCTION_k:`` (k = 1, 2, ...; ``## SUB_INSTRUCTION_k`` and text
@@ -135,13 +138,29 @@ def count_paragraphs(text: str) -> int:
 
 
 def detect_language(text: str) -> Optional[str]:
+    """"en", "zh" or None: CJK characters are weighed against Latin words (a word ~ a character)."""
     cjk = len(_CJK_RE.findall(text))
-    latin = len(_LATIN_RE.findall(text))
-    if cjk == 0 and latin == 0:
-        return None
     if cjk == 0:
-        return "en"
-    return "zh" if cjk >= latin else None
+        return "en" if _LATIN_RE.search(text) else None
+    latin_words = len(re.findall(r"[A-Za-z]+", text))
+    return "zh" if cjk >= latin_words else None
+
+
+def _one_line_each(items: Sequence[str], lines: Sequence[str]) -> bool:
+    """A perfect matching of items to distinct lines that contain them (augmenting paths)."""
+    holds = [[j for j, ln in enumerate(lines) if count_keyword(ln, it)] for it in items]
+    owner: dict[int, int] = {}
+
+    def assign(i: int, seen: set) -> bool:
+        for j in holds[i]:
+            if j not in seen:
+                seen.add(j)
+                if j not in owner or assign(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return all(assign(i, set()) for i in range(len(items)))
 
 
 def _in_range(v: int, spec: dict) -> bool:
@@ -156,6 +175,8 @@ def verify(spec: dict, response: str) -> bool:
     check_spec(spec)
     t = spec["type"]
     r = response if isinstance(response, str) else ""
+    if not r.strip():
+        return False  # an empty answer follows no instruction (not even "do not use the word X")
     if t == "include_keywords":
         return all(count_keyword(r, k) > 0 for k in spec["keywords"])
     if t == "exclude_keywords":
@@ -170,8 +191,7 @@ def verify(spec: dict, response: str) -> bool:
         return _in_range(count_bullets(r), spec)
     if t == "bullet_items":
         lines = bullet_lines(r)
-        return len(lines) == len(spec["items"]) and all(
-            any(count_keyword(ln, it) for ln in lines) for it in spec["items"])
+        return len(lines) == len(spec["items"]) and _one_line_each(spec["items"], lines)
     if t == "paragraph_count":
         return _in_range(count_paragraphs(r), spec)
     if t == "starts_with":
