@@ -220,6 +220,16 @@ def _demo_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
                           {"IF": [v["IF"] for v in bc.values()]}, "Demo: IF by number of constraints",
                           "constraints per prompt", annot=[f"n={v['n']}" for v in bc.values()])
             s += f"\n![IF by constraint count]({f})\n"
+    for key, title in (("by_category", "category"), ("by_lang", "language")):
+        if m.get(key):
+            s += f"\n### By {title}\n\n" + table(
+                [title, "n", "IF %", "constraint accuracy %"],
+                [[k, v["n"], pct(v["IF"]), pct(v["constraint_accuracy"])] for k, v in m[key].items()])
+    seg = m.get("segpo") or {}
+    if seg.get("n"):
+        s += "\n### Prompts with sub-instructions (segpo)\n\n" + table(
+            ["n", "ILA %", "CLA %", "section format ok %"],
+            [[seg["n"], pct(seg["ILA"]), pct(seg["CLA"]), pct(seg["format_ok"])]])
     bd = m.get("by_dimension", {})
     if bd:
         s += "\n### By verifier type\n\n" + table(

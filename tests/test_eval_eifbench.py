@@ -9,7 +9,7 @@ import pytest
 from configs import eval_eifbench
 from evaluation import eifbench
 from evaluation import io_utils
-from evaluation import run as run_lib
+from evaluation import runner as run_lib
 from tests.fake_judge import FakeJudge
 
 PARTY = "eifbench/sorted_party100.json"

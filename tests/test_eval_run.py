@@ -181,7 +181,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(shared_data, tmp_p
 
 def test_budget_stops_then_rerun_finishes(shared_data, tmp_path):
     from configs import eval_trace
-    from evaluation import run as run_lib
+    from evaluation import runner as run_lib
     rows = _rows(shared_data, 30)
     preds = _preds(rows, tmp_path / "preds.jsonl")
 

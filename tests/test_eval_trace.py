@@ -2,14 +2,13 @@
 import collections
 import hashlib
 import json
-import os
 import re
 
 import pytest
 
 from configs import eval_trace
 from evaluation import io_utils
-from evaluation import run as run_lib
+from evaluation import runner as run_lib
 from evaluation import trace
 from tests.fake_judge import FakeJudge
 
