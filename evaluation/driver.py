@@ -221,6 +221,9 @@ def run_judging(units: Sequence[JudgeUnit], client: judge_lib.ChatClient, parse_
                     errors[rec["id"]] = rec
                 results[rec["id"]] = rec
                 bar.update(1)
+    except BaseException:
+        client.abort()  # Ctrl-C: stop retry loops at once; what is stored stays stored
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()

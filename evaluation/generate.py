@@ -99,6 +99,9 @@ class ChatAPIGenerator:
             futures = [pool.submit(one, r) for r in requests]
             for fut in cf.as_completed(futures):
                 yield fut.result()
+        except BaseException:
+            self.client.abort()  # Ctrl-C: stop retry loops at once
+            raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -179,6 +179,7 @@ class ChatClient:
         self._prompt_tokens = 0
         self._completion_tokens = 0
         self._budget_warned = False
+        self._abort = threading.Event()
 
     # ------------------------------------------------------------------ public API
 
@@ -221,6 +222,8 @@ class ChatClient:
         retry = 0
         stale_retry_used = False
         while True:
+            if self._abort.is_set():
+                raise ChatError(f"{cfg.name} request {key[:12]}: aborted")
             self._take_budget(key)
             tries += 1
             try:
@@ -248,7 +251,7 @@ class ChatClient:
                     self._retries += 1
                 logger.warning("%s request %s: %s; retry %d/%d in %.2f s", cfg.name, key[:12],
                                self._redact(e.reason), retry, cfg.max_retries, delay)
-                time.sleep(delay)
+                self._abort.wait(delay)
                 continue
             except ChatError as e:
                 with self._lock:
@@ -308,6 +311,11 @@ class ChatClient:
         out["price_prompt_per_1k"] = cfg.price_prompt_per_1k
         out["price_completion_per_1k"] = cfg.price_completion_per_1k
         return out
+
+    def abort(self) -> None:
+        """Makes every pending and future request fail at once (Ctrl-C); requests already on the wire
+        finish (their replies are still stored)."""
+        self._abort.set()
 
     def close(self) -> None:
         if self._appender is not None:

@@ -177,3 +177,15 @@ def test_store_survives_torn_line(tmp_path):
             c.complete([{"role": "user", "content": "second"}])
     recs = io_utils.read_jsonl(str(path))
     assert len(recs) == 2 and all("key" in r for r in recs)
+
+
+def test_abort_stops_a_retry_loop_at_once():
+    with FakeJudge(reply_fn=lambda b: "ok", faults=lambda n, b: "503") as fj:
+        c = judge_lib.ChatClient(_cfg(fj, None, backoff_base_s=30.0, backoff_max_s=30.0, max_retries=5))
+        t = threading.Timer(0.3, c.abort)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(judge_lib.ChatError, match="aborted"):
+            c.complete(MSG)
+        assert time.monotonic() - t0 < 5
+        assert len(fj.requests) == 1
