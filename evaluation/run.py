@@ -66,6 +66,7 @@ _FLAG_TO_FIELD = [
     (_BUDGET, "judge.request_budget"),
 ]
 
+
 def apply_flag_overrides(config) -> None:
     for flag, field in _FLAG_TO_FIELD:
         if flag.value is None:

@@ -224,19 +224,20 @@ def _evaluate_judged(config) -> dict[str, Any]:
     logger.info("%s: %d units, answers from %s, judge %s at %s, workdir %s", bench, len(gen_units), backend,
                 j.model, j.base_url, workdir)
 
-    # 1. Answers.
-    generator = make_generator(config, backend, workdir)
+    client = make_judge_client(config, workdir)  # checks endpoint and key before any generation
     try:
-        preds, gen_stats = driver.run_generation(gen_units, generator, os.path.join(workdir, "predictions.jsonl"),
-                                                 progress=config.progress)
-    finally:
-        if hasattr(generator, "close"):
-            generator.close()
-    n_missing = len(gen_units) - len(preds)
+        # 1. Answers.
+        generator = make_generator(config, backend, workdir)
+        try:
+            preds, gen_stats = driver.run_generation(gen_units, generator,
+                                                     os.path.join(workdir, "predictions.jsonl"),
+                                                     progress=config.progress)
+        finally:
+            if hasattr(generator, "close"):
+                generator.close()
+        n_missing = len(gen_units) - len(preds)
 
-    # 2. Judgments.
-    client = make_judge_client(config, workdir)
-    try:
+        # 2. Judgments.
         if bench == "trace":
             units = trace.judge_units(spec, items, preds)
             parse_fn = trace.make_parse_fn()
