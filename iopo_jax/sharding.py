@@ -114,7 +114,19 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh | None = None) -> P:
 
 
 def path_str(path: Sequence) -> str:
-    return ".".join(str(getattr(p, "key", p)) for p in path)
+    """'layers.0.self_attn.q_proj.weight' from a pytree key path (nnx '.value' attributes dropped)."""
+    parts = []
+    for p in path:
+        if hasattr(p, "key"):
+            parts.append(str(p.key))
+        elif hasattr(p, "idx"):
+            parts.append(str(p.idx))
+        elif hasattr(p, "name"):
+            if p.name != "value":
+                parts.append(str(p.name))
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
 
 
 def state_shardings(state, mesh: Mesh):

@@ -230,7 +230,7 @@ def expand_map(cfg: ModelConfig) -> dict[str, tuple[str, WeightRule]]:
 # ----------------------------------------------------------------------------- load
 def abstract_model(cfg: ModelConfig):
     """(graphdef, abstract state) of the model without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=1)))
     return nnx.split(abstract)
 
 
@@ -268,7 +268,11 @@ def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | Non
     cfg = config or ModelConfig.from_hf(directory, **overrides)
     ckpt = Checkpoint(directory)
     try:
-        graphdef, state = abstract_model(cfg)
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=1)))
+        graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+        if jax.tree_util.tree_leaves(rest):  # RNG streams (LoRA dropout): cheap, make them for real
+            rest = jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=1)),
+                                             nnx.Not(nnx.Param)))()
         wanted = expand_map(cfg)
         ignored = [re.compile(p) for p in IGNORED_HF_KEYS]
         expected_hf = {hf for hf, _ in wanted.values()}
@@ -302,7 +306,7 @@ def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | Non
 
         pure = jax.tree_util.tree_map_with_path(fill, pure)
         nnx.replace_by_pure_dict(state, pure)
-        model = nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, state, rest)
     finally:
         ckpt.close()
     return model, cfg

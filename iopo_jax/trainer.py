@@ -1,0 +1,634 @@
+"""Offline preference / SFT training: state, jitted steps, evaluation, the loop.
+
+The pieces are pure functions over explicit arrays:
+
+- ``trainable`` (dict path -> array): LoRA factors (``finetune=lora``) or all weights (``full``);
+- ``frozen`` (nnx states): the base weights (LoRA) and RNG streams, never updated, never donated;
+- one jitted ``micro_step`` per micro-batch adds gradients into a donated accumulator;
+- one jitted ``apply_step`` clips, runs AdamW (optax, masked by ``freeze_patterns``) and
+  refuses non-finite updates (the state is left untouched and the loop stops).
+
+The reference policy is the base model with LoRA switched off (LoRA B set to zero, which is
+exactly the base) or, for full fine-tuning, the weights as loaded. Its log-probs are computed
+outside the gradient every step (``objective.reference=online``) or once per dataset and cached
+(``precompute``).
+
+Example::
+
+    from configs.cpu_demo import get_config
+    result = Trainer(get_config(), workdir="/tmp/run").run()
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from iopo_jax.checkpoint import Checkpointer
+from iopo_jax.logprobs import sequence_logprobs
+from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
+from iopo_jax.models.weights import load_model
+from iopo_jax.objectives import ObjectiveConfig, get_objective
+from iopo_jax.sharding import batch_sharding, make_mesh, path_str, use_mesh
+
+log = logging.getLogger("iopo_jax.train")
+
+K_OF_KIND = {"iopo": 4, "dpo": 2, "sft": 1}
+
+
+class TrainingDiverged(FloatingPointError):
+    """Loss or gradients became NaN/Inf."""
+
+
+# ----------------------------------------------------------------------------- config checks
+def _csv(s) -> list[str]:
+    if isinstance(s, (list, tuple)):
+        return [str(x) for x in s if str(x)]
+    return [x.strip() for x in str(s or "").split(",") if x.strip()]
+
+
+def check_config(cfg) -> None:
+    """Fail early, naming the field, on values the run cannot use."""
+    def bad(field, value, why):
+        raise ValueError(f"config.{field}={value!r}: {why}")
+
+    if cfg.model.finetune not in ("lora", "full"):
+        bad("model.finetune", cfg.model.finetune, "must be 'lora' or 'full'")
+    if not cfg.model.path:
+        bad("model.path", cfg.model.path, "set it to a HF checkpoint directory or hub id")
+    if cfg.data.kind not in K_OF_KIND:
+        bad("data.kind", cfg.data.kind, f"must be one of {sorted(K_OF_KIND)}")
+    obj = get_objective(cfg.objective.name)  # raises with the valid names
+    k = K_OF_KIND[cfg.data.kind]
+    if k not in obj.group_sizes:
+        bad("objective.name", cfg.objective.name,
+            f"needs groups of {obj.group_sizes} sequences but data.kind={cfg.data.kind!r} gives {k}")
+    if cfg.objective.reference not in ("online", "precompute"):
+        bad("objective.reference", cfg.objective.reference, "must be 'online' or 'precompute'")
+    if cfg.optimizer.schedule not in ("cosine", "linear", "constant"):
+        bad("optimizer.schedule", cfg.optimizer.schedule, "must be cosine, linear or constant")
+    if not 0 <= cfg.optimizer.warmup_ratio < 1:
+        bad("optimizer.warmup_ratio", cfg.optimizer.warmup_ratio, "must be in [0, 1)")
+    if cfg.optimizer.grad_accum < 1:
+        bad("optimizer.grad_accum", cfg.optimizer.grad_accum, "must be >= 1")
+    if not cfg.optimizer.lr > 0:
+        bad("optimizer.lr", cfg.optimizer.lr, "must be > 0")
+    targets = _csv(cfg.model.lora_targets)
+    if targets != ["all"] and any(t not in LORA_TARGETS_ALL for t in targets):
+        bad("model.lora_targets", cfg.model.lora_targets, f"names must be in {LORA_TARGETS_ALL} (or 'all')")
+    for p in _csv(cfg.optimizer.freeze_patterns):
+        try:
+            re.compile(p)
+        except re.error as e:
+            bad("optimizer.freeze_patterns", p, f"not a valid regex ({e})")
+    ObjectiveConfig.from_mapping(objective_hparams(cfg))
+
+
+def objective_hparams(cfg) -> dict:
+    o = cfg.objective
+    return dict(beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing, pref_ftx=o.pref_ftx,
+                simpo_gamma=o.simpo_gamma, orpo_lambda=o.orpo_lambda, sft_reduction=o.sft_reduction)
+
+
+def lora_config(cfg) -> LoRAConfig | None:
+    if cfg.model.finetune != "lora":
+        return None
+    targets = _csv(cfg.model.lora_targets)
+    targets = LORA_TARGETS_ALL if targets == ["all"] else tuple(targets)
+    return LoRAConfig(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
+                      targets=targets)
+
+
+def data_config(cfg, workdir: str):
+    from data_pipeline import DataConfig
+
+    d = cfg.data
+    buckets = [int(x) for x in _csv(d.buckets)] or None
+    return DataConfig(
+        kind=d.kind, train_files=_csv(d.train_files), val_files=_csv(d.val_files),
+        val_fraction=0.0 if d.val_files else d.val_fraction, val_count=0 if d.val_files else d.val_count,
+        skip_invalid=d.skip_invalid, template=d.template, system=d.system, cutoff_len=d.cutoff_len,
+        batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, seed=d.seed, num_epochs=d.num_epochs,
+        buckets=buckets, bucket_step=d.bucket_step, pack=d.pack,
+        cache_dir=d.cache_dir or os.path.join(workdir, "data_cache"), num_proc=d.num_proc)
+
+
+# ----------------------------------------------------------------------------- optimizer
+def make_schedule(opt, total_steps: int):
+    warmup = int(math.ceil(opt.warmup_ratio * total_steps))
+    if opt.schedule == "constant":
+        decay = optax.constant_schedule(opt.lr)
+    elif opt.schedule == "linear":
+        decay = optax.linear_schedule(opt.lr, 0.0, max(total_steps - warmup, 1))
+    else:
+        decay = optax.cosine_decay_schedule(opt.lr, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), decay], [warmup])
+
+
+def make_optimizer(opt, total_steps: int, trainable: dict) -> optax.GradientTransformation:
+    """AdamW (+ clipping) on the trainable tree; paths matching ``freeze_patterns`` get zero updates."""
+    chain = []
+    if opt.max_grad_norm and opt.max_grad_norm > 0:
+        chain.append(optax.clip_by_global_norm(opt.max_grad_norm))
+    chain.append(optax.adamw(make_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                             weight_decay=opt.weight_decay))
+    tx = optax.chain(*chain)
+    patterns = [re.compile(p) for p in _csv(opt.freeze_patterns)]
+    labels = {k: ("frozen" if any(p.search(k) for p in patterns) else "train") for k in trainable}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- model plumbing
+@dataclasses.dataclass
+class ModelParts:
+    """The model cut into what is trained and what is not."""
+
+    graphdef: Any
+    keys: list  # paths of the trainable leaves, in treedef order
+    treedef: Any  # treedef of the trainable nnx.State
+    frozen: tuple  # nnx states never updated (base weights, RNG streams)
+    ref_trainable: dict | None  # full fine-tuning: the initial weights (the reference policy)
+    lora: bool
+
+    def merge(self, trainable: dict):
+        state = jax.tree_util.tree_unflatten(self.treedef, [trainable[k] for k in self.keys])
+        return nnx.merge(self.graphdef, state, *self.frozen)
+
+
+def split_model(model, lora: bool) -> tuple[ModelParts, dict]:
+    if lora:
+        graphdef, train_state, *frozen = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+    else:
+        graphdef, train_state, *frozen = nnx.split(model, nnx.Param, ...)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(train_state)
+    keys = [path_str(p) for p, _ in leaves]
+    trainable = {k: v for k, (_, v) in zip(keys, leaves)}
+    ref = None if lora else jax.tree_util.tree_map(jnp.copy, trainable)
+    return ModelParts(graphdef, keys, treedef, tuple(frozen), ref, lora), trainable
+
+
+def reference_trainable(parts: ModelParts, trainable: dict) -> dict:
+    """Trainable leaves of the reference policy: LoRA B zeroed (= the base model) or the initial weights."""
+    if parts.lora:
+        return {k: (jnp.zeros_like(v) if k.endswith("lora_b") else v) for k, v in trainable.items()}
+    return parts.ref_trainable
+
+
+def forward_logps(model, batch, chunk: int):
+    hidden, _ = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    w = model.lm_head_weight()
+    dt = hidden.dtype
+
+    def head(h):
+        return jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+
+    return sequence_logprobs(hidden, head, batch["labels"], chunk_size=chunk, with_logits_stats=True)
+
+
+# ----------------------------------------------------------------------------- the steps
+def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chunk: int, tx, seed: int,
+               dropout: bool):
+    needs_ref = objective.needs_reference
+
+    def policy(trainable, step, train: bool):
+        model = parts.merge(trainable)
+        if dropout:
+            if train:
+                nnx.reseed(model, dropout=jax.random.fold_in(jax.random.PRNGKey(seed), step))
+            else:
+                model.eval()
+        return model
+
+    def ref_logps(trainable, batch):
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        model = policy(reference_trainable(parts, trainable), 0, False)
+        return jax.lax.stop_gradient(forward_logps(model, batch, chunk).logp_sum)
+
+    def loss_and_metrics(trainable, batch, ref, step, train):
+        out = forward_logps(policy(trainable, step, train), batch, chunk)
+        g = out.logp_sum.shape[0] // k
+        shape = lambda x: x.reshape(g, k)
+        weights = batch["valid"].reshape(g, k)[:, 0].astype(jnp.float32)
+        loss, metrics = objective(shape(out.logp_sum), shape(ref) if ref is not None else None,
+                                  shape(out.token_count), ocfg, logits_mean=shape(out.logits_mean), weights=weights)
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["groups"] = jnp.sum(weights)
+        return loss, metrics
+
+    def micro_step(trainable, grads_acc, batch, step):
+        ref = ref_logps(trainable, batch) if needs_ref else None
+        (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(trainable, batch, ref, step, True)
+        grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
+        return grads_acc, metrics
+
+    def apply_step(trainable, opt_state, grads_acc, n_micro):
+        grads = jax.tree_util.tree_map(lambda g: g / n_micro, grads_acc)
+        gnorm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new_params = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(gnorm) & jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new_params)]))
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, grads_acc)
+        return keep(new_params, trainable), keep(new_opt, opt_state), zeros, {"grad_norm": gnorm, "finite": finite}
+
+    def eval_step(trainable, batch):
+        ref = ref_logps(trainable, batch) if needs_ref else None
+        _, metrics = loss_and_metrics(trainable, batch, ref, 0, False)
+        return metrics
+
+    def ref_only(trainable, batch):
+        return ref_logps(trainable, {k: v for k, v in batch.items() if k != "ref_logps"})
+
+    return (jax.jit(micro_step, donate_argnums=(1,)), jax.jit(apply_step, donate_argnums=(0, 1, 2)),
+            jax.jit(eval_step), jax.jit(ref_only))
+
+
+# ----------------------------------------------------------------------------- helpers
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+
+
+def device_batch(batch: dict, mesh) -> dict:
+    """numpy batch -> global arrays sharded over (data, fsdp) (each host passes its local rows)."""
+    out = {}
+    for key in BATCH_KEYS + ("valid", "ref_logps"):
+        if key not in batch:
+            continue
+        x = np.asarray(batch[key])
+        if mesh is None:
+            out[key] = jnp.asarray(x)
+        else:
+            global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+            sh = batch_sharding(mesh, x.ndim, global_shape)
+            out[key] = jax.make_array_from_process_local_data(sh, x, global_shape)
+    if "valid" not in out:
+        out["valid"] = jnp.ones((out["input_ids"].shape[0],), bool) if mesh is None else jax.make_array_from_process_local_data(
+            batch_sharding(mesh, 1, (batch["input_ids"].shape[0] * jax.process_count(),)),
+            np.ones((batch["input_ids"].shape[0],), bool))
+    return out
+
+
+def mean_metrics(ms: list[dict]) -> dict:
+    """Average metric dicts, weighting by the number of real groups in each."""
+    if not ms:
+        return {}
+    host = [{k: float(v) for k, v in jax.device_get(m).items()} for m in ms]
+    w = np.array([m.get("groups", 1.0) for m in host])
+    w = w if w.sum() > 0 else np.ones_like(w)
+    out = {}
+    for k in host[0]:
+        if k == "groups":
+            out[k] = float(w.sum())
+            continue
+        out[k] = float(np.sum([m[k] * wi for m, wi in zip(host, w)]) / w.sum())
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Builds everything from a config and runs the loop. ``devices``: restrict the mesh (tests)."""
+
+    def __init__(self, cfg, workdir: str, devices=None, progress: bool = True):
+        check_config(cfg)
+        self.cfg = cfg
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.progress = progress
+        self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
+        self.k = K_OF_KIND[cfg.data.kind]
+        self.objective = get_objective(cfg.objective.name)
+        self.ocfg = ObjectiveConfig.from_mapping(objective_hparams(cfg))
+
+    # -- setup
+    def _model_dir(self) -> str:
+        m = self.cfg.model
+        if not os.path.isdir(m.path) and m.make_tiny_if_missing:
+            from iopo_jax.tools.make_tiny_model import make_tiny_model
+
+            if jax.process_index() == 0:
+                log.info("creating a tiny random Qwen2 model at %s", m.path)
+                make_tiny_model(m.path, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
+                                intermediate_size=2 * m.tiny_hidden_size)
+        return m.path
+
+    def setup(self):
+        cfg = self.cfg
+        from data_pipeline import build_data
+        from iopo_jax.tokenizer import load_tokenizer
+
+        model_dir = self._model_dir()
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
+        self.data = build_data(data_config(cfg, self.workdir), self.tokenizer)
+        log.info("%s", self.data.summary_text())
+        lcfg = lora_config(cfg)
+        with use_mesh(self.mesh):
+            model, self.model_cfg = load_model(model_dir, mesh=self.mesh, seed=cfg.train.seed,
+                                               param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+                                               lora=lcfg)
+        self.model_dir = model_dir
+        self.parts, trainable = split_model(model, lora=lcfg is not None)
+        steps_per_epoch = self.data.train.steps_per_epoch // cfg.optimizer.grad_accum
+        if steps_per_epoch < 1 and cfg.train.max_steps < 0:
+            raise ValueError(f"the training set gives {self.data.train.steps_per_epoch} micro-batches, fewer than "
+                             f"optimizer.grad_accum={cfg.optimizer.grad_accum}; lower data.batch_size or grad_accum")
+        epochs = cfg.data.num_epochs or 1
+        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * epochs
+        self.tx = make_optimizer(cfg.optimizer, self.total_steps, trainable)
+        with use_mesh(self.mesh):
+            opt_state = jax.jit(self.tx.init)(trainable)
+        self.trainable, self.opt_state = trainable, opt_state
+        self.micro_step, self.apply_step, self.eval_step, self.ref_step = make_steps(
+            self.parts, self.objective, self.ocfg, self.k, cfg.train.logprob_chunk, self.tx, cfg.train.seed,
+            dropout=lcfg is not None and lcfg.dropout > 0)
+        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                                 async_save=cfg.checkpoint.async_save)
+        self.ref_table = None
+        if cfg.objective.reference == "precompute" and self.objective.needs_reference:
+            self.ref_table = self._precompute_reference()
+        return self
+
+    # -- reference log-probs, once per dataset
+    def _precompute_reference(self) -> dict:
+        from data_pipeline.batching import BatchIterator
+
+        tables = {}
+        for split, ds in (("train", self.data.train_dataset), ("val", self.data.val_dataset)):
+            if ds is None:
+                continue
+            fp = hashlib.sha256(f"{ds.fingerprint}|{self.model_dir}|{self.cfg.model.dtype}|{self.k}".encode()).hexdigest()[:16]
+            path = os.path.join(self.workdir, f"ref_logps_{split}_{fp}_p{jax.process_index()}.npz")
+            if os.path.isfile(path):
+                z = np.load(path)
+                tables[split] = dict(zip(z["index"].tolist(), z["logps"]))
+                continue
+            it = BatchIterator(ds, self.data.train.batch_size, shuffle=False, num_epochs=1, drop_last=False,
+                               buckets=list(self.data.train.buckets), allgather=self.data.train.allgather)
+            idx, vals = [], []
+            with use_mesh(self.mesh):
+                for batch in it:
+                    lp = np.asarray(jax.device_get(self.ref_step(self.trainable, device_batch(batch, self.mesh))))
+                    lp = lp.reshape(-1, self.k)
+                    for j, ex in enumerate(np.asarray(batch["example_index"])):
+                        if ex >= 0:
+                            idx.append(int(ex))
+                            vals.append(lp[j])
+            np.savez(path, index=np.array(idx, np.int64), logps=np.array(vals, np.float32).reshape(-1, self.k))
+            tables[split] = dict(zip(idx, vals))
+            log.info("precomputed reference log-probs for %d %s groups -> %s", len(idx), split, path)
+        return tables
+
+    def _with_ref(self, batch: dict, split: str) -> dict:
+        if self.ref_table is None:
+            return batch
+        table = self.ref_table[split]
+        rows = []
+        for ex in np.asarray(batch["example_index"]):
+            rows.append(table[int(ex)] if ex >= 0 else np.zeros(self.k, np.float32))
+        batch = dict(batch)
+        batch["ref_logps"] = np.concatenate(rows).astype(np.float32)
+        return batch
+
+    # -- evaluation
+    def evaluate(self) -> dict:
+        from data_pipeline.pipeline import fresh_val_iterator
+
+        it = fresh_val_iterator(self.data)
+        if it is None:
+            return {}
+        ms = []
+        with use_mesh(self.mesh):
+            for batch in it:
+                ms.append(self.eval_step(self.trainable, device_batch(self._with_ref(batch, "val"), self.mesh)))
+        return mean_metrics(ms)
+
+    # -- checkpoints
+    def _arrays(self):
+        return {"params": self.trainable, "opt_state": self.opt_state}
+
+    def save(self, step: int):
+        meta = {"step": step, "data": self.data.train.get_state(), "total_steps": self.total_steps}
+        self.ckpt.save(step, self._arrays(), meta)
+
+    def try_restore(self) -> int:
+        arrays, meta = self.ckpt.restore(self._arrays())
+        if arrays is None:
+            return 0
+        if meta.get("total_steps") != self.total_steps:
+            raise ValueError(f"the checkpoint in {self.ckpt.directory} was made for {meta.get('total_steps')} steps, "
+                             f"this config runs {self.total_steps}; use a fresh --workdir")
+        self.trainable, self.opt_state = arrays["params"], arrays["opt_state"]
+        self.data.train.set_state(meta["data"])
+        log.info("resumed from step %d (%s)", meta["step"], self.ckpt.directory)
+        return int(meta["step"])
+
+    # -- the loop
+    def run(self) -> dict:
+        if not hasattr(self, "trainable"):
+            self.setup()
+        cfg = self.cfg
+        logger = MetricsLogger(self.workdir, tensorboard=cfg.train.tensorboard)
+        start = self.try_restore()
+        history = {"train": [], "eval": []}
+        if start == 0:
+            ev = self.evaluate()
+            if ev:
+                logger.write(0, "eval", ev)
+                history["eval"].append((0, ev))
+        accum = cfg.optimizer.grad_accum
+        grads_acc = jax.tree_util.tree_map(jnp.zeros_like, self.trainable)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=start, desc=f"{cfg.objective.name}", dynamic_ncols=True,
+                   disable=not self.progress or jax.process_index() != 0)
+        it = iter(self.data.train)
+        step = start
+        last_saved = start
+        try:
+            while step < self.total_steps:
+                t0 = time.perf_counter()
+                ms, tokens = [], 0
+                with use_mesh(self.mesh):
+                    for _ in range(accum):
+                        try:
+                            batch = next(it)
+                        except StopIteration:
+                            break
+                        tokens += int(np.asarray(batch["segment_ids"] > 0).sum()) * jax.process_count()
+                        dbatch = device_batch(self._with_ref(batch, "train"), self.mesh)
+                        grads_acc, m = self.micro_step(self.trainable, grads_acc, dbatch, jnp.int32(step))
+                        ms.append(m)
+                    if not ms:
+                        break
+                    self.trainable, self.opt_state, grads_acc, info = self.apply_step(
+                        self.trainable, self.opt_state, grads_acc, jnp.float32(len(ms)))
+                metrics = mean_metrics(ms)
+                info = jax.device_get(info)
+                metrics["grad_norm"] = float(info["grad_norm"])
+                if not bool(info["finite"]) or not math.isfinite(metrics["loss"]):
+                    raise TrainingDiverged(
+                        f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}, "
+                        f"grad_norm={metrics['grad_norm']}); the update was not applied and the last good "
+                        f"checkpoint (step {last_saved}) in {self.ckpt.directory} is intact. Lower optimizer.lr, "
+                        "check the data, or use param_dtype=float32.")
+                step += 1
+                dt = time.perf_counter() - t0
+                metrics["lr"] = float(make_schedule(cfg.optimizer, self.total_steps)(step - 1))
+                metrics["tokens_per_s"] = tokens / dt
+                history["train"].append((step, metrics))
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    logger.write(step, "train", metrics)
+                acc = [metrics[k] for k in ("rewards/accuracies_v1", "rewards/accuracies_v2", "rewards/accuracies") if k in metrics]
+                post = {"loss": _fmt(metrics["loss"]), "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+                if acc:
+                    post["acc"] = _fmt(float(np.mean(acc)))
+                bar.set_postfix(post)
+                bar.update(1)
+                if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < self.total_steps:
+                    ev = self.evaluate()
+                    if ev:
+                        logger.write(step, "eval", ev)
+                        history["eval"].append((step, ev))
+                if step % cfg.checkpoint.every == 0 and step < self.total_steps:
+                    self.save(step)
+                    last_saved = step
+            bar.close()
+            if step > last_saved:
+                self.save(step)
+            self.ckpt.wait()
+            ev = self.evaluate()
+            if ev:
+                logger.write(step, "eval", ev)
+                history["eval"].append((step, ev))
+        finally:
+            bar.close()
+            self.ckpt.wait()
+            logger.close()
+        result = self._finish(step, history)
+        return result
+
+    def _finish(self, step: int, history: dict) -> dict:
+        cfg = self.cfg
+        exports = {}
+        if cfg.model.finetune == "lora" and cfg.export.peft:
+            from iopo_jax.models.lora import export_peft
+
+            exports["adapter"] = export_peft(self.parts.merge(self.trainable), os.path.join(self.workdir, "export", "adapter"),
+                                             base_model_name_or_path=os.path.abspath(self.model_dir)
+                                             if os.path.isdir(self.model_dir) else self.model_dir)
+        if cfg.export.merged:
+            from iopo_jax.models.lora import export_merged
+            from iopo_jax.models.weights import copy_tokenizer
+
+            out = os.path.join(self.workdir, "export", "merged")
+            exports["merged"] = export_merged(self.parts.merge(self.trainable), out, dtype=cfg.export.dtype)
+            if jax.process_index() == 0:
+                copy_tokenizer(cfg.model.tokenizer or self.model_dir, out)
+        summary = summarize(history)
+        summary["steps"] = step
+        summary["exports"] = exports
+        summary["data"] = self.data.summary
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=str)
+            if cfg.train.plot:
+                summary["plot"] = plot_curves(history, os.path.join(self.workdir, "training_curves.png"))
+        return summary
+
+
+def summarize(history: dict) -> dict:
+    """First/last figures for the end-of-run report."""
+    out: dict = {}
+    tr = history["train"]
+    if tr:
+        tail = [m for _, m in tr[-max(1, len(tr) // 10):]]
+        out["train_last"] = {k: float(np.mean([m[k] for m in tail])) for k in tail[0]}
+        out["train_first"] = tr[0][1]
+    ev = history["eval"]
+    if ev:
+        out["eval_first"] = ev[0][1]
+        out["eval_last"] = ev[-1][1]
+    return out
+
+
+def plot_curves(history: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tr, ev = history["train"], history["eval"]
+    if tr:
+        axes[0].plot([s for s, _ in tr], [m["loss"] for _, m in tr], label="train loss", alpha=0.8)
+    if ev:
+        axes[0].plot([s for s, _ in ev], [m["loss"] for _, m in ev], "o-", label="validation loss")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    keys = [k for k in ("rewards/accuracies_v1", "rewards/accuracies_v2", "rewards/accuracies") if tr and k in tr[0][1]]
+    for k in keys:
+        axes[1].plot([s for s, _ in tr], [m[k] for _, m in tr], label=f"train {k.split('/')[-1]}", alpha=0.8)
+        if ev and k in ev[0][1]:
+            axes[1].plot([s for s, _ in ev], [m[k] for _, m in ev], "o-", label=f"val {k.split('/')[-1]}")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].set_xlabel("step")
+    axes[1].set_title("reward accuracy")
+    if keys:
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class MetricsLogger:
+    """metrics.jsonl (appended, flushed per line) + TensorBoard events (process 0 only)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.f = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") if self.enabled else None
+        self.tb = None
+        if self.enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:  # pragma: no cover
+                log.warning("tensorboardX is not installed; no TensorBoard events")
+
+    def write(self, step: int, split: str, metrics: dict):
+        if not self.enabled:
+            return
+        rec = {"step": step, "split": split, "time": time.time(), **metrics}
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self):
+        if self.f:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
