@@ -301,7 +301,7 @@ def _turn(turn: Any, field: str) -> tuple[str, str]:
     return canon, text
 
 
-def _expect_role(role: str, want: str, field: str, rk_hint: str = "from"):
+def _expect_role(role: str, want: str, field: str):
     if role != want:
         raise _err(field, f"expected a {want} turn, got a {role} turn", "wrong_role")
 

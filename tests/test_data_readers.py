@@ -226,3 +226,16 @@ def test_hf_id_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="could not load HF dataset 'no-such-owner/no-such-set'"):
         load_records("iopo", "hf:no-such-owner/no-such-set@train")
+
+
+def test_truncated_json_list_file(tmp_path):
+    text = json.dumps([_group(), _group(), _group()], indent=2)
+    cut = text[: text.rindex('"rejected"')]  # the file ends inside record 2
+    p = _write(tmp_path / "cut.json", cut)
+    with pytest.raises(RecordError) as e:
+        load_records("iopo", p)
+    assert e.value.index == 2 and e.value.reason == "json_decode" and "truncated" in str(e.value)
+    assert cut.split("\n")[e.value.line - 1].strip() == "{"
+    recs, rep = load_records("iopo", p, skip_invalid=True)
+    assert len(recs) == 2 and rep.counts == {"json_decode": 1}
+    assert "rest of this file could not be read" in rep.summary()
