@@ -104,6 +104,7 @@ class Row:
     seed: int
     prompt_index: int = 0
     sample_index: int = 0
+    key_index: Optional[int] = None  # folded into the PRNG key with seed and sample_index; default prompt_index
     on_update: Optional[Callable[["Row", str, bool], None]] = None
     cancelled: bool = False
     # results
@@ -269,23 +270,31 @@ class Sampler:
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: Sequence[Prompt], params: Optional[SamplingParams] = None, *,
-                 apply_chat_template: bool = False) -> list[Completion]:
+                 apply_chat_template: bool = False, seeds: Optional[Sequence[int]] = None) -> list[Completion]:
         """Complete every prompt ``params.n`` times.
 
         Returns ``len(prompts) * n`` completions, prompt-major (``out[i * n + j]`` is sample ``j`` of
         prompt ``i``; ``.index`` / ``.sample_index`` say the same). ``apply_chat_template`` wraps
-        string prompts as one user message. Timing and token counts of the call: ``last_stats``.
+        string prompts as one user message. Sample ``j`` of prompt ``i`` draws with the key
+        ``(params.seed, i, j)``; with ``seeds`` (one per prompt) it draws with ``(seeds[i], 0, j)``,
+        independent of the prompt's position (the CLI derives them from record ids, so resumed
+        runs reproduce). Timing and token counts of the call: ``last_stats``.
         """
         params = params or SamplingParams()
         if isinstance(prompts, (str, dict)):
             raise ValueError("generate() takes a list of prompts")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         rows = []
         for i, p in enumerate(prompts):
             ids = self.encode(p, apply_chat_template=apply_chat_template, where=f"prompts[{i}]")
             self.check_length(len(ids), params.max_new_tokens, where=f"prompts[{i}]")
             for j in range(params.n):
-                rows.append(Row(ids, params, base_seed, prompt_index=i, sample_index=j))
+                if seeds is None:
+                    rows.append(Row(ids, params, base_seed, prompt_index=i, sample_index=j))
+                else:
+                    rows.append(Row(ids, params, int(seeds[i]), prompt_index=i, sample_index=j, key_index=0))
         self.run_rows(rows)
         return [r.completion() for r in rows]
 
@@ -339,7 +348,8 @@ class Sampler:
             stop_ids=self._put(stop),
             seed_hi=self._put(np.asarray([s >> 32 for s in seeds], np.uint32)),
             seed_lo=self._put(np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32)),
-            prompt_index=self._put(col(lambda r: r.prompt_index & 0xFFFFFFFF, np.uint32, 0)),
+            prompt_index=self._put(col(lambda r: (r.prompt_index if r.key_index is None else r.key_index)
+                                       & 0xFFFFFFFF, np.uint32, 0)),
             sample_index=self._put(col(lambda r: r.sample_index & 0xFFFFFFFF, np.uint32, 0)),
         )
 

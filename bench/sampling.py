@@ -1,0 +1,200 @@
+"""Prefill and decode throughput of our sampler vs transformers ``generate`` (static KV cache), same run.
+
+Greedy generation of ``--new_tokens`` tokens (EOS ignored, so every row runs to the end) after
+random prompts of ``--prompt_len`` tokens, for each batch size. Compilation / warm-up runs are not
+timed. Prefill tokens/s = batch * prompt_len / prefill time (our prefill includes sampling the
+first token); decode tokens/s = batch * (new_tokens - 1) / decode time. For transformers the
+prefill time is a ``max_new_tokens=1`` call and the decode time is the difference to the full call.
+
+Example::
+
+    python bench/sampling.py                                   # tiny random Qwen2, short default run
+    python bench/sampling.py --batch_sizes=1,8,32 --prompt_len=256 --new_tokens=128
+    python bench/sampling.py --model_dir=/ckpt/Qwen2-7B-Instruct --dtype=bfloat16 --skip_hf
+    python bench/sampling.py --random_config=qwen2_7b --dtype=bfloat16 --batch_sizes=64 \\
+        --prompt_len=512 --new_tokens=512 --peak_bandwidth_gbs=4800   # GPU: roofline fraction
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("model_dir", None, "HF checkpoint directory; default: a tiny random Qwen2 written to a temp dir")
+flags.DEFINE_enum("random_config", None, ["qwen2_7b"],
+                  "instead of a checkpoint, random weights with this architecture (no transformers baseline)")
+flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "batch sizes to measure")
+flags.DEFINE_integer("prompt_len", 64, "prompt tokens per row")
+flags.DEFINE_integer("new_tokens", 32, "generated tokens per row")
+flags.DEFINE_integer("repeats", 2, "timed repetitions per setting (the best is kept)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype of both engines")
+flags.DEFINE_bool("skip_hf", False, "do not run the transformers baseline")
+flags.DEFINE_float("peak_bandwidth_gbs", 0.0,
+                   "accelerator memory bandwidth in GB/s; when set, report the decode step's fraction of the "
+                   "bandwidth roofline (bytes of weights + KV cache read per step / step time / peak)")
+flags.DEFINE_string("json_out", None, "also write the results to this JSON file")
+FLAGS = flags.FLAGS
+
+
+def _tiny_model_dir() -> str:
+    from iopo_jax.tools.make_tiny_model import make_tiny_model
+
+    d = os.path.join(tempfile.gettempdir(), "iopo_bench_tiny_qwen2")
+    if not os.path.isfile(os.path.join(d, "model.safetensors")):
+        make_tiny_model(d, "qwen2")
+    return d
+
+
+def _load(dtype):
+    from flax import nnx
+
+    from iopo_jax.models import ModelConfig, Transformer, load_model
+
+    if FLAGS.random_config == "qwen2_7b":
+        cfg = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                          num_kv_heads=4, head_dim=128, rope_theta=1e6, param_dtype=dtype, dtype=dtype,
+                          max_position_embeddings=32768, eos_token_id=151645)
+        import jax
+
+        with jax.default_device(jax.devices()[0]):
+            model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+            graphdef, state = nnx.split(model)
+            leaves, treedef = jax.tree_util.tree_flatten(state)
+            keys = jax.random.split(jax.random.key(0), len(leaves))
+            leaves = [(jax.random.normal(k, x.shape, x.dtype) * 0.02) if jnp_is_float(x.dtype) else x
+                      for k, x in zip(keys, leaves)]
+            model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+        return model, cfg, None
+    d = FLAGS.model_dir or _tiny_model_dir()
+    model, cfg = load_model(d, dtype=dtype, param_dtype=dtype)
+    return model, cfg, d
+
+
+def jnp_is_float(dt) -> bool:
+    import numpy as np
+
+    return np.issubdtype(np.dtype(dt), np.floating) or str(dt) == "bfloat16"
+
+
+def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats):
+    import numpy as np
+
+    from iopo_jax.sampling import Sampler, SamplingParams
+
+    sampler = Sampler(model, None, eos_token_ids=[], prompt_buckets=(prompt_len,), new_token_buckets=(new_tokens,),
+                      batch_buckets=tuple(sorted(batch_sizes)), max_batch_size=max(batch_sizes),
+                      max_model_len=prompt_len + new_tokens)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    rng = np.random.RandomState(0)
+    out = {}
+    for b in batch_sizes:
+        prompts = [list(rng.randint(0, min(cfg.vocab_size, 150000), prompt_len)) for _ in range(b)]
+        sampler.generate(prompts, params)  # compile
+        best = None
+        for _ in range(repeats):
+            sampler.generate(prompts, params)
+            s = sampler.last_stats
+            if best is None or s.total_s < best.total_s:
+                best = s
+        out[b] = dict(prefill_tok_s=b * prompt_len / best.prefill_s,
+                      decode_tok_s=b * (new_tokens - 1) / best.decode_s,
+                      decode_step_ms=1000 * best.decode_s / (new_tokens - 1))
+    return out, sampler
+
+
+def bench_hf(model_dir, batch_sizes, prompt_len, new_tokens, repeats, dtype):
+    import numpy as np
+    import torch
+    import transformers
+
+    tmodel = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32 if dtype == "float32" else torch.bfloat16).eval()
+    rng = np.random.RandomState(0)
+    out = {}
+    for b in batch_sizes:
+        ids = torch.tensor(rng.randint(0, min(tmodel.config.vocab_size, 150000), (b, prompt_len)))
+        am = torch.ones_like(ids)
+
+        def run(n):
+            t = time.perf_counter()
+            with torch.no_grad():
+                g = tmodel.generate(input_ids=ids, attention_mask=am, do_sample=False, max_new_tokens=n,
+                                    min_new_tokens=n, eos_token_id=None, pad_token_id=0,
+                                    cache_implementation="static")
+            assert g.shape[1] == prompt_len + n
+            return time.perf_counter() - t
+
+        run(2)  # warm-up
+        t1 = min(run(1) for _ in range(repeats))
+        tn = min(run(new_tokens) for _ in range(repeats))
+        dec = max(tn - t1, 1e-9)
+        out[b] = dict(prefill_tok_s=b * prompt_len / t1, decode_tok_s=b * (new_tokens - 1) / dec,
+                      decode_step_ms=1000 * dec / (new_tokens - 1))
+    return out
+
+
+def roofline(cfg, model, b, prompt_len, new_tokens, step_ms, peak_gbs):
+    """Fraction of the bandwidth roofline reached by a decode step (weights + average KV read)."""
+    import jax
+    import numpy as np
+
+    from flax import nnx
+
+    _, state = nnx.split(model)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype"))
+    itemsize = np.dtype(cfg.dtype).itemsize if cfg.dtype != "bfloat16" else 2
+    cache_slots = prompt_len + new_tokens  # our decode attends over the whole preallocated cache
+    kv_bytes = 2 * cfg.num_layers * b * cache_slots * cfg.num_kv_heads * cfg.head_dim * itemsize
+    step_bytes = weight_bytes + kv_bytes
+    return dict(weight_gb=weight_bytes / 1e9, kv_gb=kv_bytes / 1e9,
+                achieved_gbs=step_bytes / (step_ms / 1000) / 1e9,
+                roofline_fraction=step_bytes / (step_ms / 1000) / 1e9 / peak_gbs)
+
+
+def main(argv):
+    del argv
+    import jax
+
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+    model, cfg, model_dir = _load(FLAGS.dtype)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {cfg.model_type} "
+          f"d={cfg.hidden_size} layers={cfg.num_layers} vocab={cfg.vocab_size} dtype={FLAGS.dtype}  "
+          f"prompt_len={FLAGS.prompt_len} new_tokens={FLAGS.new_tokens}", flush=True)
+    ours, _ = bench_ours(model, cfg, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats)
+    hf = None
+    if not FLAGS.skip_hf and model_dir is not None:
+        hf = bench_hf(model_dir, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats, FLAGS.dtype)
+    results = {"config": dict(batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
+                              dtype=FLAGS.dtype, device=jax.devices()[0].device_kind), "ours": ours, "hf": hf}
+    header = f"{'batch':>5} | {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8}"
+    if hf:
+        header += f" | {'HF prefill':>10} {'HF decode':>10} | {'prefill x':>9} {'decode x':>8}"
+    print(header)
+    for b in batch_sizes:
+        o = ours[b]
+        line = f"{b:>5} | {o['prefill_tok_s']:>13.0f} {o['decode_tok_s']:>12.0f} {o['decode_step_ms']:>8.2f}"
+        if hf:
+            h = hf[b]
+            line += (f" | {h['prefill_tok_s']:>10.0f} {h['decode_tok_s']:>10.0f} | "
+                     f"{o['prefill_tok_s'] / h['prefill_tok_s']:>9.2f} {o['decode_tok_s'] / h['decode_tok_s']:>8.2f}")
+        print(line)
+    if FLAGS.peak_bandwidth_gbs > 0:
+        results["roofline"] = {}
+        for b in batch_sizes:
+            r = roofline(cfg, model, b, FLAGS.prompt_len, FLAGS.new_tokens, ours[b]["decode_step_ms"],
+                         FLAGS.peak_bandwidth_gbs)
+            results["roofline"][b] = r
+            print(f"batch {b}: decode step reads {r['weight_gb']:.2f} GB weights + {r['kv_gb']:.2f} GB KV -> "
+                  f"{r['achieved_gbs']:.0f} GB/s = {100 * r['roofline_fraction']:.1f}% of {FLAGS.peak_bandwidth_gbs:.0f} GB/s")
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,693 @@
+"""OpenAI-compatible HTTP server over the JAX sampler (standard library only).
+
+Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
+``POST /v1/completions``, ``GET /health``. Supported request fields: ``model``, ``messages`` /
+``prompt`` (string, list of strings, token ids or lists of token ids), ``n``, ``temperature``,
+``top_p``, ``top_k`` (extension), ``max_tokens`` / ``max_completion_tokens``, ``stop``, ``seed``,
+``stream`` (server-sent events) with ``stream_options.include_usage``, ``logprobs`` (chat: true with
+``top_logprobs`` 0; completions: 0), ``echo`` (completions). Unsupported options with an effect
+(penalties, tools, JSON mode, ``best_of`` > n, ``suffix``) are refused with a 400, never ignored.
+
+One engine thread owns the sampler; HTTP threads put requests on a queue. The engine takes every
+waiting request (up to ``--max_batch_size`` sequences) and generates them as one batch, so concurrent
+clients share the accelerator (batch-level batching: requests arriving during a batch wait for the next).
+Streaming requests receive text after every ``decode_chunk`` decode steps.
+
+Invalid requests get a 4xx with an OpenAI-style JSON error body (``{"error": {"message", "type",
+"param", "code"}}``); an error inside the engine fails only the requests of that batch (500). The
+server binds 127.0.0.1 unless ``--host`` says otherwise; with ``--api_key`` (or the ``IOPO_API_KEY``
+environment variable) every ``/v1`` request needs ``Authorization: Bearer <key>``.
+
+Example::
+
+    python -m iopo_jax.serve --model_dir=/ckpt/Qwen2-7B-Instruct --dtype=bfloat16 --port=8000
+    python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x'); \\
+        print(c.chat.completions.create(model='Qwen2-7B-Instruct', messages=[{'role': 'user', \\
+        'content': 'Hi'}]).choices[0].message.content)"
+"""
+from __future__ import annotations
+
+import hmac
+import http.server
+import json
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+from iopo_jax.sampling.params import SamplingParams
+from iopo_jax.sampling.sampler import Row
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 << 20
+API_KEY_ENV = "IOPO_API_KEY"
+
+
+class APIError(Exception):
+    """An error answered to the client as ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type_: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------- engine thread
+class Job:
+    """The rows of one HTTP request and the channel back to its handler thread."""
+
+    def __init__(self, rows: list[Row], stream: bool):
+        self.rows = rows
+        self.stream = stream
+        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.done = threading.Event()
+        self.error: Optional[str] = None
+        if stream:
+            for k, r in enumerate(rows):
+                r.on_update = self._updater(k)
+
+    def _updater(self, k):
+        def on_update(row, delta, finished):
+            self.events.put(("delta", k, delta, finished))
+
+        return on_update
+
+    def cancel(self):
+        for r in self.rows:
+            r.cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return all(r.cancelled for r in self.rows)
+
+
+class EngineLoop:
+    """One thread that batches queued jobs and runs them through the sampler."""
+
+    def __init__(self, sampler, max_batch_size: Optional[int] = None, batch_wait_s: float = 0.005):
+        self.sampler = sampler
+        self.max_rows = int(max_batch_size or sampler.max_batch_size)
+        self.batch_wait_s = batch_wait_s
+        self.queue: "queue.Queue[Job]" = queue.Queue()
+        self._carry: list[Job] = []
+        self._stop = threading.Event()
+        self.batches = 0
+        self.thread = threading.Thread(target=self._loop, name="iopo-engine", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(timeout=30)
+
+    def submit(self, job: Job):
+        self.queue.put(job)
+
+    def _next_jobs(self) -> list[Job]:
+        jobs = list(self._carry)
+        self._carry = []
+        if not jobs:
+            try:
+                jobs.append(self.queue.get(timeout=0.1))
+            except queue.Empty:
+                return []
+        rows = sum(len(j.rows) for j in jobs)
+        deadline = time.monotonic() + self.batch_wait_s
+        while rows < self.max_rows:
+            try:
+                j = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if rows + len(j.rows) > self.max_rows:
+                self._carry.append(j)
+                break
+            jobs.append(j)
+            rows += len(j.rows)
+        live = []
+        for j in jobs:
+            if j.cancelled:  # the client left before its turn
+                j.events.put(("end",))
+                j.done.set()
+            else:
+                live.append(j)
+        return live
+
+    def _loop(self):
+        while not self._stop.is_set():
+            jobs = self._next_jobs()
+            if not jobs:
+                continue
+            rows = [r for j in jobs for r in j.rows]
+            try:
+                self.sampler.run_rows(rows)
+                self.batches += 1
+            except Exception as e:  # never let the engine thread die
+                logger.exception("generation failed for a batch of %d sequences", len(rows))
+                for j in jobs:
+                    j.error = f"generation failed: {type(e).__name__}: {e}"
+            for j in jobs:
+                j.events.put(("end",))
+                j.done.set()
+
+
+# ----------------------------------------------------------------------------- request validation
+def _get(body: dict, name: str, types, default=None, *, allow_none: bool = True):
+    if name not in body or (body[name] is None and allow_none):
+        return default
+    v = body[name]
+    ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in (types if isinstance(types, tuple)
+                                                                          else (types,)))
+    if not ok:
+        names = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise APIError(400, f"'{name}' must be of type {names}, got {type(v).__name__} ({json.dumps(v)[:80]})", name)
+    return v
+
+
+def _number(body, name, default, lo=None, hi=None, lo_open=False):
+    v = _get(body, name, (int, float), default)
+    if v is None:
+        return v
+    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+        raise APIError(400, f"'{name}' must be in {rng}, got {v}", name)
+    return v
+
+
+def _unsupported(body: dict):
+    for name in ("frequency_penalty", "presence_penalty"):
+        v = _number(body, name, 0, -2, 2)
+        if v:
+            raise APIError(400, f"'{name}' is not supported by this server (only 0)", name)
+    rp = _number(body, "repetition_penalty", 1.0)
+    if rp not in (None, 1, 1.0):
+        raise APIError(400, "'repetition_penalty' is not supported by this server (only 1.0)", "repetition_penalty")
+    for name in ("tools", "functions", "tool_choice", "function_call", "logit_bias"):
+        if body.get(name):
+            raise APIError(400, f"'{name}' is not supported by this server", name)
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise APIError(400, "'response_format' other than {'type': 'text'} is not supported", "response_format")
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # listen backlog: many clients may connect at once
+
+
+class OpenAIServer:
+    """The HTTP front end. ``start()`` serves in a background thread; ``shutdown()`` stops everything."""
+
+    def __init__(self, sampler, *, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                 api_key: Optional[str] = None, max_batch_size: Optional[int] = None, batch_wait_s: float = 0.005,
+                 default_max_tokens: int = 512):
+        self.sampler = sampler
+        self.model_name = model_name
+        self.api_key = api_key or None
+        self.default_max_tokens = int(default_max_tokens)
+        self.created = int(time.time())
+        self.engine = EngineLoop(sampler, max_batch_size, batch_wait_s)
+        handler = type("Handler", (_Handler,), {"app": self})
+        self.httpd = _HTTPServer((host, port), handler)
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> "OpenAIServer":
+        self.engine.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="iopo-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self):
+        self.engine.start()
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.engine.stop()
+
+    def shutdown(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.engine.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ------------------------------------------------------------------ request -> rows
+    def check_model(self, body: dict):
+        model = _get(body, "model", str, allow_none=False)
+        if model is None:
+            raise APIError(400, "missing required field 'model'", "model")
+        if model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+                           "model", "model_not_found")
+
+    def sampling(self, body: dict, num_prompt_tokens: int) -> tuple[SamplingParams, int]:
+        """SamplingParams of a request and its ``n``; 400 on any bad field."""
+        _unsupported(body)
+        n = _get(body, "n", int, 1)
+        if not 1 <= n <= self.engine.max_rows:
+            raise APIError(400, f"'n' must be in [1, {self.engine.max_rows}], got {n}", "n")
+        best_of = _get(body, "best_of", int, None)
+        if best_of is not None and best_of != n:
+            raise APIError(400, "'best_of' different from 'n' is not supported", "best_of")
+        temperature = _number(body, "temperature", 1.0, 0, 2)
+        top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
+        top_k = _get(body, "top_k", int, 0)
+        if top_k < -1:
+            raise APIError(400, f"'top_k' must be -1, 0 (off) or positive, got {top_k}", "top_k")
+        max_tokens = _get(body, "max_completion_tokens", int, None)
+        max_tokens = _get(body, "max_tokens", int, max_tokens)
+        ctx = self.sampler.max_model_len
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
+        if num_prompt_tokens < 1:
+            raise APIError(400, "the prompt is empty", "messages")
+        if max_tokens is None:
+            if num_prompt_tokens >= ctx:
+                raise APIError(400, f"This model's maximum context length is {ctx} tokens; the prompt has "
+                                    f"{num_prompt_tokens} tokens", "messages", "context_length_exceeded")
+            max_tokens = min(self.default_max_tokens, ctx - num_prompt_tokens)
+        if num_prompt_tokens + max_tokens > ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                                f"{max_tokens} for the completion). Reduce the prompt or max_tokens.",
+                           "max_tokens", "context_length_exceeded")
+        stop = body.get("stop")
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            stop = tuple(s for s in stop)
+        else:
+            raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+        if any(not s for s in stop):
+            raise APIError(400, "'stop' strings must not be empty", "stop")
+        stop_ids = _get(body, "stop_token_ids", list, [])
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
+            raise APIError(400, "'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
+        seed = _get(body, "seed", int, None)
+        try:
+            self.sampler.check_length(num_prompt_tokens, max_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e).replace("prompt: ", ""), "max_tokens", "context_length_exceeded") from None
+        params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
+                                max_new_tokens=max_tokens, seed=seed, n=n, stop=stop, stop_token_ids=tuple(stop_ids),
+                                skip_special_tokens=bool(_get(body, "skip_special_tokens", bool, True)),
+                                include_stop_str_in_output=bool(_get(body, "include_stop_str_in_output", bool,
+                                                                     False)),
+                                ignore_eos=bool(_get(body, "ignore_eos", bool, False)))
+        return params, n
+
+    def rows_for(self, prompts: list[list[int]], params: SamplingParams, want_logprobs: bool) -> list[Row]:
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        params = params.replace(logprobs=want_logprobs)
+        return [Row(ids, params, seed, prompt_index=i, sample_index=j)
+                for i, ids in enumerate(prompts) for j in range(params.n)]
+
+    def chat_prompt(self, body: dict) -> list[int]:
+        msgs = body.get("messages")
+        if msgs is None:
+            raise APIError(400, "missing required field 'messages'", "messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        clean = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]")
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant", "developer"):
+                raise APIError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}",
+                               f"messages[{i}].role")
+            if isinstance(content, list):
+                parts = []
+                for k, p in enumerate(content):
+                    if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                        raise APIError(400, f"messages[{i}].content[{k}]: only text parts are supported",
+                                       f"messages[{i}].content")
+                    parts.append(p["text"])
+                content = "".join(parts)
+            if not isinstance(content, str):
+                raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
+                               f"messages[{i}].content")
+            clean.append({"role": "system" if role == "developer" else role, "content": content})
+        try:
+            return self.sampler.encode(clean, where="messages")
+        except Exception as e:  # a template that rejects the conversation (e.g. role order)
+            raise APIError(400, f"cannot apply the chat template to 'messages': {e}", "messages") from None
+
+    def completion_prompts(self, body: dict) -> list[list[int]]:
+        p = body.get("prompt")
+        if p is None:
+            raise APIError(400, "missing required field 'prompt'", "prompt")
+        if isinstance(p, str):
+            items = [p]
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            items = [p]
+        elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+            items = p
+        else:
+            raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                                "token-id lists", "prompt")
+        out = []
+        for i, x in enumerate(items):
+            if isinstance(x, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+                raise APIError(400, f"prompt[{i}] must be a string or a list of integers", "prompt")
+            try:
+                out.append(self.sampler.encode(x, where=f"prompt[{i}]"))
+            except ValueError as e:
+                raise APIError(400, str(e), "prompt") from None
+        return out
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    app: OpenAIServer
+    protocol_version = "HTTP/1.1"
+    server_version = "iopo-jax"
+    timeout = 120
+
+    def log_message(self, fmt, *args):  # quiet by default; never logs headers (API keys)
+        logger.debug("%s " + fmt, self.address_string(), *args)
+
+    # ------------------------------------------------------------------ plumbing
+    def _send_json(self, status: int, obj: Any):
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        key = self.app.api_key
+        if not key:
+            return True
+        auth = self.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        return hmac.compare_digest(given.encode(), key.encode())
+
+    def _body(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raise APIError(411, "chunked request bodies are not supported; send Content-Length")
+        if length is None:
+            raise APIError(411, "missing Content-Length header")
+        try:
+            n = int(length)
+        except ValueError:
+            raise APIError(400, f"bad Content-Length header {length!r}") from None
+        if n < 0 or n > MAX_BODY_BYTES:
+            raise APIError(413, f"request body of {n} bytes is larger than {MAX_BODY_BYTES}")
+        raw = self.rfile.read(n)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"invalid JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the JSON body must be an object, got {type(body).__name__}")
+        return body
+
+    def _route(self, method: str):
+        path = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            if path == "/health":
+                if method != "GET":
+                    raise APIError(405, f"{method} is not allowed on {path}")
+                return self._send_json(200, {"status": "ok"})
+            known = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+            if path.startswith("/v1/models/"):
+                known[path] = "GET"
+            if path not in known:
+                raise APIError(404, f"unknown endpoint {path}", code="not_found")
+            if not self._authorized():
+                raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                               type_="authentication_error", code="invalid_api_key")
+            if method != known[path]:
+                raise APIError(405, f"{method} is not allowed on {path} (use {known[path]})")
+            if path == "/v1/models":
+                return self._send_json(200, {"object": "list", "data": [self._model_card()]})
+            if path.startswith("/v1/models/"):
+                if path[len("/v1/models/"):] != self.app.model_name:
+                    raise APIError(404, f"The model '{path[len('/v1/models/'):]}' does not exist", "model",
+                                   "model_not_found")
+                return self._send_json(200, self._model_card())
+            body = self._body()
+            if path == "/v1/chat/completions":
+                return self._chat(body)
+            return self._completions(body)
+        except APIError as e:
+            self._error_safe(e)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # a bug must not take the server down
+            logger.exception("internal error on %s %s", method, path)
+            self._error_safe(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def _error_safe(self, e: APIError):
+        # The request body may be unread: close the connection so that it is never parsed as a request.
+        self.close_connection = True
+        try:
+            data = json.dumps(e.body(), ensure_ascii=False).encode("utf-8")
+            self.send_response(e.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+
+    def do_GET(self):  # noqa: N802
+        self._route("GET")
+
+    def do_POST(self):  # noqa: N802
+        self._route("POST")
+
+    def do_PUT(self):  # noqa: N802
+        self._route("PUT")
+
+    def do_DELETE(self):  # noqa: N802
+        self._route("DELETE")
+
+    def _model_card(self) -> dict:
+        return {"id": self.app.model_name, "object": "model", "created": self.app.created, "owned_by": "iopo-jax",
+                "max_model_len": self.app.sampler.max_model_len}
+
+    # ------------------------------------------------------------------ endpoints
+    def _chat(self, body: dict):
+        app = self.app
+        app.check_model(body)
+        stream = _get(body, "stream", bool, False)
+        stream_opts = _get(body, "stream_options", dict, {}) or {}
+        logprobs = _get(body, "logprobs", bool, False)
+        top = _get(body, "top_logprobs", int, 0)
+        if top:
+            raise APIError(400, "'top_logprobs' > 0 is not supported (only the sampled token's log-prob)",
+                           "top_logprobs")
+        ids = app.chat_prompt(body)
+        params, n = app.sampling(body, len(ids))
+        job = Job(app.rows_for([ids], params, logprobs), stream)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        app.engine.submit(job)
+        if stream:
+            return self._stream(job, rid, created, chat=True, include_usage=bool(stream_opts.get("include_usage")))
+        self._wait(job)
+        choices = []
+        for k, r in enumerate(job.rows):
+            choices.append({"index": k, "message": {"role": "assistant", "content": r.text},
+                            "finish_reason": r.finish_reason, "logprobs": self._chat_logprobs(r) if logprobs else None})
+        self._send_json(200, {"id": rid, "object": "chat.completion", "created": created, "model": app.model_name,
+                              "choices": choices, "usage": self._usage(job, [ids]), "system_fingerprint": None})
+
+    def _completions(self, body: dict):
+        app = self.app
+        app.check_model(body)
+        stream = _get(body, "stream", bool, False)
+        stream_opts = _get(body, "stream_options", dict, {}) or {}
+        echo = _get(body, "echo", bool, False)
+        if body.get("suffix"):
+            raise APIError(400, "'suffix' is not supported", "suffix")
+        lp = _get(body, "logprobs", int, None)
+        if lp is not None and lp != 0:
+            raise APIError(400, "'logprobs' must be 0 or null (top alternatives are not computed)", "logprobs")
+        if echo and (stream or lp is not None):
+            raise APIError(400, "'echo' cannot be combined with 'stream' or 'logprobs'", "echo")
+        prompts = app.completion_prompts(body)
+        if min(len(ids) for ids in prompts) < 1:
+            raise APIError(400, "the prompt is empty", "prompt")
+        if len(prompts) * (_get(body, "n", int, 1) or 1) > app.engine.max_rows:
+            raise APIError(400, f"{len(prompts)} prompts x n is more than the {app.engine.max_rows} sequences "
+                                "this server generates at once; send fewer prompts per request", "prompt")
+        # The longest prompt decides the context check and the default max_tokens.
+        params, _ = app.sampling(body, max(len(ids) for ids in prompts))
+        job = Job(app.rows_for(prompts, params, lp is not None), stream)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        app.engine.submit(job)
+        if stream:
+            return self._stream(job, rid, created, chat=False, include_usage=bool(stream_opts.get("include_usage")))
+        self._wait(job)
+        choices = []
+        for k, r in enumerate(job.rows):
+            text = r.text
+            if echo:
+                text = self.app.sampler.tokenizer.decode(r.prompt_ids) + text
+            choices.append({"index": k, "text": text, "finish_reason": r.finish_reason,
+                            "logprobs": self._completion_logprobs(r) if lp is not None else None})
+        self._send_json(200, {"id": rid, "object": "text_completion", "created": created, "model": app.model_name,
+                              "choices": choices, "usage": self._usage(job, prompts), "system_fingerprint": None})
+
+    def _wait(self, job: Job):
+        job.done.wait()
+        if job.error:
+            raise APIError(500, job.error)
+
+    def _usage(self, job: Job, prompts) -> dict:
+        p = sum(len(x) for x in prompts)
+        c = sum(len(r.token_ids) for r in job.rows)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _tokens(self, r: Row) -> list[str]:
+        tok = self.app.sampler.tokenizer
+        return [tok.decode([t]) for t in r.token_ids] if tok is not None else [str(t) for t in r.token_ids]
+
+    def _chat_logprobs(self, r: Row) -> dict:
+        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
+                            for s, lp in zip(self._tokens(r), r.logprobs)]}
+
+    def _completion_logprobs(self, r: Row) -> dict:
+        toks = self._tokens(r)
+        offsets, pos = [], 0
+        for s in toks:
+            offsets.append(pos)
+            pos += len(s)
+        return {"tokens": toks, "token_logprobs": list(r.logprobs), "top_logprobs": None, "text_offset": offsets}
+
+    def _stream(self, job: Job, rid: str, created: int, *, chat: bool, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        model = self.app.model_name
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def send(payload):
+            self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
+            self.wfile.flush()
+
+        def chunk(k, delta=None, text=None, finish=None):
+            choice = {"index": k, "finish_reason": finish, "logprobs": None}
+            if chat:
+                choice["delta"] = delta
+            else:
+                choice["text"] = text
+            return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+        try:
+            if chat:
+                for k in range(len(job.rows)):
+                    send(chunk(k, delta={"role": "assistant", "content": ""}))
+            while True:
+                ev = job.events.get()
+                if ev[0] == "end":
+                    break
+                _, k, delta, finished = ev
+                if delta:
+                    send(chunk(k, delta={"content": delta}, text=delta))
+                if finished:
+                    send(chunk(k, delta={}, text="", finish=job.rows[k].finish_reason))
+            if job.error:
+                send({"error": APIError(500, job.error).body()["error"]})
+            elif include_usage:
+                prompts = {r.prompt_index: r.prompt_ids for r in job.rows}
+                send({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                      "usage": self._usage(job, list(prompts.values()))})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            job.cancel()  # the client went away: stop its rows at the next chunk
+
+
+# ----------------------------------------------------------------------------- command line
+def _define_flags():
+    from absl import flags
+
+    f = flags
+    f.DEFINE_string("model_dir", None, "HF checkpoint directory (config.json + safetensors + tokenizer)")
+    f.DEFINE_string("lora", None, "PEFT LoRA adapter directory applied on top of --model_dir")
+    f.DEFINE_string("tokenizer_dir", None, "tokenizer directory (default: --model_dir)")
+    f.DEFINE_string("served_model_name", None, "model id clients must send (default: the last part of --model_dir)")
+    f.DEFINE_string("host", "127.0.0.1", "address to bind (127.0.0.1 = this machine only)")
+    f.DEFINE_integer("port", 8000, "port to bind (0 = any free port)")
+    f.DEFINE_string("api_key", None, f"require 'Authorization: Bearer <key>' (default: env {API_KEY_ENV}, if set)")
+    f.DEFINE_integer("max_batch_size", 32, "sequences generated together (concurrent requests share a batch)")
+    f.DEFINE_integer("max_model_len", 0, "context limit: prompt + new tokens (0 = the model's maximum)")
+    f.DEFINE_integer("default_max_tokens", 512, "max_tokens of requests that do not set it (capped by the context)")
+    f.DEFINE_integer("decode_chunk", 16, "decode steps between host checks (streaming granularity)")
+    f.DEFINE_float("batch_wait_ms", 5.0, "how long the engine waits for more requests before starting a batch")
+    f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
+    f.DEFINE_string("mesh", "", "device mesh, e.g. 'fsdp=-1' or 'fsdp=4,tensor=2' (default: fsdp over all devices)")
+    f.DEFINE_string("compilation_cache_dir", None, "persistent JAX compilation cache directory (faster restarts)")
+    flags.mark_flag_as_required("model_dir")
+
+
+def main(argv):
+    from absl import flags
+
+    from iopo_jax.generate import parse_mesh
+    from iopo_jax.sampling import Sampler
+
+    del argv
+    F = flags.FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if F.compilation_cache_dir:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", F.compilation_cache_dir)
+    api_key = F.api_key or os.environ.get(API_KEY_ENV) or None
+    if F.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logger.warning("binding %s without an API key: anyone who can reach this port can use the model", F.host)
+    sampler = Sampler.from_pretrained(F.model_dir, lora=F.lora, mesh=parse_mesh(F.mesh), dtype=F.dtype,
+                                      param_dtype=F.dtype, tokenizer_dir=F.tokenizer_dir,
+                                      max_batch_size=F.max_batch_size, max_model_len=F.max_model_len or None,
+                                      decode_chunk=F.decode_chunk)
+    name = F.served_model_name or os.path.basename(os.path.normpath(F.model_dir))
+    server = OpenAIServer(sampler, model_name=name, host=F.host, port=F.port, api_key=api_key,
+                          batch_wait_s=F.batch_wait_ms / 1000, default_max_tokens=F.default_max_tokens)
+    host, port = server.address
+    logger.info("serving '%s' on http://%s:%d/v1 (auth %s)", name, host, port, "on" if api_key else "off")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
