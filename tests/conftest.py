@@ -36,3 +36,14 @@ def qwen_tokenizer(qwen_tokenizer_dir):
     from iopo_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, qwen_tokenizer_dir):
+    """A tiny random Qwen2 (full 151,936 vocabulary, real tokenizer) written by make_tiny_model."""
+    from iopo_jax.tools.make_tiny_model import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_qwen2")), tokenizer_dir=qwen_tokenizer_dir)
+
+
+DEMO_DIR = REPO / "data_pipeline" / "demo_data"
