@@ -344,6 +344,7 @@ class Trainer:
             model, self.model_cfg = load_model(model_dir, mesh=self.mesh, seed=cfg.train.seed,
                                                param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
                                                remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+                                               attention_block=cfg.model.attention_block,
                                                lora=lcfg)
         self.model_dir = model_dir
         self.parts, trainable = split_model(model, lora=lcfg is not None)

@@ -153,6 +153,15 @@ def test_bf16_compute_close_to_fp32(qwen_checkpoint):
     assert np.abs(out - ref)[m].max() < 0.05 * np.abs(ref).max() + 0.05
 
 
+def test_chunked_attention_equals_full(qwen_checkpoint):
+    _, d, _ = qwen_checkpoint
+    ids, am = _batch()
+    ref = _jax_logits(load_model(d)[0], ids, am)
+    out = _jax_logits(load_model(d, attention_impl="chunked", attention_block=5)[0], ids, am)
+    m = am.astype(bool)
+    assert np.abs(out - ref)[m].max() <= 1e-5
+
+
 def test_packed_segments_equal_separate_sequences(qwen_checkpoint):
     family, d, _ = qwen_checkpoint
     model, _ = load_model(d)

@@ -162,3 +162,29 @@ def test_kill9_resume_is_bitwise_exact(tiny_model_dir, small_iopo_file, tmp_path
     a = open(tmp_path / "full" / "export" / "adapter" / "adapter_model.safetensors", "rb").read()
     b = open(wd / "export" / "adapter" / "adapter_model.safetensors", "rb").read()
     assert a == b
+
+
+def test_export_cli_after_training(tiny_model_dir, small_iopo_file, tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = small_config(tiny_model_dir, small_iopo_file, train__max_steps=2)
+    run = tmp_path / "run"
+    tr = Trainer(cfg, str(run), devices=jax.devices()[:1], progress=False)
+    tr.run()
+    (run / "config.json").write_text(cfg.to_json_best_effort())  # what the train CLI writes
+    r = subprocess.run([sys.executable, "-m", "iopo_jax.export", f"--workdir={run}", f"--peft_out={tmp_path / 'ad'}",
+                        f"--merged_out={tmp_path / 'merged'}", "--dtype=float32"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = np.array([[151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198, 9707, 11, 1879]])
+    model = tr.parts.merge(tr.trainable)
+    hidden, _ = model(jnp.asarray(ids))
+    ours = np.asarray(model.logits(hidden))[0]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        via_peft = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()(torch.tensor(ids)).logits[0].numpy()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+        via_merged = merged.eval()(torch.tensor(ids)).logits[0].numpy()
+    assert np.abs(ours - via_peft).max() <= 1e-4
+    assert np.abs(ours - via_merged).max() <= 1e-4

@@ -13,7 +13,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -69,7 +69,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of matmuls; softmax, norms and log-probs stay float32
     remat: str = "none"  # none | full | dots | dots_no_batch
-    attention_impl: str = "xla"  # xla (einsum, any device) | cudnn (fused, GPU only)
+    # xla: plain einsum attention (any device; [b, n, t, s] scores in memory)
+    # chunked: the same maths one block of queries at a time under remat (any device; long sequences)
+    # cudnn: jax.nn.dot_product_attention's fused cuDNN kernel (NVIDIA GPUs only)
+    attention_impl: str = "xla"
+    attention_block: int = 512  # query block of the chunked implementation
     lora: LoRAConfig | None = None
 
     def __post_init__(self):

@@ -155,13 +155,15 @@ class KVCache:
 jax.tree_util.register_dataclass(KVCache, data_fields=["layers", "mask", "end"], meta_fields=[])
 
 
-def attend(q_btnh, k_bskh, v_bskh, mask_bts, impl: str = "xla"):
+def attend(q_btnh, k_bskh, v_bskh, mask_bts, impl: str = "xla", block: int = 512):
     """Grouped-query attention with a boolean mask; softmax in float32."""
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], implementation="cudnn").reshape(b, t, n * h)
+    if impl == "chunked" and t > block:
+        return _attend_chunked(q_btnh, k_bskh, v_bskh, mask_bts, block)
     q = q_btnh.reshape(b, t, kh, n // kh, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(h)
@@ -169,6 +171,25 @@ def attend(q_btnh, k_bskh, v_bskh, mask_bts, impl: str = "xla"):
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
     return out.reshape(b, t, n * h)
+
+
+def _attend_chunked(q_btnh, k_bskh, v_bskh, mask_bts, block: int):
+    """Query blocks one at a time (``lax.map`` + remat): scores memory is [b, n, block, s]."""
+    b, t, n, h = q_btnh.shape
+    pad = -t % block
+    q = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    m = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)))
+    nb = (t + pad) // block
+    q = q.reshape(b, nb, block, n, h).swapaxes(0, 1)
+    m = m.reshape(b, nb, block, -1).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        qb, mb = args
+        return attend(qb, k_bskh, v_bskh, mb, "xla")
+
+    out = jax.lax.map(one, (q, m))  # [nb, b, block, n*h]
+    return out.swapaxes(0, 1).reshape(b, nb * block, n * h)[:, :t]
 
 
 class Attention(nnx.Module):
@@ -180,6 +201,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(n * h, d, bias=False, cfg=cfg, name="o_proj", rngs=rngs)
         self.n, self.k, self.h = n, k, h
         self.impl = cfg.attention_impl
+        self.block = cfg.attention_block
 
     def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, cache: LayerCache | None, end):
         b, t, _ = x_btd.shape
@@ -193,7 +215,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
             cache = LayerCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        out = attend(q, k, v, mask_bts, self.impl)
+        out = attend(q, k, v, mask_bts, self.impl, self.block)
         return self.o_proj(out), cache
 
 
