@@ -109,6 +109,8 @@ class BatchIterator:
       pack_window: open rows considered by the first-fit packer.
       allgather: ``f(np.ndarray) -> np.ndarray`` stacking every host's array on a new axis 0
         (e.g. ``jax.experimental.multihost_utils.process_allgather``); None on one host.
+      state_key: identifies the data in :meth:`get_state` (default: this shard's fingerprint); give the
+        same key on every host (``build_data`` does) so that a state saved on one host restores on all.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class BatchIterator:
         pack: bool = False,
         pack_window: int = 8,
         allgather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        state_key: Optional[str] = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -141,6 +144,7 @@ class BatchIterator:
         self.pack = bool(pack)
         self.pack_window = int(pack_window)
         self.allgather = allgather
+        self.state_key = state_key or dataset.fingerprint[:16]
         self.K = dataset.num_sequences
         max_len = dataset.cutoff_len or (int(dataset.group_lengths().max()) if len(dataset) else bucket_step)
         self.buckets = make_buckets(max_len, bucket_step, buckets)
@@ -275,7 +279,7 @@ class BatchIterator:
             "seed": self.seed,
             "batch_size": self.batch_size,
             "num_records": len(self.dataset),
-            "fingerprint": self.dataset.fingerprint[:16],
+            "fingerprint": self.state_key,
             "pack": self.pack,
         }
 

@@ -15,12 +15,14 @@ equal size) -> tokenise and truncate (cached on disk) -> :class:`~data_pipeline.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from data_pipeline.batching import BatchIterator
-from data_pipeline.dataset import TokenizedDataset
+from data_pipeline.dataset import TokenizedDataset, tokenizer_fingerprint
 from data_pipeline.errors import InvalidReport
 from data_pipeline.readers import TRAIN_KINDS, load_records
 
@@ -180,6 +182,14 @@ def build_data(
     if not train_records:
         raise ValueError(f"no valid training records in {list(cfg.train_files)} ({report.summary()})")
 
+    # The same key on every host: the iterator state saved on one host restores on all of them.
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([cfg.kind, cfg.cutoff_len, cfg.template, cfg.system, cfg.seed, process_count,
+                         tokenizer_fingerprint(tokenizer)]).encode())
+    for r in train_records:
+        h.update(json.dumps({k: v for k, v in r.items() if k != "id"}, sort_keys=True, ensure_ascii=False).encode())
+    state_key = h.hexdigest()
+
     t_idx = shard_indices(len(train_records), process_index, process_count, equal=True)
     dropped = len(train_records) - len(t_idx) * process_count
     common = dict(tok=tokenizer, kind=cfg.kind, cutoff_len=cfg.cutoff_len, template=cfg.template,
@@ -188,7 +198,7 @@ def build_data(
     local_bs = cfg.batch_size // process_count
     train_it = BatchIterator(train_ds, local_bs, seed=cfg.seed, shuffle=True, num_epochs=cfg.num_epochs,
                              drop_last=cfg.drop_last, buckets=cfg.buckets, bucket_step=cfg.bucket_step,
-                             pack=cfg.pack, allgather=allgather)
+                             pack=cfg.pack, allgather=allgather, state_key=state_key)
     val_ds = val_it = None
     if val_records:
         v_idx = shard_indices(len(val_records), process_index, process_count, equal=False)

@@ -1,4 +1,5 @@
 """Static-shape batches, length buckets, packing, resumable iteration, host sharding and the cache."""
+import itertools
 import json
 import os
 import random
@@ -195,6 +196,7 @@ def _run_hosts(build, P=2):
     threads = [threading.Thread(target=run, args=(p,)) for p in range(P)]
     [t.start() for t in threads]
     [t.join(60) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a simulated host is stuck in allgather"
     return results
 
 
@@ -232,6 +234,19 @@ def test_build_data_on_two_simulated_hosts(qwen_tokenizer, tmp_path):
     idx1 = {int(i) for b in h1 for i in b["example_index"]}
     assert not idx0 & idx1 and len(idx0 | idx1) == 216
     assert bundles[0].summary["train_records_host"] == 108
+    # a state saved on host 0 is valid on host 1 (same key on every host)
+    assert bundles[0].train.get_state() == bundles[1].train.get_state()
+    state = dict(bundles[0].train.get_state(), epoch=0, step=5)
+
+    def resume(p, ag):
+        it = bundles[p].train
+        it.allgather = ag
+        it.set_state(state)
+        return itertools.islice(it, 3)
+
+    r0, r1 = _run_hosts(resume)
+    for a, b in zip(r0 + r1, h0[5:8] + h1[5:8]):
+        _same(a, b)
 
 
 # ---- cache and one-call setup --------------------------------------------------------------------------
