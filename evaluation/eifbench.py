@@ -32,46 +32,14 @@ import re
 from typing import Any, Optional, Sequence
 
 from evaluation import driver
+from iopo_jax import judge as judge_lib
 
-SYSTEM_PROMPT = "You are a helpful assistant."
+# The protocol texts and the verdict parser are shared with the RL judge reward (iopo_jax.judge).
+SYSTEM_PROMPT = judge_lib.EIF_SYSTEM_PROMPT
 MAX_CHARS = 8192
-
-DEFAULT_ANSWER_TEMPLATE = """You will complete a multi-part task. The material below starts with the shared input, followed by several SUB_INSTRUCTIONs; each SUB_INSTRUCTION lists the constraints its answer must satisfy.
-
-Rules:
-- Answer every SUB_INSTRUCTION, one after another, in the order given. Start each answer with its own heading, e.g. "SUB_INSTRUCTION_0:", and answer only that sub-task under it.
-- Follow every constraint of a SUB_INSTRUCTION exactly; keep the answers consistent with each other and with the input.
-- Write in the language of the task. Do not repeat the input material.
-
-=== Task ===
-{input_text}
-
-=== Your answers ===
-"""
-
-DEFAULT_JUDGE_TEMPLATE = """You are a strict and impartial grader. Decide whether one specific constraint of one sub-task is satisfied by a model's answer.
-
-How to judge:
-- Look only at the part of the answer that addresses the given sub-task. If that part is missing, the constraint is not satisfied.
-- Judge only the given constraint; ignore every other requirement of the task.
-- Say yes only if the constraint is met completely and without ambiguity. "Mostly", "partly" or "roughly" met counts as no.
-
-Reply with a short analysis, then one final line that is exactly "答案：是" (satisfied) or "答案：否" (not satisfied).
-
-[Task input]
-{input}
-
-[Model answer]
-{output}
-
-[Sub-task]
-{sub_instruction}
-
-[Constraint]
-{question}
-"""
-
-VERDICT_RE = re.compile(r"答案：是|答案：否")
+DEFAULT_ANSWER_TEMPLATE = judge_lib.EIF_ANSWER_TEMPLATE
+DEFAULT_JUDGE_TEMPLATE = judge_lib.YES_NO_JUDGE_TEMPLATE
+VERDICT_RE = judge_lib.YES_NO_RE
 
 
 @dataclasses.dataclass
@@ -149,18 +117,17 @@ def load_eifbench(path: str, split: Optional[str] = None, limit: int = 0) -> lis
 
 
 def format_sub(sub: SubInstruction) -> str:
-    return f"{sub.key}:\n{sub.instruction}\nconstraints:\n" + "\n".join(sub.constraints)
+    return judge_lib.format_sub_instruction(sub.key, sub.instruction, sub.constraints)
 
 
 def input_texts(inst: EifInstance, max_chars: int = MAX_CHARS) -> list[str]:
     """The generation input text(s): one, or two halves when the full text exceeds ``max_chars``."""
-    head = f"Instruction:\n{inst.input}\n\n"
     blocks = [format_sub(s) for s in inst.subs]
-    full = head + "\n\n".join(blocks)
+    full = judge_lib.eif_input_text(inst.input, blocks)
     if len(full) <= max_chars or len(blocks) < 2:
         return [full]
     mid = len(blocks) // 2
-    return [head + "\n\n".join(blocks[:mid]), head + "\n\n".join(blocks[mid:])]
+    return [judge_lib.eif_input_text(inst.input, blocks[:mid]), judge_lib.eif_input_text(inst.input, blocks[mid:])]
 
 
 @dataclasses.dataclass
@@ -224,12 +191,10 @@ def judge_units(spec: EifSpec, instances: Sequence[EifInstance], predictions: di
 
 def parse_verdict(text: str) -> driver.Parsed:
     """The yes/no rule of SPEC section 5 (see module docstring)."""
-    if not text or not text.strip():
+    parsed = judge_lib.parse_yes_no(text)
+    if parsed is None:
         return driver.Parsed(False, reason="empty reply")
-    matches = VERDICT_RE.findall(text)
-    if len(matches) == 1:
-        return driver.Parsed(True, {"verdict": matches[0].endswith("是"), "rule": "exact"})
-    return driver.Parsed(True, {"verdict": ("是" in text and "否" not in text), "rule": "fallback"})
+    return driver.Parsed(True, {"verdict": parsed[0], "rule": parsed[1]})
 
 
 def make_parse_fn():
