@@ -21,6 +21,9 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     # Model to generate with when generation.backend is "jax" (a checkpoint/export folder). Also used as
     # the model's name in the report. Usually given as --model_dir.
     c.model_dir = ""
+    # PEFT LoRA adapter directory applied on top of model_dir by the JAX sampler (e.g. a training run's
+    # export/adapter). Usually given as --lora.
+    c.lora = ""
     # Show tqdm progress bars (on stderr).
     c.progress = True
     # Random seed for sampling.

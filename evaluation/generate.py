@@ -13,6 +13,9 @@
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import concurrent.futures as cf
 import json
 import logging
@@ -112,36 +115,43 @@ class ChatAPIGenerator:
         self.client.close()
 
 
-def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], *, temperature: float,
-                         top_p: float, max_new_tokens: int, seed: int) -> list[str]:
-    """Adapter to our JAX sampler: answers a batch of chat conversations, one string each.
-
-    This is the single place to wire ``iopo_jax.sampling``'s batch API (load the model from
-    ``model_dir`` once, apply the chat template, sample with the given settings, decode the new
-    tokens). Until that is done it raises :class:`SamplerUnavailableError`; evaluate from a
-    predictions file (``--predictions``) or an OpenAI-compatible server (``--gen_base_url``, e.g.
-    ``python -m iopo_jax.serve``) meanwhile.
-    """
-    del batch, temperature, top_p, max_new_tokens, seed
+@functools.lru_cache(maxsize=2)
+def _cached_sampler(model_dir: str, lora: str):
     try:
-        import iopo_jax.sampling  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+        from iopo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise SamplerUnavailableError(
             f"the JAX sampler (iopo_jax.sampling) is not available ({e}); generate with --predictions=FILE "
             "or --gen_base_url=URL --gen_model=NAME instead") from None
-    raise SamplerUnavailableError(
-        "iopo_jax.sampling exists but evaluation.generate.jax_sampler_generate is not wired to its batch API "
-        f"yet (model_dir={model_dir!r}); generate with --predictions=FILE or --gen_base_url=URL meanwhile")
+    return Sampler.from_pretrained(model_dir, lora=lora or None)
+
+
+def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], *, temperature: float,
+                         top_p: float, max_new_tokens: int, seed: int, lora: str = "") -> list[str]:
+    """Answers a batch of chat conversations with our JAX sampler, one string each.
+
+    The model (``model_dir``, plus a PEFT adapter directory ``lora`` when given) is loaded once and
+    kept; the tokenizer's chat template is applied with the generation prompt.
+    """
+    from iopo_jax.sampling import SamplingParams  # pylint: disable=import-outside-toplevel
+
+    if not os.path.isdir(model_dir):
+        raise SamplerUnavailableError(
+            f"model directory not found: {model_dir!r}; pass --model_dir=CHECKPOINT, or generate with "
+            "--predictions=FILE or --gen_base_url=URL instead")
+    sampler = _cached_sampler(model_dir, lora)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    return [c.text for c in sampler.chat(list(batch), params)]
 
 
 class JaxSamplerGenerator:
     """Answers from our JAX sampler, ``batch_size`` conversations per call (see :func:`jax_sampler_generate`)."""
 
     def __init__(self, model_dir: str, *, temperature: float, top_p: float, max_new_tokens: int,
-                 batch_size: int, seed: int = 0):
+                 batch_size: int, seed: int = 0, lora: str = ""):
         self.model_dir = model_dir
-        self.name = f"jax:{model_dir}"
-        self.kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        self.name = f"jax:{model_dir}" + (f"+{lora}" if lora else "")
+        self.kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, lora=lora)
         self.batch_size = batch_size
 
     def generate(self, requests: Sequence[driver.GenRequest]) -> Iterator[driver.GenResult]:

@@ -41,6 +41,7 @@ from evaluation.runner import evaluate
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; rerun with the same folder to resume.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model to generate with (JAX sampler); also the run's name.")
+_LORA = flags.DEFINE_string("lora", None, "PEFT LoRA adapter directory applied on --model_dir by the JAX sampler.")
 _DATA = flags.DEFINE_string("data_path", None, "Benchmark file(s) (comma-separated for EIFBench splits).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N items (per split).")
 _PREDS = flags.DEFINE_string("predictions", None, "JSONL of {id, response} answers to evaluate.")
@@ -58,7 +59,7 @@ _CONC = flags.DEFINE_integer("concurrency", None, "Judge requests in flight.")
 _BUDGET = flags.DEFINE_integer("budget", None, "Max judge requests in this run (retries included); 0 = no cap.")
 
 _FLAG_TO_FIELD = [
-    (_WORKDIR, "workdir"), (_MODEL_DIR, "model_dir"), (_DATA, "data.path"), (_LIMIT, "data.limit"),
+    (_WORKDIR, "workdir"), (_MODEL_DIR, "model_dir"), (_LORA, "lora"), (_DATA, "data.path"), (_LIMIT, "data.limit"),
     (_PREDS, "generation.predictions"), (_GEN_URL, "generation.base_url"), (_GEN_MODEL, "generation.model"),
     (_GEN_KEY, "generation.api_key_env"), (_TEMP, "generation.temperature"), (_TOP_P, "generation.top_p"),
     (_MAX_NEW, "generation.max_new_tokens"), (_J_URL, "judge.base_url"), (_J_MODEL, "judge.model"),

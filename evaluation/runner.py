@@ -82,7 +82,8 @@ def make_generator(config, backend: str, workdir: str):
             max_retries=g.max_retries, request_budget=g.request_budget,
             store_path=os.path.join(workdir, "generation_cache.jsonl"), name="generation"))
     return generate.JaxSamplerGenerator(config.model_dir, temperature=g.temperature, top_p=g.top_p,
-                                        max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=config.seed)
+                                        max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=config.seed,
+                                        lora=config.lora)
 
 
 def make_judge_client(config, workdir: str) -> judge_lib.ChatClient:
