@@ -15,7 +15,7 @@ from flax import nnx
 
 from iopo_jax.models import ModelConfig, Transformer, load_model
 from iopo_jax.sampling import Sampler, SamplingParams
-from iopo_jax.sampling.ops import filter_logits, row_keys, select_tokens
+from iopo_jax.sampling.ops import argmax_last, filter_logits, row_keys, select_tokens
 from iopo_jax.sharding import make_mesh
 
 VOCAB = 1024
@@ -224,6 +224,31 @@ def test_greedy_rows_and_reproducibility():
     # different steps give different draws somewhere
     draws = {tuple(np.asarray(sel(t + 1, p * 0 + 1, k * 0, 0, s)[0])) for s in range(5)}
     assert len(draws) > 1
+
+
+def test_filter_support_matches_reference_per_row():
+    rng = np.random.RandomState(2)
+    settings = [(1.0, 0), (0.9, 0), (0.5, 0), (1.0, 10), (0.8, 40), (0.3, 3), (1.0, 1024), (0.99, 700)]
+    logits = rng.randn(len(settings), 1024).astype(np.float32) * 2.0
+    p = jnp.asarray([s[0] for s in settings], jnp.float32)
+    k = jnp.asarray([s[1] for s in settings], jnp.int32)
+    out = np.asarray(jax.jit(filter_logits)(jnp.asarray(logits), p, k))
+    for i, (tp, tk) in enumerate(settings):
+        ref = _reference(logits[i], 1.0, tp, tk) > 0
+        np.testing.assert_array_equal(np.isfinite(out[i]), ref, err_msg=str(settings[i]))
+        np.testing.assert_array_equal(out[i][ref], logits[i][ref])
+
+
+def test_argmax_last_is_the_first_maximum():
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 4, (5, 1024)).astype(np.float32)  # many ties, across 128-wide chunks
+    x[1, :] = -np.inf
+    x[1, 700] = 1.0
+    x[2, 127:129] = 9.0  # tie on a chunk boundary: the first wins
+    x[3, :] = 0.0
+    x[4, 1023] = 99.0
+    for arr in (x, x[:, :1000], x[:, :8]):  # chunked path, and the plain fallback for other sizes
+        np.testing.assert_array_equal(np.asarray(jax.jit(argmax_last)(jnp.asarray(arr))), np.argmax(arr, -1))
 
 
 def test_filter_logits_keeps_the_top_token_even_for_tiny_top_p():

@@ -7,8 +7,8 @@ Order of operations for a sampled row (the order of transformers' logits warpers
 
 1. ``logits / temperature``;
 2. top-k: keep the ``k`` largest (``k <= 0`` disables; tokens tied with the k-th value are kept);
-3. top-p: among the survivors, keep the smallest prefix of the sorted distribution whose mass
-   reaches ``top_p`` (the most likely token is always kept; ``top_p >= 1`` disables);
+3. top-p: among the survivors, keep the smallest set of most likely tokens whose mass (renormalised
+   over the survivors) reaches ``top_p`` (the most likely token is always kept; ``top_p >= 1`` disables);
 4. draw with the Gumbel-max trick using the row's own key.
 
 A row with ``temperature == 0`` takes the arg-max of the raw logits (the first index among ties,
@@ -43,20 +43,74 @@ def row_keys(seed_hi, seed_lo, prompt_index, sample_index, step):
     return jax.vmap(one)(seed_hi, seed_lo, prompt_index, sample_index)
 
 
+def argmax_last(x_bv):
+    """``argmax`` over the last axis (first index among ties), as int32.
+
+    Two stages (max of 128-wide chunks, then arg-max inside the winning chunk) when the size
+    divides: on XLA:CPU this is ~8x faster than one variadic arg-max reduce over 150k entries.
+    """
+    b, v = x_bv.shape
+    r = 128
+    if v % r or v <= r:
+        return jnp.argmax(x_bv, axis=-1).astype(jnp.int32)
+    x3 = x_bv.reshape(b, v // r, r)
+    chunk = jnp.argmax(jnp.max(x3, axis=-1), axis=-1)  # first chunk holding the maximum
+    inner = jnp.take_along_axis(x3, chunk[:, None, None], axis=1)[:, 0]
+    return (chunk * r + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
+
+
+def _sortable_keys(x):
+    """float32 -> uint32 with the same order (-inf smallest), for exact bisection over values."""
+    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
+
+
+def _threshold(keys_bv, weights_bv, target_b, active_b):
+    """Per row, the largest key ``t`` with ``sum(weights[keys >= t]) >= target`` (exact, 32 halvings).
+
+    Rows that are not active get key 0 (keep everything).
+    """
+    lo = jnp.min(keys_bv, axis=-1)  # f(lo) = total >= target
+    hi = jnp.max(keys_bv, axis=-1)
+
+    def mass(t):
+        return jnp.sum(jnp.where(keys_bv >= t[:, None], weights_bv, 0), axis=-1)
+
+    # invariant: f(lo) >= target; answer in [lo, hi]
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo + 1) // 2  # upper mid, so the loop converges to the largest valid key
+        ok = mass(mid) >= target_b
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jnp.where(active_b, lo, jnp.uint32(0))
+
+
 def filter_logits(logits_bv, top_p_b, top_k_b):
-    """Set logits outside each row's top-k / top-p set to -inf. ``logits_bv`` float32 [b, v]."""
+    """Set logits outside each row's top-k / top-p set to -inf. ``logits_bv`` float32 [b, v].
+
+    No sort: the k-th largest value and the nucleus boundary are found by exact bisection over the
+    float values (32 passes over the row each, only for rows and batches that use them), which is
+    ~10x faster than a full sort of a 150k vocabulary on CPU and cheap on accelerators.
+    Tokens tied with the boundary value are kept.
+    """
     v = logits_bv.shape[-1]
-    sorted_desc = -jnp.sort(-logits_bv, axis=-1)  # [b, v], largest first
-    k = jnp.where((top_k_b <= 0) | (top_k_b > v), v, top_k_b).astype(jnp.int32)
-    rank = jnp.arange(v, dtype=jnp.int32)[None, :]
-    in_k = rank < k[:, None]
-    kept = jnp.where(in_k, sorted_desc, NEG_INF)
-    probs = jax.nn.softmax(kept, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly higher-ranked tokens
-    keep = in_k & ((mass_before < top_p_b[:, None]) | (rank == 0))
-    n_keep = jnp.sum(keep, axis=-1).astype(jnp.int32)
-    threshold = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)  # [b, 1]
-    return jnp.where(logits_bv >= threshold, logits_bv, NEG_INF)
+    keys = _sortable_keys(logits_bv)
+    use_k = (top_k_b > 0) & (top_k_b < v)
+    t_k = jax.lax.cond(
+        jnp.any(use_k),
+        lambda: _threshold(keys, jnp.ones_like(logits_bv, jnp.int32), top_k_b, use_k),
+        lambda: jnp.zeros(keys.shape[:1], jnp.uint32))
+    in_k = keys >= t_k[:, None]
+    m = jnp.max(logits_bv, axis=-1, keepdims=True)
+    w = jnp.where(in_k, jnp.exp(logits_bv - m), 0.0)
+    use_p = top_p_b < 1.0
+    t_p = jax.lax.cond(
+        jnp.any(use_p),
+        lambda: _threshold(keys, w, top_p_b * jnp.sum(w, axis=-1), use_p),
+        lambda: jnp.zeros(keys.shape[:1], jnp.uint32))
+    return jnp.where(in_k & (keys >= t_p[:, None]), logits_bv, NEG_INF)
 
 
 def select_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
@@ -67,7 +121,7 @@ def select_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
     """
     logits = logits_bv.astype(jnp.float32)
     v = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax_last(logits)
     sampled_rows = temperature_b > 0
 
     def sample():
@@ -76,7 +130,7 @@ def select_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
         needs_filter = jnp.any(sampled_rows & ((top_p_b < 1.0) | ((top_k_b > 0) & (top_k_b < v))))
         scaled = jax.lax.cond(needs_filter, lambda x: filter_logits(x, top_p_b, top_k_b), lambda x: x, scaled)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys_b)
-        return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        return argmax_last(scaled + gumbel)
 
     drawn = jax.lax.cond(jnp.any(sampled_rows), sample, lambda: greedy)
     tokens = jnp.where(sampled_rows, drawn, greedy)
