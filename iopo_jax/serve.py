@@ -551,7 +551,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for k, r in enumerate(job.rows):
             text = r.text
             if echo:
-                text = self.app.sampler.tokenizer.decode(r.prompt_ids) + text
+                text = self.app.sampler.decode(r.prompt_ids, skip_special_tokens=False) + text
             choices.append({"index": k, "text": text, "finish_reason": r.finish_reason,
                             "logprobs": self._completion_logprobs(r) if lp is not None else None})
         self._send_json(200, {"id": rid, "object": "text_completion", "created": created, "model": app.model_name,
@@ -568,8 +568,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _tokens(self, r: Row) -> list[str]:
-        tok = self.app.sampler.tokenizer
-        return [tok.decode([t]) for t in r.token_ids] if tok is not None else [str(t) for t in r.token_ids]
+        s = self.app.sampler
+        if s.tokenizer is None:
+            return [str(t) for t in r.token_ids]
+        return [s.decode([t], skip_special_tokens=False) for t in r.token_ids]
 
     def _chat_logprobs(self, r: Row) -> dict:
         return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}

@@ -64,7 +64,10 @@ def _ckpt(family, tmp_path_factory):
         d = str(tmp_path_factory.mktemp(family))
         tmodel.save_pretrained(d, safe_serialization=True)
         model, _ = load_model(d)
-        _CKPTS[family] = (d, tmodel, model, Sampler(model, CharTokenizer(), eos_token_ids=[], **BUCKETS))
+        # llama prefills in chunks of 8 tokens (prompt buckets 16..64): both paths are checked against HF
+        chunk = 8 if family == "llama" else 0
+        _CKPTS[family] = (d, tmodel, model, Sampler(model, CharTokenizer(), eos_token_ids=[], prefill_chunk=chunk,
+                                                    **BUCKETS))
     return _CKPTS[family]
 
 

@@ -209,3 +209,18 @@ def test_openai_client_errors_are_typed(client):
     bad = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_logprobs_and_echo(client, sampler):
+    msgs = _chat("Say something.")
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True)
+    ref = sampler.chat([msgs], SamplingParams(max_new_tokens=6, logprobs=True))[0]
+    got = [c.logprob for c in r.choices[0].logprobs.content]
+    assert got == pytest.approx(ref.logprobs, abs=1e-5) and len(got) == r.usage.completion_tokens
+    assert "".join(c.token for c in r.choices[0].logprobs.content).startswith(ref.text)
+    c = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=4, temperature=0, echo=True, logprobs=None)
+    plain = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=4, temperature=0)
+    assert c.choices[0].text == "Echo me" + plain.choices[0].text
+    lp = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=4, temperature=0, logprobs=0)
+    assert len(lp.choices[0].logprobs.token_logprobs) == lp.usage.completion_tokens
+    assert all(x <= 0 for x in lp.choices[0].logprobs.token_logprobs)

@@ -101,10 +101,11 @@ def _is_stop(tokens_b, stop_ids_bm):
 class Engine:
     """Jitted prefill / decode for one model graph. ``trace_counts`` counts compilations by kind."""
 
-    def __init__(self, graphdef, cfg, pad_id: int = 0):
+    def __init__(self, graphdef, cfg, pad_id: int = 0, prefill_chunk: int = 512):
         self.graphdef = graphdef
         self.cfg = cfg
         self.pad_id = int(pad_id)
+        self.prefill_chunk = int(prefill_chunk)
         self.trace_counts: collections.Counter = collections.Counter()
         self.prefill = jax.jit(self._prefill)
         self.start = jax.jit(self._start, static_argnames=("num_new",))
@@ -126,8 +127,20 @@ class Engine:
         model = self._model(state)
         cache = KVCache.init(self.cfg, b, p)
         positions, segments = padding_inputs(mask_bp)
-        hidden, cache = model(ids_bp, positions, segments, cache)
-        tok, lp = self._select(model, hidden[:, -1], rows, jnp.zeros((), jnp.int32))
+        c = self.prefill_chunk
+        if 0 < c < p and p % c == 0:
+            # Chunked prefill: attention scores are [b, heads, c, p] per step instead of [.., p, p].
+            def body(cache, xs):
+                hidden, cache = model(*xs, cache)
+                return cache, hidden[:, -1]
+
+            xs = tuple(x.reshape(b, p // c, c).swapaxes(0, 1) for x in (ids_bp, positions, segments))
+            cache, lasts = jax.lax.scan(body, cache, xs)
+            last = lasts[-1]
+        else:
+            hidden, cache = model(ids_bp, positions, segments, cache)
+            last = hidden[:, -1]
+        tok, lp = self._select(model, last, rows, jnp.zeros((), jnp.int32))
         lengths = jnp.sum(mask_bp.astype(jnp.int32), axis=-1)
         return Prefilled(cache, tok, lp, lengths)
 

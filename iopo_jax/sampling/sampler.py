@@ -139,12 +139,15 @@ class Sampler:
       eos_token_ids: ids that end a completion; default the model config's and tokenizer's EOS.
       decode_chunk: decode steps per device call when the host must look at the tokens (stop
         strings, streaming, cancellation); otherwise a batch decodes in one call.
+      prefill_chunk: prompts longer than this (and a multiple of it) are prefilled in chunks of this
+        many tokens, so attention memory grows with ``chunk * bucket``, not ``bucket ** 2`` (0: off).
     """
 
     def __init__(self, model, tokenizer=None, *, mesh=None, max_batch_size: int = 32,
                  max_model_len: Optional[int] = None, prompt_buckets: Optional[Sequence[int]] = None,
                  new_token_buckets: Optional[Sequence[int]] = None, batch_buckets: Optional[Sequence[int]] = None,
-                 eos_token_ids: Optional[Sequence[int]] = None, decode_chunk: int = 16, pad_id: Optional[int] = None):
+                 eos_token_ids: Optional[Sequence[int]] = None, decode_chunk: int = 16, pad_id: Optional[int] = None,
+                 prefill_chunk: int = 512):
         self.cfg = model.config
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -173,10 +176,11 @@ class Sampler:
         self.pad_id = int(pad_id)
         self.decode_chunk = int(decode_chunk)
         graphdef, self.state = nnx.split(model)
-        self.engine = Engine(graphdef, self.cfg, self.pad_id)
+        self.engine = Engine(graphdef, self.cfg, self.pad_id, prefill_chunk)
         self.last_stats = GenerationStats()
         self.total_stats = GenerationStats()
         self._lock = threading.Lock()
+        self._tok_lock = threading.RLock()  # HF fast tokenizers are not safe to share across threads
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -229,15 +233,17 @@ class Sampler:
             self._need_tokenizer(where)
             if apply_chat_template:
                 return self.encode([{"role": "user", "content": prompt}], where=where)
-            return _flatten_ids(self.tokenizer(prompt)["input_ids"])
+            with self._tok_lock:
+                return _flatten_ids(self.tokenizer(prompt)["input_ids"])
         if isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt) and all(
                 isinstance(m, dict) for m in prompt):
             self._need_tokenizer(where)
             for j, m in enumerate(prompt):
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise ValueError(f"{where}: message {j} needs string fields 'role' and 'content', got {m!r:.200}")
-            text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-            return _flatten_ids(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            with self._tok_lock:
+                text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+                return _flatten_ids(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if isinstance(prompt, (list, tuple, np.ndarray)):
             ids = [int(t) for t in prompt] if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
                                                   for t in prompt) else None
@@ -394,10 +400,18 @@ class Sampler:
         stats.batches += 1
 
     # ------------------------------------------------------------------ host-side text handling
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids (thread-safe; "" without a tokenizer)."""
+        if self.tokenizer is None:
+            return ""
+        with self._tok_lock:
+            return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=skip_special_tokens)
+
     def _decode_text(self, row: Row, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=row.params.skip_special_tokens)
+        with self._tok_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=row.params.skip_special_tokens)
 
     def _find_stop(self, row: Row, text: str):
         """(start, stop string) of the earliest stop string in ``text``, or None."""
