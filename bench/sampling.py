@@ -25,8 +25,9 @@ import time
 from absl import app, flags
 
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory; default: a tiny random Qwen2 written to a temp dir")
-flags.DEFINE_enum("random_config", None, ["qwen2_7b"],
-                  "instead of a checkpoint, random weights with this architecture (no transformers baseline)")
+flags.DEFINE_enum("random_config", None, ["qwen2_7b", "smoke"],
+                  "instead of a checkpoint, random weights with this architecture (no transformers baseline); "
+                  "'smoke' is a small one for checking the script")
 flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "batch sizes to measure")
 flags.DEFINE_integer("prompt_len", 64, "prompt tokens per row")
 flags.DEFINE_integer("new_tokens", 32, "generated tokens per row")
@@ -49,35 +50,34 @@ def _tiny_model_dir() -> str:
     return d
 
 
+RANDOM_CONFIGS = {
+    # Qwen2-7B shapes (vocab padded to 152,064 as in the released checkpoint).
+    "qwen2_7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                     num_kv_heads=4, head_dim=128),
+    "smoke": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=32),
+}
+
+
 def _load(dtype):
+    import jax
     from flax import nnx
 
     from iopo_jax.models import ModelConfig, Transformer, load_model
 
-    if FLAGS.random_config == "qwen2_7b":
-        cfg = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                          num_kv_heads=4, head_dim=128, rope_theta=1e6, param_dtype=dtype, dtype=dtype,
-                          max_position_embeddings=32768, eos_token_id=151645)
-        import jax
-
-        with jax.default_device(jax.devices()[0]):
-            model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-            graphdef, state = nnx.split(model)
-            leaves, treedef = jax.tree_util.tree_flatten(state)
-            keys = jax.random.split(jax.random.key(0), len(leaves))
-            leaves = [(jax.random.normal(k, x.shape, x.dtype) * 0.02) if jnp_is_float(x.dtype) else x
-                      for k, x in zip(keys, leaves)]
-            model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
-        return model, cfg, None
+    if FLAGS.random_config:
+        cfg = ModelConfig(rope_theta=1e6, param_dtype=dtype, dtype=dtype, max_position_embeddings=32768,
+                          eos_token_id=151645, **RANDOM_CONFIGS[FLAGS.random_config])
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        keys = jax.random.split(jax.random.key(0), len(leaves))
+        make = jax.jit(lambda k, shape, dt: jax.random.normal(k, shape, dt) * 0.02, static_argnums=(1, 2))
+        leaves = [make(k, tuple(x.shape), x.dtype) for k, x in zip(keys, leaves)]
+        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves)), cfg, None
     d = FLAGS.model_dir or _tiny_model_dir()
     model, cfg = load_model(d, dtype=dtype, param_dtype=dtype)
     return model, cfg, d
-
-
-def jnp_is_float(dt) -> bool:
-    import numpy as np
-
-    return np.issubdtype(np.dtype(dt), np.floating) or str(dt) == "bfloat16"
 
 
 def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats):
@@ -146,6 +146,9 @@ def roofline(cfg, model, b, prompt_len, new_tokens, step_ms, peak_gbs):
 
     _, state = nnx.split(model)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype"))
+    if not cfg.tie_word_embeddings:  # a decode step reads only b rows of the input embedding
+        emb = model.embed.embedding[...]
+        weight_bytes -= emb.size * emb.dtype.itemsize
     itemsize = np.dtype(cfg.dtype).itemsize if cfg.dtype != "bfloat16" else 2
     cache_slots = prompt_len + new_tokens  # our decode attends over the whole preallocated cache
     kv_bytes = 2 * cfg.num_layers * b * cache_slots * cfg.num_kv_heads * cfg.head_dim * itemsize

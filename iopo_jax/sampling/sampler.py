@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iopo_jax.sampling.engine import LENGTH, STOPPED, DecodeState, Engine, RowParams
+from iopo_jax.sampling.engine import STOPPED, DecodeState, Engine, RowParams
 from iopo_jax.sampling.params import (FINISH_LENGTH, FINISH_STOP, Completion, GenerationStats, Prompt,
                                       SamplingParams)
 from iopo_jax.sharding import batch_sharding, use_mesh
