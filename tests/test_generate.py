@@ -76,6 +76,16 @@ def test_read_input_errors(tmp_path):
     assert [r["id"] for r in recs] == ["a", "2", "c", "d", "e", "f"] and recs[1]["line"] == 2
 
 
+def test_parse_mesh():
+    from iopo_jax.generate import parse_mesh
+
+    assert dict(parse_mesh("fsdp=4,tensor=2").shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert dict(parse_mesh("").shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    for bad in ("fsdp", "fsdp=x", "fsdp=3"):
+        with pytest.raises(ValueError):
+            parse_mesh(bad)
+
+
 def test_read_done_ids_repairs_only_a_torn_last_line(tmp_path):
     p = tmp_path / "out.jsonl"
     p.write_text('{"id": "a", "response": "x"}\n{"id": "b", "resp')

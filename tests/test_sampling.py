@@ -376,14 +376,18 @@ def test_bad_inputs_are_reported(qwen):
 
 
 # ----------------------------------------------------------------------------- sharding and compilation
-def test_sharded_equals_single_device(qwen):
+@pytest.mark.parametrize("mesh_shape", [
+    {"fsdp": 4, "tensor": 2},
+    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.slow),
+], ids=["fsdp4xtp2", "dp2xfsdp2xtp2"])
+def test_sharded_equals_single_device(qwen, mesh_shape):
     d, _, model, sampler = qwen
     assert jax.device_count() == 8, "conftest forces 8 host devices"
     prompts = _prompts([3, 9, 17, 5, 12, 1, 8, 15], seed=3)
     greedy = SamplingParams(max_new_tokens=10, logprobs=True)
     sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=5, logprobs=True)
     ref_g, ref_s = sampler.generate(prompts, greedy), sampler.generate(prompts, sampled)
-    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    mesh = make_mesh(mesh_shape)
     smodel, _ = load_model(d, mesh=mesh)
     assert len(smodel.layers[0].mlp.gate_proj.weight[...].sharding.device_set) == 8
     sharded = Sampler(smodel, CharTokenizer(), mesh=mesh, eos_token_ids=[], **BUCKETS)
