@@ -1,0 +1,638 @@
+"""The online RL loop (SegPO, GRPO): rollouts -> rewards -> advantages -> clipped policy updates.
+
+    python -m iopo_jax.train --config=configs/segpo_demo.py --workdir=/tmp/segpo_demo   # tiny, CPU, minutes
+    python -m iopo_jax.train --config=configs/segpo_tpu_v4.py --workdir=gs://BUCKET/segpo \
+        --config.rl.prompts_files=/data/eifbench_train.json --config.rl.judge.base_url=https://...
+
+Every field is documented in configs/rl_base.py. One iteration (``train.max_steps`` counts them):
+
+1. **rollout**: ``rl.prompts_per_step`` prompts (a seeded permutation per pass over the prompt set) x
+   ``rl.group_size`` samples from the current policy (base + LoRA, no merge) with the JAX sampler;
+2. **reward**: segmentation of every answer by its ``SUB_INSTRUCTION_k`` headings, verdicts from the reward
+   model, then ``r_o`` / ``r_phi`` / ILA / CLA / all-pass / format (:mod:`iopo_jax.rl.rewards`);
+3. **reference**: teacher-forced log-probs of the answers under the policy (the *old* log-probs of the
+   ratio; the sampler's are not used) and under the reference (LoRA B zeroed = the base model);
+4. **learner**: advantages (GRPO: group-normalised ``A_o`` on every answer token; SegPO: ``A_o + A_phi``,
+   see :mod:`iopo_jax.rl.advantages`), then ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps of the
+   clipped surrogate with the k3 KL penalty (token mean by default), gradients accumulated over
+   micro-batches, LoRA-only AdamW (the trainer's optimizer and apply step), non-finite updates refused.
+
+Checkpoints (orbax) hold the trainable weights, the optimizer state, the iteration, the prompt order
+position and the seeds; a rerun with the same ``--workdir`` resumes and ends with exactly the weights of
+an uninterrupted run (sampling keys are a function of ``(train.seed, iteration)``; judge replies come from
+the cache). Written to the workdir: ``metrics.jsonl`` (one line per iteration), TensorBoard events,
+``checkpoints/``, ``judge_cache.jsonl`` (judge rewards), ``rl_curves.png``, ``summary.json``, exports.
+
+Multi-host: every process runs the same iteration on the same data (sampling and learning are sharded
+over the mesh); judge calls are made by process 0 only and their verdicts broadcast.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iopo_jax.checkpoint import Checkpointer
+from iopo_jax.rl.advantages import RewardWeights, clipped_policy_loss, grpo_token_advantages, k3_kl, segpo_advantages
+from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, reward_metrics
+from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
+                                  sample_groups, scatter_response, segment_rollouts)
+from iopo_jax.sharding import batch_sharding, make_mesh, use_mesh
+from iopo_jax.trainer import (MetricsLogger, Trainer, TrainingDiverged, _csv, lora_config, make_optimizer, make_schedule, make_steps,
+                              reference_trainable, split_model)
+
+log = logging.getLogger("iopo_jax.rl")
+
+OBJECTIVES = ("segpo", "grpo")
+
+
+# ------------------------------------------------------------------------------------------------ config
+def check_rl_config(cfg) -> None:
+    """Fail early, naming the field, on values an RL run cannot use."""
+    def bad(field, value, why):
+        raise ValueError(f"config.{field}={value!r}: {why}")
+
+    if "rl" not in cfg:
+        raise ValueError("the config has no 'rl' section: start RL configs from configs/rl_base.py")
+    r, o = cfg.rl, cfg.optimizer
+    if cfg.objective.name not in OBJECTIVES:
+        bad("objective.name", cfg.objective.name, f"RL objectives are {OBJECTIVES}")
+    if cfg.model.finetune not in ("lora", "full"):
+        bad("model.finetune", cfg.model.finetune, "must be 'lora' or 'full'")
+    if not cfg.model.path:
+        bad("model.path", cfg.model.path, "set it to a HF checkpoint directory or hub id")
+    if cfg.model.finetune == "lora" and cfg.model.lora_dropout > 0:
+        bad("model.lora_dropout", cfg.model.lora_dropout, "must be 0 for RL (the ratio needs a deterministic policy)")
+    if o.schedule not in ("cosine", "linear", "constant"):
+        bad("optimizer.schedule", o.schedule, "must be cosine, linear or constant")
+    if not 0 <= o.warmup_ratio < 1:
+        bad("optimizer.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
+    if not o.lr > 0:
+        bad("optimizer.lr", o.lr, "must be > 0")
+    if not _csv(r.prompts_files):
+        bad("rl.prompts_files", r.prompts_files, "give the RL prompt files (demo_eval JSONL or EIFBench JSON)")
+    choices = {"prompts_kind": ("auto", "demo_eval", "eifbench"), "long_prompts": ("error", "skip"),
+               "reward": ("rules", "judge", "python"), "format_reward": ("headings", "none"),
+               "aggregation": ("token_mean", "seq_mean")}
+    for f, allowed in choices.items():
+        if r[f] not in allowed:
+            bad(f"rl.{f}", r[f], f"must be one of {allowed}")
+    if r.judge.on_error not in ("skip", "zero", "fail"):
+        bad("rl.judge.on_error", r.judge.on_error, "must be skip, zero or fail")
+    for f, lo in (("prompts_per_step", 1), ("group_size", 2), ("max_prompt_tokens", 1), ("max_response_tokens", 1),
+                  ("sampler_batch_size", 1), ("ppo_epochs", 1), ("mini_batches", 1), ("micro_batch_size", 0),
+                  ("top_k", 0), ("length_step", 0), ("adv_ddof", 0)):
+        if int(r[f]) < lo:
+            bad(f"rl.{f}", r[f], f"must be >= {lo}")
+    if not r.temperature > 0:
+        bad("rl.temperature", r.temperature, "must be > 0")
+    if not 0 < r.top_p <= 1:
+        bad("rl.top_p", r.top_p, "must be in (0, 1]")
+    if not (0 <= r.eps_low < 1 and r.eps_high >= 0):
+        bad("rl.eps_low/eps_high", (r.eps_low, r.eps_high), "need 0 <= eps_low < 1 and eps_high >= 0")
+    if r.kl_coef < 0:
+        bad("rl.kl_coef", r.kl_coef, "must be >= 0")
+    rows = r.prompts_per_step * r.group_size
+    if rows % r.mini_batches:
+        bad("rl.mini_batches", r.mini_batches, f"must divide prompts_per_step * group_size = {rows}")
+    mb = rows // r.mini_batches
+    if r.micro_batch_size and mb % r.micro_batch_size:
+        bad("rl.micro_batch_size", r.micro_batch_size, f"must divide the mini-batch of {mb} rows")
+
+
+def weights_of(r) -> RewardWeights:
+    return RewardWeights(ila=r.weight_ila, cla=r.weight_cla, all_pass=r.weight_all_pass, format=r.weight_format)
+
+
+# ------------------------------------------------------------------------------------------------ prompt order
+class PromptOrder:
+    """Prompts in a seeded permutation per pass; ``take(k)`` crosses passes. State: ``{"epoch", "pos"}``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+
+    def _perm(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            perm = self._perm()
+            m = min(k - len(out), self.n - self.pos)
+            out += [int(i) for i in perm[self.pos:self.pos + m]]
+            self.pos += m
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
+
+    def set_state(self, s: dict):
+        if s.get("n") != self.n:
+            raise ValueError(f"the checkpoint was made with {s.get('n')} prompts, this config has {self.n}; "
+                             "use a fresh --workdir")
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+
+
+# ------------------------------------------------------------------------------------------------ jitted steps
+def make_rl_steps(parts, tx, *, temperature: float, chunk: int, max_label_tokens: int, eps_low: float,
+                  eps_high: float, kl_coef: float, aggregation: str, seed: int):
+    """``(logps, ref_logps, grad_step, apply_step)``, all jitted.
+
+    ``logps(trainable, batch) -> [B, T]`` teacher-forced policy log-probs (``ref_logps``: LoRA off);
+    ``grad_step(trainable, acc, mb, normalizer) -> (acc + grads, metrics)`` (acc donated);
+    ``apply_step`` is the trainer's (clip, AdamW, masked updates, non-finite updates refused).
+    """
+    kw = dict(temperature=temperature, chunk=chunk, max_label_tokens=max_label_tokens)
+
+    def logps(trainable, batch):
+        return policy_token_logps(parts.merge(trainable), batch, **kw)[0]
+
+    def ref_logps(trainable, batch):
+        return logps(reference_trainable(parts, trainable), batch)
+
+    def loss_fn(trainable, mb, normalizer):
+        logp = logps(trainable, mb)
+        mask = mb["mask"]
+        loss, m = clipped_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, mb["ref_logp"], eps_low=eps_low,
+                                      eps_high=eps_high, kl_coef=kl_coef, aggregation=aggregation,
+                                      normalizer=normalizer)
+        m = dict(m)
+        kl = jnp.where(mask, k3_kl(jax.lax.stop_gradient(logp), mb["ref_logp"]), 0.0)
+        m["kl"] = jnp.sum(kl) / jnp.maximum(jnp.sum(mask), 1)
+        m["logp_mean"] = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(logp), 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+        return loss, m
+
+    def grad_step(trainable, acc, mb, normalizer):
+        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, mb, normalizer)
+        return jax.tree_util.tree_map(jnp.add, acc, g), m
+
+    # The trainer's apply step (clipping, AdamW, freeze masks, refusal of non-finite updates); only the
+    # optimizer is used from make_steps, the objective-specific steps it also builds are never called.
+    from iopo_jax.objectives import get_objective
+
+    apply_step = make_steps(parts, get_objective("sft"), None, 1, chunk, tx, seed, dropout=False)[1]
+    return jax.jit(logps), jax.jit(ref_logps), jax.jit(grad_step, donate_argnums=(1,)), apply_step
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+class RLTrainer:
+    """Builds everything from an RL config and runs the loop. ``devices``: restrict the mesh (tests)."""
+
+    def __init__(self, cfg, workdir: str, devices=None, progress: bool = True):
+        check_rl_config(cfg)
+        self.cfg = cfg
+        self.rl = cfg.rl
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.progress = progress
+        self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
+        self.segpo = cfg.objective.name == "segpo"
+
+    # -- setup
+    def setup(self):
+        from iopo_jax.models.weights import load_model
+        from iopo_jax.sampling import SamplingParams
+        from iopo_jax.sampling.sampler import Sampler, read_eos_ids
+        from iopo_jax.tokenizer import load_tokenizer
+
+        cfg, r = self.cfg, self.rl
+        model_dir = Trainer._model_dir(self)  # the trainer's model resolution (creates the tiny demo model)
+        self.model_dir = model_dir
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
+        self.prompts, self.prompt_ids = self._load_prompts()
+        self.num_slots = max(1, max(len(p.slots) for p in self.prompts))
+        self.num_constraints = max(1, max(p.num_constraints for p in self.prompts))
+        lcfg = lora_config(cfg)
+        with use_mesh(self.mesh):
+            model, self.model_cfg = load_model(model_dir, mesh=self.mesh, seed=cfg.train.seed,
+                                               param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+                                               attention_block=cfg.model.attention_block, lora=lcfg)
+        self.parts, trainable = split_model(model, lora=lcfg is not None)
+        n_prompts = len(self.prompts)
+        self.iterations = (cfg.train.max_steps if cfg.train.max_steps > 0 else
+                           max(1, math.ceil(n_prompts * (cfg.data.num_epochs or 1) / r.prompts_per_step)))
+        self.opt_steps = self.iterations * r.ppo_epochs * r.mini_batches
+        self.tx = make_optimizer(cfg.optimizer, self.opt_steps, trainable)
+        with use_mesh(self.mesh):
+            self.opt_state = jax.jit(self.tx.init)(trainable)
+        self.trainable = trainable
+        self.logp_fn, self.ref_fn, self.grad_step, self.apply_step = make_rl_steps(
+            self.parts, self.tx, temperature=r.temperature, chunk=cfg.train.logprob_chunk,
+            max_label_tokens=r.max_response_tokens, eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef,
+            aggregation=r.aggregation, seed=cfg.train.seed)
+        eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
+        from data_pipeline.templates import get_template
+
+        stop_tok = self.tokenizer.convert_tokens_to_ids(get_template(cfg.data.template).stop_token)
+        for t in (self.tokenizer.eos_token_id, stop_tok):
+            if isinstance(t, int) and t >= 0 and t not in eos:
+                eos.append(t)
+        buckets = [int(x) for x in _csv(r.prompt_buckets)] or None
+        if buckets and max(buckets) < r.max_prompt_tokens:
+            buckets.append(r.max_prompt_tokens)
+        self.sampler = Sampler(self.parts.merge(self.trainable), self.tokenizer, mesh=self.mesh,
+                               max_batch_size=r.sampler_batch_size,
+                               max_model_len=r.max_prompt_tokens + r.max_response_tokens, prompt_buckets=buckets,
+                               new_token_buckets=(r.max_response_tokens,), eos_token_ids=eos)
+        self.sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                       max_new_tokens=r.max_response_tokens,
+                                       logprobs=bool(r.check_sampler_logprobs and r.temperature == 1.0))
+        self.order = PromptOrder(n_prompts, cfg.data.seed)
+        self.reward = make_reward(r, self.prompts, self.workdir) if self._rewards_here() else None
+        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                                 async_save=cfg.checkpoint.async_save)
+        log.info("%s: %d prompts, %d iterations of %d x %d rollouts, %d optimizer steps", cfg.objective.name,
+                 n_prompts, self.iterations, r.prompts_per_step, r.group_size, self.opt_steps)
+        return self
+
+    def _rewards_here(self) -> bool:
+        return jax.process_index() == 0 or self.rl.reward != "judge"
+
+    def _load_prompts(self):
+        r, cfg = self.rl, self.cfg
+        template, name = None, None
+        kw = {}
+        if r.answer_template:
+            with open(r.answer_template, encoding="utf-8") as f:
+                template, name = f.read(), r.answer_template
+            kw = dict(answer_template=template, answer_template_name=name)
+        prompts = load_prompts(_csv(r.prompts_files), r.prompts_kind, categories=_csv(r.categories), **kw)
+        ids = encode_prompts(self.tokenizer, [p.user for p in prompts], cfg.data.template, cfg.data.system)
+        keep_p, keep_i, skipped = [], [], 0
+        for p, x in zip(prompts, ids):
+            if len(x) > r.max_prompt_tokens:
+                if r.long_prompts == "error":
+                    raise ValueError(f"{p.id}: the chat prompt has {len(x)} tokens > rl.max_prompt_tokens="
+                                     f"{r.max_prompt_tokens}; raise it or set rl.long_prompts='skip'")
+                skipped += 1
+                continue
+            keep_p.append(p)
+            keep_i.append(x)
+        if skipped:
+            log.warning("skipped %d prompts longer than rl.max_prompt_tokens=%d", skipped, r.max_prompt_tokens)
+        if not keep_p:
+            raise ValueError("no prompt fits rl.max_prompt_tokens")
+        if len(keep_p) < r.prompts_per_step:
+            log.warning("only %d prompts for rl.prompts_per_step=%d: prompts repeat within an iteration",
+                        len(keep_p), r.prompts_per_step)
+        return keep_p, keep_i
+
+    # -- host <-> device
+    def _put(self, x: np.ndarray):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        sh = batch_sharding(self.mesh, x.ndim, x.shape)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    @staticmethod
+    def _host(x) -> np.ndarray:
+        if jax.process_count() == 1:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    def _micro_rows(self) -> int:
+        r = self.rl
+        mb = r.prompts_per_step * r.group_size // r.mini_batches
+        return r.micro_batch_size or mb
+
+    def _forward_all(self, fn, packed: dict) -> np.ndarray:
+        """Run a log-prob function over all rows in micro-batches; [N, L] on the host."""
+        keys = ("input_ids", "labels", "positions", "segment_ids")
+        n, mu = packed["input_ids"].shape[0], self._micro_rows()
+        outs = []
+        with use_mesh(self.mesh):
+            for s in range(0, n, mu):
+                outs.append(self._host(fn(self.trainable, {k: self._put(packed[k][s:s + mu]) for k in keys})))
+        return np.concatenate(outs, axis=0)
+
+    # -- rewards (judge on process 0, broadcast)
+    def _score(self, rollout_prompts, texts, format_ok) -> tuple[dict, dict]:
+        r = self.rl
+        stats = {}
+        if self.reward is not None:
+            verdicts = self.reward.score(rollout_prompts, texts)
+            rew = compute_rewards(rollout_prompts, verdicts, format_ok, num_slots=self.num_slots,
+                                  num_constraints=self.num_constraints, weights=weights_of(r),
+                                  format_mode=r.format_reward)
+            stats = self.reward.stats()
+        else:
+            rew = None
+        if jax.process_count() > 1 and r.reward == "judge":
+            from jax.experimental import multihost_utils
+
+            n = len(texts)
+            shapes = {"r_o": (n,), "ila": (n,), "cla": (n,), "all_pass": (n,), "format": (n,),
+                      "r_phi": (n, self.num_slots), "slot_mask": (n, self.num_slots),
+                      "segment_slot": (n, self.num_slots), "valid": (n,)}
+            dtypes = {"slot_mask": bool, "segment_slot": bool, "valid": bool}
+            if rew is None:
+                rew = {k: np.zeros(s, dtypes.get(k, np.float32)) for k, s in shapes.items()}
+            rew = {k: np.asarray(v) for k, v in multihost_utils.broadcast_one_to_all(
+                {k: rew[k] for k in shapes}).items()}
+        return rew, stats
+
+    # -- one iteration
+    def iteration(self, step: int) -> dict:
+        """Run RL iteration ``step`` (0-based): returns its metrics."""
+        r = self.rl
+        P, G = r.prompts_per_step, r.group_size
+        t0 = time.perf_counter()
+        idx = self.order.take(P)
+        prompts = [self.prompts[i] for i in idx]
+        pids = [self.prompt_ids[i] for i in idx]
+        self.sampler.update_model(self.parts.merge(self.trainable))
+        comps = sample_groups(self.sampler, pids, G, self.sampling, iteration_seed(self.cfg.train.seed, step))
+        t1 = time.perf_counter()
+
+        rprompts = [prompts[c.index] for c in comps]
+        resp = [list(c.token_ids) for c in comps]
+        seg = segment_rollouts(self.tokenizer, resp, [p.expected_ids for p in rprompts], self.num_slots)
+        rew, judge_stats = self._score(rprompts, seg.texts, seg.format_ok)
+        t2 = time.perf_counter()
+
+        prompt_rows = [pids[c.index] for c in comps]
+        length = bucket_length(max(len(a) + len(b) for a, b in zip(prompt_rows, resp)), r.length_step,
+                               r.max_prompt_tokens + r.max_response_tokens)
+        packed = pack_rollouts(prompt_rows, resp, length, pad_id=self.sampler.pad_id)
+        old = self._forward_all(self.logp_fn, packed)
+        ref = self._forward_all(self.ref_fn, packed)
+        t3 = time.perf_counter()
+
+        valid = rew["valid"]
+        mask = packed["response_mask"] & valid[:, None]
+        adv = self._advantages(rew, seg, packed, mask, P, G)
+        metrics = self._learn(packed, mask, old, ref, adv, step)
+        t4 = time.perf_counter()
+
+        lens = np.array([len(x) for x in resp], np.float64)
+        metrics.update(reward_metrics(rew))
+        metrics.update(judge_stats)
+        ro = rew["r_o"].reshape(P, G)
+        metrics.update({
+            "rollout/response_len": float(lens.mean()), "rollout/response_len_max": float(lens.max()),
+            "rollout/truncated": float(np.mean([c.finish_reason == "length" for c in comps])),
+            "rollout/zero_std_groups": float(np.mean(ro.max(1) == ro.min(1))),
+            "rollout/segments_found": float(seg.found.sum(1).mean()),
+            "advantage/abs_mean": float(np.abs(adv)[mask].mean()) if mask.any() else 0.0,
+            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/reference_s": t3 - t2,
+            "time/learner_s": t4 - t3, "time/iteration_s": t4 - t0,
+            "throughput/rollout_tokens_per_s": float(lens.sum() / max(t1 - t0, 1e-9)),
+            "throughput/learner_tokens_per_s": float(mask.sum() * r.ppo_epochs / max(t4 - t3, 1e-9)),
+        })
+        if self.sampling.logprobs:
+            lp = scatter_response([c.logprobs or [] for c in comps], packed["response_start"], length)
+            d = np.abs(lp - old)[packed["response_mask"]]
+            metrics["rollout/sampler_logp_maxdiff"] = float(d.max()) if d.size else 0.0
+        return metrics
+
+    def _advantages(self, rew, seg, packed, mask, P, G) -> np.ndarray:
+        r = self.rl
+        valid = rew["valid"].reshape(P, G)
+        n, length = mask.shape
+        if self.segpo:
+            tok_seg = scatter_response(seg.token_segment, packed["response_start"], length, fill=-1, dtype=np.int32)
+            seg_valid = seg.found & rew["segment_slot"] & rew["slot_mask"]
+            out = segpo_advantages(rew["r_o"].reshape(P, G), rew["r_phi"].reshape(P, G, -1),
+                                   seg_valid.reshape(P, G, -1), tok_seg.reshape(P, G, length),
+                                   mask.reshape(P, G, length), valid=valid, eps=r.adv_eps, ddof=r.adv_ddof).token
+        else:
+            out = grpo_token_advantages(rew["r_o"].reshape(P, G), mask.reshape(P, G, length), valid=valid,
+                                        eps=r.adv_eps, ddof=r.adv_ddof)
+        return np.asarray(out, np.float32).reshape(n, length)
+
+    def _learn(self, packed, mask, old, ref, adv, step) -> dict:
+        r = self.rl
+        n = mask.shape[0]
+        mb_rows, mu = n // r.mini_batches, self._micro_rows()
+        keys = ("input_ids", "labels", "positions", "segment_ids")
+        per_token = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "approx_kl_old",
+                     "advantage_mean", "kl", "logp_mean")
+        sums: dict[str, float] = {}
+        ratio_max, tokens, grad_norms, losses, pg_losses = 0.0, 0.0, [], [], []
+        rng = np.random.default_rng([self.cfg.train.seed, step, 7])
+        with use_mesh(self.mesh):
+            for _ in range(r.ppo_epochs):
+                perm = rng.permutation(n) if r.mini_batches > 1 else np.arange(n)
+                for b in range(r.mini_batches):
+                    rows = perm[b * mb_rows:(b + 1) * mb_rows]
+                    m_rows = mask[rows]
+                    norm = float(m_rows.sum()) if r.aggregation == "token_mean" else float(m_rows.any(1).sum())
+                    acc = jax.tree_util.tree_map(jnp.zeros_like, self.trainable)
+                    loss = pg = 0.0
+                    for s in range(0, mb_rows, mu):
+                        rr = rows[s:s + mu]
+                        mb = {k: self._put(packed[k][rr]) for k in keys}
+                        mb.update(mask=self._put(mask[rr]), old_logp=self._put(old[rr]), ref_logp=self._put(ref[rr]),
+                                  advantages=self._put(adv[rr]))
+                        acc, m = self.grad_step(self.trainable, acc, mb, jnp.float32(max(norm, 1.0)))
+                        m = {k: float(v) for k, v in jax.device_get(m).items()}
+                        t = m["tokens"]
+                        tokens += t
+                        for k in per_token:
+                            sums[k] = sums.get(k, 0.0) + m.get(k, 0.0) * t
+                        ratio_max = max(ratio_max, m["ratio_max"])
+                        loss += m["loss"]
+                        pg += m["pg_loss"]
+                    self.trainable, self.opt_state, _, info = self.apply_step(self.trainable, self.opt_state, acc,
+                                                                              jnp.float32(1.0))
+                    info = jax.device_get(info)
+                    if not bool(info["finite"]) or not math.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"non-finite loss or gradient at iteration {step + 1} (loss={loss}, grad_norm="
+                            f"{float(info['grad_norm'])}); the update was not applied and the last checkpoint in "
+                            f"{self.ckpt.directory} is intact. Lower optimizer.lr.")
+                    grad_norms.append(float(info["grad_norm"]))
+                    losses.append(loss)
+                    pg_losses.append(pg)
+        out = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+        out.update(loss=float(np.mean(losses)), pg_loss=float(np.mean(pg_losses)), ratio_max=ratio_max,
+                   grad_norm=float(np.mean(grad_norms)), tokens=tokens / max(r.ppo_epochs, 1))
+        done = (step + 1) * r.ppo_epochs * r.mini_batches
+        out["lr"] = float(make_schedule(self.cfg.optimizer, self.opt_steps)(done - 1))
+        return out
+
+    # -- checkpoints
+    def _arrays(self):
+        return {"params": self.trainable, "opt_state": self.opt_state}
+
+    def save(self, step: int):
+        meta = {"step": step, "prompts": self.order.get_state(), "iterations": self.iterations,
+                "seed": self.cfg.train.seed, "optimizer_steps": step * self.rl.ppo_epochs * self.rl.mini_batches}
+        self.ckpt.save(step, self._arrays(), meta)
+
+    def try_restore(self) -> int:
+        arrays, meta = self.ckpt.restore(self._arrays())
+        if arrays is None:
+            return 0
+        if meta.get("iterations") != self.iterations or meta.get("seed") != self.cfg.train.seed:
+            raise ValueError(f"the checkpoint in {self.ckpt.directory} was made for {meta.get('iterations')} "
+                             f"iterations with seed {meta.get('seed')}, this config runs {self.iterations} with seed "
+                             f"{self.cfg.train.seed}; use a fresh --workdir")
+        self.trainable, self.opt_state = arrays["params"], arrays["opt_state"]
+        self.order.set_state(meta["prompts"])
+        log.info("resumed from iteration %d (%s)", meta["step"], self.ckpt.directory)
+        return int(meta["step"])
+
+    # -- the loop
+    def run(self) -> dict:
+        if not hasattr(self, "trainable"):
+            self.setup()
+        cfg = self.cfg
+        logger = MetricsLogger(self.workdir, tensorboard=cfg.train.tensorboard)
+        start = self.try_restore()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.iterations, initial=start, desc=cfg.objective.name, dynamic_ncols=True,
+                   disable=not self.progress or jax.process_index() != 0)
+        step, last_saved = start, start
+        try:
+            while step < self.iterations:
+                metrics = self.iteration(step)
+                step += 1
+                if step % cfg.train.log_every == 0 or step == self.iterations:
+                    logger.write(step, "train", metrics)
+                    log.info("iteration %d/%d: r_o %.3f  r_phi %.3f  kl %.4g  clip %.3f  len %.1f  (%.1f s)", step,
+                             self.iterations, metrics.get("rollout/r_o", float("nan")),
+                             metrics.get("rollout/r_phi", float("nan")), metrics["kl"], metrics["clip_fraction"],
+                             metrics["rollout/response_len"], metrics["time/iteration_s"])
+                bar.set_postfix({"r_o": f"{metrics.get('rollout/r_o', float('nan')):.3f}",
+                                 "kl": f"{metrics['kl']:.3g}", "s/it": f"{metrics['time/iteration_s']:.1f}"})
+                bar.update(1)
+                if step % cfg.checkpoint.every == 0 and step < self.iterations:
+                    self.save(step)
+                    last_saved = step
+            if step > last_saved:
+                self.save(step)
+            self.ckpt.wait()
+        finally:
+            bar.close()
+            self.ckpt.wait()
+            logger.close()
+            if self.reward is not None:
+                self.reward.close()
+        return self._finish(step)
+
+    def _finish(self, step: int) -> dict:
+        cfg = self.cfg
+        hist = read_history(os.path.join(self.workdir, "metrics.jsonl"))
+        summary = summarize_rl(hist)
+        summary["steps"] = step
+        summary["objective"] = cfg.objective.name
+        exports = {}
+        if jax.process_index() == 0:
+            exports = export_policy(cfg, self.parts.merge(self.trainable), self.model_dir, self.workdir)
+            if cfg.train.plot and hist:
+                summary["plot"] = plot_rl(hist, os.path.join(self.workdir, "rl_curves.png"))
+            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+                json.dump({**summary, "exports": exports}, f, indent=2, default=str)
+            print(format_rl_summary(summary))
+        summary["exports"] = exports
+        return summary
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def read_history(path: str) -> list[tuple[int, dict]]:
+    """``[(iteration, metrics)]`` from metrics.jsonl, the last record of each iteration (resumed runs
+    repeat the iterations after their last checkpoint)."""
+    from iopo_jax.io_utils import read_jsonl
+
+    by_step = {}
+    for rec in read_jsonl(path):
+        if rec.get("split") == "train":
+            by_step[int(rec["step"])] = {k: v for k, v in rec.items() if k not in ("step", "split", "time")}
+    return sorted(by_step.items())
+
+
+def _mean(hist, key, sl) -> float:
+    xs = [m[key] for _, m in hist[sl] if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def summarize_rl(hist: list[tuple[int, dict]]) -> dict:
+    """First-10 / last-10 iteration means of the rollout reward (and friends) for the end-of-run report."""
+    out: dict = {"iterations_logged": len(hist)}
+    if not hist:
+        return out
+    first, last = slice(0, 10), slice(max(0, len(hist) - 10), len(hist))
+    out["rollout_reward_first10"] = _mean(hist, "rollout/r_o", first)
+    out["rollout_reward_last10"] = _mean(hist, "rollout/r_o", last)
+    for key in ("rollout/r_phi", "rollout/ila", "rollout/cla", "rollout/all_pass", "rollout/format",
+                "rollout/response_len", "kl", "clip_fraction", "time/iteration_s"):
+        out[f"{key}_first10"] = _mean(hist, key, first)
+        out[f"{key}_last10"] = _mean(hist, key, last)
+    out["train_first"] = hist[0][1]
+    out["train_last"] = hist[-1][1]
+    return out
+
+
+def format_rl_summary(s: dict) -> str:
+    lines = [f"{s.get('objective', 'rl')}: {s.get('steps')} iterations"]
+    if "rollout_reward_first10" in s:
+        lines.append(f"  mean rollout reward r_o: first 10 iterations {s['rollout_reward_first10']:.4f} -> "
+                     f"last 10 iterations {s['rollout_reward_last10']:.4f}")
+        for key in ("rollout/r_phi", "rollout/ila", "rollout/cla", "rollout/all_pass", "rollout/format",
+                    "rollout/response_len", "kl"):
+            a, b = s.get(f"{key}_first10"), s.get(f"{key}_last10")
+            if a is not None and not (math.isnan(a) and math.isnan(b)):
+                lines.append(f"  {key}: {a:.4g} -> {b:.4g}")
+    return "\n".join(lines)
+
+
+def export_policy(cfg, model, model_dir: str, workdir: str) -> dict:
+    """PEFT adapter (LoRA) and/or merged HF checkpoint, as configured in ``export``."""
+    exports = {}
+    if cfg.model.finetune == "lora" and cfg.export.peft:
+        from iopo_jax.models.lora import export_peft
+
+        base = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir
+        exports["adapter"] = export_peft(model, os.path.join(workdir, "export", "adapter"), base_model_name_or_path=base)
+    if cfg.export.merged:
+        from iopo_jax.models.lora import export_merged
+        from iopo_jax.models.weights import copy_tokenizer
+
+        out = os.path.join(workdir, "export", "merged")
+        exports["merged"] = export_merged(model, out, dtype=cfg.export.dtype)
+        copy_tokenizer(cfg.model.tokenizer or model_dir, out)
+    return exports
+
+
+def plot_rl(hist: list[tuple[int, dict]], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s for s, _ in hist]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for key in ("rollout/r_o", "rollout/cla", "rollout/ila", "rollout/r_phi"):
+        ys = [m.get(key, float("nan")) for _, m in hist]
+        if any(isinstance(y, (int, float)) and math.isfinite(y) for y in ys):
+            axes[0].plot(steps, ys, label=key.split("/")[-1])
+    axes[0].set_title("rollout rewards")
+    axes[0].legend()
+    axes[1].plot(steps, [m.get("kl", float("nan")) for _, m in hist], label="KL to reference")
+    axes[1].plot(steps, [m.get("clip_fraction", float("nan")) for _, m in hist], label="clip fraction")
+    axes[1].legend()
+    axes[2].plot(steps, [m.get("rollout/response_len", float("nan")) for _, m in hist])
+    axes[2].set_title("response length (tokens)")
+    for a in axes:
+        a.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["RLTrainer", "PromptOrder", "TrainingDiverged", "check_rl_config", "make_rl_steps", "read_history",
+           "summarize_rl", "format_rl_summary"]
