@@ -188,7 +188,7 @@ def reference_trainable(parts: ModelParts, trainable: dict) -> dict:
     return parts.ref_trainable
 
 
-def forward_logps(model, batch, chunk: int):
+def forward_logps(model, batch, chunk: int, remat: bool = True):
     hidden, _ = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
     w = model.lm_head_weight()
     dt = hidden.dtype
@@ -196,12 +196,12 @@ def forward_logps(model, batch, chunk: int):
     def head(h):
         return jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
-    return sequence_logprobs(hidden, head, batch["labels"], chunk_size=chunk, with_logits_stats=True)
+    return sequence_logprobs(hidden, head, batch["labels"], chunk_size=chunk, with_logits_stats=True, remat=remat)
 
 
 # ----------------------------------------------------------------------------- the steps
 def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chunk: int, tx, seed: int,
-               dropout: bool):
+               dropout: bool, remat: bool = True):
     needs_ref = objective.needs_reference
 
     def policy(trainable, step, train: bool):
@@ -220,7 +220,7 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
         return jax.lax.stop_gradient(forward_logps(model, batch, chunk).logp_sum)
 
     def loss_and_metrics(trainable, batch, ref, step, train):
-        out = forward_logps(policy(trainable, step, train), batch, chunk)
+        out = forward_logps(policy(trainable, step, train), batch, chunk, remat)
         g = out.logp_sum.shape[0] // k
         shape = lambda x: x.reshape(g, k)
         weights = batch["valid"].reshape(g, k)[:, 0].astype(jnp.float32)
@@ -360,7 +360,7 @@ class Trainer:
         self.trainable, self.opt_state = trainable, opt_state
         self.micro_step, self.apply_step, self.eval_step, self.ref_step = make_steps(
             self.parts, self.objective, self.ocfg, self.k, cfg.train.logprob_chunk, self.tx, cfg.train.seed,
-            dropout=lcfg is not None and lcfg.dropout > 0)
+            dropout=lcfg is not None and lcfg.dropout > 0, remat=cfg.train.logprob_remat)
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
         self.ref_table = None
