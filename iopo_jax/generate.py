@@ -186,9 +186,11 @@ def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
         logger.info("all %d ids of %s are already in %s", len(records), args.input, args.output)
         return summary
     if sampler is None:
+        rows = max(args.batch_size, args.n)
+        # Two batch buckets (full, quarter): a file compiles once per prompt bucket, plus once for a short tail.
         sampler = Sampler.from_pretrained(args.model_dir, lora=args.lora, mesh=parse_mesh(args.mesh),
                                           dtype=args.dtype, param_dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-                                          max_batch_size=max(args.batch_size, args.n),
+                                          max_batch_size=rows, batch_buckets=sorted({max(1, rows // 4), rows}),
                                           max_model_len=args.max_model_len or None)
     # Tokenize and check everything first: a bad record fails the run before any compute.
     for r in pending:
