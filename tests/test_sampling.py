@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats as scipy_stats
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -186,6 +185,15 @@ def _reference(logits, temperature, top_p, top_k):
     return q / q.sum()
 
 
+def _chi2_ok(counts, expected, z=3.72):
+    """Pearson chi-square goodness of fit at p ~ 1e-4 (Wilson-Hilferty quantile; no scipy needed)."""
+    counts, expected = np.asarray(counts, float), np.asarray(expected, float)
+    stat = float(np.sum((counts - expected) ** 2 / expected))
+    d = len(counts) - 1
+    limit = d * (1 - 2 / (9 * d) + z * math.sqrt(2 / (9 * d))) ** 3
+    return stat < limit, (stat, limit)
+
+
 LOGITS = np.log(np.array([0.30, 0.22, 0.16, 0.12, 0.08, 0.06, 0.04, 0.02]))
 
 
@@ -198,8 +206,8 @@ def test_sampling_distribution_on_known_logits(temperature, top_p, top_k):
     support = ref > 0
     assert counts[~support].sum() == 0, f"draws outside the support {np.nonzero(support)[0]}: {counts}"
     if support.sum() > 1:
-        chi2 = scipy_stats.chisquare(counts[support], ref[support] * n)
-        assert chi2.pvalue > 1e-4, (counts, ref * n)
+        ok, info = _chi2_ok(counts[support], ref[support] * n)
+        assert ok, (info, counts, ref * n)
     # the restriction is real: a wider support would have been visited
     assert (counts > 0).sum() == support.sum()
 
@@ -297,7 +305,8 @@ def test_sampling_through_the_model(controlled, temperature, top_p, top_k):
     support = ref > 0
     assert counts[~support].sum() == 0 and (counts[support] > 0).all(), (counts, ref)
     if support.sum() > 1:
-        assert scipy_stats.chisquare(counts[support], ref[support] * len(toks)).pvalue > 1e-4, (counts, ref)
+        ok, info = _chi2_ok(counts[support], ref[support] * len(toks))
+        assert ok, (info, counts, ref)
     # seeded: the same call again gives the same tokens; another seed does not
     again = sampler.generate([[1, 2]], params)
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
