@@ -236,3 +236,24 @@ def test_error_mesh_does_not_divide_devices():
         make_mesh({"fsdp": -1, "tensor": 3})
     with pytest.raises(MeshError, match="needs 6 devices but 8 are available"):
         make_mesh({"fsdp": 3, "tensor": 2})
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_make_tiny_model_cli(tmp_path, family, qwen_tokenizer_dir):
+    """The tiny maker's real command line: HF-format model that transformers and our loader agree on."""
+    import subprocess
+    import sys
+
+    out = tmp_path / family
+    r = subprocess.run([sys.executable, "-m", "iopo_jax.tools.make_tiny_model", f"--out={out}", f"--family={family}",
+                        "--num_layers=1"], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["vocab_size"] == 151936 and cfg["model_type"] == family
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = np.array([tok.encode("Hello world, 你好")])
+    am = np.ones_like(ids)
+    tm = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours, _ = load_model(str(out))
+    assert np.abs(_torch_logits(tm, ids, am) - _jax_logits(ours, ids, am)).max() <= 1e-4
