@@ -9,10 +9,11 @@ would score 0 and nothing could be learnt. The demo therefore uses a small promp
 (written by :func:`demo_prompts_file` to ``~/.cache/iopo_jax/rl_demo_prompts.jsonl``, ``demo_eval``
 format, rule constraints of :mod:`data_pipeline.verifiers`) whose constraints a random answer
 sometimes meets and a short, tidy one always meets: at most 3 words, all lowercase, no commas, not a
-given keyword. The policy is tempered (``rl.temperature=0.05``, used for sampling and in the loss): the
+given keyword; answers are cut at 4 tokens. The policy is tempered (``rl.temperature=0.05``, used for sampling and in the loss): the
 tiny model's logits are ~N(0, 0.16^2), so at temperature 1 no LoRA update could make any token
-likely. Learning shows as the rollout reward ``r_o`` rising and the answers getting shorter; the run
-ends by printing the first-10 and last-10 iteration means. These prompts have no sub-instructions, so
+likely. Learning shows as the rollout reward ``r_o`` rising (from about 2.6 to the maximum 4 within 20-25
+iterations: ILA + CLA + all-pass + format, the format reward being 1 for prompts without sub-instructions);
+the run ends by printing the first-10 and last-10 iteration means. These prompts have no sub-instructions, so
 SegPO's segment advantages are zero here and SegPO equals GRPO (configs/grpo_demo.py); the segment
 path is exercised by the tests.
 """
@@ -67,10 +68,10 @@ def get_config():
     c.model.lora_alpha = 16.0
     c.rl.prompts_files = demo_prompts_file()
     c.rl.reward = "rules"
-    c.rl.prompts_per_step = 4
+    c.rl.prompts_per_step = 8
     c.rl.group_size = 8
     c.rl.max_prompt_tokens = 128
-    c.rl.max_response_tokens = 8
+    c.rl.max_response_tokens = 4  # a few words: short answers make the credit of each token clear
     c.rl.temperature = 0.05
     c.rl.sampler_batch_size = 32
     c.rl.prompt_buckets = "128"
@@ -81,8 +82,8 @@ def get_config():
     c.optimizer.lr = 5e-3
     c.optimizer.schedule = "constant"
     c.optimizer.warmup_ratio = 0.0
-    c.train.max_steps = 40
+    c.train.max_steps = 30
     c.train.logprob_chunk = 64
-    c.checkpoint.every = 20
+    c.checkpoint.every = 10
     c.mesh.fsdp = -1
     return c
