@@ -113,6 +113,7 @@ def main(argv):
     new = r.max_response_tokens
     prompts = [list(np.random.RandomState(i).randint(0, 150000, plen)) for i in range(r.prompts_per_step)]
     params = SamplingParams(temperature=r.temperature, max_new_tokens=new, ignore_eos=True, n=r.group_size, seed=0)
+    tr.sampler.update_model(tr.parts.merge(tr.trainable))  # the learner donated the previous weights
     tr.sampler.generate(prompts, params)  # compile
     best = None
     for _ in range(max(1, FLAGS.iterations)):
