@@ -144,8 +144,8 @@ def main(argv):
     for p in PHASES:
         print(f"  {p:<10} {res[p + '_s']:8.3f} s  {100 * res[p + '_share']:5.1f} %")
     print(f"  {'total':<10} {total:8.3f} s")
-    print(f"  rollout {rollout_tok_s:.1f} tokens/s; sampler alone (same shapes) {base_tok_s:.1f} tokens/s "
-          f"-> rollout is {res['rollout_vs_sampler']:.2f}x slower per token")
+    print(f"  rollout {rollout_tok_s:.1f} tokens/s; sampler alone (same shapes) {base_tok_s:.1f} tokens/s; "
+          f"time per token rollout / sampler alone = {res['rollout_vs_sampler']:.2f}")
     print(f"  learner {res['learner_tokens_per_s']:.1f} tokens/s")
     print(f"  {res['machine']}; load average {load[0]:.2f} -> {res['load_avg_1m_after']:.2f}; "
           f"{res['date']}; commit {res['commit']}")
