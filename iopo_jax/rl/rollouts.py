@@ -117,7 +117,8 @@ def pack_rollouts(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Se
             "response_mask": labels != IGNORE_INDEX, "response_start": start}
 
 
-def scatter_response(values: Sequence[Sequence], start: np.ndarray, length: int, fill=0, dtype=np.float32) -> np.ndarray:
+def scatter_response(values: Sequence[Sequence], start: np.ndarray, length: int, fill=0,
+                     dtype=np.float32) -> np.ndarray:
     """``[N, length]`` array with ``values[i][t]`` at column ``start[i] + t`` (``fill`` elsewhere)."""
     out = np.full((len(values), length), fill, dtype)
     for i, v in enumerate(values):
