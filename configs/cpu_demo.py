@@ -23,17 +23,17 @@ def get_config():
     c.data.train_files = os.path.join(_REPO, "data_pipeline", "demo_data", "iopo_train.json")
     c.data.val_fraction = 0.1
     c.data.cutoff_len = 512
-    c.data.batch_size = 2
-    c.data.num_epochs = 3
+    c.data.batch_size = 4
+    c.data.num_epochs = 5
     c.objective.name = "iopo"
     c.objective.beta = 0.1
     c.objective.reference = "precompute"
-    c.optimizer.lr = 1e-2
+    c.optimizer.lr = 3e-3
     c.optimizer.grad_accum = 1
     c.optimizer.warmup_ratio = 0.1
-    c.train.eval_every = 108
-    c.train.logprob_chunk = 32
+    c.train.eval_every = 54
+    c.train.logprob_chunk = 16
     c.train.logprob_remat = False  # the tiny model has memory to spare: skip the recompute
-    c.checkpoint.every = 108
+    c.checkpoint.every = 54
     c.mesh.fsdp = -1
     return c

@@ -188,3 +188,19 @@ def test_export_cli_after_training(tiny_model_dir, small_iopo_file, tmp_path):
         via_merged = merged.eval()(torch.tensor(ids)).logits[0].numpy()
     assert np.abs(ours - via_peft).max() <= 1e-4
     assert np.abs(ours - via_merged).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_cpu_demo_learns(tmp_path):
+    """The README's demo command, as it is: training reward accuracy > 0.9 (v1 and v2), validation loss falls."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "iopo_jax.train", "--config=configs/cpu_demo.py",
+                        f"--workdir={tmp_path / 'demo'}", "--no_progress"], cwd=REPO, capture_output=True, text=True,
+                       timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout, f"\nwall time {time.time() - t0:.0f} s")
+    s = json.load(open(tmp_path / "demo" / "summary.json"))
+    last = s["train_last"]
+    assert last["rewards/accuracies_v1"] > 0.9 and last["rewards/accuracies_v2"] > 0.9, last
+    assert s["eval_last"]["loss"] < s["eval_first"]["loss"] - 0.02, (s["eval_first"], s["eval_last"])
+    assert "validation loss: start" in r.stdout and os.path.isfile(tmp_path / "demo" / "training_curves.png")

@@ -244,17 +244,27 @@ def _lora_init(path: str, shape, dtype, seed: int):
     return np.asarray(jax.random.uniform(key, shape, jnp.float32, -bound, bound), dtype)
 
 
+def _aligned_copy(src: np.ndarray, dtype) -> np.ndarray:
+    """Copy into a fresh 64-byte aligned buffer.
+
+    On CPU, XLA aliases host buffers that are 64-byte aligned instead of copying them again; numpy's
+    large allocations are only 16-byte aligned. One copy is needed anyway: the memory map is closed
+    after loading.
+    """
+    dtype = np.dtype(dtype)
+    n = int(np.prod(src.shape)) * dtype.itemsize
+    buf = np.empty(n + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    out = buf[off:off + n].view(dtype).reshape(src.shape)
+    np.copyto(out, src, casting="unsafe")
+    return out
+
+
 def _place(host_view: np.ndarray, dtype, sharding):
     """Put a host array (or memmap view) on devices, each device reading only its slice."""
-    dtype = np.dtype(dtype)
     if sharding is None:
-        return jnp.asarray(np.array(host_view, dtype=dtype, copy=True))
-
-    def cb(index):
-        # A real copy: on CPU, jax may alias host buffers, and the memory map is closed after loading.
-        return np.array(host_view[index], dtype=dtype, copy=True)
-
-    return jax.make_array_from_callback(host_view.shape, sharding, cb)
+        return jnp.asarray(_aligned_copy(host_view, dtype))
+    return jax.make_array_from_callback(host_view.shape, sharding, lambda index: _aligned_copy(host_view[index], dtype))
 
 
 def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | None = None, **overrides):
