@@ -12,8 +12,8 @@ Fields of configs/base.py used as they are: ``model.*`` (LoRA or full fine-tunin
 the base with LoRA off, or the weights as loaded), ``optimizer.*`` except ``grad_accum`` (the schedule
 runs over ``iterations * ppo_epochs * mini_batches`` optimizer steps), ``train.seed``, ``train.max_steps``
 (iterations; -1 = ``data.num_epochs`` passes over the prompts), ``train.log_every``,
-``train.logprob_chunk``, ``train.plot``, ``train.tensorboard``, ``checkpoint.*`` (``every`` counts
-iterations), ``export.*``, ``mesh.*``, ``distributed``; from ``data``: ``template`` and ``system`` (the chat
+``train.logprob_chunk``, ``train.logprob_remat``, ``train.plot``, ``train.tensorboard``, ``checkpoint.*``
+(``every`` counts iterations), ``export.*``, ``mesh.*``, ``distributed``; from ``data``: ``template`` and ``system`` (the chat
 prompt), ``seed`` (prompt order) and ``num_epochs``. The other ``data`` and ``objective`` fields are unused.
 """
 import ml_collections

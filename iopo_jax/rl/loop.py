@@ -143,14 +143,14 @@ class PromptOrder:
 
 # ------------------------------------------------------------------------------------------------ jitted steps
 def make_rl_steps(parts, tx, *, temperature: float, chunk: int, max_label_tokens: int, eps_low: float,
-                  eps_high: float, kl_coef: float, aggregation: str, seed: int):
+                  eps_high: float, kl_coef: float, aggregation: str, seed: int, remat: bool = True):
     """``(logps, ref_logps, grad_step, apply_step)``, all jitted.
 
     ``logps(trainable, batch) -> [B, T]`` teacher-forced policy log-probs (``ref_logps``: LoRA off);
     ``grad_step(trainable, acc, mb, normalizer) -> (acc + grads, metrics)`` (acc donated);
     ``apply_step`` is the trainer's (clip, AdamW, masked updates, non-finite updates refused).
     """
-    kw = dict(temperature=temperature, chunk=chunk, max_label_tokens=max_label_tokens)
+    kw = dict(temperature=temperature, chunk=chunk, max_label_tokens=max_label_tokens, remat=remat)
 
     def logps(trainable, batch):
         return policy_token_logps(parts.merge(trainable), batch, **kw)[0]
@@ -228,7 +228,7 @@ class RLTrainer:
         self.logp_fn, self.ref_fn, self.grad_step, self.apply_step = make_rl_steps(
             self.parts, self.tx, temperature=r.temperature, chunk=cfg.train.logprob_chunk,
             max_label_tokens=r.max_response_tokens, eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef,
-            aggregation=r.aggregation, seed=cfg.train.seed)
+            aggregation=r.aggregation, seed=cfg.train.seed, remat=cfg.train.get("logprob_remat", True))
         eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
         from data_pipeline.templates import get_template
 

@@ -128,7 +128,7 @@ def scatter_response(values: Sequence[Sequence], start: np.ndarray, length: int,
 
 
 def policy_token_logps(model, batch: dict, *, temperature: float = 1.0, chunk: int = 256,
-                       max_label_tokens: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+                       max_label_tokens: Optional[int] = None, remat: bool = True) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced ``log softmax(logits / temperature)`` of each label token: ``(logp [B, T], mask [B, T])``
     aligned with ``batch["labels"]`` (memory-bounded, see :func:`iopo_jax.logprobs.token_logprobs`)."""
     hidden, _ = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
@@ -140,4 +140,5 @@ def policy_token_logps(model, batch: dict, *, temperature: float = 1.0, chunk: i
         logits = jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
         return logits if inv_t == 1.0 else logits * inv_t
 
-    return token_logprobs(hidden, head, batch["labels"], chunk_size=chunk, max_label_tokens=max_label_tokens)
+    return token_logprobs(hidden, head, batch["labels"], chunk_size=chunk, max_label_tokens=max_label_tokens,
+                          remat=remat)
