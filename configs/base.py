@@ -82,6 +82,7 @@ def get_config():
     t.seed = 0  # LoRA init and dropout seed
     t.logprob_chunk = 256  # tokens per vocabulary-projection chunk (memory ~ rows * chunk * vocab * 4 B)
     t.logprob_remat = True  # recompute each chunk's logits in the backward pass (False: faster, more memory)
+    t.logprob_pack_batch = False  # pack labelled tokens of all rows into one stream (faster on 1 device)
     t.plot = True  # write training_curves.png at the end
     t.tensorboard = True  # write TensorBoard events under <workdir>/tb
 

@@ -140,6 +140,25 @@ def _labelled_logprobs(hidden_btd, lm_head, labels_bt, *, chunk_size, max_label_
     return logp, lsum, mask, pos, dropped
 
 
+def _batch_packed_logprobs(hidden_btd, lm_head, labels_bt, *, chunk_size, with_logits_sum, ignore_index,
+                           skip_empty_chunks, remat):
+    """Labelled positions of the whole batch packed into one stream: work ~ total labelled tokens.
+
+    Returns per-row ``(logp_sum, count, logits_sum)``. The stream crosses rows, so the batch sharding is
+    not kept inside the projection: meant for single-device runs with short responses.
+    """
+    b, t, d = hidden_btd.shape
+    tgt, valid = _targets(labels_bt, ignore_index)  # [B, T-1]
+    n = b * (t - 1)
+    pos, mask, _ = _compact(valid.reshape(1, n), n)  # [1, n]
+    h = jnp.take(hidden_btd[:, :-1].reshape(n, d), pos[0], axis=0)[None]
+    tg = jnp.take(tgt.reshape(n), pos[0])[None]
+    logp, lsum = _chunked_logprobs(h, tg, mask, lm_head, chunk_size, with_logits_sum, skip_empty_chunks, remat)
+    row = pos[0] // (t - 1)
+    seg = lambda x: jax.ops.segment_sum(x, row, num_segments=b)
+    return seg(logp[0]), seg(mask[0].astype(jnp.int32)), seg(lsum[0])
+
+
 def _vocab_size(lm_head, hidden_btd):
     if callable(lm_head):
         return jax.eval_shape(lm_head, jax.ShapeDtypeStruct((1, hidden_btd.shape[-1]), hidden_btd.dtype)).shape[-1]
@@ -158,6 +177,7 @@ def sequence_logprobs(
     ignore_index: int = IGNORE_INDEX,
     skip_empty_chunks: bool = True,
     remat: bool = True,
+    pack_batch: bool = False,
 ) -> SequenceLogProbs:
     """Per-sequence sum of ``log p(labels[:, t+1] | hidden[:, t])`` over labelled tokens.
 
@@ -172,7 +192,21 @@ def sequence_logprobs(
       with_logits_stats: also return ``logits_sum`` / ``logits_mean`` (for the ``logits/*`` metrics).
       skip_empty_chunks: skip chunks without labels at run time (``lax.cond``).
       remat: recompute each chunk's logits in the backward pass (``jax.checkpoint``).
+      pack_batch: pack the labelled tokens of all rows into one stream before chunking, so the work is
+        proportional to the total number of labelled tokens instead of rows x the longest response
+        (ignores ``max_label_tokens``; best on one device, as the stream crosses the batch sharding).
     """
+    if pack_batch:
+        logp_sum, count, logits_sum = _batch_packed_logprobs(
+            hidden_btd, lm_head, labels_bt, chunk_size=chunk_size, with_logits_sum=with_logits_stats,
+            ignore_index=ignore_index, skip_empty_chunks=skip_empty_chunks, remat=remat)
+        logits_mean = None
+        if with_logits_stats:
+            v = _vocab_size(lm_head, hidden_btd)
+            logits_mean = logits_sum / (jnp.maximum(count, 1).astype(jnp.float32) * v)
+        else:
+            logits_sum = None
+        return SequenceLogProbs(logp_sum, count, logits_sum, logits_mean, jnp.zeros_like(count))
     logp, lsum, mask, _, dropped = _labelled_logprobs(
         hidden_btd, lm_head, labels_bt, chunk_size=chunk_size, max_label_tokens=max_label_tokens,
         gather_only_labelled=gather_only_labelled, with_logits_sum=with_logits_stats,

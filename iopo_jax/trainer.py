@@ -188,7 +188,7 @@ def reference_trainable(parts: ModelParts, trainable: dict) -> dict:
     return parts.ref_trainable
 
 
-def forward_logps(model, batch, chunk: int, remat: bool = True):
+def forward_logps(model, batch, chunk: int, remat: bool = True, pack_batch: bool = False):
     hidden, _ = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
     w = model.lm_head_weight()
     dt = hidden.dtype
@@ -196,12 +196,13 @@ def forward_logps(model, batch, chunk: int, remat: bool = True):
     def head(h):
         return jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
-    return sequence_logprobs(hidden, head, batch["labels"], chunk_size=chunk, with_logits_stats=True, remat=remat)
+    return sequence_logprobs(hidden, head, batch["labels"], chunk_size=chunk, with_logits_stats=True, remat=remat,
+                             pack_batch=pack_batch)
 
 
 # ----------------------------------------------------------------------------- the steps
 def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chunk: int, tx, seed: int,
-               dropout: bool, remat: bool = True):
+               dropout: bool, remat: bool = True, pack_batch: bool = False):
     needs_ref = objective.needs_reference
 
     def policy(trainable, step, train: bool):
@@ -217,10 +218,10 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
         if "ref_logps" in batch:
             return batch["ref_logps"]
         model = policy(reference_trainable(parts, trainable), 0, False)
-        return jax.lax.stop_gradient(forward_logps(model, batch, chunk).logp_sum)
+        return jax.lax.stop_gradient(forward_logps(model, batch, chunk, True, pack_batch).logp_sum)
 
     def loss_and_metrics(trainable, batch, ref, step, train):
-        out = forward_logps(policy(trainable, step, train), batch, chunk, remat)
+        out = forward_logps(policy(trainable, step, train), batch, chunk, remat, pack_batch)
         g = out.logp_sum.shape[0] // k
         shape = lambda x: x.reshape(g, k)
         weights = batch["valid"].reshape(g, k)[:, 0].astype(jnp.float32)
@@ -360,7 +361,8 @@ class Trainer:
         self.trainable, self.opt_state = trainable, opt_state
         self.micro_step, self.apply_step, self.eval_step, self.ref_step = make_steps(
             self.parts, self.objective, self.ocfg, self.k, cfg.train.logprob_chunk, self.tx, cfg.train.seed,
-            dropout=lcfg is not None and lcfg.dropout > 0, remat=cfg.train.logprob_remat)
+            dropout=lcfg is not None and lcfg.dropout > 0, remat=cfg.train.logprob_remat,
+            pack_batch=cfg.train.logprob_pack_batch)
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
         self.ref_table = None

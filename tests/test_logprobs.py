@@ -43,6 +43,8 @@ OPTIONS = [
     dict(chunk_size=4),
     dict(chunk_size=5, gather_only_labelled=False),
     dict(chunk_size=7, skip_empty_chunks=False, remat=False),
+    dict(chunk_size=6, pack_batch=True),
+    dict(chunk_size=9, pack_batch=True, remat=False),
 ]
 
 
