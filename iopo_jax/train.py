@@ -10,10 +10,8 @@ pod run the same command on every host (``jax.distributed.initialize()`` is call
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -75,6 +73,9 @@ def format_result(result: dict) -> str:
     for k in ("loss", "rewards/accuracies_v1", "rewards/accuracies_v2", "rewards/accuracies", "rewards/margins_v1"):
         if k in tl:
             lines.append(f"  train {k}: first step {tf.get(k, float('nan')):.4f} -> last 10% of steps {tl[k]:.4f}")
+    if "rollout_reward_first10" in result:
+        lines.append(f"  rollout reward (r_o): first 10 iterations {result['rollout_reward_first10']:.4f} -> "
+                     f"last 10 {result['rollout_reward_last10']:.4f}")
     ef, el = result.get("eval_first", {}), result.get("eval_last", {})
     for k in ("loss", "rewards/accuracies_v1", "rewards/accuracies_v2", "rewards/accuracies"):
         if k in el:

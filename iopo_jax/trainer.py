@@ -152,6 +152,19 @@ def make_optimizer(opt, total_steps: int, trainable: dict) -> optax.GradientTran
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
+def resolve_model_dir(cfg) -> str:
+    """``cfg.model.path``; creates the tiny random Qwen2 there first when asked (demo configs)."""
+    m = cfg.model
+    if not os.path.isdir(m.path) and m.make_tiny_if_missing:
+        from iopo_jax.tools.make_tiny_model import make_tiny_model
+
+        if jax.process_index() == 0:
+            log.info("creating a tiny random Qwen2 model at %s", m.path)
+            make_tiny_model(m.path, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
+                            intermediate_size=2 * m.tiny_hidden_size)
+    return m.path
+
+
 # ----------------------------------------------------------------------------- model plumbing
 @dataclasses.dataclass
 class ModelParts:
@@ -201,6 +214,24 @@ def forward_logps(model, batch, chunk: int, remat: bool = True, pack_batch: bool
 
 
 # ----------------------------------------------------------------------------- the steps
+def make_apply_step(tx):
+    """Jitted optimizer step over accumulated gradients (donated): average, clip + AdamW (``tx``), and
+    refuse a non-finite update (state left untouched, ``finite=False`` reported)."""
+
+    def apply_step(trainable, opt_state, grads_acc, n_micro):
+        grads = jax.tree_util.tree_map(lambda g: g / n_micro, grads_acc)
+        gnorm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new_params = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(gnorm) & jnp.all(
+            jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new_params)]))
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, grads_acc)
+        return keep(new_params, trainable), keep(new_opt, opt_state), zeros, {"grad_norm": gnorm, "finite": finite}
+
+    return jax.jit(apply_step, donate_argnums=(0, 1, 2))
+
+
 def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chunk: int, tx, seed: int,
                dropout: bool, remat: bool = True, pack_batch: bool = False):
     needs_ref = objective.needs_reference
@@ -238,16 +269,6 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
         grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
         return grads_acc, metrics
 
-    def apply_step(trainable, opt_state, grads_acc, n_micro):
-        grads = jax.tree_util.tree_map(lambda g: g / n_micro, grads_acc)
-        gnorm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, trainable)
-        new_params = optax.apply_updates(trainable, updates)
-        finite = jnp.isfinite(gnorm) & jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new_params)]))
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, grads_acc)
-        return keep(new_params, trainable), keep(new_opt, opt_state), zeros, {"grad_norm": gnorm, "finite": finite}
-
     def eval_step(trainable, batch):
         ref = ref_logps(trainable, batch) if needs_ref else None
         _, metrics = loss_and_metrics(trainable, batch, ref, 0, False)
@@ -256,8 +277,7 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
     def ref_only(trainable, batch):
         return ref_logps(trainable, {k: v for k, v in batch.items() if k != "ref_logps"})
 
-    return (jax.jit(micro_step, donate_argnums=(1,)), jax.jit(apply_step, donate_argnums=(0, 1, 2)),
-            jax.jit(eval_step), jax.jit(ref_only))
+    return (jax.jit(micro_step, donate_argnums=(1,)), make_apply_step(tx), jax.jit(eval_step), jax.jit(ref_only))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -319,24 +339,13 @@ class Trainer:
         self.objective = get_objective(cfg.objective.name)
         self.ocfg = ObjectiveConfig.from_mapping(objective_hparams(cfg))
 
-    # -- setup
-    def _model_dir(self) -> str:
-        m = self.cfg.model
-        if not os.path.isdir(m.path) and m.make_tiny_if_missing:
-            from iopo_jax.tools.make_tiny_model import make_tiny_model
-
-            if jax.process_index() == 0:
-                log.info("creating a tiny random Qwen2 model at %s", m.path)
-                make_tiny_model(m.path, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
-                                intermediate_size=2 * m.tiny_hidden_size)
-        return m.path
 
     def setup(self):
         cfg = self.cfg
         from data_pipeline import build_data
         from iopo_jax.tokenizer import load_tokenizer
 
-        model_dir = self._model_dir()
+        model_dir = resolve_model_dir(cfg)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
         self.data = build_data(data_config(cfg, self.workdir), self.tokenizer)
         log.info("%s", self.data.summary_text())

@@ -44,8 +44,8 @@ from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, rewa
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
 from iopo_jax.sharding import batch_sharding, make_mesh, use_mesh
-from iopo_jax.trainer import (MetricsLogger, Trainer, TrainingDiverged, _csv, lora_config, make_optimizer,
-                              make_schedule, make_steps, reference_trainable, split_model)
+from iopo_jax.trainer import (MetricsLogger, TrainingDiverged, _csv, lora_config, make_optimizer,
+                              make_apply_step, make_schedule, reference_trainable, resolve_model_dir, split_model)
 
 log = logging.getLogger("iopo_jax.rl")
 
@@ -174,11 +174,8 @@ def make_rl_steps(parts, tx, *, temperature: float, chunk: int, max_label_tokens
         (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, mb, normalizer)
         return jax.tree_util.tree_map(jnp.add, acc, g), m
 
-    # The trainer's apply step (clipping, AdamW, freeze masks, refusal of non-finite updates); only the
-    # optimizer is used from make_steps, the objective-specific steps it also builds are never called.
-    from iopo_jax.objectives import get_objective
-
-    apply_step = make_steps(parts, get_objective("sft"), None, 1, chunk, tx, seed, dropout=False)[1]
+    # The trainer's apply step: clipping, AdamW, freeze masks, refusal of non-finite updates.
+    apply_step = make_apply_step(tx)
     return jax.jit(logps), jax.jit(ref_logps), jax.jit(grad_step, donate_argnums=(1,)), apply_step
 
 
@@ -204,7 +201,7 @@ class RLTrainer:
         from iopo_jax.tokenizer import load_tokenizer
 
         cfg, r = self.cfg, self.rl
-        model_dir = Trainer._model_dir(self)  # the trainer's model resolution (creates the tiny demo model)
+        model_dir = resolve_model_dir(cfg)  # creates the tiny demo model when asked
         self.model_dir = model_dir
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
         self.prompts, self.prompt_ids = self._load_prompts()
