@@ -590,18 +590,28 @@ def plot_curves(history: dict, path: str) -> str:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     tr, ev = history["train"], history["eval"]
+    win = max(1, len(tr) // 15)
+
+    def smooth(xs):  # trailing moving average, so noisy per-step values stay readable
+        c = np.cumsum(np.insert(np.asarray(xs, float), 0, 0.0))
+        return [(c[i + 1] - c[max(0, i + 1 - win)]) / (i + 1 - max(0, i + 1 - win)) for i in range(len(xs))]
+
     if tr:
-        axes[0].plot([s for s, _ in tr], [m["loss"] for _, m in tr], label="train loss", alpha=0.8)
+        axes[0].plot([s for s, _ in tr], [m["loss"] for _, m in tr], color="C0", alpha=0.25)
+        axes[0].plot([s for s, _ in tr], smooth([m["loss"] for _, m in tr]), color="C0",
+                     label=f"train loss (mean of {win} steps)")
     if ev:
-        axes[0].plot([s for s, _ in ev], [m["loss"] for _, m in ev], "o-", label="validation loss")
+        axes[0].plot([s for s, _ in ev], [m["loss"] for _, m in ev], "o-", color="C1", label="validation loss")
     axes[0].set_xlabel("step")
     axes[0].set_title("loss")
     axes[0].legend()
     keys = [k for k in ("rewards/accuracies_v1", "rewards/accuracies_v2", "rewards/accuracies") if tr and k in tr[0][1]]
-    for k in keys:
-        axes[1].plot([s for s, _ in tr], [m[k] for _, m in tr], label=f"train {k.split('/')[-1]}", alpha=0.8)
+    for i, k in enumerate(keys):
+        axes[1].plot([s for s, _ in tr], smooth([m[k] for _, m in tr]), color=f"C{2 * i}",
+                     label=f"train {k.split('/')[-1]} (mean of {win} steps)")
         if ev and k in ev[0][1]:
-            axes[1].plot([s for s, _ in ev], [m[k] for _, m in ev], "o-", label=f"val {k.split('/')[-1]}")
+            axes[1].plot([s for s, _ in ev], [m[k] for _, m in ev], "o-", color=f"C{2 * i + 1}",
+                         label=f"val {k.split('/')[-1]}")
     axes[1].set_ylim(-0.02, 1.02)
     axes[1].set_xlabel("step")
     axes[1].set_title("reward accuracy")
