@@ -1,9 +1,12 @@
-"""CPU demo: IOPO with LoRA on a tiny random Qwen2 and the bundled demo set (a few minutes on 2 cores).
+"""CPU demo: IOPO with LoRA on a tiny random Qwen2 and the bundled demo set (about 9 minutes on 2 cores).
 
     python -m iopo_jax.train --config=configs/cpu_demo.py --workdir=/tmp/iopo_demo
 
 The tiny model (real Qwen2 tokenizer, 151,936-row vocabulary) is created on the fly at
-``model.path`` when absent. The run ends by printing training reward accuracy and validation loss.
+``model.path`` when absent. The run ends by printing training reward accuracy and validation loss
+(measured on a quiet 2-core machine: accuracy v1 0.905 / v2 0.929 over the last 10% of the 216 steps,
+validation loss 0.693 -> 0.637, 8.6 minutes). Most of a step is the 151,936-row vocabulary
+projection of the response tokens.
 """
 import os
 
@@ -24,7 +27,7 @@ def get_config():
     c.data.val_fraction = 0.1
     c.data.cutoff_len = 512
     c.data.batch_size = 4
-    c.data.num_epochs = 5
+    c.data.num_epochs = 4
     c.objective.name = "iopo"
     c.objective.beta = 0.1
     c.objective.reference = "precompute"

@@ -177,9 +177,22 @@ class ModelParts:
     ref_trainable: dict | None  # full fine-tuning: the initial weights (the reference policy)
     lora: bool
 
-    def merge(self, trainable: dict):
+    def merge(self, trainable: dict, dropout_key=None):
+        """The model with these trainable leaves; ``dropout_key`` reseeds every RNG stream (LoRA dropout)."""
         state = jax.tree_util.tree_unflatten(self.treedef, [trainable[k] for k in self.keys])
-        return nnx.merge(self.graphdef, state, *self.frozen)
+        frozen = self.frozen if dropout_key is None else tuple(_reseed(f, dropout_key) for f in self.frozen)
+        return nnx.merge(self.graphdef, state, *frozen)
+
+
+def _reseed(state, key):
+    """Replace every PRNG key leaf of an nnx state by a key derived from ``key`` and the leaf's path."""
+    def one(path, x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            salt = int.from_bytes(hashlib.sha256(path_str(path).encode()).digest()[:3], "little")
+            return jax.random.fold_in(key, salt)
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, state)
 
 
 def split_model(model, lora: bool) -> tuple[ModelParts, dict]:
@@ -237,12 +250,11 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
     needs_ref = objective.needs_reference
 
     def policy(trainable, step, train: bool):
+        if dropout and train:  # dropout masks drawn from (seed, step): reruns and resumes are identical
+            return parts.merge(trainable, dropout_key=jax.random.fold_in(jax.random.key(seed), step))
         model = parts.merge(trainable)
         if dropout:
-            if train:
-                nnx.reseed(model, dropout=jax.random.fold_in(jax.random.PRNGKey(seed), step))
-            else:
-                model.eval()
+            model.eval()
         return model
 
     def ref_logps(trainable, batch):
