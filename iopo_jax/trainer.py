@@ -376,6 +376,7 @@ class Trainer:
                              f"optimizer.grad_accum={cfg.optimizer.grad_accum}; lower data.batch_size or grad_accum")
         epochs = cfg.data.num_epochs or 1
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * epochs
+        self.schedule = make_schedule(cfg.optimizer, self.total_steps)
         self.tx = make_optimizer(cfg.optimizer, self.total_steps, trainable)
         with use_mesh(self.mesh):
             opt_state = jax.jit(self.tx.init)(trainable)
@@ -516,7 +517,7 @@ class Trainer:
                         "check the data, or use param_dtype=float32.")
                 step += 1
                 dt = time.perf_counter() - t0
-                metrics["lr"] = float(make_schedule(cfg.optimizer, self.total_steps)(step - 1))
+                metrics["lr"] = float(self.schedule(step - 1))
                 metrics["tokens_per_s"] = tokens / dt
                 history["train"].append((step, metrics))
                 if step % cfg.train.log_every == 0 or step == self.total_steps:

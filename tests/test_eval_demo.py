@@ -20,12 +20,7 @@ def _config(tmp_path, **over):
     c = eval_demo.get_config()
     c.workdir = str(tmp_path / "run")
     c.progress = False
-    for k, v in over.items():
-        node = c
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = v
+    c.update_from_flattened_dict(over)  # dotted keys, e.g. "judge.concurrency"
     return c
 
 

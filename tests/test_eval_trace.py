@@ -108,12 +108,7 @@ def _config(shared_data, tmp_path, fj, **over):
     c.judge.backoff_base_s = 0.01
     c.judge.backoff_max_s = 0.05
     c.progress = False
-    for k, v in over.items():
-        node = c
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = v
+    c.update_from_flattened_dict(over)  # dotted keys, e.g. "judge.concurrency"
     return c
 
 
