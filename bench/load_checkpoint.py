@@ -2,7 +2,7 @@
 
     python bench/load_checkpoint.py                           # ~1.05 GB fp32 checkpoint (~3 min on 2 busy cores)
     python bench/load_checkpoint.py --profile                 # + a cProfile breakdown of one load_model call
-    python bench/load_checkpoint.py --try_fix                 # + our loader with the proposed fix patched in
+    python bench/load_checkpoint.py --threads 1               # our loader reading with one thread
     python bench/load_checkpoint.py --hidden_size 2048 --num_layers 24 --dir /tmp/iopo_bench_3gb   # 3.5 GB
 
 What is measured. A random Qwen2 checkpoint is written once with the tiny-model maker (default:
@@ -13,7 +13,8 @@ beside it. Then every variant runs in a fresh subprocess (so that its peak RSS i
 * ``plain``: ``safetensors.numpy.load_file`` of every file (numpy arrays on the host);
 * ``ours xN``: ``iopo_jax.models.load_model(dir, mesh)`` on a mesh of N devices (``fsdp=N``; N>1 uses
   N forced CPU devices, ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), then
-  ``block_until_ready`` on every parameter.
+  ``block_until_ready`` on every parameter. With fsdp=N the embedding is split on its second
+  (hidden) dimension, so its rows stream through a block buffer into N column slices.
 
 The timed region is the load call only (after imports and JAX backend start-up). Throughput is
 checkpoint bytes (all .safetensors files) / wall time, in GB/s (1e9). The ratio is throughput ours /
@@ -110,8 +111,6 @@ def child_main(a) -> None:
         from iopo_jax.models.weights import load_model
         from iopo_jax.sharding import make_mesh
 
-        if a.child_fix:
-            _apply_proposed_fix()
         n = a.child_devices
         devices = jax.devices()[:n]
         if len(devices) < n:
@@ -126,7 +125,8 @@ def child_main(a) -> None:
         t0, c0 = time.perf_counter(), _cpu_seconds()
         if prof:
             prof.enable()
-        model, _ = load_model(directory, mesh=mesh, param_dtype=a.dtype)
+        threads = 1 if prof else (a.threads or None)
+        model, _ = load_model(directory, mesh=mesh, param_dtype=a.dtype, threads=threads)
         leaves = jax.tree_util.tree_leaves(nnx.state(model))
         jax.block_until_ready(leaves)
         if prof:
@@ -142,51 +142,6 @@ def child_main(a) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def _aligned_empty(shape, dtype, align: int = 64):
-    """An uninitialised numpy array whose data pointer is ``align``-byte aligned."""
-    import numpy as np
-
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = np.empty(nbytes + align, np.uint8)
-    off = (-buf.ctypes.data) % align
-    return buf[off:off + nbytes].view(dtype).reshape(shape)
-
-
-def _apply_proposed_fix() -> None:
-    """``--try_fix``: monkeypatch the two changes proposed in bench/RESULTS.md into this process.
-
-    1. ``weights._place`` copies each slice into a 64-byte aligned buffer, which the PJRT CPU client
-       aliases instead of copying a second time (numpy's own large buffers are only 16-byte aligned).
-    2. JAX's tracer error-message helper (``_origin_msg``, run by every ``getattr(tracer, "sharding")``
-       that flax's ``Variable.set_value`` does while ``nnx.eval_shape`` traces the random init) returns "".
-    For measurement only: once weights.py has its own fix, this flag measures the stale version.
-    """
-    import jax
-    import numpy as np
-
-    import iopo_jax.models.weights as W
-
-    def place(host_view, dtype, sharding):
-        dtype = np.dtype(dtype)
-
-        def host(v):
-            out = _aligned_empty(v.shape, dtype)
-            np.copyto(out, v, casting="unsafe")
-            return out
-
-        if sharding is None:
-            return jax.device_put(host(host_view))
-        return jax.make_array_from_callback(host_view.shape, sharding, lambda idx: host(host_view[idx]))
-
-    W._place = place
-    try:
-        from jax._src.interpreters import partial_eval as pe
-
-        pe.DynamicJaxprTracer._origin_msg = lambda self: ""
-    except (ImportError, AttributeError):
-        pass
-
-
 def _print_profile(prof, total: float) -> None:
     """cProfile top functions plus a breakdown into copy / abstract model / device put / rest."""
     import io
@@ -200,16 +155,28 @@ def _print_profile(prof, total: float) -> None:
     def find(pred, field):
         return sum(v[field] for k, v in raw.items() if pred(k))
 
-    copy = find(lambda k: k[2] == "<built-in method numpy.array>", 2)
-    abstract = max((v[3] for k, v in raw.items() if k[2] == "eval_shape" and "nnx" in k[0]), default=0.0)
-    mafc = max((v[3] for k, v in raw.items() if k[2] == "make_array_from_callback"), default=0.0)
+    def own(pred):
+        return find(pred, 2)
+
+    def cum(pred):
+        return max((v[3] for k, v in raw.items() if pred(k)), default=0.0)
+
+    alloc = own(lambda k: k[2] == "_aligned_empty")
+    pread = own(lambda k: k[2] == "<built-in method posix.preadv>")
+    scatter = own(lambda k: k[2] == "read" and k[0].endswith("weights.py"))
+    abstract = cum(lambda k: k[2] == "abstract_model")
+    place = cum(lambda k: k[2] == "place_shards")
     header = find(lambda k: k[2] == "__init__" and k[0].endswith("weights.py"), 3)
-    print("PROFILE (one load_model call, 1 device, cProfile on):")
-    print(f"  total                                         {total:7.3f} s")
-    print(f"  np.array copies mmap -> host buffer           {copy:7.3f} s  ({100 * copy / total:.0f}%)")
-    print(f"  abstract model (nnx.eval_shape of the init)   {abstract:7.3f} s  ({100 * abstract / total:.0f}%)")
-    print(f"  make_array_from_callback minus the copies     {mafc - copy:7.3f} s  ({100 * (mafc - copy) / total:.0f}%)")
-    print(f"  safetensors header parsing (Checkpoint open)  {header:7.3f} s")
+    rows = [("allocating host buffers (page faults, zeroing)", alloc),
+            ("positioned reads (preadv: page cache -> buffers)", pread),
+            ("column-slice copies from the row-block buffer", scatter),
+            ("abstract model (shapes only)", abstract),
+            ("device placement (place_shards)", place),
+            ("safetensors header parsing (Checkpoint open)", header)]
+    print("PROFILE (one load_model call, 1 device, cProfile on, read threads 1):")
+    print(f"  total                                             {total:7.3f} s")
+    for label, v in rows:
+        print(f"  {label:48s}  {v:7.3f} s  ({100 * v / total:.0f}%)")
     print("  top functions by own time:")
     print("\n".join("    " + line for line in s.getvalue().splitlines() if line.strip()), flush=True)
 
@@ -284,9 +251,7 @@ def variants(a) -> list[tuple[str, list[str], dict]]:
         env = {}
         if n > 1:
             env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
-        out.append((f"ours x{n}", ["--child", "ours", "--child_devices", str(n)], env))
-        if a.try_fix:
-            out.append((f"fix x{n}", ["--child", "ours", "--child_devices", str(n), "--child_fix"], env))
+        out.append((f"ours x{n}", ["--child", "ours", "--child_devices", str(n), "--threads", str(a.threads)], env))
     return out
 
 
@@ -325,10 +290,9 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true",
                    help="after the measurements, run one more (warm, 1-device) load_model under cProfile and print "
                         "where the time goes")
-    p.add_argument("--try_fix", action="store_true",
-                   help="also measure 'fix xN': our loader with the changes proposed in bench/RESULTS.md monkeypatched "
-                        "in (64-byte aligned host buffers that the CPU client aliases; no tracer error messages "
-                        "while building the abstract model)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="read threads of our loader (load_model(threads=...)); 0: its default, the CPU count up to 8 "
+                        "(default: %(default)s)")
     p.add_argument("--json_out", default=None, help="also write all raw measurements to this JSON file")
     # Internal: what a child process does.
     p.add_argument("--child", choices=["plain", "ours", "make_sharded"], help=argparse.SUPPRESS)
@@ -336,7 +300,6 @@ def main(argv=None) -> None:
     p.add_argument("--child_out", help=argparse.SUPPRESS)
     p.add_argument("--child_devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--child_profile", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--child_fix", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child == "make_sharded":
         return make_sharded(a)

@@ -68,8 +68,7 @@ def _load(dtype):
     if FLAGS.random_config:
         cfg = ModelConfig(rope_theta=1e6, param_dtype=dtype, dtype=dtype, max_position_embeddings=32768,
                           eos_token_id=151645, **RANDOM_CONFIGS[FLAGS.random_config])
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract)
+        graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), abstract=True))
         leaves, treedef = jax.tree_util.tree_flatten(state)
         keys = jax.random.split(jax.random.key(0), len(leaves))
         make = jax.jit(lambda k, shape, dt: jax.random.normal(k, shape, dt) * 0.02, static_argnums=(1, 2))

@@ -21,8 +21,8 @@ from flax import nnx
 
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
 from iopo_jax.models.transformer import Transformer
-from iopo_jax.models.weights import (CheckpointError, SafetensorsFile, _host, _place, base_params, export_hf,
-                                     expand_map, load_model, write_safetensors)
+from iopo_jax.models.weights import (CheckpointError, SafetensorsFile, _host, base_params, export_hf,
+                                     load_model, load_tensor, tensor_shape, write_safetensors)
 from iopo_jax.sharding import param_spec, path_str
 
 PEFT_PREFIX = "base_model.model."
@@ -141,15 +141,15 @@ def load_adapter_into(model: Transformer, adapter_dir: str, mesh=None) -> Transf
                     raise CheckpointError(f"{path}: tensor '{key}' is missing from the adapter")
                 key = alt
             used.add(key)
-            view = st.get(key)
-            if tuple(view.shape) != tuple(leaf.shape):
-                raise CheckpointError(f"{path}: tensor '{key}' has shape {tuple(view.shape)}, expected {tuple(leaf.shape)}")
+            shape = tensor_shape(st, key)
+            if shape != tuple(leaf.shape):
+                raise CheckpointError(f"{path}: tensor '{key}' has shape {shape}, expected {tuple(leaf.shape)}")
             sharding = None
             if mesh is not None:
                 from jax.sharding import NamedSharding
 
                 sharding = NamedSharding(mesh, param_spec(path_str(p), leaf.shape, mesh))
-            return _place(view, leaf.dtype, sharding)
+            return load_tensor(st, key, leaf.dtype, sharding)
 
         pure = jax.tree_util.tree_map_with_path(fill, pure)
         extra = sorted(set(st.entries) - used)

@@ -41,6 +41,33 @@ def _dt(name: str):
     return jnp.dtype(name)
 
 
+class ParamInit:
+    """Makes parameter values: random draws from ``rngs.params()``, or, when ``abstract``, only
+    their shapes and dtypes (``jax.ShapeDtypeStruct``: nothing allocated, nothing drawn, nothing
+    traced). Loading builds the abstract model and fills it from the checkpoint.
+    ``rngs`` also feeds the dropout streams, which stay real in both modes.
+    """
+
+    def __init__(self, rngs: nnx.Rngs, abstract: bool = False):
+        self.rngs = rngs
+        self.abstract = abstract
+
+    def normal(self, shape, dtype, std: float):
+        if self.abstract:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return jax.random.normal(self.rngs.params(), shape, dtype) * std
+
+    def uniform(self, shape, dtype, bound: float):
+        if self.abstract:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return jax.random.uniform(self.rngs.params(), shape, dtype, -bound, bound)
+
+    def full(self, shape, dtype, value: float):
+        if self.abstract:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return jnp.full(shape, value, dtype)
+
+
 # ----------------------------------------------------------------------------- RoPE
 def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
     """Inverse frequencies [h/2], with llama3 scaling when configured."""
@@ -71,8 +98,8 @@ def apply_rope(x_btnh, positions_bt, inv_freq):
 
 # ----------------------------------------------------------------------------- layers
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, cfg: ModelConfig):
-        self.scale = nnx.Param(jnp.ones((dim,), _dt(cfg.param_dtype)))
+    def __init__(self, dim: int, eps: float, cfg: ModelConfig, init: ParamInit):
+        self.scale = nnx.Param(init.full((dim,), _dt(cfg.param_dtype), 1.0))
         self.eps = eps
         self.dtype = _dt(cfg.dtype)
 
@@ -89,20 +116,18 @@ class Linear(nnx.Module):
     ``weight [out, in]``, ``lora_a [r, in]``, ``lora_b [out, r]``.
     """
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, name: str, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, name: str, init: ParamInit):
         pdt = _dt(cfg.param_dtype)
-        std = 1.0 / math.sqrt(d_in)
-        self.weight = nnx.Param(jax.random.normal(rngs.params(), (d_out, d_in), pdt) * std)
-        self.bias = nnx.Param(jnp.zeros((d_out,), pdt)) if bias else None
+        self.weight = nnx.Param(init.normal((d_out, d_in), pdt, 1.0 / math.sqrt(d_in)))
+        self.bias = nnx.Param(init.full((d_out,), pdt, 0.0)) if bias else None
         self.dtype = _dt(cfg.dtype)
         lora = cfg.lora
         if lora is not None and name in lora.targets:
             # PEFT's init: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the adapter starts as a no-op.
-            bound = 1.0 / math.sqrt(d_in)
-            self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (lora.rank, d_in), jnp.float32, -bound, bound))
-            self.lora_b = nnx.LoRAParam(jnp.zeros((d_out, lora.rank), jnp.float32))
+            self.lora_a = nnx.LoRAParam(init.uniform((lora.rank, d_in), jnp.float32, 1.0 / math.sqrt(d_in)))
+            self.lora_b = nnx.LoRAParam(init.full((d_out, lora.rank), jnp.float32, 0.0))
             self.lora_scale = lora.scale
-            self.lora_dropout = nnx.Dropout(lora.dropout, rngs=rngs) if lora.dropout > 0 else None
+            self.lora_dropout = nnx.Dropout(lora.dropout, rngs=init.rngs) if lora.dropout > 0 else None
         else:
             self.lora_a = None
             self.lora_b = None
@@ -193,12 +218,12 @@ def _attend_chunked(q_btnh, k_bskh, v_bskh, mask_bts, block: int):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, init: ParamInit):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, n * h, bias=cfg.attention_bias, cfg=cfg, name="q_proj", rngs=rngs)
-        self.k_proj = Linear(d, k * h, bias=cfg.attention_bias, cfg=cfg, name="k_proj", rngs=rngs)
-        self.v_proj = Linear(d, k * h, bias=cfg.attention_bias, cfg=cfg, name="v_proj", rngs=rngs)
-        self.o_proj = Linear(n * h, d, bias=False, cfg=cfg, name="o_proj", rngs=rngs)
+        self.q_proj = Linear(d, n * h, bias=cfg.attention_bias, cfg=cfg, name="q_proj", init=init)
+        self.k_proj = Linear(d, k * h, bias=cfg.attention_bias, cfg=cfg, name="k_proj", init=init)
+        self.v_proj = Linear(d, k * h, bias=cfg.attention_bias, cfg=cfg, name="v_proj", init=init)
+        self.o_proj = Linear(n * h, d, bias=False, cfg=cfg, name="o_proj", init=init)
         self.n, self.k, self.h = n, k, h
         self.impl = cfg.attention_impl
         self.block = cfg.attention_block
@@ -220,11 +245,11 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, init: ParamInit):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, bias=False, cfg=cfg, name="gate_proj", rngs=rngs)
-        self.up_proj = Linear(d, f, bias=False, cfg=cfg, name="up_proj", rngs=rngs)
-        self.down_proj = Linear(f, d, bias=False, cfg=cfg, name="down_proj", rngs=rngs)
+        self.gate_proj = Linear(d, f, bias=False, cfg=cfg, name="gate_proj", init=init)
+        self.up_proj = Linear(d, f, bias=False, cfg=cfg, name="up_proj", init=init)
+        self.down_proj = Linear(f, d, bias=False, cfg=cfg, name="down_proj", init=init)
 
     def __call__(self, x_btd):
         hid = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
@@ -233,11 +258,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
-        self.self_attn = Attention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
-        self.mlp = MLP(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, init: ParamInit):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, init)
+        self.self_attn = Attention(cfg, init)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, init)
+        self.mlp = MLP(cfg, init)
 
     def __call__(self, x_btd, positions_bt, inv_freq, mask_bts, cache, end):
         attn, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, inv_freq, mask_bts, cache, end)
@@ -247,9 +272,8 @@ class DecoderLayer(nnx.Module):
 
 
 class Embed(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(
-            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), _dt(cfg.param_dtype)) * 0.02)
+    def __init__(self, cfg: ModelConfig, init: ParamInit):
+        self.embedding = nnx.Param(init.normal((cfg.vocab_size, cfg.hidden_size), _dt(cfg.param_dtype), 0.02))
         self.dtype = _dt(cfg.dtype)
 
     def __call__(self, ids_bt):
@@ -268,15 +292,20 @@ def _run_layer(layer, x, positions, inv_freq, mask, cache, end):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. ``__call__`` returns final-norm hidden states; :meth:`logits` projects."""
+    """Decoder-only LM. ``__call__`` returns final-norm hidden states; :meth:`logits` projects.
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    ``abstract=True`` builds the module tree with ``jax.ShapeDtypeStruct`` parameters (see
+    :class:`ParamInit`): instant and allocation-free, for loading and shape inspection.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, abstract: bool = False):
+        init = ParamInit(rngs, abstract)
         self.config = cfg
-        self.embed = Embed(cfg, rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.embed = Embed(cfg, init)
+        self.layers = nnx.List([DecoderLayer(cfg, init) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, init)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg.replace(lora=None), name="lm_head", rngs=rngs)
+            cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg.replace(lora=None), name="lm_head", init=init)
 
     def __call__(self, input_ids_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None):
         cfg = self.config

@@ -1,9 +1,12 @@
 """HF safetensors <-> iopo-jax parameters: one declarative map, sharded loading, HF export.
 
-Loading reads each tensor straight from a memory map of the safetensors file and hands every
-device only its own slice (``jax.make_array_from_callback`` with the parameter's
-``NamedSharding``): the model is never gathered on one device and never held twice in host
-memory. Export streams tensor by tensor into safetensors shards that ``transformers`` loads.
+Loading builds the model abstractly (shapes only), then reads each tensor with positioned reads
+(``os.preadv``) straight into the 64-byte aligned host buffers of the slices that this host's
+devices hold under the parameter's ``NamedSharding`` (row-sharded slices are read directly;
+column-sharded ones stream the tensor's rows once through a small block buffer), and places
+them with ``jax.make_array_from_callback``. The model is never gathered on one device and never
+held twice in host memory; on CPU the devices alias the aligned buffers. Export streams tensor
+by tensor into safetensors shards that ``transformers`` loads.
 
 Example::
 
@@ -12,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -20,6 +24,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 from typing import Callable, Iterable
 
 import jax
@@ -43,6 +48,47 @@ NP_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not match the model."""
+
+
+_MAX_READ = 1 << 30  # bytes per read call (Linux caps one read at ~2 GiB)
+_BLOCK_BYTES = 64 << 20  # row block for slices that are not contiguous in the file
+
+
+_MMAP_MIN_BYTES = 1 << 20
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data is 64-byte aligned.
+
+    On CPU, XLA aliases host buffers that are 64-byte aligned instead of copying them again;
+    numpy's large allocations are only 16-byte aligned. Buffers of 1 MiB and more are their own
+    anonymous memory maps (page aligned): numpy asks the kernel for transparent huge pages on
+    large arrays, and faulting those in made loading 2-3x slower than the read itself on our VMs.
+    The map is unmapped when the last array (or device buffer aliasing it) is freed.
+    """
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    if n >= _MMAP_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
+        mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+        return np.frombuffer(mm, np.uint8, n).view(dtype).reshape(shape)
+    buf = np.empty(n + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + n].view(dtype).reshape(shape)
+
+
+Box = tuple  # ((start, stop), ...) per dimension
+
+
+def index_box(index, shape) -> Box:
+    """A device index (a tuple of slices, as JAX gives them) as (start, stop) per dimension."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    box = []
+    for sl, n in zip(index, shape):
+        start, stop, step = sl.indices(n)
+        if step != 1:
+            raise ValueError(f"strided device index {index} is not supported")
+        box.append((start, stop))
+    return tuple(box)
 
 
 class SafetensorsFile:
@@ -80,17 +126,79 @@ class SafetensorsFile:
                     f"{path}: corrupt safetensors file: tensor '{name}' bytes [{lo}, {hi}) do not fit its "
                     f"shape {shape} {e['dtype']} or the file's {data_len} data bytes (truncated file?)")
             self.entries[name] = (dt, shape, lo)
-        self._file = open(path, "rb")
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self._file = open(path, "rb", buffering=0)
+        self._mm = None
+        self._lock = threading.Lock()  # for the seek + read fallback
 
     def keys(self):
         return self.entries.keys()
 
     def get(self, name: str) -> np.ndarray:
-        """A zero-copy read-only view of the tensor (pages are read on first touch)."""
+        """A zero-copy read-only view of the tensor through a memory map (pages are read on first touch)."""
         dt, shape, lo = self.entries[name]
+        if self._mm is None:
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         count = math.prod(shape)
         return np.frombuffer(self._mm, dtype=dt, count=count, offset=self.data_start + lo).reshape(shape)
+
+    def _pread(self, out: np.ndarray, offset: int, name: str):
+        """Fill the C-contiguous ``out`` with the file's bytes from ``offset``."""
+        mv = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(mv):
+            chunk = mv[done:done + _MAX_READ]
+            if hasattr(os, "preadv"):
+                n = os.preadv(self._file.fileno(), [chunk], offset + done)
+            else:  # no preadv (Windows): seek + read into the buffer
+                with self._lock:
+                    self._file.seek(offset + done)
+                    n = self._file.readinto(chunk)
+            if not n:
+                raise CheckpointError(f"{self.path}: unexpected end of file while reading tensor '{name}' "
+                                      "(file truncated after it was opened?)")
+            done += n
+
+    def read(self, name: str, boxes: list[Box], dtype) -> list[np.ndarray]:
+        """Fresh 64-byte aligned ``dtype`` copies of sub-boxes of a tensor (see :func:`index_box`).
+
+        A box of whole rows in the file's dtype is one positioned read into its buffer. Other
+        boxes (column slices, dtype casts) stream the rows they cover once, in blocks of
+        ``_BLOCK_BYTES``, and each block is copied into every box that needs it.
+        """
+        dt, shape, lo = self.entries[name]
+        dtype = np.dtype(dtype)
+        outs = [_aligned_empty(tuple(b - a for a, b in box), dtype) for box in boxes]
+        shape1 = shape or (1,)  # a scalar is one row
+        row_shape = shape1[1:]
+        row_bytes = math.prod(row_shape) * dt.itemsize
+        base = self.data_start + lo
+        pending = []
+        for box, out in zip(boxes, outs):
+            box = box or ((0, 1),)
+            if out.size == 0:
+                continue
+            whole_rows = all(box[d] == (0, shape1[d]) for d in range(1, len(shape1)))
+            if whole_rows and dt == dtype:
+                self._pread(out, base + box[0][0] * row_bytes, name)
+            else:
+                pending.append((box, out.reshape(tuple(b - a for a, b in box))))
+        if not pending:
+            return outs
+        per = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+        r_lo, r_hi = min(b[0][0] for b, _ in pending), max(b[0][1] for b, _ in pending)
+        tmp = np.empty((min(per, r_hi - r_lo),) + row_shape, dt)
+        for r0 in range(r_lo, r_hi, per):
+            r1 = min(r0 + per, r_hi)
+            users = [(box, out) for box, out in pending if box[0][0] < r1 and r0 < box[0][1]]
+            if not users:
+                continue
+            block = tmp[:r1 - r0]
+            self._pread(block, base + r0 * row_bytes, name)
+            for box, out in users:
+                a, b = max(r0, box[0][0]), min(r1, box[0][1])
+                src = block[(slice(a - r0, b - r0),) + tuple(slice(s, e) for s, e in box[1:])]
+                np.copyto(out[a - box[0][0]:b - box[0][0]], src, casting="unsafe")
+        return outs
 
     def close(self):
         if self._mm is not None:
@@ -140,10 +248,13 @@ class Checkpoint:
     def keys(self):
         return self.where.keys()
 
-    def get(self, name: str) -> np.ndarray:
+    def file_of(self, name: str) -> SafetensorsFile:
         if name not in self.where:
             raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
-        return self.where[name].get(name)
+        return self.where[name]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.file_of(name).get(name)
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(st.path) for st in self.files.values())
@@ -173,7 +284,7 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, tuple, np.dtype, C
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dt, produce in items:
-            arr = np.ascontiguousarray(produce(), dtype=dt)
+            arr = np.asarray(produce(), dtype=dt, order="C")  # (ascontiguousarray would make a scalar 1-d)
             if arr.shape != tuple(shape):
                 raise CheckpointError(f"export: tensor '{name}' has shape {arr.shape}, expected {tuple(shape)}")
             f.write(arr.tobytes())
@@ -185,15 +296,16 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, tuple, np.dtype, C
 class WeightRule:
     """HF key <-> our parameter path; ``{i}`` is the layer index.
 
-    ``to_ours``/``to_hf`` are the array transforms of each direction (identity here: our weights
+    ``to_ours``/``to_hf`` are the array transforms of each direction (None = identity: our weights
     keep the HF layouts); they exist so that a family with another layout only edits this table.
+    A tensor with a ``to_ours`` transform is read whole on each host before it is sliced.
     """
 
     hf: str
     ours: str
     when: Callable[[ModelConfig], bool] = lambda cfg: True
-    to_ours: Callable[[np.ndarray], np.ndarray] = lambda a: a
-    to_hf: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    to_ours: Callable[[np.ndarray], np.ndarray] | None = None
+    to_hf: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 _LINEARS = [("self_attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
@@ -228,10 +340,12 @@ def expand_map(cfg: ModelConfig) -> dict[str, tuple[str, WeightRule]]:
 
 
 # ----------------------------------------------------------------------------- load
-def abstract_model(cfg: ModelConfig):
-    """(graphdef, abstract state) of the model without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=1)))
-    return nnx.split(abstract)
+def abstract_model(cfg: ModelConfig, dropout_seed: int = 1):
+    """``(graphdef, params, rest)``: the parameters as ``jax.ShapeDtypeStruct`` leaves, nothing
+    allocated or traced (``rest``: the real dropout RNG streams, if any)."""
+    dropout = cfg.lora is not None and cfg.lora.dropout > 0
+    rngs = nnx.Rngs(dropout=dropout_seed) if dropout else nnx.Rngs()  # no key to make otherwise
+    return nnx.split(Transformer(cfg, rngs, abstract=True), nnx.Param, ...)
 
 
 def _lora_init(path: str, shape, dtype, seed: int):
@@ -245,32 +359,86 @@ def _lora_init(path: str, shape, dtype, seed: int):
 
 
 def _aligned_copy(src: np.ndarray, dtype) -> np.ndarray:
-    """Copy into a fresh 64-byte aligned buffer.
-
-    On CPU, XLA aliases host buffers that are 64-byte aligned instead of copying them again; numpy's
-    large allocations are only 16-byte aligned. One copy is needed anyway: the memory map is closed
-    after loading.
-    """
-    dtype = np.dtype(dtype)
-    n = int(np.prod(src.shape)) * dtype.itemsize
-    buf = np.empty(n + 64, np.uint8)
-    off = (-buf.ctypes.data) % 64
-    out = buf[off:off + n].view(dtype).reshape(src.shape)
+    """Copy into a fresh 64-byte aligned buffer (see :func:`_aligned_empty`)."""
+    out = _aligned_empty(src.shape, dtype)
     np.copyto(out, src, casting="unsafe")
     return out
 
 
-def _place(host_view: np.ndarray, dtype, sharding):
-    """Put a host array (or memmap view) on devices, each device reading only its slice."""
+def _boxes(sharding, shape) -> list[Box]:
+    """The distinct slices of a ``shape`` tensor that this host's devices hold (whole without a sharding)."""
     if sharding is None:
-        return jnp.asarray(_aligned_copy(host_view, dtype))
-    return jax.make_array_from_callback(host_view.shape, sharding, lambda index: _aligned_copy(host_view[index], dtype))
+        return [tuple((0, n) for n in shape)]
+    return list(dict.fromkeys(index_box(i, shape) for i in sharding.addressable_devices_indices_map(shape).values()))
 
 
-def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | None = None, **overrides):
+def _split_host(host: np.ndarray, dtype, sharding) -> tuple[tuple, dict]:
+    """(shape, {box: aligned copy}) of an array already in host memory."""
+    return host.shape, {b: _aligned_copy(host[tuple(slice(*x) for x in b)], dtype) for b in _boxes(sharding, host.shape)}
+
+
+def read_shards(st: SafetensorsFile, name: str, dtype, sharding=None, to_ours=None) -> tuple[tuple, dict]:
+    """Host half of loading one tensor: ``(shape, {box: buffer})`` for the slices this host's
+    devices hold, each read once (devices holding the same slice share it). Thread-safe."""
+    dt, shape, _ = st.entries[name]
+    if to_ours is not None:  # a layout transform needs the whole tensor
+        return _split_host(to_ours(st.read(name, [tuple((0, n) for n in shape)], dt)[0]), dtype, sharding)
+    boxes = _boxes(sharding, shape)
+    return tuple(shape), dict(zip(boxes, st.read(name, boxes, dtype)))
+
+
+def place_shards(shape, shards: dict, sharding=None):
+    """Device half: a ``jax.Array`` from :func:`read_shards`' buffers (aliased, not copied, on CPU)."""
+    if sharding is None:
+        (buf,) = shards.values()
+        return jax.device_put(buf)
+    return jax.make_array_from_callback(shape, sharding, lambda index: shards[index_box(index, shape)])
+
+
+def _place(host: np.ndarray, dtype, sharding):
+    """Put a host array on devices, each device getting a copy of only its slice."""
+    return place_shards(*_split_host(host, dtype, sharding), sharding)
+
+
+def load_tensor(st: SafetensorsFile, name: str, dtype, sharding=None, to_ours=None):
+    """One checkpoint tensor as a ``jax.Array`` with ``sharding`` (None: the default device)."""
+    return place_shards(*read_shards(st, name, dtype, sharding, to_ours), sharding)
+
+
+def tensor_shape(st: SafetensorsFile, name: str) -> tuple:
+    """The tensor's shape as stored (from the header)."""
+    return tuple(st.entries[name][1])
+
+
+def _ordered(tasks: list[Callable], threads: int):
+    """Results of ``tasks`` in order, computed by ``threads`` threads at most ``2 * threads`` ahead
+    (which bounds the host memory in flight to a few tensors)."""
+    if threads <= 1:
+        for task in tasks:
+            yield task()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="iopo-load") as ex:
+        pending = collections.deque(ex.submit(t) for t in tasks[:2 * threads])
+        for t in tasks[2 * threads:] + [None] * len(pending):
+            result = pending.popleft().result()
+            if t is not None:
+                pending.append(ex.submit(t))
+            yield result
+
+
+def default_read_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | None = None,
+               threads: int | None = None, progress: bool | None = None, **overrides):
     """Load a HF checkpoint directory (or hub id, when online) into a sharded :class:`Transformer`.
 
     ``overrides`` replace ModelConfig fields (param_dtype, dtype, remat, lora, ...).
+    ``threads`` read tensors in parallel (default: the CPU count, at most 8); ``progress`` shows a
+    bar (default: for checkpoints over 2 GB, on process 0).
     Returns ``(model, cfg)``. Missing, unexpected or mis-shaped tensors raise CheckpointError
     naming the key.
     """
@@ -278,11 +446,7 @@ def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | Non
     cfg = config or ModelConfig.from_hf(directory, **overrides)
     ckpt = Checkpoint(directory)
     try:
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=1)))
-        graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-        if jax.tree_util.tree_leaves(rest):  # RNG streams (LoRA dropout): cheap, make them for real
-            rest = jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=1)),
-                                             nnx.Not(nnx.Param)))()
+        graphdef, state, rest = abstract_model(cfg)
         wanted = expand_map(cfg)
         ignored = [re.compile(p) for p in IGNORED_HF_KEYS]
         expected_hf = {hf for hf, _ in wanted.values()}
@@ -294,32 +458,54 @@ def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | Non
             raise CheckpointError(f"{directory}: unexpected tensor '{k}' in the checkpoint (not part of a "
                                   f"{cfg.model_type} model with this config.json)")
         pure = nnx.to_pure_dict(state)
-
-        def fill(path, leaf):
-            name = path_str(path)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+        tasks, shardings, nbytes = [], [], []
+        for path_, leaf in leaves:  # check everything before reading anything
+            name = path_str(path_)
             sharding = None
             if mesh is not None:
                 from jax.sharding import NamedSharding
 
                 sharding = NamedSharding(mesh, param_spec(name, leaf.shape, mesh))
+            shardings.append(sharding)
+            nbytes.append(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize)
             if name.endswith(("lora_a", "lora_b")):
-                return _place(_lora_init(name, leaf.shape, leaf.dtype, seed), leaf.dtype, sharding)
+                tasks.append(lambda n=name, l=leaf, s=sharding: _split_host(_lora_init(n, l.shape, l.dtype, seed), l.dtype, s))
+                continue
             if name not in wanted:
                 raise CheckpointError(f"internal: parameter '{name}' has no entry in WEIGHT_MAP")
             hf_key, rule = wanted[name]
-            view = rule.to_ours(ckpt.get(hf_key))
-            if tuple(view.shape) != tuple(leaf.shape):
-                raise CheckpointError(
-                    f"{directory}: tensor '{hf_key}' has shape {tuple(view.shape)} but the model expects "
-                    f"{tuple(leaf.shape)} for '{name}' (config.json and weights disagree)")
-            return _place(view, leaf.dtype, sharding)
+            st = ckpt.file_of(hf_key)
+            tasks.append(lambda st=st, k=hf_key, r=rule, l=leaf, s=sharding, n=name: _checked(
+                read_shards(st, k, l.dtype, s, r.to_ours), l, k, n, directory))
+            if rule.to_ours is None:
+                _checked((tensor_shape(st, hf_key), None), leaf, hf_key, name, directory)
+        if progress is None:
+            progress = ckpt.nbytes() > 2e9 and jax.process_index() == 0
+        from tqdm import tqdm
 
-        pure = jax.tree_util.tree_map_with_path(fill, pure)
-        nnx.replace_by_pure_dict(state, pure)
+        bar = tqdm(total=sum(nbytes), unit="B", unit_scale=True, desc="loading weights", disable=not progress,
+                   leave=False)
+        arrays = []
+        for (shape, shards), sharding, n in zip(_ordered(tasks, threads or default_read_threads()), shardings, nbytes):
+            arrays.append(place_shards(shape, shards, sharding))
+            bar.update(n)
+        bar.close()
+        nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, arrays))
         model = nnx.merge(graphdef, state, rest)
     finally:
         ckpt.close()
     return model, cfg
+
+
+def _checked(read, leaf, hf_key: str, name: str, directory: str):
+    """``read`` (shape, shards) after checking the shape against the model's parameter."""
+    shape = tuple(read[0])
+    if shape != tuple(leaf.shape):
+        raise CheckpointError(
+            f"{directory}: tensor '{hf_key}' has shape {shape} but the model expects "
+            f"{tuple(leaf.shape)} for '{name}' (config.json and weights disagree)")
+    return read
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -370,7 +556,8 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str | None = None, max
     items = []
     for ours, (hf_key, rule) in wanted.items():
         arr = params[ours]
-        items.append((hf_key, tuple(arr.shape), dt, (lambda a=arr, r=rule: r.to_hf(_host(a)))))
+        to_hf = rule.to_hf or (lambda a: a)
+        items.append((hf_key, tuple(arr.shape), dt, (lambda a=arr, f=to_hf: f(_host(a)))))
     if jax.process_index() != 0:
         for *_, produce in items:  # every process must take part in the gathers
             produce()
