@@ -13,14 +13,17 @@ beside it. Then every variant runs in a fresh subprocess (so that its peak RSS i
 * ``plain``: ``safetensors.numpy.load_file`` of every file (numpy arrays on the host);
 * ``ours xN``: ``iopo_jax.models.load_model(dir, mesh)`` on a mesh of N devices (``fsdp=N``; N>1 uses
   N forced CPU devices, ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), then
-  ``block_until_ready`` on every parameter. With fsdp=N the embedding is split on its second
-  (hidden) dimension, so its rows stream through a block buffer into N column slices.
+  ``block_until_ready`` on every parameter. With fsdp=N the embedding and the q/k/v/gate/up weights
+  are split on their second (hidden) dimension: those column slices are copied out of a memory map
+  of the file, the rest is read with ``preadv``.
 
 The timed region is the load call only (after imports and JAX backend start-up). Throughput is
 checkpoint bytes (all .safetensors files) / wall time, in GB/s (1e9). The ratio is throughput ours /
-plain (target >= 0.7). Peak RSS delta is ``ru_maxrss`` after the load minus the RSS just before it; it
-counts the touched pages of the memory-mapped file as well as the copies, so ~2x the checkpoint is
-what a single host copy costs; "anon after" is the anonymous (non file-backed) memory still held after
+plain (target >= 0.7). Peak RSS delta is ``ru_maxrss`` after the load minus the RSS just before it; for
+``plain`` (which copies out of a memory map of the file) it counts the touched pages of the map as
+well as the copies, so ~2x the checkpoint is what its single host copy costs; our loader shows
+~1x where it reads with ``preadv`` (1 device) and up to ~2x where it copies column slices out of a
+map (fsdp=N); the mapped pages are page cache, not held memory; "anon after" is the anonymous (non file-backed) memory still held after
 the load, i.e. the loaded arrays themselves. "cpu s" is the user + system CPU time of the loading
 process (all its threads) over the same region: on a busy machine it is steadier than wall time.
 
@@ -94,6 +97,7 @@ def child_main(a) -> None:
     """One measurement in this (fresh) process; prints one ``RESULT {json}`` line."""
     directory = a.child_dir
     if a.child == "plain":
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors.numpy needs for BF16)
         import safetensors.numpy as stn
 
         rss0, m0 = _rss_status(), _maxrss_bytes()
@@ -126,7 +130,7 @@ def child_main(a) -> None:
         if prof:
             prof.enable()
         threads = 1 if prof else (a.threads or None)
-        model, _ = load_model(directory, mesh=mesh, param_dtype=a.dtype, threads=threads)
+        model, _ = load_model(directory, mesh=mesh, param_dtype=a.param_dtype or a.dtype, threads=threads)
         leaves = jax.tree_util.tree_leaves(nnx.state(model))
         jax.block_until_ready(leaves)
         if prof:
@@ -169,7 +173,7 @@ def _print_profile(prof, total: float) -> None:
     header = find(lambda k: k[2] == "__init__" and k[0].endswith("weights.py"), 3)
     rows = [("allocating host buffers (page faults, zeroing)", alloc),
             ("positioned reads (preadv: page cache -> buffers)", pread),
-            ("column-slice copies from the row-block buffer", scatter),
+            ("column slices / casts copied from the file's map", scatter),
             ("abstract model (shapes only)", abstract),
             ("device placement (place_shards)", place),
             ("safetensors header parsing (Checkpoint open)", header)]
@@ -227,7 +231,7 @@ def ensure_checkpoints(a) -> dict[str, str]:
         if fresh or not os.path.isfile(os.path.join(sharded, "model.safetensors.index.json")):
             t = time.perf_counter()
             _run_child(["--child", "make_sharded", "--child_dir", single, "--child_out", sharded,
-                        "--shard_mb", str(a.shard_mb)])
+                        "--shard_mb", str(a.shard_mb), "--dtype", a.dtype])
             print(f"made {sharded} in {time.perf_counter() - t:.0f} s")
         dirs["sharded"] = sharded
     if fresh:
@@ -275,7 +279,10 @@ def main(argv=None) -> None:
                    help="share embedding and output head (default: tied; --no-tie_word_embeddings adds a second "
                         "151,936 x hidden tensor: 1.67 GB at the default sizes)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the saved weights; the model loads them in this dtype too (default: %(default)s)")
+                   help="dtype of the saved weights (default: %(default)s)")
+    p.add_argument("--param_dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype our loader gives the parameters (default: --dtype; e.g. a bfloat16 checkpoint loaded "
+                        "into float32 parameters for training casts while reading)")
     p.add_argument("--shard_mb", type=int, default=256,
                    help="also measure a sharded copy (index + files of at most this many MiB; a bigger tensor gets a "
                         "file of its own); 0: only the single-file checkpoint (default: %(default)s)")
@@ -314,7 +321,8 @@ def main(argv=None) -> None:
     vs = variants(a)
     results: dict = {}  # (layout, variant) -> {"cold": res, "warm": [res, ...]}
     t_all = time.perf_counter()
-    vs = [(name, args + ["--dtype", a.dtype], env) for name, args, env in vs]
+    vs = [(name, args + ["--dtype", a.dtype] + (["--param_dtype", a.param_dtype] if a.param_dtype else []), env)
+          for name, args, env in vs]
     for layout, d in dirs.items():
         for name, args, env in vs:
             results[(layout, name)] = {"cold": None, "warm": []}
@@ -331,7 +339,8 @@ def main(argv=None) -> None:
                       f"load1 {res['load1']:.1f}", flush=True)
 
     print()
-    print(f"Checkpoint loading: {checkpoint_bytes(dirs['single']) / 1e9:.3f} GB, {a.dtype}, hidden {a.hidden_size}, "
+    print(f"Checkpoint loading: {checkpoint_bytes(dirs['single']) / 1e9:.3f} GB, {a.dtype} -> params "
+          f"{a.param_dtype or a.dtype}, hidden {a.hidden_size}, "
           f"{a.num_layers} layers; warm = median of rounds 2..{a.repeats}; wall {time.perf_counter() - t_all:.0f} s")
     hdr = (f"| {'checkpoint':10s} | {'loader':8s} | {'warm s':>6s} | {'GB/s':>5s} | {'ours/plain':>10s} | {'cpu s':>5s} | "
            f"{'cold s':>6s} | {'cold GB/s':>9s} | {'cold ratio':>10s} | {'peak RSS +GB':>12s} | {'anon after +GB':>14s} | "
@@ -373,7 +382,7 @@ def main(argv=None) -> None:
     if a.profile:
         print()
         _run_child(["--child", "ours", "--child_devices", "1", "--child_dir", dirs["single"], "--child_profile",
-                    "--dtype", a.dtype],
+                    "--dtype", a.dtype] + (["--param_dtype", a.param_dtype] if a.param_dtype else []),
                    echo=True)
 
 

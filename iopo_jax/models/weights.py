@@ -1,10 +1,9 @@
 """HF safetensors <-> iopo-jax parameters: one declarative map, sharded loading, HF export.
 
-Loading builds the model abstractly (shapes only), then reads each tensor with positioned reads
-(``os.preadv``) straight into the 64-byte aligned host buffers of the slices that this host's
-devices hold under the parameter's ``NamedSharding`` (row-sharded slices are read directly;
-column-sharded ones stream the tensor's rows once through a small block buffer), and places
-them with ``jax.make_array_from_callback``. The model is never gathered on one device and never
+Loading builds the model abstractly (shapes only), then copies each tensor straight into the
+64-byte aligned host buffers of the slices that this host's devices hold under the parameter's
+``NamedSharding`` (row slices with positioned reads, ``os.preadv``; column slices and dtype casts
+in one pass out of a memory map of the file), and places them with ``jax.make_array_from_callback``. The model is never gathered on one device and never
 held twice in host memory; on CPU the devices alias the aligned buffers. Export streams tensor
 by tensor into safetensors shards that ``transformers`` loads.
 
@@ -51,7 +50,6 @@ class CheckpointError(ValueError):
 
 
 _MAX_READ = 1 << 30  # bytes per read call (Linux caps one read at ~2 GiB)
-_BLOCK_BYTES = 64 << 20  # row block for slices that are not contiguous in the file
 
 
 _MMAP_MIN_BYTES = 1 << 20
@@ -63,8 +61,9 @@ def _aligned_empty(shape, dtype) -> np.ndarray:
     On CPU, XLA aliases host buffers that are 64-byte aligned instead of copying them again;
     numpy's large allocations are only 16-byte aligned. Buffers of 1 MiB and more are their own
     anonymous memory maps (page aligned): numpy asks the kernel for transparent huge pages on
-    large arrays, and faulting those in made loading 2-3x slower than the read itself on our VMs.
-    The map is unmapped when the last array (or device buffer aliasing it) is freed.
+    large arrays, and faulting those in made loading 2-3x slower than the read itself on our VMs;
+    MAP_POPULATE faults the pages in with one call. The map is unmapped when the last array (or
+    device buffer aliasing it) is freed.
     """
     dtype = np.dtype(dtype)
     n = math.prod(shape) * dtype.itemsize
@@ -92,7 +91,8 @@ def index_box(index, shape) -> Box:
 
 
 class SafetensorsFile:
-    """A read-only memory map of one .safetensors file with a validated header."""
+    """One .safetensors file with a validated header: positioned reads of sub-boxes of its tensors
+    (:meth:`read`, what loading uses) or zero-copy views through a memory map (:meth:`get`)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -128,7 +128,7 @@ class SafetensorsFile:
             self.entries[name] = (dt, shape, lo)
         self._file = open(path, "rb", buffering=0)
         self._mm = None
-        self._lock = threading.Lock()  # for the seek + read fallback
+        self._lock = threading.Lock()  # the lazy memory map and the seek + read fallback
 
     def keys(self):
         return self.entries.keys()
@@ -136,8 +136,9 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         """A zero-copy read-only view of the tensor through a memory map (pages are read on first touch)."""
         dt, shape, lo = self.entries[name]
-        if self._mm is None:
-            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        with self._lock:
+            if self._mm is None:
+                self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         count = math.prod(shape)
         return np.frombuffer(self._mm, dtype=dt, count=count, offset=self.data_start + lo).reshape(shape)
 
@@ -161,43 +162,24 @@ class SafetensorsFile:
     def read(self, name: str, boxes: list[Box], dtype) -> list[np.ndarray]:
         """Fresh 64-byte aligned ``dtype`` copies of sub-boxes of a tensor (see :func:`index_box`).
 
-        A box of whole rows in the file's dtype is one positioned read into its buffer. Other
-        boxes (column slices, dtype casts) stream the rows they cover once, in blocks of
-        ``_BLOCK_BYTES``, and each block is copied into every box that needs it.
+        A box of whole rows in the file's dtype is one positioned read (``preadv``) into its
+        buffer. Other boxes (column slices, dtype casts) are copied out of a memory map of the
+        file: one pass over the bytes they cover, no intermediate buffer.
         """
         dt, shape, lo = self.entries[name]
         dtype = np.dtype(dtype)
         outs = [_aligned_empty(tuple(b - a for a, b in box), dtype) for box in boxes]
         shape1 = shape or (1,)  # a scalar is one row
-        row_shape = shape1[1:]
-        row_bytes = math.prod(row_shape) * dt.itemsize
-        base = self.data_start + lo
-        pending = []
+        row_bytes = math.prod(shape1[1:]) * dt.itemsize
         for box, out in zip(boxes, outs):
             box = box or ((0, 1),)
             if out.size == 0:
                 continue
-            whole_rows = all(box[d] == (0, shape1[d]) for d in range(1, len(shape1)))
-            if whole_rows and dt == dtype:
-                self._pread(out, base + box[0][0] * row_bytes, name)
+            if dt == dtype and all(box[d] == (0, shape1[d]) for d in range(1, len(shape1))):
+                self._pread(out, self.data_start + lo + box[0][0] * row_bytes, name)
             else:
-                pending.append((box, out.reshape(tuple(b - a for a, b in box))))
-        if not pending:
-            return outs
-        per = max(1, _BLOCK_BYTES // max(row_bytes, 1))
-        r_lo, r_hi = min(b[0][0] for b, _ in pending), max(b[0][1] for b, _ in pending)
-        tmp = np.empty((min(per, r_hi - r_lo),) + row_shape, dt)
-        for r0 in range(r_lo, r_hi, per):
-            r1 = min(r0 + per, r_hi)
-            users = [(box, out) for box, out in pending if box[0][0] < r1 and r0 < box[0][1]]
-            if not users:
-                continue
-            block = tmp[:r1 - r0]
-            self._pread(block, base + r0 * row_bytes, name)
-            for box, out in users:
-                a, b = max(r0, box[0][0]), min(r1, box[0][1])
-                src = block[(slice(a - r0, b - r0),) + tuple(slice(s, e) for s, e in box[1:])]
-                np.copyto(out[a - box[0][0]:b - box[0][0]], src, casting="unsafe")
+                src = self.get(name).reshape(shape1)[tuple(slice(a, b) for a, b in box)]
+                np.copyto(out.reshape(src.shape), src, casting="unsafe")
         return outs
 
     def close(self):
