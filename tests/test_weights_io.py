@@ -174,3 +174,18 @@ def test_abstract_model_of_7b_config_allocates_nothing():
     leaves = jax.tree_util.tree_leaves(params)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert 7.0e9 < sum(int(np.prod(x.shape)) for x in leaves) < 8.0e9
+
+
+def test_read_threads_and_progress_bar_give_the_same_model(small_ckpts, capsys):
+    """1 reading thread and 4 (results placed in order) load the same bits; progress=True draws a bar."""
+    d = small_ckpts["bfloat16"]
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    one, cfg = load_model(d, mesh=mesh, threads=1, progress=False)
+    assert "loading weights" not in capsys.readouterr().err
+    four, _ = load_model(d, mesh=mesh, threads=4, progress=True)
+    assert "loading weights" in capsys.readouterr().err
+    a, b = W.base_params(one), W.base_params(four)
+    assert sorted(a) == sorted(b) == sorted(W.expand_map(cfg))
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+        assert a[k].sharding == b[k].sharding
