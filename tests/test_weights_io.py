@@ -48,8 +48,14 @@ BOXES = {
 }
 
 
-def test_read_boxes_equal_numpy_slices(tensors_file):
-    """Every box, in the file's dtype and cast, equals numpy slicing; fresh 64-byte aligned buffers."""
+@pytest.mark.parametrize("how", ["preadv", "short_reads", "no_preadv"])
+def test_read_boxes_equal_numpy_slices(tensors_file, monkeypatch, how):
+    """Every box, in the file's dtype and cast, equals numpy slicing; fresh 64-byte aligned buffers.
+    Also with reads split into 7-byte calls, and through the seek + readinto fallback (no preadv)."""
+    if how == "short_reads":
+        monkeypatch.setattr(W, "_MAX_READ", 7)
+    if how == "no_preadv":
+        monkeypatch.delattr(os, "preadv", raising=False)
     path, tensors = tensors_file
     st = W.SafetensorsFile(path)
     try:
