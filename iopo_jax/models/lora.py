@@ -22,7 +22,7 @@ from flax import nnx
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
 from iopo_jax.models.transformer import Transformer
 from iopo_jax.models.weights import (CheckpointError, SafetensorsFile, _host, base_params, export_hf,
-                                     load_model, load_tensor, tensor_shape, write_safetensors)
+                                     load_model, load_tensor, write_safetensors)
 from iopo_jax.sharding import param_spec, path_str
 
 PEFT_PREFIX = "base_model.model."
@@ -141,7 +141,7 @@ def load_adapter_into(model: Transformer, adapter_dir: str, mesh=None) -> Transf
                     raise CheckpointError(f"{path}: tensor '{key}' is missing from the adapter")
                 key = alt
             used.add(key)
-            shape = tensor_shape(st, key)
+            shape = st.shape(key)
             if shape != tuple(leaf.shape):
                 raise CheckpointError(f"{path}: tensor '{key}' has shape {shape}, expected {tuple(leaf.shape)}")
             sharding = None

@@ -133,6 +133,10 @@ class SafetensorsFile:
     def keys(self):
         return self.entries.keys()
 
+    def shape(self, name: str) -> tuple:
+        """The tensor's shape as stored (from the header)."""
+        return tuple(self.entries[name][1])
+
     def get(self, name: str) -> np.ndarray:
         """A zero-copy read-only view of the tensor through a memory map (pages are read on first touch)."""
         dt, shape, lo = self.entries[name]
@@ -377,19 +381,9 @@ def place_shards(shape, shards: dict, sharding=None):
     return jax.make_array_from_callback(shape, sharding, lambda index: shards[index_box(index, shape)])
 
 
-def _place(host: np.ndarray, dtype, sharding):
-    """Put a host array on devices, each device getting a copy of only its slice."""
-    return place_shards(*_split_host(host, dtype, sharding), sharding)
-
-
 def load_tensor(st: SafetensorsFile, name: str, dtype, sharding=None, to_ours=None):
     """One checkpoint tensor as a ``jax.Array`` with ``sharding`` (None: the default device)."""
     return place_shards(*read_shards(st, name, dtype, sharding, to_ours), sharding)
-
-
-def tensor_shape(st: SafetensorsFile, name: str) -> tuple:
-    """The tensor's shape as stored (from the header)."""
-    return tuple(st.entries[name][1])
 
 
 def _ordered(tasks: list[Callable], threads: int):
@@ -402,12 +396,13 @@ def _ordered(tasks: list[Callable], threads: int):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads, thread_name_prefix="iopo-load") as ex:
-        pending = collections.deque(ex.submit(t) for t in tasks[:2 * threads])
-        for t in tasks[2 * threads:] + [None] * len(pending):
-            result = pending.popleft().result()
-            if t is not None:
-                pending.append(ex.submit(t))
-            yield result
+        pending = collections.deque()
+        for task in tasks:
+            pending.append(ex.submit(task))
+            if len(pending) > 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def default_read_threads() -> int:
@@ -458,10 +453,15 @@ def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | Non
                 raise CheckpointError(f"internal: parameter '{name}' has no entry in WEIGHT_MAP")
             hf_key, rule = wanted[name]
             st = ckpt.file_of(hf_key)
-            tasks.append(lambda st=st, k=hf_key, r=rule, l=leaf, s=sharding, n=name: _checked(
-                read_shards(st, k, l.dtype, s, r.to_ours), l, k, n, directory))
-            if rule.to_ours is None:
-                _checked((tensor_shape(st, hf_key), None), leaf, hf_key, name, directory)
+            if rule.to_ours is None:  # the header has the shape; after a transform only the read does
+                _check_shape(st.shape(hf_key), leaf, hf_key, name, directory)
+
+            def read_one(st=st, k=hf_key, r=rule, l=leaf, s=sharding, n=name):
+                shape, shards = read_shards(st, k, l.dtype, s, r.to_ours)
+                _check_shape(shape, l, k, n, directory)
+                return shape, shards
+
+            tasks.append(read_one)
         if progress is None:
             progress = ckpt.nbytes() > 2e9 and jax.process_index() == 0
         from tqdm import tqdm
@@ -480,14 +480,11 @@ def load_model(path: str, mesh=None, *, seed: int = 0, config: ModelConfig | Non
     return model, cfg
 
 
-def _checked(read, leaf, hf_key: str, name: str, directory: str):
-    """``read`` (shape, shards) after checking the shape against the model's parameter."""
-    shape = tuple(read[0])
-    if shape != tuple(leaf.shape):
+def _check_shape(shape, leaf, hf_key: str, name: str, directory: str):
+    if tuple(shape) != tuple(leaf.shape):
         raise CheckpointError(
-            f"{directory}: tensor '{hf_key}' has shape {shape} but the model expects "
+            f"{directory}: tensor '{hf_key}' has shape {tuple(shape)} but the model expects "
             f"{tuple(leaf.shape)} for '{name}' (config.json and weights disagree)")
-    return read
 
 
 def resolve_checkpoint_dir(path: str) -> str:
