@@ -57,7 +57,7 @@ def test_eval_sampling_seed_follows_the_unit_not_its_batch_position(tmp_path, mo
         return {i: fake.keys[i] for i in ids}
 
     full = run(["u1#0", "u2#0", "u3#0", "u4#0"])
-    resumed = run(["u3#0", "u4#0"])  # u1, u2 done before the interruption: u3 is now first in its batch
+    resumed = run(["u2#0", "u3#0", "u4#0"])  # u1 done before the interruption: the others move up one place
     assert resumed == {i: full[i] for i in resumed}
     assert len(set(full.values())) == 4
     assert full["u3#0"][0] == generate.unit_seed(7, "u3#0")
