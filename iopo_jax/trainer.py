@@ -544,7 +544,7 @@ class Trainer:
         with use_mesh(self.mesh):
             for batch in it:
                 ms.append(self.eval_step(self.trainable, device_batch(self._with_ref(batch, "val"), self.mesh)))
-        return mean_metrics(ms)
+        return window_metrics(ms, self.token_sum)[0] if ms else {}
 
     # -- checkpoints
     def _arrays(self):
