@@ -91,7 +91,7 @@ def _rl(remat):
     parts, trainable = split_model(_model(remat, 0.0), lora=True)
     logps, ref_logps, grad_step, _ = make_rl_steps(
         parts, optax.adamw(1e-3), temperature=1.0, chunk=8, max_label_tokens=None, eps_low=0.2, eps_high=0.28,
-        kl_coef=0.01, aggregation="token", seed=0)
+        kl_coef=0.01, aggregation="token_mean", seed=0)
     b = _batch()
     lp = logps(trainable, b)
     mask = b["labels"] != -100
