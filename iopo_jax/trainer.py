@@ -27,6 +27,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any
 
@@ -503,6 +505,17 @@ def device_batch(batch: dict, mesh) -> dict:
     return out
 
 
+def host_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (the rows it passed to :func:`device_batch`)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    shards = {}
+    for sh in x.addressable_shards:
+        start = sh.index[0].start or 0 if sh.index else 0
+        shards.setdefault(start, sh.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+
+
 def mean_metrics(ms: list[dict]) -> dict:
     """Average metric dicts, weighting by the number of real groups in each."""
     if not ms:
@@ -521,6 +534,44 @@ def mean_metrics(ms: list[dict]) -> dict:
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
+
+
+# ----------------------------------------------------------------------------- preemption
+class PreemptionGuard:
+    """SIGTERM (what TPU VMs, Kubernetes and SLURM send before taking a machine) sets a flag instead of
+    killing the process; the loop asks :meth:`should_stop` at every step boundary, saves a checkpoint and
+    returns. With several processes every process stops at the same step (the flags are all-gathered).
+    A second SIGTERM while the first is pending kills the process as usual."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second signal: give up waiting for the step boundary
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.requested = True
+        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([int(self.requested)], np.int32))
+        return bool(np.asarray(flags).max())
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -610,7 +661,7 @@ class Trainer:
             idx, vals = [], []
             with use_mesh(self.mesh):
                 for batch in it:
-                    lp = np.asarray(jax.device_get(self.ref_step(self.trainable, device_batch(batch, self.mesh))))
+                    lp = host_rows(self.ref_step(self.trainable, device_batch(batch, self.mesh)))
                     lp = lp.reshape(-1, self.k)
                     for j, ex in enumerate(np.asarray(batch["example_index"])):
                         if ex >= 0:
@@ -687,6 +738,8 @@ class Trainer:
         it = iter(self.data.train)
         step = start
         last_saved = start
+        preempted = False
+        guard = PreemptionGuard().__enter__()
         try:
             while step < self.total_steps:
                 t0 = time.perf_counter()
@@ -735,15 +788,23 @@ class Trainer:
                 if step % cfg.checkpoint.every == 0 and step < self.total_steps:
                     self.save(step)
                     last_saved = step
+                if step < self.total_steps and guard.should_stop():
+                    preempted = True
+                    break
             bar.close()
             if step > last_saved:
                 self.save(step)
             self.ckpt.wait()
+            if preempted:
+                log.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume",
+                            step, self.ckpt.directory)
+                return {"steps": step, "preempted": True, "checkpoint": self.ckpt.directory}
             ev = self.evaluate()
             if ev:
                 logger.write(step, "eval", ev)
                 history["eval"].append((step, ev))
         finally:
+            guard.__exit__()
             bar.close()
             self.ckpt.wait()
             logger.close()

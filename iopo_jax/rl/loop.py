@@ -44,7 +44,7 @@ from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, rewa
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
 from iopo_jax.sharding import batch_sharding, make_mesh, use_mesh
-from iopo_jax.trainer import (BoundStep, MetricsLogger, StepSpec, TrainingDiverged, _csv, abstract_like, lora_config,
+from iopo_jax.trainer import (BoundStep, MetricsLogger, PreemptionGuard, StepSpec, TrainingDiverged, _csv, abstract_like, lora_config,
                               make_apply_step, make_optimizer, make_schedule, reference_trainable, resolve_model_dir,
                               split_model)
 
@@ -533,6 +533,8 @@ class RLTrainer:
         bar = tqdm(total=self.iterations, initial=start, desc=cfg.objective.name, dynamic_ncols=True,
                    disable=not self.progress or jax.process_index() != 0)
         step, last_saved = start, start
+        preempted = False
+        guard = PreemptionGuard().__enter__()
         try:
             while step < self.iterations:
                 metrics = self.iteration(step)
@@ -549,15 +551,23 @@ class RLTrainer:
                 if step % cfg.checkpoint.every == 0 and step < self.iterations:
                     self.save(step)
                     last_saved = step
+                if step < self.iterations and guard.should_stop():
+                    preempted = True
+                    break
             if step > last_saved:
                 self.save(step)
             self.ckpt.wait()
         finally:
+            guard.__exit__()
             bar.close()
             self.ckpt.wait()
             logger.close()
             if self.reward is not None:
                 self.reward.close()
+        if preempted:
+            log.warning("preempted: checkpoint of iteration %d saved in %s; rerun the same command to resume",
+                        step, self.ckpt.directory)
+            return {"steps": step, "preempted": True, "checkpoint": self.ckpt.directory}
         return self._finish(step)
 
     def _finish(self, step: int) -> dict:
@@ -566,9 +576,9 @@ class RLTrainer:
         summary = summarize_rl(hist)
         summary["steps"] = step
         summary["objective"] = cfg.objective.name
-        exports = {}
+        # every process takes part in the export (the weights are gathered across hosts); process 0 writes
+        exports = export_policy(cfg, self.parts.merge(self.trainable), self.model_dir, self.workdir)
         if jax.process_index() == 0:
-            exports = export_policy(cfg, self.parts.merge(self.trainable), self.model_dir, self.workdir)
             if cfg.train.plot and hist:
                 summary["plot"] = plot_rl(hist, os.path.join(self.workdir, "rl_curves.png"))
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
@@ -641,7 +651,8 @@ def export_policy(cfg, model, model_dir: str, workdir: str) -> dict:
 
         out = os.path.join(workdir, "export", "merged")
         exports["merged"] = export_merged(model, out, dtype=cfg.export.dtype)
-        copy_tokenizer(cfg.model.tokenizer or model_dir, out)
+        if jax.process_index() == 0:
+            copy_tokenizer(cfg.model.tokenizer or model_dir, out)
     return exports
 
 
