@@ -18,6 +18,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from iopo_jax.multihost import detected_cluster, maybe_init_distributed  # noqa: F401  (re-exported)
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cpu_demo.py")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file (Python file with get_config()); fields: configs/base.py.")
@@ -32,47 +34,6 @@ _COORD = flags.DEFINE_string("coordinator_address", None,
                              "also read from JAX_COORDINATOR_ADDRESS). Not needed on TPU pods, SLURM or Open MPI.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
-
-
-def detected_cluster() -> str | None:
-    """Name of the cluster environment JAX's own detection finds (TPU pod, SLURM, Open MPI, ...), or None."""
-    try:
-        from jax._src.clusters import ClusterEnv
-    except ImportError:  # pragma: no cover - private module moved
-        return None
-    for env in ClusterEnv._cluster_types:
-        try:
-            if not env.opt_in_only_method and env.is_env_present():
-                return env.__name__
-        except Exception:  # a probe that cannot run here (e.g. no metadata server) is no cluster
-            continue
-    return None
-
-
-def maybe_init_distributed(mode: str = "auto", coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None) -> bool:
-    """``jax.distributed.initialize()`` before any other JAX call; returns whether it was called.
-
-    ``auto``: when JAX detects a cluster (:func:`detected_cluster`) or a coordinator is given (argument or
-    ``JAX_COORDINATOR_ADDRESS``); ``on``: always; ``off``: never (single process).
-    """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"config.distributed={mode!r}: must be auto, on or off")
-    if mode == "off":
-        return False
-    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
-    if mode == "auto" and not coordinator_address and detected_cluster() is None:
-        return False
-    if coordinator_address and (num_processes is None or process_id is None):
-        missing = [n for n, v in (("num_processes", num_processes), ("process_id", process_id)) if v is None]
-        if detected_cluster() is None:
-            raise ValueError(f"a coordinator address ({coordinator_address}) was given without {missing}: set "
-                             "--num_processes and --process_id (config.num_processes / config.process_id) too")
-    import jax
-
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-    return True
 
 
 def _distributed_args(cfg) -> tuple:
