@@ -102,5 +102,10 @@ def get_config():
     ms.data = 1  # pure data parallel axis
     ms.fsdp = -1  # data parallel with sharded parameters (-1 = all remaining devices)
     ms.tensor = 1  # tensor parallel axis
-    c.distributed = "auto"  # auto: jax.distributed.initialize() on multi-host TPU/GPU pods | on | off
+    # auto: jax.distributed.initialize() when JAX detects a cluster (TPU pod, SLURM, Open MPI) or a coordinator
+    # is given (below or JAX_COORDINATOR_ADDRESS); single process otherwise | on: always | off: never
+    c.distributed = "auto"
+    c.coordinator_address = ""  # host:port of process 0 (explicit multi-process runs, e.g. GPU hosts)
+    c.num_processes = 0  # number of processes (0: detected)
+    c.process_id = -1  # this process's index (-1: detected)
     return c

@@ -82,6 +82,9 @@ def apply_flag_overrides(config) -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from iopo_jax.multihost import require_single_process
+
+    require_single_process("python -m evaluation.run")
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("pass --config=configs/eval_trace.py (or eval_eifbench.py, eval_demo.py)")

@@ -287,6 +287,9 @@ def main(argv):
 
     del argv
     F = flags.FLAGS
+    from iopo_jax.multihost import require_single_process
+
+    require_single_process("python -m iopo_jax.generate")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if F.compilation_cache_dir:
         import jax

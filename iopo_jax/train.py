@@ -6,7 +6,9 @@
 ``--config`` is an ml_collections config file (a Python file with ``get_config()``); every field is
 documented in configs/base.py and can be overridden as ``--config.section.field=value``. Rerunning
 the same command with the same ``--workdir`` resumes from the last checkpoint. On a multi-host TPU
-pod run the same command on every host (``jax.distributed.initialize()`` is called automatically).
+pod run the same command on every host (``jax.distributed.initialize()`` is called automatically when JAX
+detects the cluster: TPU pods, SLURM, Open MPI); elsewhere give ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` on every process.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from iopo_jax.multihost import detected_cluster, maybe_init_distributed  # noqa: F401  (re-exported)
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cpu_demo.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,19 +29,18 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar (e.g. in CI logs).")
 
 
-def maybe_init_distributed(mode: str) -> None:
-    """jax.distributed.initialize() on multi-host pods (before any other JAX call)."""
-    if mode == "off":
-        return
-    on_pod = any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                                          "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID"))
-    if mode == "on" or (mode == "auto" and on_pod and "TPU_WORKER_HOSTNAMES" in os.environ
-                        and "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")):
-        import jax
+_COORD = flags.DEFINE_string("coordinator_address", None,
+                             "host:port of process 0 for a multi-process run (overrides config.coordinator_address; "
+                             "also read from JAX_COORDINATOR_ADDRESS). Not needed on TPU pods, SLURM or Open MPI.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
 
-        jax.distributed.initialize()
-    elif mode not in ("auto", "on"):
-        raise ValueError(f"config.distributed={mode!r}: must be auto, on or off")
+
+def _distributed_args(cfg) -> tuple:
+    coord = _COORD.value if _COORD.value is not None else (cfg.get("coordinator_address") or None)
+    nproc = _NPROC.value if _NPROC.value is not None else (cfg.get("num_processes") or None)
+    pid = _PID.value if _PID.value is not None else cfg.get("process_id", -1)
+    return coord, nproc, (None if pid is None or pid < 0 else pid)
 
 
 def main(argv):
@@ -49,7 +52,7 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     logging.getLogger("iopo_jax").setLevel(logging.INFO)
-    maybe_init_distributed(cfg.get("distributed", "auto"))
+    maybe_init_distributed(cfg.get("distributed", "auto"), *_distributed_args(cfg))
     import jax
 
     if cfg.objective.name in ("segpo", "grpo"):
@@ -68,6 +71,9 @@ def main(argv):
 
 
 def format_result(result: dict) -> str:
+    if result.get("preempted"):
+        return (f"preempted (SIGTERM) after step {result.get('steps')}: checkpoint saved in {result.get('checkpoint')}; "
+                "rerun the same command to resume")
     lines = [f"finished {result.get('steps')} steps"]
     tl, tf = result.get("train_last", {}), result.get("train_first", {})
     for k in ("loss", "rewards/accuracies_v1", "rewards/accuracies_v2", "rewards/accuracies", "rewards/margins_v1"):
