@@ -237,8 +237,10 @@ def gguf_config(reader) -> dict:
     names = {t.name for t in reader.tensors}
     hidden = int(g("embedding_length"))
     heads = int(g("attention.head_count"))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = int(g("vocab_size") or len(tokens.data))
+    embd = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    if not embd:
+        raise ValueError("the GGUF has no token_embd.weight tensor")
+    vocab = int(embd[0].shape[-1])  # rows of the embedding (GGUF lists dims innermost first)
     cfg = {
         "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
         "model_type": arch,
