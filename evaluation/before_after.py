@@ -89,6 +89,9 @@ def _eval_prompts(job, workdir: str) -> str:
 
 
 def _evaluate(config) -> dict:
+    import gc  # pylint: disable=import-outside-toplevel
+
+    from evaluation import generate  # pylint: disable=import-outside-toplevel
     from evaluation.runner import evaluate  # pylint: disable=import-outside-toplevel
 
     done = os.path.join(config.workdir, "metrics.json")
@@ -97,7 +100,12 @@ def _evaluate(config) -> dict:
             m = json.load(f)
         if m.get("n_missing_predictions") == 0:
             return m
-    return evaluate(config)
+    try:
+        return evaluate(config)
+    finally:
+        # The sampler (model + KV cache) is not needed by the training that follows: free it.
+        generate._cached_sampler.cache_clear()  # pylint: disable=protected-access
+        gc.collect()
 
 
 def comparison(before: dict, after: dict) -> dict:
