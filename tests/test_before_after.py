@@ -68,7 +68,9 @@ def test_main_job_cli_on_smollm2_with_tiny_budget(smollm2_dir, tmp_path):
            "--no_progress", f"--config.model.path={smollm2_dir}", "--config.job.eval_limit=3",
            "--config.job.eval_max_new_tokens=12", "--config.train.max_steps=2", "--config.checkpoint.every=2",
            "--config.data.cutoff_len=192"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    # One CPU device, as the README command runs (conftest forces 8 for the sharding tests).
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "all prompts: pass rate (IF)" in p.stdout
     cmp = json.loads((wd / "before_after.json").read_text())
@@ -79,7 +81,7 @@ def test_main_job_cli_on_smollm2_with_tiny_budget(smollm2_dir, tmp_path):
         preds = [json.loads(l) for l in open(wd / side / "predictions.jsonl")]
         assert len(preds) == 3 and all(isinstance(x["response"], str) for x in preds)
     # Rerunning resumes: nothing is trained or generated again.
-    p2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    p2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert p2.returncode == 0 and "[3/4] training" not in p2.stdout
 
 
