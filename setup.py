@@ -18,11 +18,13 @@ CORE = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "tensorboardX>=2.6",
+    "gguf>=0.10",  # iopo_jax.tools.fetch_model reads and dequantizes GGUF files
 ]
 
 EXTRAS = {
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40"],
+    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40",
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],  # the notebooks are executed in a test
     "serve": ["openai>=1.40"],
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
 }
