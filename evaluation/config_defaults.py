@@ -13,7 +13,7 @@ import ml_collections
 
 def base_config(benchmark: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Which evaluation to run: "trace", "eifbench" or "demo".
+    # Which evaluation to run: "trace", "eifbench", "ifeval" or "demo".
     c.benchmark = benchmark
     # Output folder (predictions.jsonl, judgments.jsonl, metrics.json, report.md, charts, caches, eval.log).
     # Usually given as --workdir. Rerunning with the same workdir resumes the run.
@@ -31,7 +31,8 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     # Benchmark data. trace: the 202409_trace_evaluation.jsonl file; eifbench: one or more split files
-    # (sorted_party100.json, ...), comma-separated; demo: "" = the bundled demo set. Given as --data_path.
+    # (sorted_party100.json, ...), comma-separated; ifeval: input_data.jsonl; demo: "" = the bundled demo
+    # set. Given as --data_path.
     c.data.path = ""
     # Evaluate only the first N items (per split for EIFBench); 0 = all. Given as --limit.
     c.data.limit = 0

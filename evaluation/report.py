@@ -5,7 +5,9 @@ accuracy by ``levels2`` dimension, by category; charts ``if_by_constraint_count.
 ``accuracy_by_dimension.png``. EIFBench: task level / ILA / CLA overall and per split, by number of
 sub-instructions and by task type; charts ``accuracy_by_num_sub_instructions.png`` and
 ``accuracy_by_task_type.png``. Demo: IF and constraint-level accuracy, by constraint count and by
-verifier type; charts ``if_by_constraint_count.png`` and ``accuracy_by_dimension.png``. Every report
+verifier type; charts ``if_by_constraint_count.png`` and ``accuracy_by_dimension.png``. IFEval: prompt- and
+instruction-level accuracy, strict and loose, by instruction category and type, by number of instructions;
+charts ``ifeval_overall.png``, ``ifeval_by_category.png`` and ``ifeval_by_instruction.png``. Every report
 ends with the judge/generation usage (requests, retries, tokens, cost).
 
 Dimension labels of TRACE are Chinese; when no CJK font is installed the charts use the English
@@ -243,6 +245,42 @@ def _demo_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
     return s
 
 
+def _ifeval_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
+    s = "## IFEval (lm-eval's instruction checkers)\n\n"
+    s += table(["", "prompt level %", "instruction level %", "average %"],
+               [["strict", pct(m["prompt_level_strict"]), pct(m["inst_level_strict"]), pct(m["avg_prompt_inst_strict"])],
+                ["loose", pct(m["prompt_level_loose"]), pct(m["inst_level_loose"]), pct(m["avg_prompt_inst_loose"])]])
+    s += (f"\nPrompts scored: {m['n_scored']} of {m['n_items']} ({m['n_instructions']} instructions; missing "
+          f"predictions: {m['n_missing_predictions']}). Prompt level: share of prompts whose instructions all pass; "
+          "instruction level: share of all instructions that pass; loose: an instruction also passes when the answer "
+          "passes without its first and/or last line or without `*`.\n")
+    if charts and m["n_scored"]:
+        keys = [("prompt_level_strict", "prompt strict"), ("inst_level_strict", "instruction strict"),
+                ("prompt_level_loose", "prompt loose"), ("inst_level_loose", "instruction loose")]
+        f = bar_chart(os.path.join(workdir, "ifeval_overall.png"), [lbl for _, lbl in keys],
+                      {"accuracy": [m[k] for k, _ in keys]}, "IFEval: overall accuracy", "metric")
+        s += f"\n![IFEval overall]({f})\n"
+    for key, title, fname in (("by_category", "instruction category", "ifeval_by_category.png"),
+                              ("by_instruction", "instruction type", "ifeval_by_instruction.png")):
+        d = m.get(key) or {}
+        if not d:
+            continue
+        s += f"\n### By {title}\n\n" + table([title, "instructions", "strict %", "loose %"],
+                                               [[k, v["n"], pct(v["strict"]), pct(v["loose"])] for k, v in d.items()])
+        if charts:
+            f = bar_chart(os.path.join(workdir, fname), list(d),
+                          {"strict": [v["strict"] for v in d.values()], "loose": [v["loose"] for v in d.values()]},
+                          f"IFEval: accuracy by {title}", title, horizontal=True,
+                          annot=[f"(n={v['n']})" for v in d.values()])
+            s += f"\n![IFEval by {title}]({f})\n"
+    bn = m.get("by_num_instructions") or {}
+    if bn:
+        s += "\n### By number of instructions per prompt\n\n" + table(
+            ["instructions", "prompts", "prompt strict %", "prompt loose %"],
+            [[k, v["n"], pct(v["prompt_strict"]), pct(v["prompt_loose"])] for k, v in bn.items()])
+    return s
+
+
 def write_report(workdir: str, metrics: dict[str, Any], run_info: dict[str, Any], charts: bool = True) -> str:
     """Writes ``report.md`` (and charts) into ``workdir``; returns the report path."""
     from evaluation import io_utils  # pylint: disable=import-outside-toplevel
@@ -256,6 +294,8 @@ def write_report(workdir: str, metrics: dict[str, Any], run_info: dict[str, Any]
         s += _eif_report(metrics, workdir, charts)
     elif bench == "demo":
         s += _demo_report(metrics, workdir, charts)
+    elif bench == "ifeval":
+        s += _ifeval_report(metrics, workdir, charts)
     s += _usage_section(metrics.get("usage", {}))
     path = os.path.join(workdir, "report.md")
     io_utils.write_text_atomic(path, s)

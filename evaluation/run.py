@@ -1,4 +1,4 @@
-r"""Evaluate a model on TRACE, EIFBench or the bundled demo set; resumable.
+r"""Evaluate a model on TRACE, EIFBench, IFEval or the bundled demo set; resumable.
 
 Examples::
 
@@ -14,6 +14,10 @@ Examples::
 
     # Offline demo (no network, no key): the data pipeline's rule-based verifiers are the judge.
     python -m evaluation.run --config=configs/eval_demo.py --predictions=demo_preds.jsonl --workdir=runs/demo
+
+    # IFEval (offline): lm-eval's instruction checkers, prompt/instruction-level strict and loose accuracy.
+    python -m evaluation.run --config=configs/eval_ifeval.py --model_dir=/ckpt/model \
+        --data_path=data/ifeval/input_data.jsonl --workdir=runs/ifeval_model
 
 Each run writes into ``--workdir``: ``predictions.jsonl``, ``judgments.jsonl``, ``metrics.json``,
 ``report.md`` with PNG charts, ``config.json`` (the resolved config; no secrets), ``judge_cache.jsonl``
@@ -36,9 +40,11 @@ from ml_collections import config_flags
 
 from evaluation import judge as judge_lib
 from evaluation.generate import SamplerUnavailableError
+from evaluation.ifeval import IFEvalUnavailableError
 from evaluation.runner import evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval_*.py).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Evaluation config file (configs/eval_trace.py, eval_eifbench.py, eval_ifeval.py, eval_demo.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; rerun with the same folder to resume.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model to generate with (JAX sampler); also the run's name.")
 _LORA = flags.DEFINE_string("lora", None, "PEFT LoRA adapter directory applied on --model_dir by the JAX sampler.")
@@ -87,11 +93,12 @@ def main(argv) -> None:
     require_single_process("python -m evaluation.run")
     config = _CONFIG.value
     if config is None:
-        raise app.UsageError("pass --config=configs/eval_trace.py (or eval_eifbench.py, eval_demo.py)")
+        raise app.UsageError("pass --config=configs/eval_trace.py (or eval_eifbench.py, eval_ifeval.py, eval_demo.py)")
     apply_flag_overrides(config)
     try:
         evaluate(config)
-    except (ValueError, FileNotFoundError, judge_lib.ChatError, SamplerUnavailableError) as e:
+    except (ValueError, FileNotFoundError, judge_lib.ChatError, SamplerUnavailableError,
+            IFEvalUnavailableError) as e:
         logging.getLogger("evaluation.run").error("%s", e)
         sys.exit(f"error: {e}")
 

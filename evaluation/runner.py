@@ -112,7 +112,7 @@ def make_fingerprint(config, backend: str, data_files: list[str], templates: dic
     else:
         fp["generation"] = {"model_dir": os.path.abspath(config.model_dir), "temperature": g.temperature,
                             "top_p": g.top_p, "max_new_tokens": g.max_new_tokens, "seed": config.seed}
-    if config.benchmark != "demo":
+    if config.benchmark not in ("demo", "ifeval"):
         fp["judge"] = {"model": j.model, "temperature": j.temperature, "top_p": j.top_p, "max_tokens": j.max_tokens,
                        "system_prompt": j.system_prompt, "format_str": j.format_str}
     fp["templates"] = {k: (_sha256_text(v) if v is not None else "default") for k, v in templates.items()}
@@ -165,8 +165,11 @@ def evaluate(config) -> dict[str, Any]:
         if config.benchmark == "demo":
             from evaluation import demo  # pylint: disable=import-outside-toplevel
             return demo.evaluate_demo(config)
+        if config.benchmark == "ifeval":
+            from evaluation import ifeval  # pylint: disable=import-outside-toplevel
+            return ifeval.evaluate_ifeval(config)
         if config.benchmark not in ("trace", "eifbench"):
-            raise ValueError(f"config.benchmark must be trace, eifbench or demo, got {config.benchmark!r}")
+            raise ValueError(f"config.benchmark must be trace, eifbench, ifeval or demo, got {config.benchmark!r}")
         return _evaluate_judged(config)
     finally:
         logging.getLogger().removeHandler(handler)
@@ -288,6 +291,11 @@ def print_summary(m: dict[str, Any]) -> None:
                 f"unparseable {m['n_unparseable']}, judge errors {m['n_judge_errors']})")
         for split, v in m["by_split"].items():
             line += f"\n  {split}: task {pct(v['task_level'])}  ILA {pct(v['ILA'])}  CLA {pct(v['CLA'])}  (n={v['n']})"
+    elif b == "ifeval":
+        line = (f"IFEval  prompt-level strict {pct(m['prompt_level_strict'])}  inst-level strict "
+                f"{pct(m['inst_level_strict'])}  prompt-level loose {pct(m['prompt_level_loose'])}  inst-level loose "
+                f"{pct(m['inst_level_loose'])}  (prompts {m['n_scored']}/{m['n_items']}, instructions "
+                f"{m['n_instructions']}, missing predictions {m['n_missing_predictions']})")
     else:
         line = (f"Demo  IF {pct(m['IF'])}  constraint accuracy {pct(m['constraint_accuracy'])}  "
                 f"(items {m['n_scored']}, constraints {m['n_constraints']})")
