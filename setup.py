@@ -22,8 +22,8 @@ CORE = [
 
 EXTRAS = {
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40"],
-    "serve": ["openai>=1.40"],
+    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40", "fastapi>=0.110", "uvicorn>=0.29"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40"],
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
 }
 

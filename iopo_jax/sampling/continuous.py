@@ -61,7 +61,7 @@ class ContinuousEngine:
         self.prefill_step = jax.jit(self._prefill_step, donate_argnums=(1,))
         self.admit = jax.jit(self._admit, donate_argnums=(1,))
         self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("steps",))
-        self.grow = jax.jit(self._grow, static_argnames=("batch",), donate_argnums=(0,))
+        self.grow = jax.jit(self._grow, static_argnames=("batch",))
         self.new_cache = jax.jit(self._new_cache, static_argnames=("batch", "length", "per_row"))
 
     def _new_cache(self, *, batch: int, length: int, per_row: bool) -> KVCache:
