@@ -198,6 +198,7 @@ class Scheduler:
         self.jobs: list[_Job] = []
         self.stats = GenerationStats()
         self.rounds = 0
+        self.prefilled_prompts = 0  # prompt rows prefilled (fewer than rows with prefix sharing)
 
     # ------------------------------------------------------------------ public
     def add(self, rows):
@@ -314,6 +315,7 @@ class Scheduler:
         prompts = [None] * len(uniq)
         for r, k in zip(rows, src):
             prompts[k] = r.prompt_ids
+        self.prefilled_prompts += len(prompts)
         b = _pick(len(prompts), s.batch_buckets)
         ids = np.full((b, p), s.pad_id, np.int32)
         seg = np.zeros((b, p), np.int32)
