@@ -100,10 +100,10 @@ def test_short_rows_do_not_wait_for_a_long_prompt(model):
 def test_compilations_bounded(samplers):
     _, cont = samplers
     rng = np.random.RandomState(4)
-    cont.generate(_prompts(rng.randint(1, 100, size=24), seed=5), SamplingParams(max_new_tokens=5, temperature=0.7,
-                                                                                  seed=1))
+    lengths = [5, 20, 40, 90, 99] + list(rng.randint(1, 100, size=19))  # every prompt bucket of 1..99 tokens
+    cont.generate(_prompts(lengths, seed=5), SamplingParams(max_new_tokens=5, temperature=0.7, seed=1))
     after = cont.trace_counts
     cont.generate(_prompts(rng.randint(1, 100, size=30), seed=6), SamplingParams(max_new_tokens=9))
     new = {k: v - after.get(k, 0) for k, v in cont.trace_counts.items() if v != after.get(k, 0)}
     assert not new, new  # same buckets: nothing recompiles, whatever the mix of lengths
-    assert cont.trace_counts["decode_lane"] == 1  # one lane shape
+    assert cont.trace_counts["decode_lane"] <= 2  # one lane shape (x stop-id widths 4 and 8 of the first test)

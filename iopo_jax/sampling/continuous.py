@@ -176,6 +176,7 @@ class _Job:
     cache: Optional[KVCache] = None
     last: Optional[jax.Array] = None
     done_chunks: int = 0
+    round: int = 0  # scheduler round that created the job
 
     @property
     def num_chunks(self) -> int:
@@ -327,7 +328,7 @@ class Scheduler:
         c = s.engine.prefill_chunk
         chunk = c if 0 < c < p and p % c == 0 else p
         lane.reserved.update(slots)
-        self.jobs.append(_Job(lane, p, chunk, list(rows), src, list(slots), ids, pos, seg))
+        self.jobs.append(_Job(lane, p, chunk, list(rows), src, list(slots), ids, pos, seg, round=self.rounds))
         self.stats.batches += 1
 
     # ------------------------------------------------------------------ prefill
@@ -335,7 +336,9 @@ class Scheduler:
         s = self.s
         budget = max(s.prefill_budget, 1)
         spent = 0
-        for job in sorted(self.jobs, key=lambda j: (j.remaining() * j.ids.shape[0], id(j))):
+        # shortest job first; a job that has waited many rounds goes first (no starvation under load)
+        order = sorted(self.jobs, key=lambda j: (self.rounds - j.round < 16, j.remaining() * j.ids.shape[0]))
+        for job in order:
             while job.remaining() and (spent == 0 or spent + job.ids.shape[0] * job.chunk <= budget):
                 self._prefill_chunk(job)
                 spent += job.ids.shape[0] * job.chunk
