@@ -127,6 +127,8 @@ class EngineLoop:
         self.max_rows = int(max_batch_size or sampler.max_batch_size)
         self.batch_wait_s = batch_wait_s
         self.continuous = bool(getattr(sampler, "continuous", False))
+        if self.continuous:
+            sampler.full_lanes = True  # fixed batch shapes: no compilation depends on the request mix
         self.queue: "queue.Queue[Job]" = queue.Queue()
         self._carry: list[Job] = []
         self._stop = threading.Event()

@@ -62,14 +62,15 @@ class ContinuousEngine:
         self.admit = jax.jit(self._admit, donate_argnums=(1,))
         self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("steps",))
         self.grow = jax.jit(self._grow, static_argnames=("batch",))
-        self.new_cache = jax.jit(self._new_cache, static_argnames=("batch", "length", "per_row"))
 
-    def _new_cache(self, *, batch: int, length: int, per_row: bool) -> KVCache:
-        self.trace_counts["cache"] += 1
+    def new_cache(self, *, batch: int, length: int, per_row: bool, put=None) -> KVCache:
+        """Zeros, made outside jit (XLA folds large constant zeros slowly); ``put`` places them."""
         c = KVCache.init(self.base.cfg, batch, length)
         if per_row:
             c = KVCache(c.layers, c.mask, jnp.zeros((batch,), jnp.int32))
-        return _constrain_cache(c)
+        if put is not None:
+            c = KVCache([LayerCache(put(l.k), put(l.v)) for l in c.layers], put(c.mask), put(c.end) if per_row else c.end)
+        return c
 
     def _prefill_step(self, state, cache: KVCache, ids_bc, pos_bc, seg_bc):
         """One chunk of a (left padded) prompt batch into its own ``p``-slot cache."""
@@ -285,8 +286,10 @@ class Scheduler:
         cap = self.lane_cap(length)
         lane = self.lanes.get(length)
         if lane is None:
-            b = _pick(min(max(want, 1), cap), s.batch_buckets)
-            cache = self.engine.new_cache(batch=b, length=length, per_row=True)
+            # full_lanes (the server): every lane at its largest batch, so that the shapes (and compilations)
+            # do not depend on how many requests happen to be waiting
+            b = cap if s.full_lanes else _pick(min(max(want, 1), cap), s.batch_buckets)
+            cache = self.engine.new_cache(batch=b, length=length, per_row=True, put=s._put)
             lane = _Lane(length, b, cache, [None] * b, set(), np.zeros(b, np.int32), np.zeros(b, np.int32),
                          np.zeros(b, np.int32), np.zeros(b, bool))
             self.lanes[length] = lane
@@ -351,7 +354,7 @@ class Scheduler:
     def _prefill_chunk(self, job: _Job):
         s = self.s
         if job.cache is None:
-            job.cache = self.engine.new_cache(batch=job.ids.shape[0], length=job.p, per_row=False)
+            job.cache = self.engine.new_cache(batch=job.ids.shape[0], length=job.p, per_row=False, put=s._put)
         k, c = job.done_chunks, job.chunk
         sl = slice(k * c, (k + 1) * c)
         job.cache, job.last = self.engine.prefill_step(s.state, job.cache, s._put(job.ids[:, sl]),

@@ -198,6 +198,7 @@ class Sampler:
         top = -(-self.prompt_buckets[-1] // c) * c + self.new_token_buckets[-1]
         self.cache_buckets = tuple(sorted(cache_buckets or pow2_buckets(min(128, top), top)))
         self._scheduler = None
+        self.full_lanes = False  # continuous batching: lanes at their largest batch (set by the server)
         self.last_stats = GenerationStats()
         self.total_stats = GenerationStats()
         self._lock = threading.Lock()
