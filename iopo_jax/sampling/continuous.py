@@ -69,7 +69,8 @@ class ContinuousEngine:
         if per_row:
             c = KVCache(c.layers, c.mask, jnp.zeros((batch,), jnp.int32))
         if put is not None:
-            c = KVCache([LayerCache(put(l.k), put(l.v)) for l in c.layers], put(c.mask), put(c.end) if per_row else c.end)
+            end = put(c.end) if per_row else c.end
+            c = KVCache([LayerCache(put(l.k), put(l.v)) for l in c.layers], put(c.mask), end)
         return c
 
     def _prefill_step(self, state, cache: KVCache, ids_bc, pos_bc, seg_bc):

@@ -30,7 +30,8 @@ def row_keys(seed_hi, seed_lo, prompt_index, sample_index, step):
     """One PRNG key per row: fold (seed words, prompt index, sample index, step) into key(0).
 
     ``step`` is a scalar or one step per row ``[b]`` (continuous batching). Depends only on the
-    row's own seed and index and on the step, never on the batch the row lands in, so a seeded request reproduces whatever else is being generated alongside it.
+    row's own seed and index and on the step, never on the batch the row lands in, so a seeded
+    request reproduces whatever else is being generated alongside it.
     """
 
     def one(hi, lo, pidx, sidx, st):
