@@ -347,8 +347,9 @@ class Sampler:
         self._scheduler = None
 
     def submit(self, rows: Sequence[Row]):
-        """Queue rows for continuous batching; :meth:`step` generates them (one thread only)."""
-        self.scheduler.add(rows)
+        """Queue rows for continuous batching; :meth:`step` generates them."""
+        with self._lock:
+            self.scheduler.add(rows)
 
     def step(self) -> bool:
         """One continuous-batching round; returns False when nothing is waiting or running."""
@@ -377,7 +378,7 @@ class Sampler:
         sch = self.scheduler
         before = dataclasses.replace(sch.stats)
         # longest first: long prompts start prefilling (chunk by chunk) while the short ones decode
-        sch.add(sorted(rows, key=lambda r: -len(r.prompt_ids)))
+        self.submit(sorted(rows, key=lambda r: -len(r.prompt_ids)))
         while self.step():
             pass
         stats = GenerationStats(num_sequences=len(rows), prompt_tokens=sum(len(r.prompt_ids) for r in rows),
