@@ -34,8 +34,8 @@ LENGTHS = [3, 100, 7, 20, 5, 120, 9, 11, 2, 40, 33]  # more rows than slots: row
 
 @pytest.mark.parametrize("params", [
     SamplingParams(max_new_tokens=16, logprobs=True),
-    SamplingParams(max_new_tokens=13, temperature=1.0, top_k=40, seed=3, n=2, stop_token_ids=(5, 7, 9, 11, 13),
-                   logprobs=True),
+    pytest.param(SamplingParams(max_new_tokens=13, temperature=1.0, top_k=40, seed=3, n=2,
+                                stop_token_ids=(5, 7, 9, 11, 13), logprobs=True), marks=pytest.mark.slow),
 ], ids=["greedy", "sampled_n2_stop_ids"])
 def test_continuous_equals_batch_level(samplers, params):
     static, cont = samplers
@@ -51,6 +51,7 @@ def test_continuous_equals_batch_level(samplers, params):
         assert {o.finish_reason for o in out} == {"stop", "length"}  # rows left the batch at different steps
 
 
+@pytest.mark.slow
 def test_prefix_shared_equals_independent_samples(model):
     shared = Sampler(model, None, **KW)
     indep = Sampler(model, None, prefix_sharing=False, **KW)
