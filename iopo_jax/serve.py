@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP server over the JAX sampler (standard library only).
+"""OpenAI-compatible HTTP server over the JAX sampler, on FastAPI + uvicorn (``pip install -e ".[serve]"``).
 
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``GET /health``. Supported request fields: ``model``, ``messages`` /
@@ -7,16 +7,20 @@ Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completi
 ``stream`` (server-sent events) with ``stream_options.include_usage``, ``logprobs`` (chat: true with
 ``top_logprobs`` 0; completions: 0), ``echo`` (completions). Unsupported options with an effect
 (penalties, tools, JSON mode, ``best_of`` > n, ``suffix``) are refused with a 400, never ignored.
+Request bodies are checked against pydantic models (types), then for ranges and the context length.
 
-One engine thread owns the sampler; HTTP threads put requests on a queue. The engine takes every
-waiting request (up to ``--max_batch_size`` sequences) and generates them as one batch, so concurrent
-clients share the accelerator (batch-level batching: requests arriving during a batch wait for the next).
-Streaming requests receive text after every ``decode_chunk`` decode steps.
+One engine thread owns the sampler. With continuous batching (the sampler's default) it feeds every
+new request into the running batch at the next scheduler round, so a request never waits for
+others to finish; with ``--batching=static`` it runs the waiting requests as one batch at a time
+(the batch-level engine; requests arriving meanwhile wait for the next batch). Streaming requests
+receive text after every ``decode_chunk`` decode steps.
 
 Invalid requests get a 4xx with an OpenAI-style JSON error body (``{"error": {"message", "type",
-"param", "code"}}``); an error inside the engine fails only the requests of that batch (500). The
-server binds 127.0.0.1 unless ``--host`` says otherwise; with ``--api_key`` (or the ``IOPO_API_KEY``
-environment variable) every ``/v1`` request needs ``Authorization: Bearer <key>``.
+"param", "code"}}``); bodies over ``--max_body_mb`` get 413 and JSON nested deeper than
+``MAX_JSON_DEPTH`` levels gets 400 (before parsing). An error inside the engine fails the requests
+it was generating (500). The server binds 127.0.0.1 unless ``--host`` says otherwise; with
+``--api_key`` (or the ``IOPO_API_KEY`` environment variable) every ``/v1`` request needs
+``Authorization: Bearer <key>``.
 
 Example::
 
@@ -25,19 +29,20 @@ Example::
         print(c.chat.completions.create(model='Qwen2-7B-Instruct', messages=[{'role': 'user', \\
         'content': 'Hi'}]).choices[0].message.content)"
 """
-from __future__ import annotations
 
+import asyncio
 import hmac
-import http.server
 import json
 import logging
 import os
 import queue
+import re
 import secrets
+import socket
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, List, Optional, Union
 
 from iopo_jax.sampling.params import SamplingParams
 from iopo_jax.sampling.sampler import Row
@@ -45,6 +50,7 @@ from iopo_jax.sampling.sampler import Row
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
+MAX_JSON_DEPTH = 64
 API_KEY_ENV = "IOPO_API_KEY"
 
 
@@ -63,21 +69,38 @@ class APIError(Exception):
 
 # ----------------------------------------------------------------------------- engine thread
 class Job:
-    """The rows of one HTTP request and the channel back to its handler thread."""
+    """The rows of one HTTP request and the channel back to its handler (an asyncio queue)."""
 
-    def __init__(self, rows: list[Row], stream: bool):
+    def __init__(self, rows: list[Row], stream: bool, loop: Optional[asyncio.AbstractEventLoop] = None):
         self.rows = rows
         self.stream = stream
-        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.loop = loop
+        self.events: Any = asyncio.Queue() if loop is not None else queue.Queue()
         self.done = threading.Event()
         self.error: Optional[str] = None
         if stream:
             for k, r in enumerate(rows):
                 r.on_update = self._updater(k)
 
+    def put(self, ev: tuple):
+        """Thread-safe: hand an event to the request's handler."""
+        if self.loop is None:
+            self.events.put(ev)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+        except RuntimeError:  # the event loop is closed (server shutting down)
+            pass
+
+    def finish(self, error: Optional[str] = None):
+        if error:
+            self.error = error
+        self.done.set()
+        self.put(("end",))
+
     def _updater(self, k):
         def on_update(row, delta, finished):
-            self.events.put(("delta", k, delta, finished))
+            self.put(("delta", k, delta, finished))
 
         return on_update
 
@@ -89,19 +112,35 @@ class Job:
     def cancelled(self) -> bool:
         return all(r.cancelled for r in self.rows)
 
+    @property
+    def finished(self) -> bool:
+        return all(r.finished for r in self.rows)
+
 
 class EngineLoop:
-    """One thread that batches queued jobs and runs them through the sampler."""
+    """One thread that runs queued jobs through the sampler: continuous batching (every new job
+    joins the running batch at the next round) or, for a sampler with ``continuous=False``,
+    batch-level (the waiting jobs form a batch that runs to its end)."""
 
     def __init__(self, sampler, max_batch_size: Optional[int] = None, batch_wait_s: float = 0.005):
         self.sampler = sampler
         self.max_rows = int(max_batch_size or sampler.max_batch_size)
         self.batch_wait_s = batch_wait_s
+        self.continuous = bool(getattr(sampler, "continuous", False))
+        if self.continuous:
+            sampler.full_lanes = True  # fixed batch shapes: no compilation depends on the request mix
         self.queue: "queue.Queue[Job]" = queue.Queue()
         self._carry: list[Job] = []
         self._stop = threading.Event()
-        self.batches = 0
+        self._batches = 0
         self.thread = threading.Thread(target=self._loop, name="iopo-engine", daemon=True)
+
+    @property
+    def batches(self) -> int:
+        """Batches run (batch-level) or prefill jobs admitted into the running batch (continuous)."""
+        if self.continuous:
+            return self._batches + self.sampler.scheduler.stats.batches
+        return self._batches
 
     def start(self):
         self.thread.start()
@@ -113,6 +152,51 @@ class EngineLoop:
     def submit(self, job: Job):
         self.queue.put(job)
 
+    def _loop(self):
+        if self.continuous:
+            self._loop_continuous()
+        else:
+            self._loop_batches()
+
+    # ------------------------------------------------------------------ continuous batching
+    def _loop_continuous(self):
+        live: list[Job] = []
+        while not self._stop.is_set():
+            block = not live
+            while True:
+                try:
+                    job = self.queue.get(timeout=0.1) if block else self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                block = False
+                if job.cancelled:
+                    job.finish()
+                    continue
+                self.sampler.submit(job.rows)
+                live.append(job)
+            if not live:
+                continue
+            try:
+                self.sampler.step()
+            except Exception as e:  # never let the engine thread die
+                logger.exception("generation failed; failing %d requests", len(live))
+                self._batches += self.sampler.scheduler.stats.batches
+                self.sampler.reset_scheduler()
+                for j in live:
+                    j.finish(f"generation failed: {type(e).__name__}: {e}")
+                live = []
+                continue
+            still = []
+            for j in live:
+                if j.finished:
+                    j.finish()
+                else:
+                    still.append(j)
+            live = still
+        for j in live:
+            j.finish("the server is shutting down")
+
+    # ------------------------------------------------------------------ batch-level
     def _next_jobs(self) -> list[Job]:
         jobs = list(self._carry)
         self._carry = []
@@ -136,28 +220,26 @@ class EngineLoop:
         live = []
         for j in jobs:
             if j.cancelled:  # the client left before its turn
-                j.events.put(("end",))
-                j.done.set()
+                j.finish()
             else:
                 live.append(j)
         return live
 
-    def _loop(self):
+    def _loop_batches(self):
         while not self._stop.is_set():
             jobs = self._next_jobs()
             if not jobs:
                 continue
             rows = [r for j in jobs for r in j.rows]
+            error = None
             try:
                 self.sampler.run_rows(rows)
-                self.batches += 1
+                self._batches += 1
             except Exception as e:  # never let the engine thread die
                 logger.exception("generation failed for a batch of %d sequences", len(rows))
-                for j in jobs:
-                    j.error = f"generation failed: {type(e).__name__}: {e}"
+                error = f"generation failed: {type(e).__name__}: {e}"
             for j in jobs:
-                j.events.put(("end",))
-                j.done.set()
+                j.finish(error)
 
 
 # ----------------------------------------------------------------------------- request validation
@@ -199,52 +281,164 @@ def _unsupported(body: dict):
         raise APIError(400, "'response_format' other than {'type': 'text'} is not supported", "response_format")
 
 
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 512  # listen backlog: many clients may connect at once
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_depth(raw: bytes, limit: int) -> int:
+    """Nesting depth of a JSON text (strings skipped); stops counting past ``limit``."""
+    depth = best = 0
+    for m in _JSON_TOKENS.finditer(raw):
+        ch = m.group()
+        if ch in (b"[", b"{"):
+            depth += 1
+            if depth > best:
+                best = depth
+                if best > limit:
+                    break
+        elif ch in (b"]", b"}"):
+            depth -= 1
+    return best
+
+
+def parse_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """The JSON object of a request body; APIError 400 for bad JSON, too deep nesting or a non-object."""
+    if json_depth(raw, max_depth) > max_depth:
+        raise APIError(400, f"the JSON body is nested deeper than {max_depth} levels")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise APIError(400, f"the JSON body is nested deeper than {max_depth} levels") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the JSON body must be an object, got {type(body).__name__}")
+    return body
+
+
+def _models():
+    """pydantic request models (built lazily so that the module imports without the serve extra)."""
+    from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+
+    Number = Union[StrictInt, StrictFloat]
+
+    class _Common(BaseModel):
+        model_config = ConfigDict(extra="allow")  # unknown fields: checked by hand (refused when they matter)
+        model: Optional[StrictStr] = None
+        n: Optional[StrictInt] = None
+        temperature: Optional[Number] = None
+        top_p: Optional[Number] = None
+        top_k: Optional[StrictInt] = None
+        max_tokens: Optional[StrictInt] = None
+        stop: Optional[Union[StrictStr, List[StrictStr]]] = None
+        stop_token_ids: Optional[List[Any]] = None
+        seed: Optional[StrictInt] = None
+        stream: Optional[StrictBool] = None
+        stream_options: Optional[dict] = None
+        frequency_penalty: Optional[Number] = None
+        presence_penalty: Optional[Number] = None
+        repetition_penalty: Optional[Number] = None
+        ignore_eos: Optional[StrictBool] = None
+        skip_special_tokens: Optional[StrictBool] = None
+        include_stop_str_in_output: Optional[StrictBool] = None
+
+    class ChatCompletionRequest(_Common):
+        messages: Optional[Any] = None
+        max_completion_tokens: Optional[StrictInt] = None
+        logprobs: Optional[StrictBool] = None
+        top_logprobs: Optional[StrictInt] = None
+
+    class CompletionRequest(_Common):
+        prompt: Optional[Any] = None
+        echo: Optional[StrictBool] = None
+        logprobs: Optional[StrictInt] = None
+        best_of: Optional[StrictInt] = None
+        suffix: Optional[StrictStr] = None
+
+    return ChatCompletionRequest, CompletionRequest
+
+
+def validate_model(cls, body: dict) -> dict:
+    """Check field types with the pydantic model ``cls``; APIError 400 naming the first bad field."""
+    from pydantic import ValidationError
+
+    try:
+        cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        name = str(err["loc"][0]) if err.get("loc") else None
+        raise APIError(400, f"'{loc}': {err.get('msg')} (got {json.dumps(body.get(name), default=str)[:80]})",
+                       name) from None
+    return body
 
 
 class OpenAIServer:
-    """The HTTP front end. ``start()`` serves in a background thread; ``shutdown()`` stops everything."""
+    """The HTTP front end (FastAPI app served by uvicorn). ``start()`` serves in a background
+    thread; ``shutdown()`` stops everything; ``serve_forever()`` blocks."""
 
     def __init__(self, sampler, *, model_name: str, host: str = "127.0.0.1", port: int = 8000,
                  api_key: Optional[str] = None, max_batch_size: Optional[int] = None, batch_wait_s: float = 0.005,
-                 default_max_tokens: int = 512):
+                 default_max_tokens: int = 512, max_body_bytes: int = MAX_BODY_BYTES,
+                 max_json_depth: int = MAX_JSON_DEPTH):
         self.sampler = sampler
         self.model_name = model_name
         self.api_key = api_key or None
         self.default_max_tokens = int(default_max_tokens)
+        self.max_body_bytes = int(max_body_bytes)
+        self.max_json_depth = int(max_json_depth)
         self.created = int(time.time())
         self.engine = EngineLoop(sampler, max_batch_size, batch_wait_s)
-        handler = type("Handler", (_Handler,), {"app": self})
-        self.httpd = _HTTPServer((host, port), handler)
+        self.app = build_app(self)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(512)  # many clients may connect at once
+        self._server = None
         self._thread: Optional[threading.Thread] = None
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.httpd.server_address[:2]
+        return self.sock.getsockname()[:2]
 
     @property
     def url(self) -> str:
         host, port = self.address
         return f"http://{host}:{port}/v1"
 
+    def _uvicorn(self):
+        import uvicorn
+
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, timeout_keep_alive=30)
+        self._server = uvicorn.Server(config)
+        return self._server
+
     def start(self) -> "OpenAIServer":
         self.engine.start()
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="iopo-http", daemon=True)
+        server = self._uvicorn()
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self.sock]}, name="iopo-http",
+                                        daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not server.started:
+            raise RuntimeError("the HTTP server did not start")
         return self
 
     def serve_forever(self):
         self.engine.start()
         try:
-            self.httpd.serve_forever()
+            self._uvicorn().run(sockets=[self.sock])
         finally:
             self.engine.stop()
 
     def shutdown(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.sock.close()
         self.engine.stop()
 
     def __enter__(self):
@@ -381,254 +575,254 @@ class OpenAIServer:
         return out
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    app: OpenAIServer
-    protocol_version = "HTTP/1.1"
-    server_version = "iopo-jax"
-    timeout = 120
 
-    def log_message(self, fmt, *args):  # quiet by default; never logs headers (API keys)
-        logger.debug("%s " + fmt, self.address_string(), *args)
 
-    # ------------------------------------------------------------------ plumbing
-    def _send_json(self, status: int, obj: Any):
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+# ----------------------------------------------------------------------------- FastAPI app
+def build_app(srv: OpenAIServer):
+    """The FastAPI application of a server: routes, auth, error bodies, body limits, streaming."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    def _authorized(self) -> bool:
-        key = self.app.api_key
+    ChatModel, CompletionModel = _models()
+    app = FastAPI(title="iopo-jax OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error_response(e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        if e.status_code == 404:
+            return error_response(APIError(404, f"unknown endpoint {request.url.path}", code="not_found"))
+        if e.status_code == 405:
+            return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+        return error_response(APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return error_response(APIError(400, str(e)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):  # a bug must not take the server down
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def check_auth(request: Request):
+        key = srv.api_key
         if not key:
-            return True
-        auth = self.headers.get("Authorization", "")
+            return
+        auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        return hmac.compare_digest(given.encode(), key.encode())
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           type_="authentication_error", code="invalid_api_key")
 
-    def _body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+    async def read_body(request: Request) -> dict:
+        if request.headers.get("transfer-encoding", "").lower() == "chunked":
             raise APIError(411, "chunked request bodies are not supported; send Content-Length")
+        length = request.headers.get("content-length")
         if length is None:
             raise APIError(411, "missing Content-Length header")
         try:
             n = int(length)
         except ValueError:
             raise APIError(400, f"bad Content-Length header {length!r}") from None
-        if n < 0 or n > MAX_BODY_BYTES:
-            raise APIError(413, f"request body of {n} bytes is larger than {MAX_BODY_BYTES}")
-        raw = self.rfile.read(n)
+        if n < 0 or n > srv.max_body_bytes:
+            raise APIError(413, f"request body of {n} bytes is larger than {srv.max_body_bytes}")
+        chunks, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > srv.max_body_bytes:
+                raise APIError(413, f"request body is larger than {srv.max_body_bytes} bytes")
+            chunks.append(part)
+        return parse_body(b"".join(chunks), srv.max_json_depth)
+
+    def model_card() -> dict:
+        return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "iopo-jax",
+                "max_model_len": srv.sampler.max_model_len}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        check_auth(request)
+        if name != srv.model_name:
+            raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        check_auth(request)
+        body = validate_model(ChatModel, await read_body(request))
+        loop = asyncio.get_running_loop()
+        job, meta = await run_in_threadpool(_prepare_chat, srv, body, loop)
+        return await _respond(srv, job, meta, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        body = validate_model(CompletionModel, await read_body(request))
+        loop = asyncio.get_running_loop()
+        job, meta = await run_in_threadpool(_prepare_completions, srv, body, loop)
+        return await _respond(srv, job, meta, chat=False)
+
+    async def _respond(srv, job: Job, meta: dict, chat: bool):
+        srv.engine.submit(job)
+        if meta["stream"]:
+            return StreamingResponse(_stream(srv, job, meta, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"invalid JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the JSON body must be an object, got {type(body).__name__}")
-        return body
-
-    def _route(self, method: str):
-        path = self.path.split("?", 1)[0].rstrip("/")
-        try:
-            if path == "/health":
-                if method != "GET":
-                    raise APIError(405, f"{method} is not allowed on {path}")
-                return self._send_json(200, {"status": "ok"})
-            known = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
-            if path.startswith("/v1/models/"):
-                known[path] = "GET"
-            if path not in known:
-                raise APIError(404, f"unknown endpoint {path}", code="not_found")
-            if not self._authorized():
-                raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                               type_="authentication_error", code="invalid_api_key")
-            if method != known[path]:
-                raise APIError(405, f"{method} is not allowed on {path} (use {known[path]})")
-            if path == "/v1/models":
-                return self._send_json(200, {"object": "list", "data": [self._model_card()]})
-            if path.startswith("/v1/models/"):
-                if path[len("/v1/models/"):] != self.app.model_name:
-                    raise APIError(404, f"The model '{path[len('/v1/models/'):]}' does not exist", "model",
-                                   "model_not_found")
-                return self._send_json(200, self._model_card())
-            body = self._body()
-            if path == "/v1/chat/completions":
-                return self._chat(body)
-            return self._completions(body)
-        except APIError as e:
-            self._error_safe(e)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as e:  # a bug must not take the server down
-            logger.exception("internal error on %s %s", method, path)
-            self._error_safe(APIError(500, f"internal error: {type(e).__name__}: {e}"))
-
-    def _error_safe(self, e: APIError):
-        # The request body may be unread: close the connection so that it is never parsed as a request.
-        self.close_connection = True
-        try:
-            data = json.dumps(e.body(), ensure_ascii=False).encode("utf-8")
-            self.send_response(e.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            pass
-
-    def do_GET(self):  # noqa: N802
-        self._route("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._route("POST")
-
-    def do_PUT(self):  # noqa: N802
-        self._route("PUT")
-
-    def do_DELETE(self):  # noqa: N802
-        self._route("DELETE")
-
-    def _model_card(self) -> dict:
-        return {"id": self.app.model_name, "object": "model", "created": self.app.created, "owned_by": "iopo-jax",
-                "max_model_len": self.app.sampler.max_model_len}
-
-    # ------------------------------------------------------------------ endpoints
-    def _chat(self, body: dict):
-        app = self.app
-        app.check_model(body)
-        stream = _get(body, "stream", bool, False)
-        stream_opts = _get(body, "stream_options", dict, {}) or {}
-        logprobs = _get(body, "logprobs", bool, False)
-        top = _get(body, "top_logprobs", int, 0)
-        if top:
-            raise APIError(400, "'top_logprobs' > 0 is not supported (only the sampled token's log-prob)",
-                           "top_logprobs")
-        ids = app.chat_prompt(body)
-        params, n = app.sampling(body, len(ids))
-        job = Job(app.rows_for([ids], params, logprobs), stream)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        app.engine.submit(job)
-        if stream:
-            return self._stream(job, rid, created, chat=True, include_usage=bool(stream_opts.get("include_usage")))
-        self._wait(job)
-        choices = []
-        for k, r in enumerate(job.rows):
-            choices.append({"index": k, "message": {"role": "assistant", "content": r.text},
-                            "finish_reason": r.finish_reason, "logprobs": self._chat_logprobs(r) if logprobs else None})
-        self._send_json(200, {"id": rid, "object": "chat.completion", "created": created, "model": app.model_name,
-                              "choices": choices, "usage": self._usage(job, [ids]), "system_fingerprint": None})
-
-    def _completions(self, body: dict):
-        app = self.app
-        app.check_model(body)
-        stream = _get(body, "stream", bool, False)
-        stream_opts = _get(body, "stream_options", dict, {}) or {}
-        echo = _get(body, "echo", bool, False)
-        if body.get("suffix"):
-            raise APIError(400, "'suffix' is not supported", "suffix")
-        lp = _get(body, "logprobs", int, None)
-        if lp is not None and lp != 0:
-            raise APIError(400, "'logprobs' must be 0 or null (top alternatives are not computed)", "logprobs")
-        if echo and (stream or lp is not None):
-            raise APIError(400, "'echo' cannot be combined with 'stream' or 'logprobs'", "echo")
-        prompts = app.completion_prompts(body)
-        if min(len(ids) for ids in prompts) < 1:
-            raise APIError(400, "the prompt is empty", "prompt")
-        if len(prompts) * (_get(body, "n", int, 1) or 1) > app.engine.max_rows:
-            raise APIError(400, f"{len(prompts)} prompts x n is more than the {app.engine.max_rows} sequences "
-                                "this server generates at once; send fewer prompts per request", "prompt")
-        # The longest prompt decides the context check and the default max_tokens.
-        params, _ = app.sampling(body, max(len(ids) for ids in prompts))
-        job = Job(app.rows_for(prompts, params, lp is not None), stream)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        app.engine.submit(job)
-        if stream:
-            return self._stream(job, rid, created, chat=False, include_usage=bool(stream_opts.get("include_usage")))
-        self._wait(job)
-        choices = []
-        for k, r in enumerate(job.rows):
-            text = r.text
-            if echo:
-                text = self.app.sampler.decode(r.prompt_ids, skip_special_tokens=False) + text
-            choices.append({"index": k, "text": text, "finish_reason": r.finish_reason,
-                            "logprobs": self._completion_logprobs(r) if lp is not None else None})
-        self._send_json(200, {"id": rid, "object": "text_completion", "created": created, "model": app.model_name,
-                              "choices": choices, "usage": self._usage(job, prompts), "system_fingerprint": None})
-
-    def _wait(self, job: Job):
-        job.done.wait()
-        if job.error:
-            raise APIError(500, job.error)
-
-    def _usage(self, job: Job, prompts) -> dict:
-        p = sum(len(x) for x in prompts)
-        c = sum(len(r.token_ids) for r in job.rows)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def _tokens(self, r: Row) -> list[str]:
-        s = self.app.sampler
-        if s.tokenizer is None:
-            return [str(t) for t in r.token_ids]
-        return [s.decode([t], skip_special_tokens=False) for t in r.token_ids]
-
-    def _chat_logprobs(self, r: Row) -> dict:
-        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
-                            for s, lp in zip(self._tokens(r), r.logprobs)]}
-
-    def _completion_logprobs(self, r: Row) -> dict:
-        toks = self._tokens(r)
-        offsets, pos = [], 0
-        for s in toks:
-            offsets.append(pos)
-            pos += len(s)
-        return {"tokens": toks, "token_logprobs": list(r.logprobs), "top_logprobs": None, "text_offset": offsets}
-
-    def _stream(self, job: Job, rid: str, created: int, *, chat: bool, include_usage: bool):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        model = self.app.model_name
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-
-        def send(payload):
-            self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
-            self.wfile.flush()
-
-        def chunk(k, delta=None, text=None, finish=None):
-            choice = {"index": k, "finish_reason": finish, "logprobs": None}
-            if chat:
-                choice["delta"] = delta
-            else:
-                choice["text"] = text
-            return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-
-        try:
-            if chat:
-                for k in range(len(job.rows)):
-                    send(chunk(k, delta={"role": "assistant", "content": ""}))
             while True:
-                ev = job.events.get()
+                ev = await job.events.get()
                 if ev[0] == "end":
                     break
-                _, k, delta, finished = ev
-                if delta:
-                    send(chunk(k, delta={"content": delta}, text=delta))
-                if finished:
-                    send(chunk(k, delta={}, text="", finish=job.rows[k].finish_reason))
-            if job.error:
-                send({"error": APIError(500, job.error).body()["error"]})
-            elif include_usage:
-                prompts = {r.prompt_index: r.prompt_ids for r in job.rows}
-                send({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                      "usage": self._usage(job, list(prompts.values()))})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, OSError):
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        if job.error:
+            raise APIError(500, job.error)
+        return await run_in_threadpool(_final_body, srv, job, meta, chat)
+
+    return app
+
+
+def _prepare_chat(srv: OpenAIServer, body: dict, loop):
+    srv.check_model(body)
+    stream = _get(body, "stream", bool, False)
+    stream_opts = _get(body, "stream_options", dict, {}) or {}
+    logprobs = _get(body, "logprobs", bool, False)
+    top = _get(body, "top_logprobs", int, 0)
+    if top:
+        raise APIError(400, "'top_logprobs' > 0 is not supported (only the sampled token's log-prob)", "top_logprobs")
+    ids = srv.chat_prompt(body)
+    params, n = srv.sampling(body, len(ids))
+    job = Job(srv.rows_for([ids], params, logprobs), stream, loop)
+    meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=stream, prompts=[ids],
+                include_usage=bool(stream_opts.get("include_usage")), logprobs=logprobs)
+    return job, meta
+
+
+def _prepare_completions(srv: OpenAIServer, body: dict, loop):
+    srv.check_model(body)
+    stream = _get(body, "stream", bool, False)
+    stream_opts = _get(body, "stream_options", dict, {}) or {}
+    echo = _get(body, "echo", bool, False)
+    if body.get("suffix"):
+        raise APIError(400, "'suffix' is not supported", "suffix")
+    lp = _get(body, "logprobs", int, None)
+    if lp is not None and lp != 0:
+        raise APIError(400, "'logprobs' must be 0 or null (top alternatives are not computed)", "logprobs")
+    if echo and (stream or lp is not None):
+        raise APIError(400, "'echo' cannot be combined with 'stream' or 'logprobs'", "echo")
+    prompts = srv.completion_prompts(body)
+    if min(len(ids) for ids in prompts) < 1:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if len(prompts) * (_get(body, "n", int, 1) or 1) > srv.engine.max_rows:
+        raise APIError(400, f"{len(prompts)} prompts x n is more than the {srv.engine.max_rows} sequences "
+                            "this server generates at once; send fewer prompts per request", "prompt")
+    # The longest prompt decides the context check and the default max_tokens.
+    params, _ = srv.sampling(body, max(len(ids) for ids in prompts))
+    job = Job(srv.rows_for(prompts, params, lp is not None), stream, loop)
+    meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=stream, prompts=prompts,
+                include_usage=bool(stream_opts.get("include_usage")), logprobs=lp is not None, echo=echo)
+    return job, meta
+
+
+def _usage(job: Job, prompts) -> dict:
+    p = sum(len(x) for x in prompts)
+    c = sum(len(r.token_ids) for r in job.rows)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _tokens(srv: OpenAIServer, r: Row) -> list[str]:
+    s = srv.sampler
+    if s.tokenizer is None:
+        return [str(t) for t in r.token_ids]
+    return [s.decode([t], skip_special_tokens=False) for t in r.token_ids]
+
+
+def _chat_logprobs(srv, r: Row) -> dict:
+    return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
+                        for s, lp in zip(_tokens(srv, r), r.logprobs)]}
+
+
+def _completion_logprobs(srv, r: Row) -> dict:
+    toks = _tokens(srv, r)
+    offsets, pos = [], 0
+    for s in toks:
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": toks, "token_logprobs": list(r.logprobs), "top_logprobs": None, "text_offset": offsets}
+
+
+def _final_body(srv: OpenAIServer, job: Job, meta: dict, chat: bool) -> dict:
+    choices = []
+    for k, r in enumerate(job.rows):
+        if chat:
+            choices.append({"index": k, "message": {"role": "assistant", "content": r.text},
+                            "finish_reason": r.finish_reason,
+                            "logprobs": _chat_logprobs(srv, r) if meta["logprobs"] else None})
+        else:
+            text = r.text
+            if meta.get("echo"):
+                text = srv.sampler.decode(r.prompt_ids, skip_special_tokens=False) + text
+            choices.append({"index": k, "text": text, "finish_reason": r.finish_reason,
+                            "logprobs": _completion_logprobs(srv, r) if meta["logprobs"] else None})
+    return {"id": meta["id"], "object": "chat.completion" if chat else "text_completion", "created": meta["created"],
+            "model": srv.model_name, "choices": choices, "usage": _usage(job, meta["prompts"]),
+            "system_fingerprint": None}
+
+
+async def _stream(srv: OpenAIServer, job: Job, meta: dict, chat: bool):
+    """Server-sent events of a streaming request; the rows are cancelled when the client leaves."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    rid, created, model = meta["id"], meta["created"], srv.model_name
+
+    def data(payload) -> bytes:
+        return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+    def chunk(k, delta=None, text=None, finish=None):
+        choice = {"index": k, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = text
+        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+    try:
+        if chat:
+            for k in range(len(job.rows)):
+                yield data(chunk(k, delta={"role": "assistant", "content": ""}))
+        while True:
+            ev = await job.events.get()
+            if ev[0] == "end":
+                break
+            _, k, delta, finished = ev
+            if delta:
+                yield data(chunk(k, delta={"content": delta}, text=delta))
+            if finished:
+                yield data(chunk(k, delta={}, text="", finish=job.rows[k].finish_reason))
+        if job.error:
+            yield data({"error": APIError(500, job.error).body()["error"]})
+        elif meta["include_usage"]:
+            yield data({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                        "usage": _usage(job, meta["prompts"])})
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not job.done.is_set():
             job.cancel()  # the client went away: stop its rows at the next chunk
 
 
@@ -648,7 +842,14 @@ def _define_flags():
     f.DEFINE_integer("max_model_len", 0, "context limit: prompt + new tokens (0 = the model's maximum)")
     f.DEFINE_integer("default_max_tokens", 512, "max_tokens of requests that do not set it (capped by the context)")
     f.DEFINE_integer("decode_chunk", 16, "decode steps between host checks (streaming granularity)")
-    f.DEFINE_float("batch_wait_ms", 5.0, "how long the engine waits for more requests before starting a batch")
+    f.DEFINE_float("batch_wait_ms", 5.0, "--batching=static: how long the engine waits for more requests before "
+                   "starting a batch")
+    f.DEFINE_enum("batching", "continuous", ["continuous", "static"],
+                  "continuous: new requests join the running batch at the next step (default); static: the "
+                  "batch-level engine (waiting requests form a batch that runs to its end)")
+    f.DEFINE_integer("prefill_chunk", 512, "long prompts are prefilled in chunks of this many tokens, between "
+                     "decode steps of the running requests")
+    f.DEFINE_integer("max_body_mb", MAX_BODY_BYTES >> 20, "largest request body accepted (413 above)")
     f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
     f.DEFINE_string("mesh", "", "device mesh, e.g. 'fsdp=-1' or 'fsdp=4,tensor=2' (default: fsdp over all devices)")
     f.DEFINE_string("compilation_cache_dir", None, "persistent JAX compilation cache directory (faster restarts)")
@@ -674,10 +875,12 @@ def main(argv):
     sampler = Sampler.from_pretrained(F.model_dir, lora=F.lora, mesh=parse_mesh(F.mesh), dtype=F.dtype,
                                       param_dtype=F.dtype, tokenizer_dir=F.tokenizer_dir,
                                       max_batch_size=F.max_batch_size, max_model_len=F.max_model_len or None,
-                                      decode_chunk=F.decode_chunk)
+                                      decode_chunk=F.decode_chunk, prefill_chunk=F.prefill_chunk,
+                                      continuous=F.batching == "continuous")
     name = F.served_model_name or os.path.basename(os.path.normpath(F.model_dir))
     server = OpenAIServer(sampler, model_name=name, host=F.host, port=F.port, api_key=api_key,
-                          batch_wait_s=F.batch_wait_ms / 1000, default_max_tokens=F.default_max_tokens)
+                          batch_wait_s=F.batch_wait_ms / 1000, default_max_tokens=F.default_max_tokens,
+                          max_body_bytes=F.max_body_mb << 20)
     host, port = server.address
     logger.info("serving '%s' on http://%s:%d/v1 (auth %s)", name, host, port, "on" if api_key else "off")
     try:
@@ -685,7 +888,7 @@ def main(argv):
     except KeyboardInterrupt:
         pass
     finally:
-        server.httpd.server_close()
+        server.sock.close()
 
 
 if __name__ == "__main__":

@@ -407,8 +407,17 @@ def test_sharded_equals_single_device(qwen, mesh_shape):
                                    np.concatenate([o.logprobs for o in ref]), atol=1e-4)
 
 
-def test_compilations_bounded_by_buckets(qwen):
-    _, _, _, sampler = qwen
+@pytest.fixture
+def batch_level(qwen):
+    """The qwen sampler on its batch-level engine (continuous batching has its own tests)."""
+    sampler = qwen[3]
+    sampler.continuous = False
+    yield sampler
+    sampler.continuous = True
+
+
+def test_compilations_bounded_by_buckets(batch_level):
+    sampler = batch_level
     rng = np.random.RandomState(5)
     lengths = rng.randint(1, 61, size=200)
     prompts = _prompts(lengths, seed=6)

@@ -224,3 +224,19 @@ def test_logprobs_and_echo(client, sampler):
     lp = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=4, temperature=0, logprobs=0)
     assert len(lp.choices[0].logprobs.token_logprobs) == lp.usage.completion_tokens
     assert all(x <= 0 for x in lp.choices[0].logprobs.token_logprobs)
+
+
+def test_body_limits(server):
+    deep = b'{"model": "tiny-qwen2", "messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    status, payload = _raw(server, "POST", "/v1/chat/completions", raw=deep)
+    assert status == 400 and "nested" in json.loads(payload)["error"]["message"]
+    ok_depth = json.dumps({**_ok_chat(), "metadata": {"a": [[[["x"]]]]}, "stop": ["[[[", "{{{"]}).encode()
+    assert _raw(server, "POST", "/v1/chat/completions", raw=ok_depth)[0] == 200  # brackets in strings do not count
+    saved = server.max_body_bytes
+    server.max_body_bytes = 1000
+    try:
+        status, payload = _raw(server, "POST", "/v1/chat/completions", _ok_chat(messages=_chat("x" * 2000)))
+        assert status == 413 and json.loads(payload)["error"]["message"]
+    finally:
+        server.max_body_bytes = saved
+    assert _raw(server, "GET", "/v1/models")[0] == 200

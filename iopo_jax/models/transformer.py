@@ -162,7 +162,8 @@ class KVCache:
     """Preallocated key/value cache for all layers.
 
     ``mask [b, s]`` marks valid slots (False for left padding and unwritten slots);
-    ``end`` (int32 scalar) is the next slot to write.
+    ``end`` (int32 scalar) is the next slot to write; an int32 ``[b]`` vector gives every row its
+    own next slot (continuous batching: rows joined the batch at different times).
     """
 
     layers: list
@@ -217,6 +218,14 @@ def _attend_chunked(q_btnh, k_bskh, v_bskh, mask_bts, block: int):
     return out.swapaxes(0, 1).reshape(b, nb * block, n * h)[:, :t]
 
 
+def _write_rows(buf_bs, x_bt, end_b):
+    """``buf[r, end[r]:end[r] + t] = x[r]`` for every row r (per-row cache slots)."""
+    def one(buf, x, e):
+        return jax.lax.dynamic_update_slice(buf, x, (e,) + (0,) * (buf.ndim - 1))
+
+    return jax.vmap(one)(buf_bs, x_bt, end_b)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, init: ParamInit):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -236,8 +245,12 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, positions_bt, inv_freq), (BATCH_AXES, None, "tensor", None))
         k = apply_rope(k, positions_bt, inv_freq)
         if cache is not None:
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
+            if jnp.ndim(end) == 0:
+                k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
+                v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
+            else:  # per-row write slots (continuous batching)
+                k_all = _write_rows(cache.k, k.astype(cache.k.dtype), end)
+                v_all = _write_rows(cache.v, v.astype(cache.v.dtype), end)
             cache = LayerCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         out = attend(q, k, v, mask_bts, self.impl, self.block)
@@ -347,9 +360,13 @@ class Transformer(nnx.Module):
             mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (idx[None, :, None] >= idx[None, None, :])
         else:
             end = cache.end
-            kv_mask = jax.lax.dynamic_update_slice(cache.mask, segment_ids_bt != 0, (0, end))
-            slots = jnp.arange(kv_mask.shape[1])
-            causal = slots[None, None, :] <= (end + jnp.arange(t))[None, :, None]
+            slots = jnp.arange(cache.mask.shape[1])
+            if jnp.ndim(end) == 0:
+                kv_mask = jax.lax.dynamic_update_slice(cache.mask, segment_ids_bt != 0, (0, end))
+                causal = slots[None, None, :] <= (end + jnp.arange(t))[None, :, None]
+            else:  # per-row ``end [b]``: row r writes slots [end[r], end[r] + t)
+                kv_mask = _write_rows(cache.mask, segment_ids_bt != 0, end)
+                causal = slots[None, None, :] <= (end[:, None] + jnp.arange(t)[None, :])[:, :, None]
             mask = causal & kv_mask[:, None, :]
         x = constrain(self.embed(input_ids_bt), (BATCH_AXES, None, None))
         remat = cfg.remat != "none" and cache is None

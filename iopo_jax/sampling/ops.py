@@ -29,18 +29,20 @@ NEG_INF = -jnp.inf
 def row_keys(seed_hi, seed_lo, prompt_index, sample_index, step):
     """One PRNG key per row: fold (seed words, prompt index, sample index, step) into key(0).
 
-    Depends only on the row's own seed and index and on the step, never on the batch the row lands
-    in, so a seeded request reproduces whatever else is being generated alongside it.
+    ``step`` is a scalar or one step per row ``[b]`` (continuous batching). Depends only on the
+    row's own seed and index and on the step, never on the batch the row lands in, so a seeded
+    request reproduces whatever else is being generated alongside it.
     """
 
-    def one(hi, lo, pidx, sidx):
+    def one(hi, lo, pidx, sidx, st):
         k = jax.random.fold_in(jax.random.key(0), hi)
         k = jax.random.fold_in(k, lo)
         k = jax.random.fold_in(k, pidx)
         k = jax.random.fold_in(k, sidx)
-        return jax.random.fold_in(k, step)
+        return jax.random.fold_in(k, st)
 
-    return jax.vmap(one)(seed_hi, seed_lo, prompt_index, sample_index)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), jnp.shape(seed_hi))  # scalar or one step per row
+    return jax.vmap(one)(seed_hi, seed_lo, prompt_index, sample_index, steps)
 
 
 def argmax_last(x_bv):

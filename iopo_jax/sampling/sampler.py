@@ -141,13 +141,26 @@ class Sampler:
         strings, streaming, cancellation); otherwise a batch decodes in one call.
       prefill_chunk: prompts longer than this (and a multiple of it) are prefilled in chunks of this
         many tokens, so attention memory grows with ``chunk * bucket``, not ``bucket ** 2`` (0: off).
+        With continuous batching a long prompt is rounded up to a multiple of it (not a power of two)
+        and prefilled one chunk per scheduler round, so running rows keep decoding meanwhile.
+      continuous: continuous batching (default; see :mod:`iopo_jax.sampling.continuous`): finished
+        rows leave the batch at once and waiting rows take their slots, each row with its own cache
+        length. False: the batch-level engine (batches sorted by prompt length, each run to its end).
+      prefix_sharing: with continuous batching, rows with the same prompt ids (the ``n`` samples of a
+        prompt) share one prefill.
+      max_cache_tokens: with continuous batching, the KV-cache slots of one lane (batch x cache
+        length) are kept under this (default ``max_batch_size * 2048``): long lanes get fewer rows.
+      prefill_budget: with continuous batching, prompt tokens (padded) prefilled per scheduler round
+        (at least one chunk), between decode chunks.
     """
 
     def __init__(self, model, tokenizer=None, *, mesh=None, max_batch_size: int = 32,
                  max_model_len: Optional[int] = None, prompt_buckets: Optional[Sequence[int]] = None,
                  new_token_buckets: Optional[Sequence[int]] = None, batch_buckets: Optional[Sequence[int]] = None,
                  eos_token_ids: Optional[Sequence[int]] = None, decode_chunk: int = 16, pad_id: Optional[int] = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, continuous: bool = True, prefix_sharing: bool = True,
+                 max_cache_tokens: Optional[int] = None, prefill_budget: int = 4096,
+                 cache_buckets: Optional[Sequence[int]] = None):
         self.cfg = model.config
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -177,6 +190,15 @@ class Sampler:
         self.decode_chunk = int(decode_chunk)
         graphdef, self.state = nnx.split(model)
         self.engine = Engine(graphdef, self.cfg, self.pad_id, prefill_chunk)
+        self.continuous = bool(continuous)
+        self.prefix_sharing = bool(prefix_sharing)
+        self.max_cache_tokens = int(max_cache_tokens or self.max_batch_size * 2048)
+        self.prefill_budget = int(prefill_budget)
+        c = prefill_chunk if prefill_chunk > 0 else self.prompt_buckets[-1]
+        top = -(-self.prompt_buckets[-1] // c) * c + self.new_token_buckets[-1]
+        self.cache_buckets = tuple(sorted(cache_buckets or pow2_buckets(min(128, top), top)))
+        self._scheduler = None
+        self.full_lanes = False  # continuous batching: lanes at their largest batch (set by the server)
         self.last_stats = GenerationStats()
         self.total_stats = GenerationStats()
         self._lock = threading.Lock()
@@ -311,13 +333,59 @@ class Sampler:
                 raise ValueError(f"conversations[{i}]: expected a non-empty list of {{'role', 'content'}} messages")
         return self.generate(conversations, params)
 
+    @property
+    def scheduler(self):
+        """The continuous-batching scheduler (created on first use)."""
+        if self._scheduler is None:
+            from iopo_jax.sampling.continuous import Scheduler
+
+            self._scheduler = Scheduler(self)
+        return self._scheduler
+
+    def reset_scheduler(self):
+        """Drop every waiting and running row (after an error) and free the lanes' caches."""
+        self._scheduler = None
+
+    def submit(self, rows: Sequence[Row]):
+        """Queue rows for continuous batching; :meth:`step` generates them."""
+        with self._lock:
+            self.scheduler.add(rows)
+
+    def step(self) -> bool:
+        """One continuous-batching round; returns False when nothing is waiting or running."""
+        sch = self.scheduler
+        if sch.idle():
+            return False
+        with self._lock, use_mesh(self.mesh):
+            sch.step()
+        return True
+
     def run_rows(self, rows: Sequence[Row]) -> GenerationStats:
-        """Generate every row in place (sorted by prompt length, in batches of ``max_batch_size``)."""
+        """Generate every row in place: continuous batching, or (``continuous=False``) sorted by
+        prompt length in batches of ``max_batch_size``."""
+        if self.continuous:
+            return self._run_continuous(rows)
         stats = GenerationStats()
         order = sorted(range(len(rows)), key=lambda k: len(rows[k].prompt_ids))
         with self._lock, use_mesh(self.mesh):
             for s in range(0, len(order), self.max_batch_size):
                 self._run_batch([rows[k] for k in order[s:s + self.max_batch_size]], stats)
+        self.last_stats = stats
+        self.total_stats.add(stats)
+        return stats
+
+    def _run_continuous(self, rows: Sequence[Row]) -> GenerationStats:
+        sch = self.scheduler
+        before = dataclasses.replace(sch.stats)
+        # longest first: long prompts start prefilling (chunk by chunk) while the short ones decode
+        self.submit(sorted(rows, key=lambda r: -len(r.prompt_ids)))
+        while self.step():
+            pass
+        stats = GenerationStats(num_sequences=len(rows), prompt_tokens=sum(len(r.prompt_ids) for r in rows),
+                                generated_tokens=sum(len(r.token_ids) for r in rows),
+                                prefill_s=sch.stats.prefill_s - before.prefill_s,
+                                decode_s=sch.stats.decode_s - before.decode_s,
+                                batches=sch.stats.batches - before.batches)
         self.last_stats = stats
         self.total_stats.add(stats)
         return stats
@@ -328,12 +396,12 @@ class Sampler:
             return jnp.asarray(x)
         return jax.device_put(x, batch_sharding(self.mesh, x.ndim, x.shape))
 
-    def _row_params(self, rows: Sequence[Row], b: int) -> RowParams:
-        def stop_ids(r: Row):
-            ids = [] if r.params.ignore_eos else list(self.eos_token_ids)
-            return ids + [t for t in r.params.stop_token_ids if t not in ids]
+    def _stop_ids(self, r: Row) -> list[int]:
+        ids = [] if r.params.ignore_eos else list(self.eos_token_ids)
+        return ids + [t for t in r.params.stop_token_ids if t not in ids]
 
-        all_stops = [stop_ids(r) for r in rows]
+    def _row_params(self, rows: Sequence[Row], b: int) -> RowParams:
+        all_stops = [self._stop_ids(r) for r in rows]
         m = 4
         while m < max(len(s) for s in all_stops):
             m *= 2
