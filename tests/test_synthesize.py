@@ -334,3 +334,18 @@ def test_resume_after_kill9_no_lost_duplicated_or_repaid(tmp_path):
     for rq in after:
         params = {k: v for k, v in rq.body.items() if k not in ("model", "messages")}
         assert request_key(rq.body["model"], rq.messages, params) not in stored
+
+
+def test_layering_and_help():
+    # data_pipeline (and its synthesis module) imports without iopo_jax; the chat client is loaded on use
+    code = ("import sys, data_pipeline, data_pipeline.synthesize; "
+            "print(sorted(m for m in sys.modules if m.startswith('iopo_jax')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    h = subprocess.run([sys.executable, "-m", "data_pipeline.synthesize", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert h.returncode == 0
+    for flag in ("--edit_mix", "--judge_mode", "--judge_base_url", "--gen_base_url", "--seed", "--templates_dir",
+                 "--request_budget", "--stages", "--expand_k"):
+        assert flag in h.stdout
