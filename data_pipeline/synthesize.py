@@ -802,7 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="all",
                    help=f"comma-separated stages to run ({', '.join(STAGES)}) or 'all' (expand runs only with "
                         "--expand_k > 0)")
-    p.add_argument("--force", action="store_true", help="rerun stages whose output file already exists")
+    p.add_argument("--force", action="store_true", help="rerun stages whose output file already exists (the "
+                   "outputs of later stages are then removed, they were computed from the old output)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (dimensions, edit ops, "
                    "rule parameters); per item, so results do not depend on --concurrency")
     p.add_argument("--lang", choices=("en", "zh"), default="en", help="language of rule-constraint wording "
@@ -880,9 +881,14 @@ def _main(args) -> int:
     if "expand" in stages and args.expand_k <= 0:
         raise ValueError("--stages includes expand but --expand_k is 0; pass --expand_k=K (constraints to add)")
     args.edit_mix_parsed = parse_mix(args.edit_mix)
-    for k in ("base_url", "model", "api_key_env", "price_prompt_per_1k", "price_completion_per_1k"):
-        if getattr(args, f"judge_{k}") in (None, 0.0) and getattr(args, f"gen_{k}") not in (None, 0.0):
+    same_endpoint = args.judge_base_url is None
+    for k in ("base_url", "model", "api_key_env"):
+        if getattr(args, f"judge_{k}") is None:
             setattr(args, f"judge_{k}", getattr(args, f"gen_{k}"))
+    if same_endpoint:  # the generator's server and model: also its prices, unless given
+        for k in ("price_prompt_per_1k", "price_completion_per_1k"):
+            if not getattr(args, f"judge_{k}"):
+                setattr(args, f"judge_{k}", getattr(args, f"gen_{k}"))
     os.makedirs(args.workdir, exist_ok=True)
     templates = load_templates(args.templates_dir)
     gen = make_client("gen", args, os.path.join(args.workdir, "generator_store.jsonl")) if args.gen_base_url else None
@@ -914,6 +920,12 @@ def _main(args) -> int:
             t0 = time.time()
             kept, dropped = run_stage(ctx, st, items)
             after = {n: _usage(c) for n, c in (("gen", gen), ("judge", judge))}
+            # Later stages were computed from this stage's previous output (if any): they are stale now.
+            for later in STAGES[STAGES.index(st) + 1:-1]:
+                for stale in (stage_path(args.workdir, later), stage_path(args.workdir, later, dropped=True)):
+                    if os.path.exists(stale):
+                        logger.info("removing %s (computed from the previous output of %s)", stale, st)
+                        os.remove(stale)
             _write_jsonl(stage_path(args.workdir, st, dropped=True), dropped)
             _write_jsonl(out, kept)
             reasons = collections.Counter(d["reason"] for d in dropped)

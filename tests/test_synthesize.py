@@ -213,7 +213,11 @@ def test_stages_run_separately_equal_chained(tmp_path):
         for st in ("answer,judge", "edit", "answer2,judge2", "check", "write"):
             assert S.main([f"--input={inp}", f"--workdir={wd2}", f"--gen_base_url={fj.base_url}", "--gen_model=fake",
                            "--no-progress", "--edit_mix=revise:1", f"--stages={st}"]) == 0
-    assert output(wd2) == output(wd) and len(output(wd)) == 2
+        assert output(wd2) == output(wd) and len(output(wd)) == 2
+        # recomputing a stage removes the (now stale) outputs of the later stages
+        assert S.main([f"--input={inp}", f"--workdir={wd2}", f"--gen_base_url={fj.base_url}", "--gen_model=fake",
+                       "--no-progress", "--edit_mix=revise:1", "--stages=edit", "--force"]) == 0
+    assert os.path.exists(S.stage_path(wd2, "edit")) and not os.path.exists(S.stage_path(wd2, "answer2"))
     rep = json.load(open(os.path.join(wd2, "report.json")))
     assert set(rep["stages"]) == {"answer", "judge", "edit", "answer2", "judge2", "check"}
 
