@@ -147,6 +147,16 @@ def rule_template(dim: str, rng: random.Random, task: str, lang: str) -> Optiona
     return None
 
 
+_SAME_KIND = ({"bullet_count", "bullet_items"}, {"word_count", "char_count"}, {"starts_with", "ends_with"})
+
+
+def conflicts(spec: dict, cons: Sequence[dict]) -> bool:
+    """True when a constraint of the same kind is already in ``cons`` (two bullet counts contradict)."""
+    have = {c["spec"]["type"] for c in cons if c.get("spec")}
+    kinds = next((k for k in _SAME_KIND if spec["type"] in k), {spec["type"]})
+    return bool(have & kinds)
+
+
 RULE_DIMENSIONS = tuple(d for d in DIMENSIONS if rule_template(d, random.Random(0), "", "en") is not None)
 
 # ------------------------------------------------------------------------------------------------
@@ -473,6 +483,8 @@ def stage_expand(ctx: Ctx, item: dict) -> dict:
     free = []
     for d in chosen:
         spec = rule_template(d, rng, item["task"], ctx.lang) if rng.random() < ctx.args.rule_fraction else None
+        if spec is not None and conflicts(spec, list(item["cons1"]) + [c for c in new if c]):
+            spec = None
         if spec is not None:
             new.append({"spec": spec, "dim": d})
         else:
@@ -553,7 +565,7 @@ def _rule_edit(ctx: Ctx, item: dict, op: str, rng: random.Random) -> Optional[li
         rng.shuffle(dims)
         for d in dims:
             spec = rule_template(d, rng, item["task"], ctx.lang)
-            if spec is not None and not V.verify(spec, y1):
+            if spec is not None and not conflicts(spec, cons) and not V.verify(spec, y1):
                 return list(cons) + [{"spec": spec, "dim": d}]
         return None
     ruled = [i for i, c in enumerate(cons) if c.get("spec") is not None]

@@ -92,6 +92,9 @@ def test_parsers():
     assert S.parse_check("fine\nVERDICT: PASS") is True and S.parse_check("VERDICT: fail") is False
     assert S.parse_check("pass") is None
     assert S.parse_mix("add:2, revise") == [("add", 2.0), ("revise", 1.0)]
+    assert S.conflicts(BULLETS(4), [{"spec": BULLETS(3)}]) and S.conflicts(BULLETS(4), [{"spec": {
+        "type": "bullet_items", "items": ["a", "b"]}}])
+    assert not S.conflicts(BULLETS(4), [{"spec": KW("x")}, {"text": "free"}])
     with pytest.raises(ValueError, match="unknown operation 'swap'"):
         S.parse_mix("swap:1")
 
