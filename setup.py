@@ -18,6 +18,7 @@ CORE = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "tensorboardX>=2.6",
+    "gguf>=0.10",  # iopo_jax.tools.fetch_model reads and dequantizes GGUF files
 ]
 
 EXTRAS = {

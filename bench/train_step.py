@@ -19,7 +19,7 @@ layers) in float32 with LoRA r=8, alpha=16, dropout 0 on all linear layers
 
 * ours: ``iopo_jax.trainer.make_steps`` (the trainer's jitted ``micro_step`` + ``apply_step``,
   ``objective=iopo``, reference ``online``, log-prob chunk ``--chunk``) on a mesh of all JAX devices;
-* torch: ``transformers.Qwen2ForCausalLM`` (from the same checkpoint) + ``peft`` LoRA; reference under
+* torch: ``transformers.AutoModelForCausalLM`` (Qwen2 or Llama, from the same checkpoint) + ``peft`` LoRA; reference under
   ``torch.no_grad()`` and ``model.disable_adapter()``; log-probs as LLaMA-Factory computes them (full
   float32 logits over every position, ``log_softmax``, ``gather`` of the labels, masked sum);
   ``torch.optim.AdamW`` with the same hyper-parameters.
@@ -118,7 +118,8 @@ def make_batch(groups: int, prompt_len: int, response_len: int, vocab: int, seed
     rng = np.random.default_rng(seed)
     seqs = []
     draw_len = lambda m: int(rng.integers(max(1, round(0.8 * m)), max(1, round(1.2 * m)) + 1))
-    hi = min(vocab, PAD_ID)
+    pad_id = PAD_ID if vocab > PAD_ID else vocab - 1  # Qwen2's <|endoftext|>, or the last row of a smaller vocab
+    hi = min(vocab, pad_id)  # tokens drawn below the pad id (and inside the vocabulary)
     for _ in range(groups):
         x1, x2 = (rng.integers(0, hi, draw_len(prompt_len)) for _ in range(2))
         y1, y2 = (rng.integers(0, hi, draw_len(response_len)) for _ in range(2))
@@ -126,7 +127,7 @@ def make_batch(groups: int, prompt_len: int, response_len: int, vocab: int, seed
     t = max(len(x) + len(y) for x, y in seqs)
     t = -(-t // 8) * 8
     b = len(seqs)
-    ids = np.full((b, t), PAD_ID, np.int32)
+    ids = np.full((b, t), pad_id, np.int32)
     labels = np.full((b, t), IGNORE_INDEX, np.int32)
     seg = np.zeros((b, t), np.int32)
     pos = np.zeros((b, t), np.int32)
@@ -240,7 +241,7 @@ def torch_worker(a, batch) -> None:
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     rss0 = _rss()
     torch.set_num_threads(a.threads)
@@ -248,7 +249,7 @@ def torch_worker(a, batch) -> None:
     t0 = time.perf_counter()
     device = a.torch_device
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
-    model = Qwen2ForCausalLM.from_pretrained(a.model_dir, dtype=tdt, attn_implementation=a.torch_attn).to(device)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=tdt, attn_implementation=a.torch_attn).to(device)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
                                              bias="none", task_type="CAUSAL_LM"))
@@ -439,7 +440,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python bench/train_step.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default=None,
-                   help="HF Qwen2 checkpoint directory to use; default: a random one made with the size flags below "
+                   help="HF checkpoint directory (any supported Qwen2 / Llama model, e.g. the fetch_model "
+                        "SmolLM2-135M-Instruct; padding uses the last vocabulary row when the vocabulary is smaller "
+                        "than Qwen2's); default: a random one made with the size flags below "
                         "and cached in --cache_dir")
     p.add_argument("--hidden_size", type=int, default=64, help="model width of the random model (default: %(default)s, the CPU demo's)")
     p.add_argument("--num_layers", type=int, default=2, help="decoder layers (default: %(default)s)")

