@@ -14,16 +14,25 @@ include_keywords    keywords: [str]             every keyword occurs (ASCII keyw
                                                 case-insensitive; others: substring)
 exclude_keywords    keywords: [str]             no keyword occurs (same matching)
 keyword_frequency   keyword, n|min|max          the keyword's number of occurrences is in range
-word_count          n|min|max                   English words (``[A-Za-z0-9]+`` with ' and -) in range
+word_count          n|min|max                   words in range: runs of letters/digits of any script
+                                                (joined by ' or -), numbers such as 3.5 or 1,000 as
+                                                one word, each CJK character one word
 char_count          n|min|max                   non-whitespace characters in range (for Chinese)
-bullet_count        n|min|max                   lines starting with ``- ``, ``* `` or ``• `` in range
+bullet_count        n|min|max                   lines starting with ``- ``, ``* `` or ``• `` and some
+                                                text in range (a bare ``-`` or a rule ``- - -`` is not
+                                                a bullet)
 bullet_items        items: [str]                one bullet line per item: exactly len(items) bullet
                                                 lines, each holding a different item
 paragraph_count     n|min|max                   blocks separated by blank lines in range
 starts_with         phrase                      the stripped response starts with it (case-insensitive)
-ends_with           phrase                      the stripped response ends with it (case-insensitive)
-json_format         keys: [str] (optional)      the stripped response is a JSON object with the keys
-lowercase           (none)                      has letters and no uppercase letter
+                                                at a word boundary ("Yes" fails "Yesterday")
+ends_with           phrase                      the stripped response ends with it (case-insensitive,
+                                                at a word boundary)
+json_format         keys: [str] (optional)      the stripped response, or the body of one Markdown
+                                                code fence around it, is a JSON object with the keys
+lowercase           (none)                      has a cased letter and no uppercase letter (text
+                                                without cased letters, e.g. Chinese only, fails: it
+                                                cannot show that it is in lowercase)
 language            lang: "en" | "zh"           en: Latin letters and no CJK; zh: at least as many CJK
                                                 characters as Latin words
 no_commas           (none)                      no ``,`` and no ``，``
@@ -32,8 +41,10 @@ no_commas           (none)                      no ``,`` and no ``，``
 An empty (whitespace-only) response fails every constraint.
 
 Multi-part answers (SegPO): a prompt with sub-instructions asks for one section per sub-instruction,
-each opened by a heading line ``SUB_INSTRUCTION_k:`` (k = 1, 2, ...; ``## SUB_INSTRUCTION_k`` and text
-after the colon on the same line are accepted). :func:`split_sections` cuts a response into those
+each opened by a heading line ``SUB_INSTRUCTION_k:`` (k = 1, 2, ...). Headings are found by
+:func:`data_pipeline.headings.find_headings`, the parser the RL segmentation uses too (any casing,
+ASCII or full-width colon ``：``, ``**SUB_INSTRUCTION_k:**``, ``## SUB_INSTRUCTION_k``, brackets; text
+after the colon on the same line belongs to the section). :func:`split_sections` cuts a response into those
 sections, :func:`format_ok` checks there is exactly one section per sub-instruction in order, and
 :func:`verify_record` checks a demo evaluation record (see :mod:`data_pipeline.make_demo`) whose
 ``sub_instructions[j]["constraints"]`` apply to section j+1 only.
@@ -44,18 +55,24 @@ import json
 import re
 from typing import Optional, Sequence
 
+from data_pipeline.headings import find_headings
+
 _COUNT_TYPES = ("word_count", "char_count", "bullet_count", "paragraph_count", "keyword_frequency")
 SPEC_TYPES = (
     "include_keywords", "exclude_keywords", "keyword_frequency", "word_count", "char_count",
     "bullet_count", "bullet_items", "paragraph_count", "starts_with", "ends_with", "json_format", "lowercase",
     "language", "no_commas",
 )
-_WORD_RE = re.compile(r"[A-Za-z0-9]+(?:['\u2019-][A-Za-z0-9]+)*")
-_BULLET_RE = re.compile(r"^\s*[-*\u2022]\s+\S", re.MULTILINE)
+_CJK = r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+_LETTERS = rf"(?:(?!{_CJK})[^\W_])+"  # letters/digits of any script but CJK
+# A number with a decimal point or thousands separators; a word (parts joined by ' or -); a CJK character.
+_WORD_RE = re.compile(rf"\d+(?:[.,]\d+)+|{_LETTERS}(?:['\u2019-]{_LETTERS})*|{_CJK}")
+# A bullet marker, spaces, then text that is not only more markers (a bare "-" or a "- - -" rule is no bullet).
+_BULLET_RE = re.compile(r"^[ \t]*[-*\u2022][ \t]+(?![-*_\u2022 \t]*$)\S", re.MULTILINE)
 _PARA_SPLIT = re.compile(r"\n\s*\n")
-_CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_CJK_RE = re.compile(_CJK)
 _LATIN_RE = re.compile(r"[A-Za-z]")
-_HEADING_RE = re.compile(r"^[ \t]*(?:#+[ \t]*)?\**SUB_INSTRUCTION_(\d+)\**[ \t]*:?[ \t]*", re.MULTILINE)
+_FENCE_RE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```", re.DOTALL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +135,40 @@ def count_keyword(text: str, kw: str) -> int:
 
 
 def count_words(text: str) -> int:
+    """Words of any script (see the table above); ``"naïve café"`` is 2, ``"3.5 dollars"`` is 2."""
     return len(_WORD_RE.findall(text))
+
+
+def _wordish(c: str) -> bool:
+    return c.isalnum() and not _CJK_RE.match(c)
+
+
+def starts_with_phrase(text: str, phrase: str) -> bool:
+    """``text`` (stripped, case-insensitive) starts with ``phrase`` and the phrase ends at a word boundary."""
+    t, p = text.strip().lower(), phrase.strip().lower()
+    if not t.startswith(p):
+        return False
+    return len(t) == len(p) or not (_wordish(p[-1]) and _wordish(t[len(p)]))
+
+
+def ends_with_phrase(text: str, phrase: str) -> bool:
+    """``text`` (stripped, case-insensitive) ends with ``phrase`` and the phrase starts at a word boundary."""
+    t, p = text.strip().lower(), phrase.strip().lower()
+    if not t.endswith(p):
+        return False
+    return len(t) == len(p) or not (_wordish(p[0]) and _wordish(t[-len(p) - 1]))
+
+
+def json_body(text: str) -> str:
+    """The stripped text, or the body of a Markdown code fence (```json ... ```) wrapping all of it."""
+    t = text.strip()
+    m = _FENCE_RE.fullmatch(t)
+    return m.group(1).strip() if m else t
+
+
+def is_lowercase(text: str) -> bool:
+    """At least one cased letter and no uppercase one (Chinese-only text has no cased letter: fails)."""
+    return any(c.lower() != c.upper() for c in text) and text == text.lower()
 
 
 def count_chars(text: str) -> int:
@@ -195,17 +245,17 @@ def verify(spec: dict, response: str) -> bool:
     if t == "paragraph_count":
         return _in_range(count_paragraphs(r), spec)
     if t == "starts_with":
-        return r.strip().lower().startswith(spec["phrase"].strip().lower())
+        return starts_with_phrase(r, spec["phrase"])
     if t == "ends_with":
-        return r.strip().lower().endswith(spec["phrase"].strip().lower())
+        return ends_with_phrase(r, spec["phrase"])
     if t == "json_format":
         try:
-            obj = json.loads(r.strip())
+            obj = json.loads(json_body(r))
         except (json.JSONDecodeError, ValueError):
             return False
         return isinstance(obj, dict) and all(k in obj for k in (spec.get("keys") or []))
     if t == "lowercase":
-        return any(c.isalpha() for c in r) and r == r.lower()
+        return is_lowercase(r)
     if t == "language":
         return detect_language(r) == spec["lang"]
     if t == "no_commas":
@@ -224,19 +274,22 @@ def verify_constraints(specs: Sequence[dict], response: str) -> list[bool]:
 def section_spans(response: str) -> list[tuple[int, int, int]]:
     """``(k, start, end)`` character spans of every ``SUB_INSTRUCTION_k`` section, in order of appearance.
 
-    A span starts at its heading and ends where the next heading starts (or at the end of the text).
+    A span starts at its heading line and ends where the next heading line starts (or at the end of the
+    text): the spans of :func:`iopo_jax.rl.segments.segment_text`, from the same parser.
     """
-    heads = [(int(m.group(1)), m.start()) for m in _HEADING_RE.finditer(response)]
-    return [(k, s, heads[i + 1][1] if i + 1 < len(heads) else len(response)) for i, (k, s) in enumerate(heads)]
+    heads = find_headings(response)
+    return [(h.number, h.start, heads[i + 1].start if i + 1 < len(heads) else len(response))
+            for i, h in enumerate(heads)]
 
 
 def split_sections(response: str) -> dict[int, str]:
     """``{k: body}`` of each ``SUB_INSTRUCTION_k`` section (heading removed, stripped; first one wins)."""
     out: dict[int, str] = {}
-    for m_k, s, e in section_spans(response):
-        m = _HEADING_RE.match(response, s)
-        if m_k not in out:
-            out[m_k] = response[m.end():e].strip()
+    heads = find_headings(response)
+    for i, h in enumerate(heads):
+        end = heads[i + 1].start if i + 1 < len(heads) else len(response)
+        if h.number not in out:
+            out[h.number] = response[h.end:end].strip()
     return out
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 
 import concurrent.futures as cf
@@ -126,12 +127,20 @@ def _cached_sampler(model_dir: str, lora: str):
     return Sampler.from_pretrained(model_dir, lora=lora or None)
 
 
+def unit_seed(seed: int, request_id: str) -> int:
+    """A 63-bit sampling seed from the run seed and a request id (``<unit id>#<part>``): the same for a
+    unit whatever its position in its batch, so a resumed evaluation samples what an uninterrupted one does."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\x00{request_id}".encode()).digest()[:8], "little") >> 1
+
+
 def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], *, temperature: float,
-                         top_p: float, max_new_tokens: int, seed: int, lora: str = "") -> list[str]:
+                         top_p: float, max_new_tokens: int, seed: int, lora: str = "",
+                         ids: Optional[Sequence[str]] = None) -> list[str]:
     """Answers a batch of chat conversations with our JAX sampler, one string each.
 
     The model (``model_dir``, plus a PEFT adapter directory ``lora`` when given) is loaded once and
-    kept; the tokenizer's chat template is applied with the generation prompt.
+    kept; the tokenizer's chat template is applied with the generation prompt. With ``ids`` (one per
+    conversation) each conversation samples with :func:`unit_seed` of its id, independent of the batch.
     """
     from iopo_jax.sampling import SamplingParams  # pylint: disable=import-outside-toplevel
 
@@ -141,7 +150,11 @@ def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], 
             "--predictions=FILE or --gen_base_url=URL instead")
     sampler = _cached_sampler(model_dir, lora)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    return [c.text for c in sampler.chat(list(batch), params)]
+    if ids is None:
+        return [c.text for c in sampler.chat(list(batch), params)]
+    if len(ids) != len(batch):
+        raise ValueError(f"jax_sampler_generate: {len(ids)} ids for {len(batch)} conversations")
+    return [c.text for c in sampler.generate(list(batch), params, seeds=[unit_seed(seed, i) for i in ids])]
 
 
 class JaxSamplerGenerator:
@@ -156,7 +169,8 @@ class JaxSamplerGenerator:
 
     def generate(self, requests: Sequence[driver.GenRequest]) -> Iterator[driver.GenResult]:
         for batch in driver.iter_batches(list(requests), self.batch_size):
-            texts = jax_sampler_generate(self.model_dir, [r.messages for r in batch], **self.kw)
+            texts = jax_sampler_generate(self.model_dir, [r.messages for r in batch], ids=[r.id for r in batch],
+                                         **self.kw)
             if len(texts) != len(batch):
                 raise RuntimeError(f"jax_sampler_generate returned {len(texts)} answers for {len(batch)} prompts")
             for r, t in zip(batch, texts):

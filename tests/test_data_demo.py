@@ -35,7 +35,7 @@ def evals():
     ({"type": "paragraph_count", "n": 2}, "a\n\nb\n", "a\nb"),
     ({"type": "starts_with", "phrase": "In short:"}, "  in short: yes", "Yes. In short:"),
     ({"type": "ends_with", "phrase": "感谢阅读。"}, "好的。感谢阅读。\n", "感谢阅读。好的。"),
-    ({"type": "json_format", "keys": ["topic"]}, '{"topic": "tea"}', '```json\n{"topic": "tea"}\n```'),
+    ({"type": "json_format", "keys": ["topic"]}, '```json\n{"topic": "tea"}\n```', 'Sure: {"topic": "tea"}'),
     ({"type": "json_format"}, "{}", "[1, 2]"),
     ({"type": "lowercase"}, "all lower 123", "Not lower"),
     ({"type": "language", "lang": "zh"}, "这是中文 with a few words", "English only"),

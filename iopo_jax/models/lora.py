@@ -114,6 +114,12 @@ def read_adapter_config(adapter_dir: str) -> LoRAConfig:
     for field, ok in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False)):
         if c.get(field, ok) != ok:
             raise CheckpointError(f"{path}: {field}={c.get(field)} is not supported")
+    # Per-module ranks / alphas would need a LoRA config per module: refuse rather than load wrong scales.
+    for field in ("alpha_pattern", "rank_pattern"):
+        if c.get(field):
+            raise CheckpointError(f"{path}: {field}={c[field]!r} is not supported (one r and lora_alpha for every "
+                                  "module); merge the adapter into the base weights with PEFT first, or export it "
+                                  f"without {field}")
     targets = c.get("target_modules") or list(LORA_TARGETS_ALL)
     if isinstance(targets, str):
         targets = list(LORA_TARGETS_ALL) if targets == "all-linear" else [targets]

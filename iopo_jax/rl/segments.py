@@ -1,15 +1,8 @@
 """Segment a response by its ``SUB_INSTRUCTION_k`` headings and map every token to its segment.
 
-A heading is recognised at the start of a line, in any of the spellings models produce::
-
-    SUB_INSTRUCTION_1:      sub_instruction_1：      SUB_INSTRUCTION 1      Sub-Instruction-1:
-    **SUB_INSTRUCTION_1**:  **SUB_INSTRUCTION_1:**   ### SUB_INSTRUCTION_1  - SUB_INSTRUCTION_1:
-    【SUB_INSTRUCTION_1】    [SUB_INSTRUCTION_1]:      > SUB_INSTRUCTION_1：
-
-(case-insensitive; ``_``, ``-``, space or nothing between the words and before the number; ASCII or
-full-width colon). To avoid taking a sentence such as ``SUB_INSTRUCTION_1 asks for ...`` for a heading,
-a line-start match counts only when it has a colon, a Markdown ``#`` heading, emphasis or brackets
-around it, or nothing else on its line. Mentions in the middle of a line are not headings.
+Headings are found by :func:`data_pipeline.headings.find_headings`, the parser the rule verifiers use
+too (any casing, ``_``/``-``/space separators, ASCII or full-width colon, Markdown emphasis, ``#`` and
+brackets; a bare line-start mention followed by other text is not a heading).
 
 Segment ``j`` spans from the start of its heading line (the heading belongs to its segment) up to the
 start of the next heading line, or the end of the text. Text before the first heading, and segments whose
@@ -32,32 +25,12 @@ import bisect
 import codecs
 import dataclasses
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-_EMPH = r"(?:\*{1,3}|_{1,3})"
-HEADING_RE = re.compile(
-    r"^[ \t]*"
-    r"(?P<quote>>[ \t]*)?"
-    r"(?P<hash>\#{1,6}[ \t]*)?"
-    r"(?:[-*+][ \t]+)?"
-    rf"(?P<open>{_EMPH})?[ \t]*"
-    r"(?P<lbr>[\[【(（])?[ \t]*"
-    r"sub[ _\-]?instruction[ _\-]*(?P<num>\d+)"
-    r"[ \t]*(?P<rbr>[\]】)）])?"
-    rf"(?P<close>{_EMPH})?"
-    r"[ \t]*(?P<colon>[:：])?"
-    rf"(?:[ \t]*{_EMPH})?",
-    re.IGNORECASE | re.MULTILINE,
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Heading:
-    number: int  # the k of SUB_INSTRUCTION_k as written
-    start: int  # char offset of the start of the heading line
-    end: int  # char offset just after the heading (and its colon)
+# One heading parser for evaluation, rule rewards and RL segmentation (re-exported here).
+from data_pipeline.headings import HEADING_RE, Heading, expected_ids_from_keys, find_headings  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -67,29 +40,6 @@ class Segmentation:
     found: np.ndarray  # [J] bool, slot j has at least one segment
     spans: list  # [(slot j or -1, char_start, char_end)] one per heading, in text order
     headings: list  # [Heading]
-
-
-def find_headings(text: str) -> list[Heading]:
-    """All ``SUB_INSTRUCTION_k`` headings of ``text`` in order (see the module docstring for the rules)."""
-    out = []
-    for m in HEADING_RE.finditer(text):
-        line_end = text.find("\n", m.end())
-        rest = text[m.end(): len(text) if line_end < 0 else line_end]
-        decorated = m.group("colon") or m.group("hash") or m.group("open") or m.group("close") or m.group("lbr")
-        if decorated or not rest.strip():
-            out.append(Heading(int(m.group("num")), m.start(), m.end()))
-    return out
-
-
-def expected_ids_from_keys(keys: Iterable[str]) -> list[int]:
-    """``["sub_instruction_0", "sub_instruction_1", ...]`` -> ``[0, 1, ...]`` (order kept)."""
-    ids = []
-    for i, k in enumerate(keys):
-        m = re.fullmatch(r"sub[ _\-]?instruction[ _\-]*(\d+)", str(k).strip(), re.IGNORECASE)
-        if not m:
-            raise ValueError(f"sub-instruction key #{i} {k!r} is not of the form 'sub_instruction_<k>'")
-        ids.append(int(m.group(1)))
-    return ids
 
 
 def _resolve_expected(expected_ids, num_sub_instructions, index_base) -> list[int]:
