@@ -8,6 +8,7 @@ characters" into "at most N characters" with N half of y1's length, which a 32-t
 is the plumbing: real HTTP to our server, rule judging and editing, the IOPO file, and the trainer taking
 that file unchanged. Throughput and keep rates are printed (run with -s to see them).
 """
+import contextlib
 import json
 import os
 import re
@@ -36,8 +37,9 @@ def model_dir(request):
         return request.getfixturevalue("tiny_model_dir")
 
 
-@pytest.fixture
-def served_model(model_dir):
+@contextlib.contextmanager
+def serve(model_dir):
+    """Runs python -m iopo_jax.serve on a free port; yields its base URL; stops it on exit."""
     cmd = [sys.executable, "-m", "iopo_jax.serve", f"--model_dir={model_dir}", "--port=0",
            "--max_model_len=512", "--default_max_tokens=32", "--max_batch_size=8", "--served_model_name=m"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -57,15 +59,17 @@ def served_model(model_dir):
     if not found:
         proc.kill()
         pytest.fail("server did not start:\n" + "".join(log[-40:]))
-    yield found[0]
-    proc.terminate()
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield found[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
-def test_synthesize_against_our_server_then_train(served_model, model_dir, tmp_path):
+def test_synthesize_against_our_server_then_train(model_dir, tmp_path):
     long_answer = "Rivers shape the land around them and carry water to the sea. " * 14
     seeds = []
     for i in range(6):
@@ -77,13 +81,15 @@ def test_synthesize_against_our_server_then_train(served_model, model_dir, tmp_p
     inp = tmp_path / "seeds.jsonl"
     inp.write_text("".join(json.dumps(s) + "\n" for s in seeds))
     wd = tmp_path / "synth"
-    t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "data_pipeline.synthesize", f"--input={inp}", f"--workdir={wd}",
-                        f"--gen_base_url={served_model}", "--gen_model=m", "--gen_max_tokens=32",
-                        "--judge_mode=rules", "--edit_with=rules", "--edit_mix=revise:1", "--no-coherence_check",
-                        "--concurrency=8", "--timeout_s=1200", "--no-progress"], cwd=REPO, env=cli_env(),
-                       capture_output=True, text=True, timeout=1800)
-    minutes = (time.time() - t0) / 60
+    # the server is stopped before training (both hold a copy of the model; the CI machine has little memory)
+    with serve(model_dir) as served_model:
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "data_pipeline.synthesize", f"--input={inp}", f"--workdir={wd}",
+                            f"--gen_base_url={served_model}", "--gen_model=m", "--gen_max_tokens=32",
+                            "--judge_mode=rules", "--edit_with=rules", "--edit_mix=revise:1", "--no-coherence_check",
+                            "--concurrency=8", "--timeout_s=1200", "--no-progress"], cwd=REPO, env=cli_env(),
+                           capture_output=True, text=True, timeout=1800)
+        minutes = (time.time() - t0) / 60
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.load(open(wd / "report.json"))
     groups = report["groups"]
