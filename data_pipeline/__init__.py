@@ -22,6 +22,7 @@ packing, resumable iterator), :mod:`~data_pipeline.pipeline` (config -> iterator
 host sharding), :mod:`~data_pipeline.verifiers` (rule verifiers), :mod:`~data_pipeline.make_demo` (demo
 set generator), :mod:`~data_pipeline.tfds_builders` (TFDS builders ``trace_eval`` and ``eifbench``),
 and the CLIs ``python -m data_pipeline.download``, ``python -m data_pipeline.stats``,
+``python -m data_pipeline.synthesize`` (IOPO group synthesis over an OpenAI-compatible LLM),
 ``python -m data_pipeline.make_demo`` (each has ``--help``).
 """
 import os as _os
