@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iopo_jax.models import attention as attn_lib
 from iopo_jax.models.config import ModelConfig
 from iopo_jax.sharding import BATCH_AXES, constrain
 
@@ -181,10 +182,23 @@ jax.tree_util.register_dataclass(KVCache, data_fields=["layers", "mask", "end"],
 
 
 def attend(q_btnh, k_bskh, v_bskh, mask_bts, impl: str = "xla", block: int = 512):
-    """Grouped-query attention with a boolean mask; softmax in float32."""
+    """Grouped-query attention; softmax in float32.
+
+    ``mask_bts`` is a boolean ``[b, t, s]`` mask or a :class:`~iopo_jax.models.attention.SegmentMask`
+    (segment / prefix ids, no cache); ``impl`` is resolved per platform by
+    :func:`~iopo_jax.models.attention.resolve_impl` (``auto``: splash on TPU, cuDNN on GPU, chunked elsewhere).
+    """
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
-    if impl == "cudnn":
+    impl = attn_lib.resolve_impl(impl, mask_bts, t)
+    if isinstance(mask_bts, attn_lib.SegmentMask):
+        if impl == "splash":
+            return attn_lib.splash_attention(q_btnh, k_bskh, v_bskh, mask_bts.segment_ids)
+        if impl == "cudnn":
+            return attn_lib.segment_cudnn_attention(
+                q_btnh, k_bskh, v_bskh, mask_bts, lambda m: attend(q_btnh, k_bskh, v_bskh, m, "cudnn"))
+        mask_bts = mask_bts.dense()
+    if impl in ("cudnn", "cudnn_dense"):
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], implementation="cudnn").reshape(b, t, n * h)
     if impl == "chunked" and t > block:
@@ -307,7 +321,9 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg.replace(lora=None), name="lm_head", init=init)
 
-    def __call__(self, input_ids_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None):
+    def __call__(self, input_ids_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None,
+                 prefix_ids_bt=None):
+        """``prefix_ids_bt`` (no cache only): shared-prompt packing, see :mod:`iopo_jax.models.attention`."""
         cfg = self.config
         b, t = input_ids_bt.shape
         if segment_ids_bt is None:
@@ -317,9 +333,7 @@ class Transformer(nnx.Module):
         inv_freq = rope_inv_freq(cfg)
         end = None
         if cache is None:
-            seg = segment_ids_bt
-            idx = jnp.arange(t)
-            mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (idx[None, :, None] >= idx[None, None, :])
+            mask = attn_lib.SegmentMask(segment_ids_bt, prefix_ids_bt)
         else:
             end = cache.end
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, segment_ids_bt != 0, (0, end))
