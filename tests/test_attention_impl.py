@@ -1,4 +1,8 @@
 """Attention by platform: splash (Pallas interpret mode on CPU), cuDNN-style sequence lengths, auto selection."""
+import os
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # TPU topology descriptions while others hold libtpu
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +147,29 @@ def test_model_with_splash_matches_xla():
     got, _ = model(ids, pos, seg)
     real = np.asarray(seg != 0)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=5e-5, rtol=5e-5)
+
+
+def test_aot_lowering_for_a_tpu_topology_uses_splash():
+    """Compiling ahead of time for TPU on a CPU host: the lowered model carries the splash kernel."""
+    topologies = pytest.importorskip("jax.experimental.topologies")
+    try:
+        topo = topologies.get_topology_desc("v5e:2x2", "tpu")
+    except Exception as e:  # no libtpu on this machine
+        pytest.skip(f"no TPU topology description available ({type(e).__name__})")
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = make_mesh({"fsdp": -1}, topo.devices)
+    cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=128, dtype="bfloat16")
+    graph, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), abstract=True))
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(("data", "fsdp")))
+    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+    ids = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=rows)
+
+    def loss(state, ids, seg):
+        hidden, _ = nnx.merge(graph, state)(ids, None, seg)
+        return hidden.astype(jnp.float32).sum()
+
+    with use_mesh(mesh):
+        text = jax.jit(jax.grad(loss)).lower(state, ids, ids).as_text()
+    assert "tpu_custom_call" in text
