@@ -46,6 +46,7 @@ def get_config():
     d.bucket_step = 128  # length buckets are multiples of this up to cutoff_len
     d.buckets = ""  # or an explicit comma list of bucket lengths
     d.pack = False  # SFT only: pack conversations into full rows with segment ids
+    d.share_prompt = False  # IOPO/DPO: each prompt once with both answers in a row [x | y_a | y_b] (fewer tokens)
     d.cache_dir = ""  # tokenisation cache; "" = <workdir>/data_cache
     d.num_proc = 1  # processes for tokenisation
 
