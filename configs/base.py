@@ -86,6 +86,7 @@ def get_config():
     t.logprob_pack_batch = False  # pack labelled tokens of all rows into one stream (faster on 1 device)
     t.plot = True  # write training_curves.png at the end
     t.tensorboard = True  # write TensorBoard events under <workdir>/tb
+    t.compilation_cache_dir = "auto"  # persistent XLA cache: auto (~/.cache/iopo_jax/...) | a path / gs:// | off
 
     # ------------------------------------------------------------------ checkpoints and exports
     c.checkpoint = ck = ml_collections.ConfigDict()
