@@ -115,6 +115,45 @@ def shared_prompt_lengths(dataset: TokenizedDataset) -> np.ndarray:
     return np.max(np.stack(rows, 1), axis=1).astype(np.int64)
 
 
+def shared_prompt_rows(rows: Sequence, L: int, pad_id: int) -> dict:
+    """Shared-prompt rows ``[x | y_a | y_b]`` (see the module docstring) from ``(x, y_a, y_b)`` token arrays
+    (``None`` = a filler row): input_ids, segment_ids, prefix_ids, positions, attention_mask, score_positions,
+    score_targets, score_sequence ``[R, L]`` and valid ``[R]``."""
+    R = len(rows)
+    out = {name: np.zeros((R, L), np.int32) for name in (
+        "input_ids", "segment_ids", "positions", "prefix_ids", "score_positions", "score_sequence")}
+    out["input_ids"][:] = pad_id
+    out["score_targets"] = np.full((R, L), IGNORE_INDEX, np.int32)
+    valid = np.zeros((R,), bool)
+    for r, row in enumerate(rows):
+        if row is None:
+            continue
+        x, ya, yb = (np.asarray(p, np.int32) for p in row)
+        nx, na, nb = len(x), len(ya), len(yb)
+        if nx + na + nb > L:
+            raise ValueError(f"shared-prompt row {r}: {nx} + {na} + {nb} tokens do not fit length {L}")
+        out["input_ids"][r, :nx + na + nb] = np.concatenate([x, ya, yb])
+        out["segment_ids"][r, :nx], out["segment_ids"][r, nx:nx + na] = 1, 2
+        out["segment_ids"][r, nx + na:nx + na + nb] = 3
+        out["prefix_ids"][r, nx:nx + na + nb] = 1
+        out["positions"][r, :nx + na] = np.arange(nx + na)
+        out["positions"][r, nx + na:nx + na + nb] = nx + np.arange(nb)
+        # the hidden position that predicts each answer token: the previous token of its own sequence
+        src_a = nx - 1 + np.arange(na)
+        src_b = np.concatenate([[nx - 1], nx + na + np.arange(max(nb - 1, 0))])[:nb]
+        src = np.concatenate([src_a, src_b])
+        tgt = np.concatenate([ya, yb])
+        seq = np.concatenate([np.zeros(na, np.int32), np.ones(nb, np.int32)])
+        keep = src >= 0  # an empty prompt leaves an answer's first token unpredicted, as unpacked
+        n = int(keep.sum())
+        out["score_positions"][r, :n], out["score_targets"][r, :n] = src[keep], tgt[keep]
+        out["score_sequence"][r, :n] = seq[keep]
+        valid[r] = True
+    out["attention_mask"] = (out["segment_ids"] > 0).astype(np.int32)
+    out["valid"] = valid
+    return out
+
+
 class _Plan:
     __slots__ = ("epoch", "batches", "lengths")
 
@@ -307,43 +346,17 @@ class BatchIterator:
     def _assemble_shared(self, chunk: list, L: int) -> dict:
         ds = self.dataset
         rpg = self.K // 2  # rows per group
-        R = len(chunk) * rpg
-        out = {name: np.zeros((R, L), np.int32) for name in (
-            "input_ids", "segment_ids", "positions", "prefix_ids", "score_positions", "score_sequence")}
-        out["input_ids"][:] = ds.pad_id
-        out["score_targets"] = np.full((R, L), IGNORE_INDEX, np.int32)
-        valid = np.zeros((R,), bool)
-        example_index = np.full((len(chunk),), -1, dtype=np.int64)
         layout = LAYOUTS[ds.kind]
+        rows, example_index = [], np.full((len(chunk),), -1, dtype=np.int64)
         for g, unit in enumerate(chunk):
             if not unit:
+                rows += [None] * rpg
                 continue
-            i = unit[0]
-            example_index[g] = ds.source_index[i]
-            pieces = ds.pieces(i)
-            for j in range(rpg):
-                r = g * rpg + j
-                x, ya, yb = pieces[layout[2 * j][0]], pieces[layout[2 * j][1]], pieces[layout[2 * j + 1][1]]
-                nx, na, nb = len(x), len(ya), len(yb)
-                out["input_ids"][r, :nx + na + nb] = np.concatenate([x, ya, yb])
-                out["segment_ids"][r, :nx], out["segment_ids"][r, nx:nx + na] = 1, 2
-                out["segment_ids"][r, nx + na:nx + na + nb] = 3
-                out["prefix_ids"][r, nx:nx + na + nb] = 1
-                out["positions"][r, :nx + na] = np.arange(nx + na)
-                out["positions"][r, nx + na:nx + na + nb] = nx + np.arange(nb)
-                # hidden position predicting each answer token: the previous token of its own sequence
-                src_a = nx - 1 + np.arange(na)
-                src_b = np.concatenate([[nx - 1], nx + na + np.arange(nb - 1)])[:nb]
-                src = np.concatenate([src_a, src_b])
-                tgt = np.concatenate([ya, yb])
-                seq = np.concatenate([np.zeros(na, np.int32), np.ones(nb, np.int32)])
-                keep = src >= 0  # an empty prompt leaves an answer's first token unpredicted, as unpacked
-                n = int(keep.sum())
-                out["score_positions"][r, :n], out["score_targets"][r, :n] = src[keep], tgt[keep]
-                out["score_sequence"][r, :n] = seq[keep]
-                valid[r] = True
-        out["attention_mask"] = (out["segment_ids"] > 0).astype(np.int32)
-        out["valid"] = valid
+            example_index[g] = ds.source_index[unit[0]]
+            pieces = ds.pieces(unit[0])
+            rows += [(pieces[layout[2 * j][0]], pieces[layout[2 * j][1]], pieces[layout[2 * j + 1][1]])
+                     for j in range(rpg)]
+        out = shared_prompt_rows(rows, L, ds.pad_id)
         out["example_index"] = example_index
         return out
 
