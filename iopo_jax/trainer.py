@@ -41,6 +41,7 @@ from iopo_jax.logprobs import scored_sequence_logprobs, sequence_logprobs
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
 from iopo_jax.models.weights import load_model
 from iopo_jax.objectives import ObjectiveConfig, get_objective
+from iopo_jax.objectives.losses import CHOSEN_COLUMNS
 from iopo_jax.sharding import batch_sharding, make_mesh, path_str, use_mesh
 
 log = logging.getLogger("iopo_jax.train")
@@ -141,16 +142,34 @@ def make_schedule(opt, total_steps: int):
     return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), decay], [warmup])
 
 
+def frozen_keys(opt, trainable: dict) -> frozenset:
+    """Paths of the trainable tree matching ``optimizer.freeze_patterns`` (never updated, not clipped)."""
+    patterns = [re.compile(p) for p in _csv(opt.freeze_patterns)]
+    return frozenset(k for k in trainable if any(p.search(k) for p in patterns))
+
+
+def decays(key: str) -> bool:
+    """Weight decay applies to weight matrices, embeddings and LoRA factors, not to biases and norm scales
+    (the Hugging Face Trainer's rule)."""
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf not in ("bias", "scale")
+
+
+def _decay_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path_str(path)), params)
+
+
 def make_optimizer(opt, total_steps: int, trainable: dict) -> optax.GradientTransformation:
-    """AdamW (+ clipping) on the trainable tree; paths matching ``freeze_patterns`` get zero updates."""
+    """AdamW (+ clipping) on the trainable tree; paths matching ``freeze_patterns`` get zero updates;
+    biases and norm scales are not decayed."""
     chain = []
     if opt.max_grad_norm and opt.max_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(opt.max_grad_norm))
     chain.append(optax.adamw(make_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                             weight_decay=opt.weight_decay))
+                             weight_decay=opt.weight_decay, mask=_decay_mask))
     tx = optax.chain(*chain)
-    patterns = [re.compile(p) for p in _csv(opt.freeze_patterns)]
-    labels = {k: ("frozen" if any(p.search(k) for p in patterns) else "train") for k in trainable}
+    frozen = frozen_keys(opt, trainable)
+    labels = {k: ("frozen" if k in frozen else "train") for k in trainable}
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
@@ -165,6 +184,54 @@ def resolve_model_dir(cfg) -> str:
             make_tiny_model(m.path, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
                             intermediate_size=2 * m.tiny_hidden_size)
     return m.path
+
+
+def checkpoint_identity(model_dir: str) -> str:
+    """Identity of a checkpoint directory: name, size and modification time (ns) of each file in it, so
+    re-exporting different weights to the same path gives a different identity. A hub id (no such
+    directory) is its own identity."""
+    if not os.path.isdir(model_dir):
+        return model_dir
+    entries = []
+    for name in sorted(os.listdir(model_dir)):
+        full = os.path.join(model_dir, name)
+        if os.path.isfile(full):
+            st = os.stat(full)
+            entries.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def reference_cache_key(data_fingerprint: str, model_dir: str, cfg, k: int) -> str:
+    """Key of a precomputed reference log-prob table: the data, the checkpoint (path and identity), the
+    parameter and compute dtypes and the group size."""
+    parts = [data_fingerprint, os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir,
+             checkpoint_identity(model_dir), cfg.model.param_dtype, cfg.model.dtype, str(k)]
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def atomic_savez(path: str, **arrays) -> None:
+    """``np.savez`` to a temporary file in the same directory, then ``os.replace``: a kill mid-write
+    leaves no partial file at ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def optimizer_steps(train_it, num_epochs, grad_accum: int) -> int:
+    """Optimizer steps that use every micro-batch of ``num_epochs`` epochs: ceil(micro-batches / grad_accum)
+    (the last step accumulates the remainder). ``num_epochs`` None/0 counts one epoch."""
+    micro = len(train_it) if num_epochs else train_it.steps_per_epoch
+    if micro < 1:
+        raise ValueError(f"the training set gives no micro-batch (data.batch_size={train_it.batch_size} rows "
+                         "each); lower data.batch_size or add data")
+    return -(-micro // grad_accum)
 
 
 # ----------------------------------------------------------------------------- model plumbing
@@ -237,13 +304,15 @@ def forward_logps(model, batch, chunk: int, remat: bool = True, pack_batch: bool
 
 
 # ----------------------------------------------------------------------------- the steps
-def make_apply_step(tx):
-    """Jitted optimizer step over accumulated gradients (donated): average, clip + AdamW (``tx``), and
-    refuse a non-finite update (state left untouched, ``finite=False`` reported)."""
+def make_apply_step(tx, frozen: frozenset = frozenset()):
+    """Jitted optimizer step over accumulated gradients (donated): divide by ``n_micro`` (the number of
+    micro-batches, or the window's token count for token-mean SFT), clip + AdamW (``tx``), and refuse a
+    non-finite update (state left untouched, ``finite=False`` reported). The reported ``grad_norm`` is
+    the one clipping sees: over the updated leaves only (``frozen`` paths excluded)."""
 
     def apply_step(trainable, opt_state, grads_acc, n_micro):
         grads = jax.tree_util.tree_map(lambda g: g / n_micro, grads_acc)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.global_norm({k: v for k, v in grads.items() if k not in frozen})
         updates, new_opt = tx.update(grads, opt_state, trainable)
         new_params = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(gnorm) & jnp.all(
@@ -255,13 +324,40 @@ def make_apply_step(tx):
     return jax.jit(apply_step, donate_argnums=(0, 1, 2))
 
 
-def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chunk: int, tx, seed: int,
-               dropout: bool, remat: bool = True, pack_batch: bool = False):
-    needs_ref = objective.needs_reference
+def token_sum_objective(objective, ocfg: ObjectiveConfig) -> bool:
+    """Token-mean SFT: gradients are accumulated as sums and divided by the token count of the whole
+    accumulation window, so the accumulated gradient equals the full-batch one."""
+    return objective.name == "sft" and ocfg.sft_reduction == "token"
 
-    def policy(trainable, step, train: bool):
-        if dropout and train:  # dropout masks drawn from (seed, step): reruns and resumes are identical
-            return parts.merge(trainable, dropout_key=jax.random.fold_in(jax.random.key(seed), step))
+
+def window_metrics(ms: list[dict], token_sum: bool) -> tuple[dict, float]:
+    """Metrics of one accumulation window and the divisor of its summed gradients: the number of
+    micro-batches, or (token-mean SFT) the window's loss tokens, the loss then being total NLL / tokens."""
+    metrics = mean_metrics(ms)
+    if not token_sum:
+        return metrics, float(len(ms))
+    host = [{k: float(v) for k, v in jax.device_get(m).items()} for m in ms]
+    tokens = sum(m["loss_tokens"] for m in host)
+    metrics["loss_tokens"] = tokens
+    metrics["loss"] = sum(m["loss"] * m["loss_tokens"] for m in host) / tokens if tokens > 0 else 0.0
+    return metrics, max(tokens, 1.0)
+
+
+def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chunk: int, tx, seed: int,
+               dropout: bool, remat: bool = True, pack_batch: bool = False, frozen: frozenset = frozenset()):
+    """``(micro_step, apply_step, eval_step, ref_only)``, jitted.
+
+    ``micro_step(trainable, grads_acc, batch, step, micro)`` adds one micro-batch's gradients into
+    ``grads_acc``: of the loss, or for token-mean SFT (:func:`token_sum_objective`) of the NLL sum, with
+    ``metrics["loss_tokens"]`` the tokens it covers; divide by :func:`window_metrics`' divisor.
+    """
+    needs_ref = objective.needs_reference
+    token_sum = token_sum_objective(objective, ocfg)
+
+    def policy(trainable, step, train: bool, micro=0):
+        if dropout and train:  # masks drawn from (seed, step, micro-batch): reruns and resumes are identical
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro)
+            return parts.merge(trainable, dropout_key=key)
         model = parts.merge(trainable)
         if dropout:
             model.eval()
@@ -273,8 +369,8 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
         model = policy(reference_trainable(parts, trainable), 0, False)
         return jax.lax.stop_gradient(forward_logps(model, batch, chunk, True, pack_batch).logp_sum)
 
-    def loss_and_metrics(trainable, batch, ref, step, train):
-        out = forward_logps(policy(trainable, step, train), batch, chunk, remat, pack_batch)
+    def loss_and_metrics(trainable, batch, ref, step, train, micro=0):
+        out = forward_logps(policy(trainable, step, train, micro), batch, chunk, remat, pack_batch)
         g = out.logp_sum.shape[0] // k
         shape = lambda x: x.reshape(g, k)
         weights = batch["valid"].reshape(g, -1)[:, 0].astype(jnp.float32)  # -1: K or K/2 rows (shared prompt)
@@ -283,11 +379,17 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
         metrics = dict(metrics)
         metrics["loss"] = loss
         metrics["groups"] = jnp.sum(weights)
+        if token_sum:
+            counts = shape(out.token_count).astype(jnp.float32)
+            tokens = jnp.sum(sum(counts[:, c] for c in CHOSEN_COLUMNS[k]) * weights)
+            metrics["loss_tokens"] = tokens
+            loss = loss * jax.lax.stop_gradient(tokens)  # the NLL sum; divided by the window's tokens later
         return loss, metrics
 
-    def micro_step(trainable, grads_acc, batch, step):
+    def micro_step(trainable, grads_acc, batch, step, micro=0):
         ref = ref_logps(trainable, batch) if needs_ref else None
-        (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(trainable, batch, ref, step, True)
+        (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
+            trainable, batch, ref, step, True, micro)
         grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
         return grads_acc, metrics
 
@@ -299,7 +401,8 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
     def ref_only(trainable, batch):
         return ref_logps(trainable, {k: v for k, v in batch.items() if k != "ref_logps"})
 
-    return (jax.jit(micro_step, donate_argnums=(1,)), make_apply_step(tx), jax.jit(eval_step), jax.jit(ref_only))
+    return (jax.jit(micro_step, donate_argnums=(1,)), make_apply_step(tx, frozen), jax.jit(eval_step),
+            jax.jit(ref_only))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -381,12 +484,8 @@ class Trainer:
                                                lora=lcfg)
         self.model_dir = model_dir
         self.parts, trainable = split_model(model, lora=lcfg is not None)
-        steps_per_epoch = self.data.train.steps_per_epoch // cfg.optimizer.grad_accum
-        if steps_per_epoch < 1 and cfg.train.max_steps < 0:
-            raise ValueError(f"the training set gives {self.data.train.steps_per_epoch} micro-batches, fewer than "
-                             f"optimizer.grad_accum={cfg.optimizer.grad_accum}; lower data.batch_size or grad_accum")
-        epochs = cfg.data.num_epochs or 1
-        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * epochs
+        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else optimizer_steps(
+            self.data.train, cfg.data.num_epochs, cfg.optimizer.grad_accum)
         self.schedule = make_schedule(cfg.optimizer, self.total_steps)
         self.tx = make_optimizer(cfg.optimizer, self.total_steps, trainable)
         with use_mesh(self.mesh):
@@ -395,7 +494,8 @@ class Trainer:
         self.micro_step, self.apply_step, self.eval_step, self.ref_step = make_steps(
             self.parts, self.objective, self.ocfg, self.k, cfg.train.logprob_chunk, self.tx, cfg.train.seed,
             dropout=lcfg is not None and lcfg.dropout > 0, remat=cfg.train.logprob_remat,
-            pack_batch=cfg.train.logprob_pack_batch)
+            pack_batch=cfg.train.logprob_pack_batch, frozen=frozen_keys(cfg.optimizer, trainable))
+        self.token_sum = token_sum_objective(self.objective, self.ocfg)
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
         self.ref_table = None
@@ -411,7 +511,7 @@ class Trainer:
         for split, ds in (("train", self.data.train_dataset), ("val", self.data.val_dataset)):
             if ds is None:
                 continue
-            fp = hashlib.sha256(f"{ds.fingerprint}|{self.model_dir}|{self.cfg.model.dtype}|{self.k}".encode()).hexdigest()[:16]
+            fp = reference_cache_key(ds.fingerprint, self.model_dir, self.cfg, self.k)
             path = os.path.join(self.workdir, f"ref_logps_{split}_{fp}_p{jax.process_index()}.npz")
             if os.path.isfile(path):
                 z = np.load(path)
@@ -428,7 +528,7 @@ class Trainer:
                         if ex >= 0:
                             idx.append(int(ex))
                             vals.append(lp[j])
-            np.savez(path, index=np.array(idx, np.int64), logps=np.array(vals, np.float32).reshape(-1, self.k))
+            atomic_savez(path, index=np.array(idx, np.int64), logps=np.array(vals, np.float32).reshape(-1, self.k))
             tables[split] = dict(zip(idx, vals))
             log.info("precomputed reference log-probs for %d %s groups -> %s", len(idx), split, path)
         return tables
@@ -504,20 +604,21 @@ class Trainer:
                 t0 = time.perf_counter()
                 ms, tokens = [], 0
                 with use_mesh(self.mesh):
-                    for _ in range(accum):
+                    for micro in range(accum):
                         try:
                             batch = next(it)
                         except StopIteration:
                             break
                         tokens += int(np.asarray(batch["segment_ids"] > 0).sum()) * jax.process_count()
                         dbatch = device_batch(self._with_ref(batch, "train"), self.mesh)
-                        grads_acc, m = self.micro_step(self.trainable, grads_acc, dbatch, jnp.int32(step))
+                        grads_acc, m = self.micro_step(self.trainable, grads_acc, dbatch, jnp.int32(step),
+                                                       jnp.int32(micro))
                         ms.append(m)
                     if not ms:
                         break
+                    metrics, divisor = window_metrics(ms, self.token_sum)
                     self.trainable, self.opt_state, grads_acc, info = self.apply_step(
-                        self.trainable, self.opt_state, grads_acc, jnp.float32(len(ms)))
-                metrics = mean_metrics(ms)
+                        self.trainable, self.opt_state, grads_acc, jnp.float32(divisor))
                 info = jax.device_get(info)
                 metrics["grad_norm"] = float(info["grad_norm"])
                 if not bool(info["finite"]) or not math.isfinite(metrics["loss"]):

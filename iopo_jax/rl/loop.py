@@ -45,7 +45,7 @@ from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed,
                                   sample_groups, scatter_response, segment_rollouts)
 from iopo_jax.sharding import batch_sharding, make_mesh, use_mesh
 from iopo_jax.trainer import (MetricsLogger, TrainingDiverged, _csv, lora_config, make_optimizer,
-                              make_apply_step, make_schedule, reference_trainable, resolve_model_dir, split_model)
+                              frozen_keys, make_apply_step, make_schedule, reference_trainable, resolve_model_dir, split_model)
 
 log = logging.getLogger("iopo_jax.rl")
 
@@ -143,7 +143,8 @@ class PromptOrder:
 
 # ------------------------------------------------------------------------------------------------ jitted steps
 def make_rl_steps(parts, tx, *, temperature: float, chunk: int, max_label_tokens: int, eps_low: float,
-                  eps_high: float, kl_coef: float, aggregation: str, seed: int, remat: bool = True):
+                  eps_high: float, kl_coef: float, aggregation: str, seed: int, remat: bool = True,
+                  frozen: frozenset = frozenset()):
     """``(logps, ref_logps, grad_step, apply_step)``, all jitted.
 
     ``logps(trainable, batch) -> [B, T]`` teacher-forced policy log-probs (``ref_logps``: LoRA off);
@@ -175,7 +176,7 @@ def make_rl_steps(parts, tx, *, temperature: float, chunk: int, max_label_tokens
         return jax.tree_util.tree_map(jnp.add, acc, g), m
 
     # The trainer's apply step: clipping, AdamW, freeze masks, refusal of non-finite updates.
-    apply_step = make_apply_step(tx)
+    apply_step = make_apply_step(tx, frozen)
     return jax.jit(logps), jax.jit(ref_logps), jax.jit(grad_step, donate_argnums=(1,)), apply_step
 
 
@@ -225,7 +226,8 @@ class RLTrainer:
         self.logp_fn, self.ref_fn, self.grad_step, self.apply_step = make_rl_steps(
             self.parts, self.tx, temperature=r.temperature, chunk=cfg.train.logprob_chunk,
             max_label_tokens=r.max_response_tokens, eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef,
-            aggregation=r.aggregation, seed=cfg.train.seed, remat=cfg.train.get("logprob_remat", True))
+            aggregation=r.aggregation, seed=cfg.train.seed, remat=cfg.train.get("logprob_remat", True),
+            frozen=frozen_keys(cfg.optimizer, trainable))
         eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
         from data_pipeline.templates import get_template
 
