@@ -529,7 +529,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip_torch", action="store_true", help="only time our step")
     p.add_argument("--random_init", action="store_true",
                    help="no checkpoint: both sides initialise random weights on their device from a config.json "
-                        "(--shape qwen2_7b, or the --hidden_size/--num_layers/... shape)")
+                        "(--shape qwen2_7b, or the --hidden_size/--num_layers/... shape); the two sides then have "
+                        "different weights, so the parity line does not apply")
     p.add_argument("--shape", default="custom", choices=["custom", "qwen2_7b"],
                    help="with --random_init: qwen2_7b = Qwen2-7B's architecture (default: the size flags)")
     p.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"],

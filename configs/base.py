@@ -22,6 +22,7 @@ def get_config():
     m.remat = "none"  # activation checkpointing per layer: none | full | dots | dots_no_batch
     m.attention_impl = "auto"  # auto: splash on TPU, cudnn on GPU, chunked elsewhere | xla | chunked | splash | cudnn
     m.attention_block = 512  # query block of the chunked attention
+    m.scan_layers = False  # layers as one lax.scan (faster compile of deep models; same checkpoints/export)
     m.finetune = "lora"  # lora: train adapters only (reference = base, LoRA off) | full: all weights
     m.lora_rank = 8  # LoRA rank r (reference setup: 8)
     m.lora_alpha = 16.0  # LoRA alpha; the update is scaled by alpha / r (reference setup: 16)

@@ -105,3 +105,29 @@ def test_shared_prompt_refuses_sft():
     ds = TokenizedDataset.build([{"id": "s", "system": "", "turns": [["hi", "yo"]]}], CharTok(), "sft", cutoff_len=None)
     with pytest.raises(ValueError, match="share_prompt"):
         BatchIterator(ds, 1, share_prompt=True)
+
+
+@pytest.mark.slow
+def test_trainer_with_shared_prompts_has_the_same_losses(tiny_model_dir, tmp_path):
+    """data.share_prompt through the Trainer (reference precomputed there, online in the plain run)."""
+    import json
+
+    from conftest import DEMO_DIR
+    from iopo_jax.trainer import Trainer
+    from test_trainer import small_config
+
+    data = tmp_path / "iopo.json"
+    data.write_text(json.dumps(json.load(open(DEMO_DIR / "iopo_train.json"))[:12], ensure_ascii=False))
+
+    def losses(name, **kw):
+        cfg = small_config(tiny_model_dir, str(data), train__max_steps=2, optimizer__grad_accum=1, **kw)
+        Trainer(cfg, str(tmp_path / name), devices=jax.devices()[:1], progress=False).run()
+        lines = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+        return [l["loss"] for l in lines if l["split"] == "train"], [l["logps/chosen_v1"] for l in lines
+                                                                      if l["split"] == "train"]
+
+    plain = losses("plain")
+    shared = losses("shared", data__share_prompt=True, objective__reference="precompute")
+    assert len(plain[0]) == 2
+    np.testing.assert_allclose(shared[0], plain[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(shared[1], plain[1], atol=1e-4, rtol=1e-6)

@@ -76,6 +76,9 @@ class ModelConfig:
     # auto: splash on TPU, cudnn on GPU, chunked elsewhere (platform of the current mesh's devices)
     attention_impl: str = "auto"
     attention_block: int = 512  # query block of the chunked implementation
+    # Run the layers as one lax.scan over their stacked parameters (training / scoring path; the KV-cache
+    # path keeps the loop): one compiled layer body instead of num_layers copies. Storage is unchanged.
+    scan_layers: bool = False
     lora: LoRAConfig | None = None
 
     def __post_init__(self):

@@ -330,6 +330,40 @@ def _run_layer_remat(layer, x, positions, inv_freq, mask, policy):
     return y, None
 
 
+def _run_layers_scanned(layers, x, positions, inv_freq, mask, policy):
+    """All layers as one ``lax.scan`` over their stacked states (training path, no cache).
+
+    Parameters stay stored per layer (checkpoints and the HF weight map are unchanged); they are stacked
+    along a new leading axis for the scan, so the layer body is traced and compiled once instead of once per
+    layer. ``policy`` (not None when ``remat`` is on, ``"full"`` = save nothing) checkpoints the body, as
+    :func:`_run_layer_remat` does per layer. The stacked copy of the weights costs their size in memory.
+    """
+    splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
+    graphdef = splits[0][0]
+    stack = lambda *xs: jnp.stack(xs)
+    params = jax.tree_util.tree_map(stack, *[p for _, p, _ in splits])
+    rest = jax.tree_util.tree_map(stack, *[r for _, _, r in splits])
+
+    def pure(params, rest, x):
+        module = nnx.merge(graphdef, params, rest)
+        y, _ = module(x, positions, inv_freq, mask, None, None)
+        _, _, new_rest = nnx.split(module, nnx.Param, ...)
+        return y, new_rest
+
+    if policy is not None:
+        pure = jax.checkpoint(pure, policy=None if policy == "full" else policy)
+
+    def body(x, state):
+        y, new_rest = pure(state[0], state[1], x)
+        return y, new_rest
+
+    x, new_rest = jax.lax.scan(body, x, (params, rest))
+    if any(isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0 for _, m in layers[0].iter_modules()):
+        for i, layer in enumerate(layers):
+            nnx.update(layer, jax.tree_util.tree_map(lambda a: a[i], new_rest))
+    return x
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. ``__call__`` returns final-norm hidden states; :meth:`logits` projects.
 
@@ -368,7 +402,10 @@ class Transformer(nnx.Module):
         x = constrain(self.embed(input_ids_bt), (BATCH_AXES, None, None))
         remat = cfg.remat != "none" and cache is None
         new_layers = []
-        for i, layer in enumerate(self.layers):
+        if cfg.scan_layers and cache is None:
+            x = _run_layers_scanned(list(self.layers), x, positions_bt, inv_freq, mask,
+                                    ("full" if cfg.remat == "full" else _REMAT[cfg.remat]) if remat else None)
+        for i, layer in enumerate([] if cfg.scan_layers and cache is None else self.layers):
             if remat:
                 x, lc = _run_layer_remat(layer, x, positions_bt, inv_freq, mask, _REMAT[cfg.remat])
             else:
