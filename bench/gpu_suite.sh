@@ -10,7 +10,7 @@
 #   --out DIR                where logs, per-benchmark JSON, suite.json and suite.md go (default bench/gpu_suite_out)
 #   --peak_tflops X          dense bf16 peak of the device, for MFU (default 989: H100/H200 SXM)
 #   --peak_bandwidth_gbs X   HBM bandwidth, for the decode roofline (default 4800: H200; H100 SXM: 3350)
-#   --timeout S              per-benchmark time limit in seconds (default 900; 300 with --tiny)
+#   --timeout S              per-benchmark time limit in seconds (default 900)
 #   --only NAMES             comma list of steps to run (train,train_share,train_long,sampler,rl,load)
 #
 # Steps (each its own process; a failed or timed-out step is recorded and the suite goes on):
@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ -z "$TIMEOUT" ] && { [ $TINY = 1 ] && TIMEOUT=300 || TIMEOUT=900; }
+[ -z "$TIMEOUT" ] && TIMEOUT=900
 mkdir -p "$OUT"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
