@@ -137,9 +137,21 @@ def make_batch(groups: int, prompt_len: int, response_len: int, vocab: int, seed
         labels[r, len(x):n] = y
         seg[r, :n] = 1
         pos[r, :n] = np.arange(n)
-    return {"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos,
-            "seq_lens": np.array([len(x) + len(y) for x, y in seqs]),
-            "resp_lens": np.array([len(y) for _, y in seqs])}
+    out = {"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos,
+           "seq_lens": np.array([len(x) + len(y) for x, y in seqs]),
+           "resp_lens": np.array([len(y) for _, y in seqs])}
+    # The same groups with shared prompts (data.share_prompt): rows [x1 | y1 | y2] and [x2 | y2 | y1].
+    sys.path.insert(0, REPO)
+    from data_pipeline.batching import shared_prompt_rows
+
+    rows = []
+    for g in range(groups):
+        (x1, y1), (_, y2) = seqs[4 * g], seqs[4 * g + 1]
+        rows += [(x1, y1, y2), (seqs[4 * g + 2][0], y2, y1)]
+    ts = -(-max(len(x) + len(a) + len(b) for x, a, b in rows) // 8) * 8
+    for k, v in shared_prompt_rows(rows, ts, PAD_ID).items():
+        out["sp_" + k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- workers
@@ -206,8 +218,18 @@ def jax_worker(a, batch) -> None:
     mesh = make_mesh({"fsdp": -1})
     lora = LoRAConfig(rank=8, alpha=16.0, dropout=0.0, targets=LORA_TARGETS)
     with use_mesh(mesh):
-        model, _ = load_model(a.model_dir, mesh=mesh, seed=a.seed, param_dtype="float32", dtype=a.dtype,
-                              remat=a.remat, lora=lora)
+        if a.random_init:  # random weights made on the device (no checkpoint on disk)
+            from flax import nnx
+
+            from iopo_jax.models.config import ModelConfig
+            from iopo_jax.models.transformer import Transformer
+
+            mcfg = ModelConfig.from_hf(a.model_dir, param_dtype=a.param_dtype, dtype=a.dtype, remat=a.remat, lora=lora,
+                                       attention_impl=a.attention_impl)
+            model = Transformer(mcfg, rngs=nnx.Rngs(a.seed))
+        else:
+            model, _ = load_model(a.model_dir, mesh=mesh, seed=a.seed, param_dtype=a.param_dtype, dtype=a.dtype,
+                                  remat=a.remat, lora=lora, attention_impl=a.attention_impl)
     parts, trainable = split_model(model, lora=True)
     opt = get_config().optimizer
     opt.lr, opt.warmup_ratio, opt.max_grad_norm = a.lr, 0.0, 1.0
@@ -216,7 +238,12 @@ def jax_worker(a, batch) -> None:
     micro_step, apply_step, _, _ = make_steps(parts, get_objective("iopo"), ocfg, K, a.chunk, tx, a.seed, dropout=False)
     with use_mesh(mesh):
         opt_state = jax.jit(tx.init)(trainable)
-        dbatch = device_batch({k: batch[k] for k in ("input_ids", "labels", "segment_ids", "positions")}, mesh)
+        if a.share_prompt:
+            keys = ("input_ids", "segment_ids", "positions", "prefix_ids", "score_positions", "score_targets",
+                    "score_sequence", "valid")
+            dbatch = device_batch({k: batch["sp_" + k] for k in keys}, mesh)
+        else:
+            dbatch = device_batch({k: batch[k] for k in ("input_ids", "labels", "segment_ids", "positions")}, mesh)
     state = {"trainable": trainable, "opt": opt_state,
              "acc": jax.tree_util.tree_map(jnp.zeros_like, trainable), "step": 0}
     jax.block_until_ready(state)
@@ -249,7 +276,15 @@ def torch_worker(a, batch) -> None:
     t0 = time.perf_counter()
     device = a.torch_device
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=tdt, attn_implementation=a.torch_attn).to(device)
+    if a.random_init:  # random weights made on the device (no checkpoint on disk)
+        from transformers import AutoConfig
+
+        hcfg = AutoConfig.from_pretrained(a.model_dir)
+        hcfg._attn_implementation = a.torch_attn
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hcfg).to(tdt)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=tdt, attn_implementation=a.torch_attn).to(device)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
                                              bias="none", task_type="CAUSAL_LM"))
@@ -318,9 +353,25 @@ class Worker:
 
 
 # ----------------------------------------------------------------------------- parent
+QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
+                rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
 def ensure_model(a) -> str:
     if a.model_dir:
         return a.model_dir
+    if a.random_init:  # only a config.json: both sides initialise random weights on their device
+        shape = QWEN2_7B if a.shape == "qwen2_7b" else dict(
+            vocab_size=151936, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+            num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
+            max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+        d = os.path.join(a.cache_dir, f"iopo_bench_random_{a.shape}_{shape['hidden_size']}_{shape['num_hidden_layers']}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
+                       "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645, **shape}, f)
+        return d
     tag = f"h{a.hidden_size}_l{a.num_layers}_f{a.intermediate_size}_n{a.num_heads}_k{a.num_kv_heads}"
     d = os.path.join(a.cache_dir, f"iopo_bench_train_{tag}")
     if not os.path.isfile(os.path.join(d, "model.safetensors")) and not os.path.isfile(
@@ -360,6 +411,9 @@ def run_setting(a, setting, hf_cfg) -> dict:
     np.savez(batch_path, **batch)
     b, t = batch["input_ids"].shape
     flops = iopo_step_flops(hf_cfg, batch["seq_lens"].tolist(), batch["resp_lens"].tolist())
+    if a.share_prompt:
+        print(f"\n(ours: shared prompts, {batch['sp_input_ids'].shape[0]} rows of {batch['sp_input_ids'].shape[1]} "
+              f"= {batch['sp_input_ids'].size} padded tokens instead of {b * t})")
     print(f"\n== prompts ~{p_len}, responses ~{r_len}, {groups} group(s) = {b} sequences padded to {t}; "
           f"{int(flops['tokens'])} real tokens ({int(flops['response_tokens'])} response); "
           f"load avg {os.getloadavg()[0]:.1f}", flush=True)
@@ -388,7 +442,11 @@ def run_setting(a, setting, hf_cfg) -> dict:
             if w.p.poll() is None:
                 w.p.kill()
         os.remove(batch_path)
-    res = {"setting": {"prompt": p_len, "response": r_len, "groups": groups, "batch": b, "length": t},
+    res = {"setting": {"prompt": p_len, "response": r_len, "groups": groups, "batch": b, "length": t,
+                       "padded_tokens": b * t, "real_tokens": int(batch["seq_lens"].sum()),
+                       "shared_prompt_padded_tokens": int(batch["sp_input_ids"].size),
+                       "shared_prompt_real_tokens": int((batch["sp_segment_ids"] > 0).sum()),
+                       "share_prompt": bool(a.share_prompt)},
            "flops": flops, "load1_median": statistics.median(loads), "load1_range": [min(loads), max(loads)]}
     for s in sides:
         med = statistics.median(times[s])
@@ -472,6 +530,19 @@ def main(argv=None) -> None:
     p.add_argument("--torch_attn", default="sdpa", choices=["sdpa", "eager"],
                    help="transformers attention implementation (default: %(default)s)")
     p.add_argument("--skip_torch", action="store_true", help="only time our step")
+    p.add_argument("--random_init", action="store_true",
+                   help="no checkpoint: both sides initialise random weights on their device from a config.json "
+                        "(--shape qwen2_7b, or the --hidden_size/--num_layers/... shape); the two sides then have "
+                        "different weights, so the parity line does not apply")
+    p.add_argument("--shape", default="custom", choices=["custom", "qwen2_7b"],
+                   help="with --random_init: qwen2_7b = Qwen2-7B's architecture (default: the size flags)")
+    p.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage dtype of our frozen base weights (LoRA stays float32) (default: %(default)s)")
+    p.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                   help="our attention (auto: splash on TPU, cuDNN on GPU, chunked elsewhere) (default: %(default)s)")
+    p.add_argument("--share_prompt", action="store_true",
+                   help="ours: shared-prompt rows [x | y_a | y_b] (2 rows per group instead of 4); FLOPs and "
+                        "tokens/s stay those of the 4 unpacked sequences (the useful work)")
     p.add_argument("--peak_tflops", type=float, default=0.0,
                    help="peak dense FLOP/s of the device in TFLOP/s (e.g. 989 for an H100 SXM in bf16); when set, "
                         "MFU is printed (CPU: leave 0, achieved GFLOP/s are printed)")
@@ -492,7 +563,9 @@ def main(argv=None) -> None:
     # Flags the workers need, forwarded verbatim.
     a._passthrough = ["--chunk", str(a.chunk), "--remat", a.remat, "--dtype", a.dtype, "--beta", str(a.beta),
                       "--lr", str(a.lr), "--threads", str(a.threads), "--torch_device", a.torch_device,
-                      "--torch_attn", a.torch_attn, "--seed", str(a.seed), "--warmup", str(max(1, a.warmup))]
+                      "--torch_attn", a.torch_attn, "--seed", str(a.seed), "--warmup", str(max(1, a.warmup)),
+                      "--param_dtype", a.param_dtype, "--attention_impl", a.attention_impl] + (
+                      ["--random_init"] if a.random_init else []) + (["--share_prompt"] if a.share_prompt else [])
     settings = parse_settings(a.settings, a.groups)
     print(f"load average (1, 5, 15 min) at start: {os.getloadavg()}; {os.cpu_count()} cores")
     a.model_dir = ensure_model(a)

@@ -20,8 +20,9 @@ def get_config():
     m.param_dtype = "float32"  # storage dtype of parameters (fp32 master weights)
     m.dtype = "bfloat16"  # compute dtype of the matmuls (softmax/norms/log-probs stay fp32)
     m.remat = "none"  # activation checkpointing per layer: none | full | dots | dots_no_batch
-    m.attention_impl = "xla"  # xla (any device) | chunked (query blocks, long sequences) | cudnn (fused, GPU)
+    m.attention_impl = "auto"  # auto: splash on TPU, cudnn on GPU, chunked elsewhere | xla | chunked | splash | cudnn
     m.attention_block = 512  # query block of the chunked attention
+    m.scan_layers = False  # layers as one lax.scan (faster compile of deep models; same checkpoints/export)
     m.finetune = "lora"  # lora: train adapters only (reference = base, LoRA off) | full: all weights
     m.lora_rank = 8  # LoRA rank r (reference setup: 8)
     m.lora_alpha = 16.0  # LoRA alpha; the update is scaled by alpha / r (reference setup: 16)
@@ -46,6 +47,7 @@ def get_config():
     d.bucket_step = 128  # length buckets are multiples of this up to cutoff_len
     d.buckets = ""  # or an explicit comma list of bucket lengths
     d.pack = False  # SFT only: pack conversations into full rows with segment ids
+    d.share_prompt = False  # IOPO/DPO: each prompt once with both answers in a row [x | y_a | y_b] (fewer tokens)
     d.cache_dir = ""  # tokenisation cache; "" = <workdir>/data_cache
     d.num_proc = 1  # processes for tokenisation
 
@@ -85,6 +87,7 @@ def get_config():
     t.logprob_pack_batch = False  # pack labelled tokens of all rows into one stream (faster on 1 device)
     t.plot = True  # write training_curves.png at the end
     t.tensorboard = True  # write TensorBoard events under <workdir>/tb
+    t.compilation_cache_dir = "auto"  # persistent XLA cache: auto (~/.cache/iopo_jax/...) | a path / gs:// | off
 
     # ------------------------------------------------------------------ checkpoints and exports
     c.checkpoint = ck = ml_collections.ConfigDict()

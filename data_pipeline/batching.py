@@ -17,6 +17,16 @@ SFT; row ``K*g + k`` is sequence k of group g, in the order of :data:`~data_pipe
 - ``example_index`` [batch_size] int64: the record's index in the full input (``source_index``), -1 for
   filler (not in packed batches).
 
+Shared-prompt packing (``share_prompt=True``, IOPO and DPO): each prompt is written once with both of its
+answers, ``[x | y_a | y_b]``, so a group takes K/2 rows instead of K (IOPO: ``[x1 | y1 | y2]`` holds
+sequences 0 and 1, ``[x2 | y2 | y1]`` sequences 2 and 3; DPO: ``[x | chosen | rejected]``). Segment ids are
+1, 2, 3 for x, y_a, y_b; ``prefix_ids`` is 1 on both answers (they also see segment 1, never each other);
+y_b's positions continue from the end of x, as in the unpacked sequence. There are no ``labels``: the
+scored tokens are listed per row, front-packed, in ``score_positions`` (the hidden position that predicts
+the token: y_b's first token is predicted from x's last token), ``score_targets`` (token id, -100 on empty
+slots) and ``score_sequence`` (0 = the sequence x+y_a, 1 = x+y_b); sequence s of row r is sequence
+``2 * r + s`` of the unpacked batch. ``valid`` is per row.
+
 L is the smallest length bucket that holds the batch's longest sequence (buckets: multiples of
 ``bucket_step`` = 128 up to the cutoff, or an explicit list), so a whole run compiles at most
 ``len(buckets)`` shapes. Packed SFT rows always have the largest bucket's length.
@@ -34,7 +44,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from data_pipeline.dataset import TokenizedDataset
-from data_pipeline.tokenization import IGNORE_INDEX
+from data_pipeline.tokenization import IGNORE_INDEX, LAYOUTS
 
 STATE_VERSION = 1
 
@@ -88,6 +98,62 @@ def pack_rows(lengths: np.ndarray, order: np.ndarray, row_len: int, window: int 
     return rows
 
 
+def shared_prompt_lengths(dataset: TokenizedDataset) -> np.ndarray:
+    """Per record, the longest shared-prompt row ``len(x) + len(y_a) + len(y_b)`` (IOPO / DPO)."""
+    n = len(dataset)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    plen = np.diff(dataset.piece_offsets)
+    layout = LAYOUTS[dataset.kind]
+    npieces = 1 + max(max(p) for p in layout)
+    start = np.asarray(dataset.group_offsets[:-1])
+    if np.any(np.diff(dataset.group_offsets) != npieces):
+        raise ValueError(f"{dataset.kind} records must have {npieces} pieces each")
+    p = plen[start[:, None] + np.arange(npieces)[None, :]]  # [n, pieces]
+    rows = [p[:, layout[2 * j][0]] + p[:, layout[2 * j][1]] + p[:, layout[2 * j + 1][1]]
+            for j in range(len(layout) // 2)]
+    return np.max(np.stack(rows, 1), axis=1).astype(np.int64)
+
+
+def shared_prompt_rows(rows: Sequence, L: int, pad_id: int) -> dict:
+    """Shared-prompt rows ``[x | y_a | y_b]`` (see the module docstring) from ``(x, y_a, y_b)`` token arrays
+    (``None`` = a filler row): input_ids, segment_ids, prefix_ids, positions, attention_mask, score_positions,
+    score_targets, score_sequence ``[R, L]`` and valid ``[R]``."""
+    R = len(rows)
+    out = {name: np.zeros((R, L), np.int32) for name in (
+        "input_ids", "segment_ids", "positions", "prefix_ids", "score_positions", "score_sequence")}
+    out["input_ids"][:] = pad_id
+    out["score_targets"] = np.full((R, L), IGNORE_INDEX, np.int32)
+    valid = np.zeros((R,), bool)
+    for r, row in enumerate(rows):
+        if row is None:
+            continue
+        x, ya, yb = (np.asarray(p, np.int32) for p in row)
+        nx, na, nb = len(x), len(ya), len(yb)
+        if nx + na + nb > L:
+            raise ValueError(f"shared-prompt row {r}: {nx} + {na} + {nb} tokens do not fit length {L}")
+        out["input_ids"][r, :nx + na + nb] = np.concatenate([x, ya, yb])
+        out["segment_ids"][r, :nx], out["segment_ids"][r, nx:nx + na] = 1, 2
+        out["segment_ids"][r, nx + na:nx + na + nb] = 3
+        out["prefix_ids"][r, nx:nx + na + nb] = 1
+        out["positions"][r, :nx + na] = np.arange(nx + na)
+        out["positions"][r, nx + na:nx + na + nb] = nx + np.arange(nb)
+        # the hidden position that predicts each answer token: the previous token of its own sequence
+        src_a = nx - 1 + np.arange(na)
+        src_b = np.concatenate([[nx - 1], nx + na + np.arange(max(nb - 1, 0))])[:nb]
+        src = np.concatenate([src_a, src_b])
+        tgt = np.concatenate([ya, yb])
+        seq = np.concatenate([np.zeros(na, np.int32), np.ones(nb, np.int32)])
+        keep = src >= 0  # an empty prompt leaves an answer's first token unpredicted, as unpacked
+        n = int(keep.sum())
+        out["score_positions"][r, :n], out["score_targets"][r, :n] = src[keep], tgt[keep]
+        out["score_sequence"][r, :n] = seq[keep]
+        valid[r] = True
+    out["attention_mask"] = (out["segment_ids"] > 0).astype(np.int32)
+    out["valid"] = valid
+    return out
+
+
 class _Plan:
     __slots__ = ("epoch", "batches", "lengths")
 
@@ -128,11 +194,14 @@ class BatchIterator:
         pack_window: int = 8,
         allgather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
         state_key: Optional[str] = None,
+        share_prompt: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if pack and dataset.kind != "sft":
             raise ValueError(f"packing is only for SFT data, not {dataset.kind}; set pack=False")
+        if share_prompt and dataset.kind not in ("iopo", "dpo"):
+            raise ValueError(f"share_prompt packs IOPO groups and DPO pairs, not {dataset.kind}; set it False")
         if num_epochs is not None and num_epochs < 0:
             raise ValueError(f"num_epochs must be >= 0 or None, got {num_epochs}")
         self.dataset = dataset
@@ -146,9 +215,12 @@ class BatchIterator:
         self.allgather = allgather
         self.state_key = state_key or dataset.fingerprint[:16]
         self.K = dataset.num_sequences
+        self.share_prompt = bool(share_prompt)
+        self._lengths = shared_prompt_lengths(dataset) if self.share_prompt else dataset.group_lengths()
         max_len = dataset.cutoff_len or (int(dataset.group_lengths().max()) if len(dataset) else bucket_step)
+        if self.share_prompt and len(self._lengths):  # a packed row holds a prompt and two answers
+            max_len = max(max_len, int(self._lengths.max()))
         self.buckets = make_buckets(max_len, bucket_step, buckets)
-        self._lengths = dataset.group_lengths()
         if len(self._lengths):
             bucket_for(self._lengths.max(), self.buckets)  # fail fast on a too-long sequence
         self._epoch = 0
@@ -227,6 +299,8 @@ class BatchIterator:
         return batch
 
     def _assemble(self, chunk: list, L: int) -> dict:
+        if self.share_prompt:
+            return self._assemble_shared(chunk, L)
         ds, K = self.dataset, self.K
         R = len(chunk) * K if not self.pack else len(chunk)
         input_ids = np.full((R, L), ds.pad_id, dtype=np.int32)
@@ -269,6 +343,23 @@ class BatchIterator:
                 "attention_mask": segment_ids.copy(), "positions": positions, "valid": valid,
                 "example_index": example_index}
 
+    def _assemble_shared(self, chunk: list, L: int) -> dict:
+        ds = self.dataset
+        rpg = self.K // 2  # rows per group
+        layout = LAYOUTS[ds.kind]
+        rows, example_index = [], np.full((len(chunk),), -1, dtype=np.int64)
+        for g, unit in enumerate(chunk):
+            if not unit:
+                rows += [None] * rpg
+                continue
+            example_index[g] = ds.source_index[unit[0]]
+            pieces = ds.pieces(unit[0])
+            rows += [(pieces[layout[2 * j][0]], pieces[layout[2 * j][1]], pieces[layout[2 * j + 1][1]])
+                     for j in range(rpg)]
+        out = shared_prompt_rows(rows, L, ds.pad_id)
+        out["example_index"] = example_index
+        return out
+
     # ---- state -------------------------------------------------------------------------------
     def get_state(self) -> dict:
         """Small JSON-serialisable position: restoring it replays the same following batches."""
@@ -281,6 +372,7 @@ class BatchIterator:
             "num_records": len(self.dataset),
             "fingerprint": self.state_key,
             "pack": self.pack,
+            "share_prompt": self.share_prompt,
         }
 
     def set_state(self, state: dict) -> None:
@@ -288,8 +380,8 @@ class BatchIterator:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not an iterator state of version {STATE_VERSION}: {state!r}")
         mine = self.get_state()
-        for key in ("seed", "batch_size", "num_records", "fingerprint", "pack"):
-            if state.get(key) != mine[key]:
+        for key in ("seed", "batch_size", "num_records", "fingerprint", "pack", "share_prompt"):
+            if state.get(key, False if key == "share_prompt" else None) != mine[key]:
                 raise ValueError(
                     f"iterator state does not match this data pipeline: {key} is {state.get(key)!r} in the "
                     f"state but {mine[key]!r} here (different data, tokenizer, cutoff or batch settings?)")
@@ -301,7 +393,7 @@ class BatchIterator:
 
     def shapes(self) -> list:
         """Every distinct [rows, L] shape this iterator can yield (one per bucket)."""
-        rows = self.batch_size * (1 if self.pack else self.K)
+        rows = self.batch_size * (1 if self.pack else (self.K // 2 if self.share_prompt else self.K))
         if self.pack:
             return [(rows, int(self.buckets[-1]))]
         return [(rows, int(b)) for b in self.buckets]

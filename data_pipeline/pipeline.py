@@ -42,6 +42,7 @@ class DataConfig:
     seed: shuffling and split seed. num_epochs: None = forever.
     buckets / bucket_step: length buckets (default multiples of 128 up to cutoff_len).
     pack: pack SFT conversations into full rows (segment ids). drop_last: for training.
+    share_prompt: IOPO / DPO: each prompt once with both answers in one row (see data_pipeline.batching).
     cache_dir: tokenisation cache (None = no cache). num_proc: processes for tokenising.
     """
 
@@ -61,6 +62,7 @@ class DataConfig:
     buckets: Optional[Sequence[int]] = None
     bucket_step: int = 128
     pack: bool = False
+    share_prompt: bool = False
     drop_last: bool = True
     cache_dir: Optional[str] = None
     num_proc: int = 1
@@ -198,7 +200,7 @@ def build_data(
     local_bs = cfg.batch_size // process_count
     train_it = BatchIterator(train_ds, local_bs, seed=cfg.seed, shuffle=True, num_epochs=cfg.num_epochs,
                              drop_last=cfg.drop_last, buckets=cfg.buckets, bucket_step=cfg.bucket_step,
-                             pack=cfg.pack, allgather=allgather, state_key=state_key)
+                             pack=cfg.pack, allgather=allgather, state_key=state_key, share_prompt=cfg.share_prompt)
     val_ds = val_it = None
     if val_records:
         v_idx = shard_indices(len(val_records), process_index, process_count, equal=False)
@@ -208,7 +210,7 @@ def build_data(
             raise ValueError(f"eval_batch_size must be >= process_count ({process_count})")
         val_it = BatchIterator(val_ds, ebs, shuffle=False, num_epochs=1, drop_last=False,
                                buckets=cfg.buckets, bucket_step=cfg.bucket_step, pack=False,
-                               allgather=allgather)
+                               allgather=allgather, share_prompt=cfg.share_prompt)
     summary = {
         "kind": cfg.kind,
         "train_records": len(train_records),
@@ -234,4 +236,4 @@ def fresh_val_iterator(bundle: DataBundle) -> Optional[BatchIterator]:
         return None
     v = bundle.val
     return BatchIterator(v.dataset, v.batch_size, shuffle=False, num_epochs=1, drop_last=False,
-                         buckets=list(v.buckets), allgather=v.allgather)
+                         buckets=list(v.buckets), allgather=v.allgather, share_prompt=v.share_prompt)

@@ -62,6 +62,9 @@ _J_MODEL = flags.DEFINE_string("judge_model", None, "Judge model name.")
 _J_KEY = flags.DEFINE_string("judge_api_key_env", None, "NAME of the env var holding the judge API key.")
 _J_TEMPLATE = flags.DEFINE_string("judge_template", None, "Judge prompt template file (e.g. the official one).")
 _CONC = flags.DEFINE_integer("concurrency", None, "Judge requests in flight.")
+_CACHE = flags.DEFINE_string("compilation_cache_dir", "auto",
+                             "Persistent XLA compilation cache for the JAX sampler: auto (~/.cache/iopo_jax/...), "
+                             "a directory / gs:// path, or off.")
 _BUDGET = flags.DEFINE_integer("budget", None, "Max judge requests in this run (retries included); 0 = no cap.")
 
 _FLAG_TO_FIELD = [
@@ -95,6 +98,9 @@ def main(argv) -> None:
     if config is None:
         raise app.UsageError("pass --config=configs/eval_trace.py (or eval_eifbench.py, eval_ifeval.py, eval_demo.py)")
     apply_flag_overrides(config)
+    from iopo_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache(_CACHE.value)
     try:
         evaluate(config)
     except (ValueError, FileNotFoundError, judge_lib.ChatError, SamplerUnavailableError,

@@ -292,9 +292,9 @@ def main(argv):
     require_single_process("python -m iopo_jax.generate")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if F.compilation_cache_dir:
-        import jax
+        from iopo_jax.compile_cache import enable_compilation_cache
 
-        jax.config.update("jax_compilation_cache_dir", F.compilation_cache_dir)
+        enable_compilation_cache(F.compilation_cache_dir)
     try:
         stop_ids = [int(t) for t in F.stop_token_ids]
     except ValueError:

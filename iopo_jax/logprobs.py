@@ -258,3 +258,45 @@ def naive_sequence_logprobs(hidden_btd, lm_head: Head, labels_bt, *, ignore_inde
     lp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, picked, 0.0), axis=1), jnp.sum(valid, axis=1, dtype=jnp.int32)
+
+
+def scored_sequence_logprobs(
+    hidden_btd: jax.Array,
+    lm_head: Head,
+    score_positions_bn: jax.Array,
+    score_targets_bn: jax.Array,
+    score_sequence_bn: jax.Array,
+    num_sequences: int,
+    *,
+    chunk_size: int = 256,
+    with_logits_stats: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    skip_empty_chunks: bool = True,
+    remat: bool = True,
+) -> SequenceLogProbs:
+    """Per-sequence log-probs of rows that hold several sequences sharing a prefix (shared-prompt packing).
+
+    Each row lists its scored tokens explicitly, front-packed: slot j scores token ``score_targets[:, j]``
+    (``ignore_index`` = empty slot) from the hidden state at ``score_positions[:, j]`` and adds it to
+    sequence ``score_sequence[:, j]`` (``0 .. num_sequences - 1``) of that row. Returns
+    :class:`SequenceLogProbs` with ``B * num_sequences`` entries, sequence s of row r at ``r * num_sequences + s``.
+    Same chunked, memory-bounded projection as :func:`sequence_logprobs`.
+    """
+    b, t, _ = hidden_btd.shape
+    if score_positions_bn.shape != score_targets_bn.shape or score_targets_bn.shape != score_sequence_bn.shape:
+        raise ValueError(f"score_positions / score_targets / score_sequence shapes differ: {score_positions_bn.shape}, "
+                         f"{score_targets_bn.shape}, {score_sequence_bn.shape}")
+    mask = score_targets_bn != ignore_index
+    pos = jnp.clip(score_positions_bn.astype(jnp.int32), 0, t - 1)
+    h = jnp.take_along_axis(hidden_btd, pos[:, :, None], axis=1)
+    tgt = jnp.where(mask, score_targets_bn, 0).astype(jnp.int32)
+    logp, lsum = _chunked_logprobs(h, tgt, mask, lm_head, chunk_size, with_logits_stats, skip_empty_chunks, remat)
+    onehot = (score_sequence_bn[:, :, None] == jnp.arange(num_sequences)[None, None, :]) & mask[:, :, None]
+    per = lambda x: jnp.sum(jnp.where(onehot, x[:, :, None], 0.0), axis=1).reshape(b * num_sequences)
+    count = jnp.sum(onehot, axis=1, dtype=jnp.int32).reshape(b * num_sequences)
+    logits_sum = logits_mean = None
+    if with_logits_stats:
+        logits_sum = per(lsum)
+        v = _vocab_size(lm_head, hidden_btd)
+        logits_mean = logits_sum / (jnp.maximum(count, 1).astype(jnp.float32) * v)
+    return SequenceLogProbs(per(logp), count, logits_sum, logits_mean, jnp.zeros_like(count))

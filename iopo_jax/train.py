@@ -55,6 +55,10 @@ def main(argv):
     maybe_init_distributed(cfg.get("distributed", "auto"), *_distributed_args(cfg))
     import jax
 
+    from iopo_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache(cfg.train.get("compilation_cache_dir", "auto"))
+
     if cfg.objective.name in ("segpo", "grpo"):
         from iopo_jax.rl.loop import RLTrainer as TrainerCls  # noqa: N813
     else:

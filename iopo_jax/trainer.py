@@ -39,7 +39,7 @@ import optax
 from flax import nnx
 
 from iopo_jax.checkpoint import Checkpointer
-from iopo_jax.logprobs import sequence_logprobs
+from iopo_jax.logprobs import scored_sequence_logprobs, sequence_logprobs
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
 from iopo_jax.models.weights import load_model
 from iopo_jax.objectives import ObjectiveConfig, get_objective
@@ -78,6 +78,8 @@ def check_config(cfg) -> None:
     if k not in obj.group_sizes:
         bad("objective.name", cfg.objective.name,
             f"needs groups of {obj.group_sizes} sequences but data.kind={cfg.data.kind!r} gives {k}")
+    if cfg.data.get("share_prompt", False) and k == 1:
+        bad("data.share_prompt", True, "shares a prompt between the answers of IOPO groups or DPO pairs, not SFT")
     if cfg.objective.reference not in ("online", "precompute"):
         bad("objective.reference", cfg.objective.reference, "must be 'online' or 'precompute'")
     if cfg.optimizer.schedule not in ("cosine", "linear", "constant"):
@@ -124,7 +126,7 @@ def data_config(cfg, workdir: str):
         val_fraction=0.0 if d.val_files else d.val_fraction, val_count=0 if d.val_files else d.val_count,
         skip_invalid=d.skip_invalid, template=d.template, system=d.system, cutoff_len=d.cutoff_len,
         batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, seed=d.seed, num_epochs=d.num_epochs,
-        buckets=buckets, bucket_step=d.bucket_step, pack=d.pack,
+        buckets=buckets, bucket_step=d.bucket_step, pack=d.pack, share_prompt=d.get("share_prompt", False),
         cache_dir=d.cache_dir or os.path.join(workdir, "data_cache"), num_proc=d.num_proc)
 
 
@@ -336,13 +338,21 @@ def reference_trainable(parts: ModelParts, trainable: dict, state: dict | None =
 
 
 def forward_logps(model, batch, chunk: int, remat: bool = True, pack_batch: bool = False):
-    hidden, _ = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    """Per-sequence log-probs of a batch; shared-prompt batches (``score_targets``, see
+    data_pipeline.batching) give two sequences per row, in the unpacked batch's order."""
+    shared = "score_targets" in batch
+    hidden, _ = model(batch["input_ids"], batch["positions"], batch["segment_ids"],
+                      prefix_ids_bt=batch["prefix_ids"] if shared else None)
     w = model.lm_head_weight()
     dt = hidden.dtype
 
     def head(h):
         return jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
+    if shared:
+        return scored_sequence_logprobs(hidden, head, batch["score_positions"], batch["score_targets"],
+                                        batch["score_sequence"], 2, chunk_size=chunk, with_logits_stats=True,
+                                        remat=remat)
     return sequence_logprobs(hidden, head, batch["labels"], chunk_size=chunk, with_logits_stats=True, remat=remat,
                              pack_batch=pack_batch)
 
@@ -434,7 +444,7 @@ def make_step_fns(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, c
         out = forward_logps(policy(state, trainable, step, train, micro), batch, chunk, remat, pack_batch)
         g = out.logp_sum.shape[0] // k
         shape = lambda x: x.reshape(g, k)
-        weights = batch["valid"].reshape(g, k)[:, 0].astype(jnp.float32)
+        weights = batch["valid"].reshape(g, -1)[:, 0].astype(jnp.float32)  # -1: K or K/2 rows (shared prompt)
         loss, metrics = objective(shape(out.logp_sum), shape(ref) if ref is not None else None,
                                   shape(out.token_count), ocfg, logits_mean=shape(out.logits_mean), weights=weights)
         metrics = dict(metrics)
@@ -583,7 +593,8 @@ def abstract_train_specs(cfg, mesh, model_cfg=None, rows: int | None = None, seq
 
 
 # ----------------------------------------------------------------------------- helpers
-BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions",
+              "prefix_ids", "score_positions", "score_targets", "score_sequence")  # the last 4: shared prompt
 
 
 def device_batch(batch: dict, mesh) -> dict:
@@ -704,7 +715,7 @@ class Trainer:
         with use_mesh(self.mesh):
             model, self.model_cfg = load_model(model_dir, mesh=self.mesh, seed=cfg.train.seed,
                                                param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl, scan_layers=cfg.model.get("scan_layers", False),
                                                attention_block=cfg.model.attention_block,
                                                lora=lcfg)
         self.model_dir = model_dir

@@ -13,7 +13,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "chunked", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -72,8 +72,13 @@ class ModelConfig:
     # xla: plain einsum attention (any device; [b, n, t, s] scores in memory)
     # chunked: the same maths one block of queries at a time under remat (any device; long sequences)
     # cudnn: jax.nn.dot_product_attention's fused cuDNN kernel (NVIDIA GPUs only)
-    attention_impl: str = "xla"
+    # splash: the Pallas TPU splash-attention kernel (causal + segment ids; interpret mode off TPU)
+    # auto: splash on TPU, cudnn on GPU, chunked elsewhere (platform of the current mesh's devices)
+    attention_impl: str = "auto"
     attention_block: int = 512  # query block of the chunked implementation
+    # Run the layers as one lax.scan over their stacked parameters (training / scoring path; the KV-cache
+    # path keeps the loop): one compiled layer body instead of num_layers copies. Storage is unchanged.
+    scan_layers: bool = False
     lora: LoRAConfig | None = None
 
     def __post_init__(self):

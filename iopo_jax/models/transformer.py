@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iopo_jax.models import attention as attn_lib
 from iopo_jax.models.config import ModelConfig
 from iopo_jax.sharding import BATCH_AXES, constrain
 
@@ -182,10 +183,23 @@ jax.tree_util.register_dataclass(KVCache, data_fields=["layers", "mask", "end"],
 
 
 def attend(q_btnh, k_bskh, v_bskh, mask_bts, impl: str = "xla", block: int = 512):
-    """Grouped-query attention with a boolean mask; softmax in float32."""
+    """Grouped-query attention; softmax in float32.
+
+    ``mask_bts`` is a boolean ``[b, t, s]`` mask or a :class:`~iopo_jax.models.attention.SegmentMask`
+    (segment / prefix ids, no cache); ``impl`` is resolved per platform by
+    :func:`~iopo_jax.models.attention.resolve_impl` (``auto``: splash on TPU, cuDNN on GPU, chunked elsewhere).
+    """
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
-    if impl == "cudnn":
+    impl = attn_lib.resolve_impl(impl, mask_bts, t)
+    if isinstance(mask_bts, attn_lib.SegmentMask):
+        if impl == "splash":
+            return attn_lib.splash_attention(q_btnh, k_bskh, v_bskh, mask_bts.segment_ids)
+        if impl == "cudnn":
+            return attn_lib.segment_cudnn_attention(
+                q_btnh, k_bskh, v_bskh, mask_bts, lambda m: attend(q_btnh, k_bskh, v_bskh, m, "cudnn"))
+        mask_bts = mask_bts.dense()
+    if impl in ("cudnn", "cudnn_dense"):
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], implementation="cudnn").reshape(b, t, n * h)
     if impl == "chunked" and t > block:
@@ -329,6 +343,40 @@ def _run_layer_remat(layer, x, positions, inv_freq, mask, policy):
     return y, None
 
 
+def _run_layers_scanned(layers, x, positions, inv_freq, mask, policy):
+    """All layers as one ``lax.scan`` over their stacked states (training path, no cache).
+
+    Parameters stay stored per layer (checkpoints and the HF weight map are unchanged); they are stacked
+    along a new leading axis for the scan, so the layer body is traced and compiled once instead of once per
+    layer. ``policy`` (not None when ``remat`` is on, ``"full"`` = save nothing) checkpoints the body, as
+    :func:`_run_layer_remat` does per layer. The stacked copy of the weights costs their size in memory.
+    """
+    splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
+    graphdef = splits[0][0]
+    stack = lambda *xs: jnp.stack(xs)
+    params = jax.tree_util.tree_map(stack, *[p for _, p, _ in splits])
+    rest = jax.tree_util.tree_map(stack, *[r for _, _, r in splits])
+
+    def pure(params, rest, x):
+        module = nnx.merge(graphdef, params, rest)
+        y, _ = module(x, positions, inv_freq, mask, None, None)
+        _, _, new_rest = nnx.split(module, nnx.Param, ...)
+        return y, new_rest
+
+    if policy is not None:
+        pure = jax.checkpoint(pure, policy=None if policy == "full" else policy)
+
+    def body(x, state):
+        y, new_rest = pure(state[0], state[1], x)
+        return y, new_rest
+
+    x, new_rest = jax.lax.scan(body, x, (params, rest))
+    if any(isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0 for _, m in layers[0].iter_modules()):
+        for i, layer in enumerate(layers):
+            nnx.update(layer, jax.tree_util.tree_map(lambda a: a[i], new_rest))
+    return x
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. ``__call__`` returns final-norm hidden states; :meth:`logits` projects.
 
@@ -345,7 +393,9 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg.replace(lora=None), name="lm_head", init=init)
 
-    def __call__(self, input_ids_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None):
+    def __call__(self, input_ids_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None,
+                 prefix_ids_bt=None):
+        """``prefix_ids_bt`` (no cache only): shared-prompt packing, see :mod:`iopo_jax.models.attention`."""
         cfg = self.config
         b, t = input_ids_bt.shape
         if segment_ids_bt is None:
@@ -355,9 +405,7 @@ class Transformer(nnx.Module):
         inv_freq = rope_inv_freq(cfg)
         end = None
         if cache is None:
-            seg = segment_ids_bt
-            idx = jnp.arange(t)
-            mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (idx[None, :, None] >= idx[None, None, :])
+            mask = attn_lib.SegmentMask(segment_ids_bt, prefix_ids_bt)
         else:
             end = cache.end
             slots = jnp.arange(cache.mask.shape[1])
@@ -371,7 +419,10 @@ class Transformer(nnx.Module):
         x = constrain(self.embed(input_ids_bt), (BATCH_AXES, None, None))
         remat = cfg.remat != "none" and cache is None
         new_layers = []
-        for i, layer in enumerate(self.layers):
+        if cfg.scan_layers and cache is None:
+            x = _run_layers_scanned(list(self.layers), x, positions_bt, inv_freq, mask,
+                                    ("full" if cfg.remat == "full" else _REMAT[cfg.remat]) if remat else None)
+        for i, layer in enumerate([] if cfg.scan_layers and cache is None else self.layers):
             if remat:
                 x, lc = _run_layer_remat(layer, x, positions_bt, inv_freq, mask, _REMAT[cfg.remat])
             else:

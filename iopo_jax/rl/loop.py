@@ -241,7 +241,7 @@ class RLTrainer:
         with use_mesh(self.mesh):
             model, self.model_cfg = load_model(model_dir, mesh=self.mesh, seed=cfg.train.seed,
                                                param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl, scan_layers=cfg.model.get("scan_layers", False),
                                                attention_block=cfg.model.attention_block, lora=lcfg)
         self.parts, trainable = split_model(model, lora=lcfg is not None)
         n_prompts = len(self.prompts)
