@@ -168,7 +168,12 @@ def resolve_model_dir(cfg) -> str:
 # ----------------------------------------------------------------------------- model plumbing
 @dataclasses.dataclass
 class ModelParts:
-    """The model cut into what is trained and what is not."""
+    """The model cut into what is trained and what is not.
+
+    Compiled steps never close over arrays: they take :meth:`state` (the frozen weights and, for full
+    fine-tuning, the reference weights) as an argument, so nothing is baked into a program as a
+    constant and arrays that span several hosts can be used (``jax.distributed``).
+    """
 
     graphdef: Any
     keys: list  # paths of the trainable leaves, in treedef order
@@ -177,11 +182,56 @@ class ModelParts:
     ref_trainable: dict | None  # full fine-tuning: the initial weights (the reference policy)
     lora: bool
 
-    def merge(self, trainable: dict, dropout_key=None):
-        """The model with these trainable leaves; ``dropout_key`` reseeds every RNG stream (LoRA dropout)."""
-        state = jax.tree_util.tree_unflatten(self.treedef, [trainable[k] for k in self.keys])
-        frozen = self.frozen if dropout_key is None else tuple(_reseed(f, dropout_key) for f in self.frozen)
-        return nnx.merge(self.graphdef, state, *frozen)
+    def state(self) -> dict:
+        """The arrays every compiled step takes besides the trainable leaves (never donated)."""
+        return {"frozen": self.frozen, "ref": self.ref_trainable}
+
+    def merge(self, trainable: dict, dropout_key=None, state: dict | None = None):
+        """The model with these trainable leaves; ``dropout_key`` reseeds every RNG stream (LoRA dropout).
+
+        Inside a compiled function pass ``state`` (the argument holding :meth:`state`)."""
+        frozen = (self.state() if state is None else state)["frozen"]
+        tree = jax.tree_util.tree_unflatten(self.treedef, [trainable[k] for k in self.keys])
+        if dropout_key is not None:
+            frozen = tuple(_reseed(f, dropout_key) for f in frozen)
+        return nnx.merge(self.graphdef, tree, *frozen)
+
+
+class BoundStep:
+    """A jitted step ``fn(state, *args)`` called as ``step(*args)``: the model state (``get_state()``) is
+    passed as an argument at every call, never closed over. ``fn`` is the jitted function itself (for
+    ``fn.lower(*abstract_args)``)."""
+
+    def __init__(self, fn, get_state):
+        self.fn, self.get_state = fn, get_state
+
+    def __call__(self, *args):
+        return self.fn(self.get_state(), *args)
+
+
+@dataclasses.dataclass
+class StepSpec:
+    """A compiled step and abstract arguments (``jax.ShapeDtypeStruct`` with shardings) to lower it with:
+    ``spec.fn.lower(*spec.args).compile()`` needs no real arrays (ahead-of-time compilation)."""
+
+    name: str
+    fn: Any
+    args: tuple
+
+    def lower(self):
+        return self.fn.lower(*self.args)
+
+
+def abstract_like(tree):
+    """``jax.ShapeDtypeStruct`` (with the sharding, when there is one) for every array leaf of ``tree``."""
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def _reseed(state, key):
@@ -203,15 +253,17 @@ def split_model(model, lora: bool) -> tuple[ModelParts, dict]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(train_state)
     keys = [path_str(p) for p, _ in leaves]
     trainable = {k: v for k, (_, v) in zip(keys, leaves)}
-    ref = None if lora else jax.tree_util.tree_map(jnp.copy, trainable)
+    copy = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x)
+    ref = None if lora else jax.tree_util.tree_map(copy, trainable)
     return ModelParts(graphdef, keys, treedef, tuple(frozen), ref, lora), trainable
 
 
-def reference_trainable(parts: ModelParts, trainable: dict) -> dict:
-    """Trainable leaves of the reference policy: LoRA B zeroed (= the base model) or the initial weights."""
+def reference_trainable(parts: ModelParts, trainable: dict, state: dict | None = None) -> dict:
+    """Trainable leaves of the reference policy: LoRA B zeroed (= the base model) or the initial weights
+    (``state["ref"]``; inside a compiled function pass the ``state`` argument)."""
     if parts.lora:
         return {k: (jnp.zeros_like(v) if k.endswith("lora_b") else v) for k, v in trainable.items()}
-    return parts.ref_trainable
+    return (parts.state() if state is None else state)["ref"]
 
 
 def forward_logps(model, batch, chunk: int, remat: bool = True, pack_batch: bool = False):
@@ -247,24 +299,43 @@ def make_apply_step(tx):
 
 def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chunk: int, tx, seed: int,
                dropout: bool, remat: bool = True, pack_batch: bool = False):
+    """``(micro_step, apply_step, eval_step, ref_step)``.
+
+    ``micro_step(trainable, grads_acc, batch, step)``, ``eval_step(trainable, batch)`` and
+    ``ref_step(trainable, batch)`` are :class:`BoundStep` s: jitted functions whose first argument is
+    ``parts.state()`` (the ``.fn`` attribute), so no array is a constant of a compiled program.
+    """
+    fns = make_step_fns(parts, objective, ocfg, k, chunk, tx, seed, dropout, remat, pack_batch)
+    bind = lambda f: BoundStep(f, parts.state)
+    return bind(fns["micro_step"]), fns["apply_step"], bind(fns["eval_step"]), bind(fns["ref_step"])
+
+
+def make_step_fns(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chunk: int, tx, seed: int,
+                  dropout: bool, remat: bool = True, pack_batch: bool = False) -> dict:
+    """The jitted training functions, each taking every array it reads as an argument:
+
+    - ``micro_step(state, trainable, grads_acc, batch, step) -> (grads_acc, metrics)`` (grads_acc donated);
+    - ``apply_step(trainable, opt_state, grads_acc, n_micro)`` (see :func:`make_apply_step`);
+    - ``eval_step(state, trainable, batch) -> metrics``; ``ref_step(state, trainable, batch) -> [B]``.
+    """
     needs_ref = objective.needs_reference
 
-    def policy(trainable, step, train: bool):
+    def policy(state, trainable, step, train: bool):
         if dropout and train:  # dropout masks drawn from (seed, step): reruns and resumes are identical
-            return parts.merge(trainable, dropout_key=jax.random.fold_in(jax.random.key(seed), step))
-        model = parts.merge(trainable)
+            return parts.merge(trainable, dropout_key=jax.random.fold_in(jax.random.key(seed), step), state=state)
+        model = parts.merge(trainable, state=state)
         if dropout:
             model.eval()
         return model
 
-    def ref_logps(trainable, batch):
+    def ref_logps(state, trainable, batch):
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        model = policy(reference_trainable(parts, trainable), 0, False)
+        model = policy(state, reference_trainable(parts, trainable, state), 0, False)
         return jax.lax.stop_gradient(forward_logps(model, batch, chunk, True, pack_batch).logp_sum)
 
-    def loss_and_metrics(trainable, batch, ref, step, train):
-        out = forward_logps(policy(trainable, step, train), batch, chunk, remat, pack_batch)
+    def loss_and_metrics(trainable, state, batch, ref, step, train):
+        out = forward_logps(policy(state, trainable, step, train), batch, chunk, remat, pack_batch)
         g = out.logp_sum.shape[0] // k
         shape = lambda x: x.reshape(g, k)
         weights = batch["valid"].reshape(g, k)[:, 0].astype(jnp.float32)
@@ -275,21 +346,137 @@ def make_steps(parts: ModelParts, objective, ocfg: ObjectiveConfig, k: int, chun
         metrics["groups"] = jnp.sum(weights)
         return loss, metrics
 
-    def micro_step(trainable, grads_acc, batch, step):
-        ref = ref_logps(trainable, batch) if needs_ref else None
-        (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(trainable, batch, ref, step, True)
+    def micro_step(state, trainable, grads_acc, batch, step):
+        ref = ref_logps(state, trainable, batch) if needs_ref else None
+        (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
+            trainable, state, batch, ref, step, True)
         grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
         return grads_acc, metrics
 
-    def eval_step(trainable, batch):
-        ref = ref_logps(trainable, batch) if needs_ref else None
-        _, metrics = loss_and_metrics(trainable, batch, ref, 0, False)
+    def eval_step(state, trainable, batch):
+        ref = ref_logps(state, trainable, batch) if needs_ref else None
+        _, metrics = loss_and_metrics(trainable, state, batch, ref, 0, False)
         return metrics
 
-    def ref_only(trainable, batch):
-        return ref_logps(trainable, {k: v for k, v in batch.items() if k != "ref_logps"})
+    def ref_only(state, trainable, batch):
+        return ref_logps(state, trainable, {k: v for k, v in batch.items() if k != "ref_logps"})
 
-    return (jax.jit(micro_step, donate_argnums=(1,)), make_apply_step(tx), jax.jit(eval_step), jax.jit(ref_only))
+    return {"micro_step": jax.jit(micro_step, donate_argnums=(2,)), "apply_step": make_apply_step(tx),
+            "eval_step": jax.jit(eval_step), "ref_step": jax.jit(ref_only)}
+
+
+# ----------------------------------------------------------------------------- abstract steps (AOT)
+def _abstract_leaf(path, x, mesh):
+    """ShapeDtypeStruct of a parameter/state leaf sharded by :data:`PARAM_RULES` (replicated when no rule)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from iopo_jax.sharding import param_spec
+
+    if mesh is None:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    try:
+        spec = param_spec(path if isinstance(path, str) else path_str(path), x.shape, mesh)
+    except KeyError:
+        spec = PartitionSpec()
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+
+def abstract_opt_state(tx, trainable: dict):
+    """The optimizer state of ``tx`` for abstract ``trainable`` leaves: moments sharded like their
+    parameter (matched by the parameter's path in the state tree), counters replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    shapes = jax.eval_shape(tx.init, trainable)
+    mesh = next((x.sharding.mesh for x in trainable.values() if isinstance(getattr(x, "sharding", None), NamedSharding)),
+                None)
+
+    def one(path, x):
+        for p in reversed(path):
+            key = getattr(p, "key", None)
+            if isinstance(key, str) and key in trainable and tuple(trainable[key].shape) == tuple(x.shape):
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(trainable[key], "sharding", None))
+        sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def abstract_model_parts(model_cfg, mesh, lora: bool) -> tuple[ModelParts, dict]:
+    """:class:`ModelParts` and trainable leaves whose arrays are all ``jax.ShapeDtypeStruct`` sharded over
+    ``mesh`` as loading would shard them; nothing is allocated (``mesh`` may hold devices of a TPU
+    topology this machine does not have)."""
+    from iopo_jax.models.weights import abstract_model
+
+    graphdef, params, rest = abstract_model(model_cfg)
+    parts, trainable = split_model(nnx.merge(graphdef, params, rest), lora=lora)
+    trainable = {k: _abstract_leaf(k, v, mesh) for k, v in trainable.items()}
+    frozen = tuple(jax.tree_util.tree_map_with_path(lambda p, x: _abstract_leaf(p, x, mesh), f) for f in parts.frozen)
+    ref = None if lora else dict(trainable)
+    return dataclasses.replace(parts, frozen=frozen, ref_trainable=ref), trainable
+
+
+def abstract_batch(mesh, rows: int, seq_len: int, extra: dict | None = None) -> dict:
+    """A training batch of ``rows`` sequences of ``seq_len`` tokens (global shapes), sharded like
+    :func:`device_batch` shards it. ``extra``: more keys, ``name -> (shape, dtype)``."""
+    spec = {k: ((rows, seq_len), jnp.int32) for k in BATCH_KEYS}
+    spec["valid"] = ((rows,), jnp.bool_)
+    spec.update(extra or {})
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(mesh, len(shape), shape) if mesh else None)
+            for k, (shape, dt) in spec.items()}
+
+
+def train_step_specs(fns: dict, parts: ModelParts, trainable: dict, opt_state, mesh, rows: int, seq_len: int,
+                     ref_logps: bool = False) -> dict[str, StepSpec]:
+    """:class:`StepSpec` of every offline-training step (``micro_step``, ``apply_step``, ``eval_step``,
+    ``ref_step``) for a global batch of ``rows`` sequences of ``seq_len`` tokens; ``ref_logps``: the batch
+    carries precomputed reference log-probs (``objective.reference=precompute``)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    state, tr, opt = abstract_like(parts.state()), abstract_like(trainable), abstract_like(opt_state)
+    rep = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)
+    batch = abstract_batch(mesh, rows, seq_len, {"ref_logps": ((rows,), jnp.float32)} if ref_logps else None)
+    plain = abstract_batch(mesh, rows, seq_len)
+    return {
+        "micro_step": StepSpec("micro_step", fns["micro_step"], (state, tr, tr, batch, scalar(jnp.int32))),
+        "apply_step": StepSpec("apply_step", fns["apply_step"], (tr, opt, tr, scalar(jnp.float32))),
+        "eval_step": StepSpec("eval_step", fns["eval_step"], (state, tr, batch)),
+        "ref_step": StepSpec("ref_step", fns["ref_step"], (state, tr, plain)),
+    }
+
+
+def abstract_train_specs(cfg, mesh, model_cfg=None, rows: int | None = None, seq_len: int | None = None
+                         ) -> dict[str, StepSpec]:
+    """Every offline-training step of ``cfg`` with abstract arguments on ``mesh``, without loading weights
+    or data (ahead-of-time compilation, e.g. for a TPU topology)::
+
+        for spec in abstract_train_specs(cfg, mesh).values():
+            compiled = spec.lower().compile()
+
+    ``model_cfg`` (a :class:`~iopo_jax.models.config.ModelConfig`) defaults to ``config.json`` of
+    ``cfg.model.path`` with the config's dtypes, remat and LoRA; ``rows`` defaults to the global micro-batch
+    (``data.batch_size`` x group size), ``seq_len`` to ``data.cutoff_len``.
+    """
+    from iopo_jax.models.config import ModelConfig
+
+    check_config(cfg)
+    lcfg = lora_config(cfg)
+    if model_cfg is None:
+        model_cfg = ModelConfig.from_hf(cfg.model.path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                                        remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
+                                        attention_block=cfg.model.attention_block, lora=lcfg)
+    parts, trainable = abstract_model_parts(model_cfg, mesh, lora=lcfg is not None)
+    k = K_OF_KIND[cfg.data.kind]
+    objective = get_objective(cfg.objective.name)
+    tx = make_optimizer(cfg.optimizer, max(cfg.train.max_steps, 1), trainable)
+    fns = make_step_fns(parts, objective, ObjectiveConfig.from_mapping(objective_hparams(cfg)), k,
+                        cfg.train.logprob_chunk, tx, cfg.train.seed, dropout=lcfg is not None and lcfg.dropout > 0,
+                        remat=cfg.train.logprob_remat, pack_batch=cfg.train.logprob_pack_batch)
+    rows = rows or cfg.data.batch_size * k
+    seq_len = seq_len or cfg.data.cutoff_len
+    precompute = cfg.objective.reference == "precompute" and objective.needs_reference
+    return train_step_specs(fns, parts, trainable, abstract_opt_state(tx, trainable), mesh, rows, seq_len,
+                            ref_logps=precompute)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -381,16 +568,28 @@ class Trainer:
         with use_mesh(self.mesh):
             opt_state = jax.jit(self.tx.init)(trainable)
         self.trainable, self.opt_state = trainable, opt_state
-        self.micro_step, self.apply_step, self.eval_step, self.ref_step = make_steps(
+        self.step_fns = make_step_fns(
             self.parts, self.objective, self.ocfg, self.k, cfg.train.logprob_chunk, self.tx, cfg.train.seed,
             dropout=lcfg is not None and lcfg.dropout > 0, remat=cfg.train.logprob_remat,
             pack_batch=cfg.train.logprob_pack_batch)
+        bind = lambda name: BoundStep(self.step_fns[name], self.parts.state)
+        self.micro_step, self.eval_step, self.ref_step = bind("micro_step"), bind("eval_step"), bind("ref_step")
+        self.apply_step = self.step_fns["apply_step"]
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
         self.ref_table = None
         if cfg.objective.reference == "precompute" and self.objective.needs_reference:
             self.ref_table = self._precompute_reference()
         return self
+
+    def step_specs(self, rows: int | None = None, seq_len: int | None = None) -> dict[str, StepSpec]:
+        """Every jitted step with abstract arguments shaped and sharded like this run's (after
+        :meth:`setup`): ``spec.fn.lower(*spec.args)`` compiles it without touching the arrays.
+        ``rows`` (global sequences per micro-batch) defaults to ``data.batch_size`` x group size,
+        ``seq_len`` to ``data.cutoff_len``."""
+        return train_step_specs(self.step_fns, self.parts, self.trainable, self.opt_state, self.mesh,
+                                rows or self.cfg.data.batch_size * self.k, seq_len or self.cfg.data.cutoff_len,
+                                ref_logps=self.ref_table is not None)
 
     # -- reference log-probs, once per dataset
     def _precompute_reference(self) -> dict:

@@ -44,8 +44,9 @@ from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, rewa
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
 from iopo_jax.sharding import batch_sharding, make_mesh, use_mesh
-from iopo_jax.trainer import (MetricsLogger, TrainingDiverged, _csv, lora_config, make_optimizer,
-                              make_apply_step, make_schedule, reference_trainable, resolve_model_dir, split_model)
+from iopo_jax.trainer import (BoundStep, MetricsLogger, StepSpec, TrainingDiverged, _csv, abstract_like, lora_config,
+                              make_apply_step, make_optimizer, make_schedule, reference_trainable, resolve_model_dir,
+                              split_model)
 
 log = logging.getLogger("iopo_jax.rl")
 
@@ -142,24 +143,34 @@ class PromptOrder:
 
 
 # ------------------------------------------------------------------------------------------------ jitted steps
-def make_rl_steps(parts, tx, *, temperature: float, chunk: int, max_label_tokens: int, eps_low: float,
-                  eps_high: float, kl_coef: float, aggregation: str, seed: int, remat: bool = True):
-    """``(logps, ref_logps, grad_step, apply_step)``, all jitted.
+def make_rl_steps(parts, tx, **kw):
+    """``(logps, ref_logps, grad_step, apply_step)``: :func:`make_rl_step_fns` with the model state bound
+    (passed as an argument at every call, never closed over by the compiled functions).
 
     ``logps(trainable, batch) -> [B, T]`` teacher-forced policy log-probs (``ref_logps``: LoRA off);
     ``grad_step(trainable, acc, mb, normalizer) -> (acc + grads, metrics)`` (acc donated);
     ``apply_step`` is the trainer's (clip, AdamW, masked updates, non-finite updates refused).
     """
+    fns = make_rl_step_fns(parts, tx, **kw)
+    bind = lambda f: BoundStep(f, parts.state)
+    return bind(fns["logps"]), bind(fns["ref_logps"]), bind(fns["grad_step"]), fns["apply_step"]
+
+
+def make_rl_step_fns(parts, tx, *, temperature: float, chunk: int, max_label_tokens: int, eps_low: float,
+                     eps_high: float, kl_coef: float, aggregation: str, seed: int, remat: bool = True) -> dict:
+    """The jitted RL functions, each taking the model state (``parts.state()``) as first argument:
+    ``logps(state, trainable, batch)``, ``ref_logps(state, trainable, batch)``,
+    ``grad_step(state, trainable, acc, mb, normalizer)`` (acc donated) and the trainer's ``apply_step``."""
     kw = dict(temperature=temperature, chunk=chunk, max_label_tokens=max_label_tokens, remat=remat)
 
-    def logps(trainable, batch):
-        return policy_token_logps(parts.merge(trainable), batch, **kw)[0]
+    def logps(state, trainable, batch):
+        return policy_token_logps(parts.merge(trainable, state=state), batch, **kw)[0]
 
-    def ref_logps(trainable, batch):
-        return logps(reference_trainable(parts, trainable), batch)
+    def ref_logps(state, trainable, batch):
+        return logps(state, reference_trainable(parts, trainable, state), batch)
 
-    def loss_fn(trainable, mb, normalizer):
-        logp = logps(trainable, mb)
+    def loss_fn(trainable, state, mb, normalizer):
+        logp = logps(state, trainable, mb)
         mask = mb["mask"]
         loss, m = clipped_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, mb["ref_logp"], eps_low=eps_low,
                                       eps_high=eps_high, kl_coef=kl_coef, aggregation=aggregation,
@@ -170,13 +181,31 @@ def make_rl_steps(parts, tx, *, temperature: float, chunk: int, max_label_tokens
         m["logp_mean"] = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(logp), 0.0)) / jnp.maximum(jnp.sum(mask), 1)
         return loss, m
 
-    def grad_step(trainable, acc, mb, normalizer):
-        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, mb, normalizer)
+    def grad_step(state, trainable, acc, mb, normalizer):
+        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, state, mb, normalizer)
         return jax.tree_util.tree_map(jnp.add, acc, g), m
 
     # The trainer's apply step: clipping, AdamW, freeze masks, refusal of non-finite updates.
-    apply_step = make_apply_step(tx)
-    return jax.jit(logps), jax.jit(ref_logps), jax.jit(grad_step, donate_argnums=(1,)), apply_step
+    return {"logps": jax.jit(logps), "ref_logps": jax.jit(ref_logps),
+            "grad_step": jax.jit(grad_step, donate_argnums=(2,)), "apply_step": make_apply_step(tx)}
+
+
+def rl_step_specs(fns: dict, parts, trainable: dict, opt_state, mesh, rows: int, seq_len: int) -> dict:
+    """:class:`~iopo_jax.trainer.StepSpec` of the RL learner functions (``logps``, ``ref_logps``,
+    ``grad_step``, ``apply_step``) for micro-batches of ``rows`` packed rollouts of ``seq_len`` tokens."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    state, tr, opt = abstract_like(parts.state()), abstract_like(trainable), abstract_like(opt_state)
+    rep = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(mesh, len(shape), shape)
+                                                 if mesh is not None and shape else rep)
+    batch = {k: sds((rows, seq_len), jnp.int32) for k in ("input_ids", "labels", "positions", "segment_ids")}
+    mb = dict(batch, mask=sds((rows, seq_len), jnp.bool_), old_logp=sds((rows, seq_len), jnp.float32),
+              ref_logp=sds((rows, seq_len), jnp.float32), advantages=sds((rows, seq_len), jnp.float32))
+    return {"logps": StepSpec("logps", fns["logps"], (state, tr, batch)),
+            "ref_logps": StepSpec("ref_logps", fns["ref_logps"], (state, tr, batch)),
+            "grad_step": StepSpec("grad_step", fns["grad_step"], (state, tr, tr, mb, sds((), jnp.float32))),
+            "apply_step": StepSpec("apply_step", fns["apply_step"], (tr, opt, tr, sds((), jnp.float32)))}
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -222,10 +251,13 @@ class RLTrainer:
         with use_mesh(self.mesh):
             self.opt_state = jax.jit(self.tx.init)(trainable)
         self.trainable = trainable
-        self.logp_fn, self.ref_fn, self.grad_step, self.apply_step = make_rl_steps(
+        self.step_fns = make_rl_step_fns(
             self.parts, self.tx, temperature=r.temperature, chunk=cfg.train.logprob_chunk,
             max_label_tokens=r.max_response_tokens, eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef,
             aggregation=r.aggregation, seed=cfg.train.seed, remat=cfg.train.get("logprob_remat", True))
+        bind = lambda name: BoundStep(self.step_fns[name], self.parts.state)
+        self.logp_fn, self.ref_fn, self.grad_step = bind("logps"), bind("ref_logps"), bind("grad_step")
+        self.apply_step = self.step_fns["apply_step"]
         eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
         from data_pipeline.templates import get_template
 
@@ -459,6 +491,14 @@ class RLTrainer:
         out["lr"] = float(make_schedule(self.cfg.optimizer, self.opt_steps)(done - 1))
         return out
 
+    def step_specs(self, rows: int | None = None, seq_len: int | None = None) -> dict:
+        """Every jitted learner function with abstract arguments shaped and sharded like this run's (after
+        :meth:`setup`); ``rows`` defaults to the micro-batch, ``seq_len`` to the longest rollout. The
+        sampler's compiled prefill/decode take the weights as arguments too (``self.sampler``)."""
+        r = self.rl
+        return rl_step_specs(self.step_fns, self.parts, self.trainable, self.opt_state, self.mesh,
+                             rows or self._micro_rows(), seq_len or r.max_prompt_tokens + r.max_response_tokens)
+
     # -- checkpoints
     def _arrays(self):
         return {"params": self.trainable, "opt_state": self.opt_state}
@@ -632,5 +672,5 @@ def plot_rl(hist: list[tuple[int, dict]], path: str) -> str:
     return path
 
 
-__all__ = ["RLTrainer", "PromptOrder", "TrainingDiverged", "check_rl_config", "make_rl_steps", "read_history",
+__all__ = ["RLTrainer", "PromptOrder", "TrainingDiverged", "check_rl_config", "make_rl_steps", "make_rl_step_fns", "rl_step_specs", "read_history",
            "summarize_rl", "format_rl_summary"]
