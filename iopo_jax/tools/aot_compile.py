@@ -195,31 +195,6 @@ def model_config(cfg, model_config_path: str = ""):
 
 
 # ----------------------------------------------------------------------------------------- abstract state
-def _spec_or_replicated(path: str, shape, mesh):
-    from jax.sharding import PartitionSpec as P
-
-    from iopo_jax.sharding import param_spec
-
-    try:
-        return param_spec(path, shape, mesh)
-    except KeyError:  # scalars, counts, RNG keys, ...: replicated
-        return P()
-
-
-def shard_abstract(tree, mesh):
-    """Every leaf as a ``ShapeDtypeStruct`` with the partition rules' NamedSharding (replicated if no rule)."""
-    import jax
-    from jax.sharding import NamedSharding
-
-    from iopo_jax.sharding import path_str
-
-    def one(path, x):
-        spec = _spec_or_replicated(path_str(path), x.shape, mesh)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
 def with_shardings(shapes, shardings):
     import jax
 
@@ -228,19 +203,20 @@ def with_shardings(shapes, shardings):
 
 
 def per_chip_bytes(tree) -> int:
-    """Bytes of the largest per-device shard set of an abstract tree (what one chip holds)."""
+    """Bytes one chip holds of an abstract tree (the per-device shard of every leaf)."""
     import jax
     import numpy as np
 
     total = 0
     for x in jax.tree_util.tree_leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        sharding = getattr(x, "sharding", None)
+        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
         total += math.prod(shape) * np.dtype(x.dtype).itemsize
     return total
 
 
 def batch_abstract(mesh, rows: int, length: int, spec: dict):
-    """{name: ShapeDtypeStruct} for a batch sharded over (data, fsdp); ``spec``: name -> (dtype, per-row dims)."""
+    """{name: ShapeDtypeStruct} sharded over (data, fsdp); ``spec``: name -> (dtype, per-row dims, "L" = length)."""
     import jax
 
     from iopo_jax.sharding import batch_sharding
@@ -259,49 +235,6 @@ def replicated_scalar(mesh, dtype):
     return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, P()))
 
 
-@dataclasses.dataclass
-class Abstract:
-    """The trainer's state, abstract: graphdef and parts as the trainer builds them, leaves sharded."""
-
-    parts: object  # trainer.ModelParts with abstract leaves
-    trainable: dict
-    frozen: tuple
-    ref_trainable: dict | None
-    opt_state: object
-    tx: object
-    model_graphdef: object  # the whole model (sampler)
-    model_state: object
-    mcfg: object  # ModelConfig
-
-
-def abstract_state(cfg, mcfg, mesh, total_steps: int = 1000) -> Abstract:
-    import jax
-    from flax import nnx
-
-    from iopo_jax.models.weights import abstract_model
-    from iopo_jax.sharding import path_str
-    from iopo_jax.trainer import ModelParts, make_optimizer
-
-    graphdef, params, rest = abstract_model(mcfg, dropout_seed=cfg.train.seed)
-    model = nnx.merge(graphdef, params, rest)
-    lora = mcfg.lora is not None
-    # The same split as trainer.split_model, without touching any value.
-    if lora:
-        gd, train_state, *frozen = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
-    else:
-        gd, train_state, *frozen = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(train_state)
-    keys = [path_str(p) for p, _ in leaves]
-    trainable = shard_abstract({k: v for k, (_, v) in zip(keys, leaves)}, mesh)
-    frozen = tuple(shard_abstract(f, mesh) for f in frozen)
-    parts = ModelParts(gd, keys, treedef, frozen, None, lora)
-    ref = None if lora else trainable
-    tx = make_optimizer(cfg.optimizer, total_steps, trainable)
-    opt_state = shard_abstract(jax.eval_shape(tx.init, trainable), mesh)
-    mgd, mstate = nnx.split(model)
-    return Abstract(parts, trainable, frozen, ref, opt_state, tx, mgd, shard_abstract(mstate, mesh), mcfg)
-
-
 # ----------------------------------------------------------------------------------------- programs
 @dataclasses.dataclass
 class Program:
@@ -309,7 +242,7 @@ class Program:
     what: str  # shapes, for the table
     compile: object  # () -> compiled executable
     resident: int = 0  # per-chip bytes of long-lived state that is not an argument
-    per_step: int = 1  # executions per optimizer step (FLOPs per step)
+    per_step: int = 1  # executions per optimizer step (offline) or per RL iteration (FLOPs per step)
 
 
 @dataclasses.dataclass
@@ -341,155 +274,139 @@ def _flops(compiled) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
-def offline_programs(cfg, a: Abstract, mesh) -> list[Program]:
-    import jax
-    import jax.numpy as jnp
+def _compile(spec):
+    return lambda: spec.lower().compile()
 
+
+def offline_lengths(cfg) -> tuple[int, int]:
+    """(global rows, tokens) of the largest micro-batch the data pipeline can yield."""
     from data_pipeline.batching import make_buckets
-    from iopo_jax.objectives import ObjectiveConfig, get_objective
-    from iopo_jax.trainer import K_OF_KIND, _csv, make_apply_step, make_steps, objective_hparams
+    from iopo_jax.trainer import K_OF_KIND, _csv
 
     d = cfg.data
-    k = K_OF_KIND[d.kind]
     length = int(make_buckets(d.cutoff_len, d.bucket_step, [int(x) for x in _csv(d.buckets)] or None)[-1])
-    rows = d.batch_size * (1 if d.pack else k)
-    objective = get_objective(cfg.objective.name)
-    ocfg = ObjectiveConfig.from_mapping(objective_hparams(cfg))
-    dropout = a.parts.lora and cfg.model.lora_dropout > 0
-    spec = {n: (jnp.int32, ("L",)) for n in ("input_ids", "labels", "segment_ids", "positions")}
-    spec["valid"] = (jnp.bool_, ())
-    if objective.needs_reference and cfg.objective.reference == "precompute":
-        spec["ref_logps"] = (jnp.float32, ())
-    batch = batch_abstract(mesh, rows, length, spec)
+    return d.batch_size * (1 if d.pack else K_OF_KIND[d.kind]), length
 
-    def micro(trainable, frozen, ref_trainable, grads_acc, batch, step):
-        # The trainer's own step code, with the frozen weights as arguments rather than constants.
-        parts = dataclasses.replace(a.parts, frozen=frozen, ref_trainable=ref_trainable)
-        micro_step = make_steps(parts, objective, ocfg, k, cfg.train.logprob_chunk, a.tx, cfg.train.seed,
-                                dropout=dropout, remat=cfg.train.logprob_remat,
-                                pack_batch=cfg.train.logprob_pack_batch)[0]
-        return micro_step(trainable, grads_acc, batch, step)
 
-    step = replicated_scalar(mesh, jnp.int32)
-    opt_bytes = per_chip_bytes(a.opt_state)
-    frozen_bytes = per_chip_bytes(a.frozen)
-    return [
-        Program("micro_step", f"{rows} rows x {length} tokens",
-                lambda: jax.jit(micro, donate_argnums=(3,)).lower(a.trainable, a.frozen, a.ref_trainable,
-                                                                  a.trainable, batch, step).compile(),
-                resident=opt_bytes, per_step=cfg.optimizer.grad_accum),
-        Program("apply_step", "clip + AdamW",
-                lambda: make_apply_step(a.tx).lower(a.trainable, a.opt_state, a.trainable,
-                                                    replicated_scalar(mesh, jnp.float32)).compile(),
-                resident=frozen_bytes, per_step=1),
+def offline_programs(cfg, mcfg, mesh) -> list[Program]:
+    """The trainer's real jitted steps (iopo_jax.trainer.make_step_fns) with abstract arguments."""
+    from iopo_jax.trainer import abstract_train_specs
+
+    rows, length = offline_lengths(cfg)
+    specs = abstract_train_specs(cfg, mesh, model_cfg=mcfg, rows=rows, seq_len=length)
+    state_bytes = per_chip_bytes(specs["micro_step"].args[0])  # frozen weights (+ reference weights)
+    opt_bytes = per_chip_bytes(specs["apply_step"].args[1])
+    shapes = f"{rows} rows x {length} tokens"
+    progs = [
+        Program("micro_step", shapes, _compile(specs["micro_step"]), resident=opt_bytes,
+                per_step=cfg.optimizer.grad_accum),
+        Program("apply_step", "clip + AdamW", _compile(specs["apply_step"]), resident=state_bytes, per_step=1),
+        Program("eval_step", shapes, _compile(specs["eval_step"]), resident=opt_bytes, per_step=0),
+        Program("ref_step", shapes + " (reference log-probs)", _compile(specs["ref_step"]), resident=opt_bytes,
+                per_step=0),
     ]
+    return progs
 
 
-def rl_programs(cfg, a: Abstract, mesh) -> list[Program]:
+def rl_programs(cfg, mcfg, mesh) -> list[Program]:
+    """The RL learner's jitted functions (iopo_jax.rl.loop.make_rl_step_fns) and the sampler's prefill and
+    decode (iopo_jax.sampling.engine.Engine) with abstract arguments."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
-    from iopo_jax.rl.loop import make_rl_steps
+    from iopo_jax.rl.loop import make_rl_step_fns, rl_step_specs
     from iopo_jax.sampling.engine import Engine, RowParams
     from iopo_jax.sampling.sampler import pow2_buckets
     from iopo_jax.sharding import use_mesh
-    from iopo_jax.trainer import _csv, make_apply_step
+    from iopo_jax.trainer import _csv, abstract_model_parts, abstract_opt_state, make_optimizer
 
     r = cfg.rl
+    lora = mcfg.lora is not None
+    parts, trainable = abstract_model_parts(mcfg, mesh, lora=lora)
+    tx = make_optimizer(cfg.optimizer, max(cfg.train.max_steps, 1), trainable)
+    opt_state = abstract_opt_state(tx, trainable)
+    fns = make_rl_step_fns(parts, tx, temperature=r.temperature, chunk=cfg.train.logprob_chunk,
+                           max_label_tokens=r.max_response_tokens, eps_low=r.eps_low, eps_high=r.eps_high,
+                           kl_coef=r.kl_coef, aggregation=r.aggregation, seed=cfg.train.seed,
+                           remat=cfg.train.get("logprob_remat", True))
     full = r.max_prompt_tokens + r.max_response_tokens
     length = int(math.ceil(full / r.length_step) * r.length_step) if r.length_step > 0 else full
     micro_rows = r.micro_batch_size or r.prompts_per_step * r.group_size // r.mini_batches
-    kw = dict(temperature=r.temperature, chunk=cfg.train.logprob_chunk, max_label_tokens=r.max_response_tokens,
-              eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef, aggregation=r.aggregation,
-              seed=cfg.train.seed, remat=cfg.train.get("logprob_remat", True))
-
-    def steps(frozen, ref_trainable):
-        parts = dataclasses.replace(a.parts, frozen=frozen, ref_trainable=ref_trainable)
-        return make_rl_steps(parts, a.tx, **kw)
-
-    def logps(trainable, frozen, ref_trainable, batch):
-        return steps(frozen, ref_trainable)[0](trainable, batch)
-
-    def grad(trainable, frozen, ref_trainable, acc, mb, normalizer):
-        return steps(frozen, ref_trainable)[2](trainable, acc, mb, normalizer)
-
-    ints = {n: (jnp.int32, ("L",)) for n in ("input_ids", "labels", "positions", "segment_ids")}
-    fwd_batch = batch_abstract(mesh, micro_rows, length, ints)
-    mb = batch_abstract(mesh, micro_rows, length, dict(ints, mask=(jnp.bool_, ("L",)),
-                                                        old_logp=(jnp.float32, ("L",)),
-                                                        ref_logp=(jnp.float32, ("L",)),
-                                                        advantages=(jnp.float32, ("L",))))
-    opt_bytes = per_chip_bytes(a.opt_state)
-    frozen_bytes = per_chip_bytes(a.frozen)
+    specs = rl_step_specs(fns, parts, trainable, opt_state, mesh, micro_rows, length)
+    opt_bytes = per_chip_bytes(opt_state)
+    state_bytes = per_chip_bytes(specs["grad_step"].args[0])
     n_rollouts = r.prompts_per_step * r.group_size
-    grad_calls = r.ppo_epochs * n_rollouts // micro_rows
-    fwd_calls = 2 * math.ceil(n_rollouts / micro_rows)  # old + reference log-probs
+    fwd_calls = math.ceil(n_rollouts / micro_rows)
 
-    # Sampler: the RL loop's Sampler settings (one prompt bucket >= max_prompt_tokens, one new-token bucket).
+    # The sampler as the RL loop builds it: one batch bucket >= sampler_batch_size, prompt buckets up to
+    # max_prompt_tokens, one new-token bucket of max_response_tokens, prefill chunks of 512.
     buckets = [int(x) for x in _csv(r.prompt_buckets)] or list(pow2_buckets(min(32, full), full))
     if max(buckets) < r.max_prompt_tokens:
         buckets.append(r.max_prompt_tokens)
     p = min(b for b in buckets if b >= r.max_prompt_tokens)
     b = max(pow2_buckets(1, r.sampler_batch_size))
     n = r.max_response_tokens
-    engine = Engine(a.model_graphdef, a.mcfg, pad_id=0, prefill_chunk=512)
+    gd, mstate = nnx.split(parts.merge(trainable, state=parts.state()))
+    engine = Engine(gd, mcfg, pad_id=0, prefill_chunk=512)
     ids = batch_abstract(mesh, b, p, {"ids": (jnp.int32, ("L",)), "mask": (jnp.int32, ("L",))})
     rowf = {"temperature": jnp.float32, "top_p": jnp.float32, "top_k": jnp.int32, "max_new": jnp.int32,
             "seed_hi": jnp.uint32, "seed_lo": jnp.uint32, "prompt_index": jnp.uint32, "sample_index": jnp.uint32}
-    rows = batch_abstract(mesh, b, 4, {k2: (v, ()) for k2, v in rowf.items()} | {"stop_ids": (jnp.int32, ("L",))})
-    rp = RowParams(**rows)
-    decode_info = {}
+    rowspec = {k: (v, ()) for k, v in rowf.items()}
+    rowspec["stop_ids"] = (jnp.int32, ("L",))
+    rp = RowParams(**batch_abstract(mesh, b, 4, rowspec))
+    decode_state = {}
 
     def compile_prefill():
         with use_mesh(mesh):
-            c = engine.prefill.lower(a.model_state, ids["ids"], ids["mask"], rp).compile()
-            pre = with_shardings(jax.eval_shape(engine._prefill, a.model_state, ids["ids"], ids["mask"], rp),
+            c = engine.prefill.lower(mstate, ids["ids"], ids["mask"], rp).compile()
+            pre = with_shardings(jax.eval_shape(engine._prefill, mstate, ids["ids"], ids["mask"], rp),
                                  c.output_shardings)
-            st = engine.start.lower(pre, rp, num_new=n).compile()
-            decode_info["ds"] = with_shardings(jax.eval_shape(lambda pr, rr: engine._start(pr, rr, num_new=n), pre, rp),
-                                               st.output_shardings)
+            start = engine.start.lower(pre, rp, num_new=n).compile()
+            ds = jax.eval_shape(lambda x, y: engine._start(x, y, num_new=n), pre, rp)
+            decode_state["ds"] = with_shardings(ds, start.output_shardings)
         return c
 
     def compile_decode():
-        if "ds" not in decode_info:
+        if "ds" not in decode_state:
             compile_prefill()
         with use_mesh(mesh):
-            return engine.decode.lower(a.model_state, decode_info["ds"], rp,
-                                       replicated_scalar(mesh, jnp.int32)).compile()
+            return engine.decode.lower(mstate, decode_state["ds"], rp, replicated_scalar(mesh, jnp.int32)).compile()
 
+    shapes = f"{micro_rows} rows x {length} tokens"
     return [
-        Program("rl grad_step", f"{micro_rows} rows x {length} tokens",
-                lambda: jax.jit(grad, donate_argnums=(3,)).lower(a.trainable, a.frozen, a.ref_trainable, a.trainable,
-                                                                 mb, replicated_scalar(mesh, jnp.float32)).compile(),
-                resident=opt_bytes, per_step=grad_calls),
-        Program("rl logps", f"{micro_rows} rows x {length} tokens (old / reference)",
-                lambda: jax.jit(logps).lower(a.trainable, a.frozen, a.ref_trainable, fwd_batch).compile(),
-                resident=opt_bytes, per_step=fwd_calls),
-        Program("apply_step", "clip + AdamW",
-                lambda: make_apply_step(a.tx).lower(a.trainable, a.opt_state, a.trainable,
-                                                    replicated_scalar(mesh, jnp.float32)).compile(),
-                resident=frozen_bytes, per_step=r.ppo_epochs * r.mini_batches),
-        Program("sampler prefill", f"{b} rows x {p} prompt tokens",
-                compile_prefill, resident=opt_bytes, per_step=math.ceil(n_rollouts / b)),
-        Program("sampler decode", f"{b} rows, {p}+{n} cache, {n} new tokens",
-                compile_decode, resident=opt_bytes, per_step=math.ceil(n_rollouts / b)),
+        Program("grad_step", shapes, _compile(specs["grad_step"]), resident=opt_bytes,
+                per_step=r.ppo_epochs * n_rollouts // micro_rows),
+        Program("logps", shapes + " (old log-probs)", _compile(specs["logps"]), resident=opt_bytes,
+                per_step=fwd_calls),
+        Program("ref_logps", shapes + " (reference log-probs)", _compile(specs["ref_logps"]), resident=opt_bytes,
+                per_step=fwd_calls),
+        Program("apply_step", "clip + AdamW", _compile(specs["apply_step"]), resident=state_bytes,
+                per_step=r.ppo_epochs * r.mini_batches),
+        Program("prefill", f"{b} rows x {p} prompt tokens", compile_prefill, resident=opt_bytes,
+                per_step=math.ceil(n_rollouts / b)),
+        Program("decode", f"{b} rows, cache {p}+{n}, {n} new tokens", compile_decode, resident=opt_bytes,
+                per_step=math.ceil(n_rollouts / b)),
     ]
 
 
+DEFAULT_PROGRAMS = ("micro_step", "apply_step", "grad_step", "logps", "prefill", "decode")
+
 # ----------------------------------------------------------------------------------------- report
 def fmt_gib(n: int) -> str:
-    return f"{n / GiB:.2f}"
+    """GiB with 2 decimals; small sizes in MiB (tiny test models)."""
+    return f"{n / GiB:.2f}" if abs(n) >= GiB // 10 or n == 0 else f"{n / (1 << 20):.1f} MiB"
 
 
 def table(results: list[Result], target: Target, usable: int) -> str:
-    head = ("| program | shapes (global) | arguments | outputs | aliased | temporaries | other state | "
-            "total / chip (GiB) | fits | TFLOP / chip / call | calls / step | compile s |")
+    head = ("| program | shapes (global) | arguments (GiB) | outputs | aliased | temporaries | other state | "
+            "total / chip | fits | TFLOP / chip / call | calls / step | compile s |")
     lines = [head, "|" + "---|" * 12]
     for r in results:
         fits = "yes" if r.total <= usable else "**NO**"
         lines.append(f"| {r.name} | {r.what} | {fmt_gib(r.argument)} | {fmt_gib(r.output)} | {fmt_gib(r.alias)} | "
                      f"{fmt_gib(r.temp)} | {fmt_gib(r.resident)} | {fmt_gib(r.total)} | {fits} | "
-                     f"{r.flops / 1e12:.3f} | {r.per_step} | {r.compile_s:.0f} |")
+                     f"{r.flops / 1e12:.4g} | {r.per_step} | {r.compile_s:.0f} |")
     return "\n".join(lines)
 
 
@@ -508,11 +425,18 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
         f"({where}), param_dtype {mcfg.param_dtype}, dtype {mcfg.dtype}, remat {mcfg.remat}, "
         f"attention {mcfg.attention_impl}, LoRA {'r=%d' % mcfg.lora.rank if mcfg.lora else 'off'}")
     with use_mesh(mesh):
-        a = abstract_state(cfg, mcfg, mesh)
-        programs = rl_programs(cfg, a, mesh) if "rl" in cfg else offline_programs(cfg, a, mesh)
-    if only:
+        programs = rl_programs(cfg, mcfg, mesh) if "rl" in cfg else offline_programs(cfg, mcfg, mesh)
+    names = [p.name for p in programs]
+    if only == "all":
+        wanted = set(names)
+    elif only:
         wanted = {x.strip() for x in only.split(",") if x.strip()}
-        programs = [p for p in programs if p.name in wanted or p.name.split()[-1] in wanted]
+        unknown = wanted - set(names)
+        if unknown:
+            raise ValueError(f"--programs: {sorted(unknown)} are not programs of this config; choose from {names}")
+    else:
+        wanted = set(DEFAULT_PROGRAMS)
+    programs = [p for p in programs if p.name in wanted]
     usable = int(target.hbm_bytes * hbm_fraction)
     results = []
     from tqdm.auto import tqdm
@@ -527,7 +451,7 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
                      ma.alias_size_in_bytes, ma.temp_size_in_bytes, ma.generated_code_size_in_bytes, prog.resident,
                      _flops(compiled), prog.per_step, dt)
         results.append(res)
-        out(f"  {res.name}: {fmt_gib(res.total)} GiB per chip, {res.flops / 1e12:.3f} TFLOP per chip per call, "
+        out(f"  {res.name}: {fmt_gib(res.total)} GiB per chip, {res.flops / 1e12:.4g} TFLOP per chip per call, "
             f"compiled in {dt:.0f} s")
     ok = all(r.total <= usable for r in results)
     flops_step = sum(r.flops * r.per_step for r in results if math.isfinite(r.flops))
@@ -561,8 +485,12 @@ def main(argv=None) -> int:
     p.add_argument("--model_config", default="",
                    help="HF config.json (or a directory holding one) of the model, when model.path is neither a "
                         "local directory nor in the HF cache nor a built-in hub id")
-    p.add_argument("--only", default="",
-                   help="comma list of program names to compile (e.g. micro_step,apply_step); default all")
+    p.add_argument("--programs", default="",
+                   help="comma list of programs to compile, or 'all'. Offline configs: micro_step, apply_step, "
+                        "eval_step, ref_step; RL configs: grad_step, logps, ref_logps, apply_step, prefill, decode. "
+                        "Default: the ones that set the memory peak (micro_step, apply_step; RL: grad_step, logps, "
+                        "apply_step, prefill, decode); eval_step / ref_step / ref_logps have the shapes of "
+                        "micro_step / logps without gradients")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set model.remat=none --set data.batch_size=32 "
                         "(repeatable; values parsed as Python literals when possible)")
@@ -587,7 +515,7 @@ def main(argv=None) -> int:
         return 2
     try:
         ok, results, summary = run(cfg, target, hbm_fraction=args.hbm_fraction, model_config_path=args.model_config,
-                                   only=args.only)
+                                   only=args.programs)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
