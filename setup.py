@@ -22,7 +22,10 @@ CORE = [
 
 EXTRAS = {
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40"],
+    # jax[tpu] adds libtpu (the TPU compiler; ~210 MB wheel) matching the installed jax, for the AOT
+    # compile-for-TPU test; on a machine without a TPU it only compiles (JAX_PLATFORMS=cpu unchanged).
+    "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40",
+             "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     "serve": ["openai>=1.40"],
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],
 }

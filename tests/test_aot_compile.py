@@ -75,12 +75,12 @@ TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=32, intermediate_siz
             rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=1024)
 
 
-def _run_tool(tmp_path, *extra):
+def _run_tool(tmp_path, *extra, config="configs/cpu_demo.py"):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     out = tmp_path / "aot.json"
-    cmd = [sys.executable, "-m", "iopo_jax.tools.aot_compile", "--config=configs/cpu_demo.py",
-           "--topology=v4:2x2x1", f"--model_config={tmp_path}", f"--json={out}",
-           "--set", "data.cutoff_len=128", "--set", "data.bucket_step=64", "--set", "data.batch_size=4",
+    sets = ["--set", "data.cutoff_len=128", "--set", "data.bucket_step=64", "--set", "data.batch_size=4"]
+    cmd = [sys.executable, "-m", "iopo_jax.tools.aot_compile", f"--config={config}", "--topology=v4:2x2x1",
+           f"--model_config={tmp_path}", f"--json={out}", *(sets if "demo" in config and "segpo" not in config else []),
            *extra]
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("XLA_FLAGS", None)
@@ -89,6 +89,17 @@ def _run_tool(tmp_path, *extra):
 
 
 @needs_libtpu
+def test_aot_no_fit_exits_nonzero(tmp_path):
+    """A program bigger than the chip's (overridden) HBM: exit status 1 and a message naming it."""
+    p, res = _run_tool(tmp_path, "--programs=apply_step", "--hbm_gib=0.000001", "--hbm_fraction=1")
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert res["fits"] is False and [r["name"] for r in res["programs"]] == ["apply_step"]
+    assert res["programs"][0]["total"] > 0.000001 * GiB
+    assert "DOES NOT FIT: apply_step needs" in p.stderr
+
+
+@needs_libtpu
+@pytest.mark.slow
 def test_aot_compile_fits_and_does_not_fit(tmp_path):
     p, res = _run_tool(tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -112,6 +123,18 @@ def test_aot_compile_fits_and_does_not_fit(tmp_path):
     assert p2.returncode == 1, p2.stderr[-3000:]
     assert res2["fits"] is False
     assert "DOES NOT FIT" in p2.stderr and "per chip" in p2.stderr
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_aot_compile_rl_config(tmp_path):
+    """An RL config: the learner's grad step and the sampler's prefill and decode compile for the slice."""
+    p, res = _run_tool(tmp_path, "--programs=grad_step,prefill,decode", config="configs/segpo_demo.py")
+    assert p.returncode == 0, p.stderr[-3000:]
+    progs = {r["name"]: r for r in res["programs"]}
+    assert set(progs) == {"grad_step", "prefill", "decode"}
+    assert all(r["flops"] > 0 and r["argument"] > 0 for r in progs.values())
+    assert progs["decode"]["alias"] > 0  # the decode state (KV cache) is donated and updated in place
 
 
 def test_missing_libtpu_or_bad_topology_is_a_usage_error(tmp_path):
