@@ -291,6 +291,31 @@ def _run_layer(layer, x, positions, inv_freq, mask, cache, end):
     return layer(x, positions, inv_freq, mask, cache, end)
 
 
+def _run_layer_remat(layer, x, positions, inv_freq, mask, policy):
+    """One layer under ``jax.checkpoint`` (training path, no cache).
+
+    ``nnx.remat`` cannot be used here: inside the jitted steps the model is rebuilt from state in
+    the outer trace, and lifting the module into the checkpoint trace then fails ("Cannot mutate
+    Param from a different trace level"). Instead the layer is split and a pure function of its
+    state is checkpointed; the non-parameter state it changes (dropout RNG counters) is returned
+    and written back when dropout is active, so dropout draws the same masks as without remat.
+    """
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def pure(params, rest, x, positions, inv_freq, mask):
+        module = nnx.merge(graphdef, params, rest)
+        y, _ = module(x, positions, inv_freq, mask, None, None)
+        _, _, new_rest = nnx.split(module, nnx.Param, ...)
+        return y, new_rest
+
+    y, new_rest = jax.checkpoint(pure, policy=policy)(params, rest, x, positions, inv_freq, mask)
+    # Only active dropout changes state; in eval mode nothing is written back (the frozen variables
+    # of a model rebuilt inside jit may belong to the outer trace and must not be mutated).
+    if any(isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0 for _, m in layer.iter_modules()):
+        nnx.update(layer, new_rest)
+    return y, None
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. ``__call__`` returns final-norm hidden states; :meth:`logits` projects.
 
@@ -327,13 +352,14 @@ class Transformer(nnx.Module):
             causal = slots[None, None, :] <= (end + jnp.arange(t))[None, :, None]
             mask = causal & kv_mask[:, None, :]
         x = constrain(self.embed(input_ids_bt), (BATCH_AXES, None, None))
-        run = _run_layer
-        if cfg.remat != "none" and cache is None:
-            run = nnx.remat(_run_layer, policy=_REMAT[cfg.remat])
+        remat = cfg.remat != "none" and cache is None
         new_layers = []
         for i, layer in enumerate(self.layers):
-            lc = cache.layers[i] if cache is not None else None
-            x, lc = run(layer, x, positions_bt, inv_freq, mask, lc, end)
+            if remat:
+                x, lc = _run_layer_remat(layer, x, positions_bt, inv_freq, mask, _REMAT[cfg.remat])
+            else:
+                lc = cache.layers[i] if cache is not None else None
+                x, lc = _run_layer(layer, x, positions_bt, inv_freq, mask, lc, end)
             new_layers.append(lc)
         x = self.norm(x)
         new_cache = None
