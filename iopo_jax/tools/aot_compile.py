@@ -523,7 +523,8 @@ def main(argv=None) -> int:
     print()
     print(table(results, target, usable))
     fs = summary["flops_per_step"]
-    print(f"\ncompiled FLOPs per optimizer step: {fs / 1e12:.1f} TFLOP over {summary['devices']} chips "
+    unit = "RL iteration (calls of the programs compiled)" if "rl" in cfg else "optimizer step"
+    print(f"\ncompiled FLOPs per {unit}: {fs / 1e12:.1f} TFLOP over {summary['devices']} chips "
           f"({summary['flops_per_step_per_chip'] / 1e12:.2f} TFLOP per chip)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
