@@ -143,3 +143,13 @@ def test_missing_libtpu_or_bad_topology_is_a_usage_error(tmp_path):
                         "--topology=v9-8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert ("unknown TPU generation" in p.stderr) or ("libtpu is not installed" in p.stderr)
+
+
+def test_compiler_out_of_memory_is_a_no_fit():
+    """libtpu refuses a program that cannot fit; the tool reads the size it reports (exit 1, not a crash)."""
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(35.36G) exceeds available HBM (30.75G).")
+    assert aot.compiler_oom(msg) == int(35.36 * GiB)
+    assert aot.compiler_oom("INVALID_ARGUMENT: unrelated") is None
+    r = aot.Result("micro_step", "", 0, 0, 0, aot.compiler_oom(msg), 0, 0, float("nan"), 1, 0.0, note="oom")
+    assert "**NO**" in aot.table([r], aot.parse_topology("v4-32"), usable=10 * (1 << 40))

@@ -258,6 +258,7 @@ class Result:
     flops: float  # per chip, one execution
     per_step: int
     compile_s: float
+    note: str = ""  # e.g. the TPU compiler's own out-of-memory message
 
     @property
     def total(self) -> int:
@@ -403,7 +404,7 @@ def table(results: list[Result], target: Target, usable: int) -> str:
             "total / chip | fits | TFLOP / chip / call | calls / step | compile s |")
     lines = [head, "|" + "---|" * 12]
     for r in results:
-        fits = "yes" if r.total <= usable else "**NO**"
+        fits = "yes" if r.total <= usable and not r.note else "**NO**"
         lines.append(f"| {r.name} | {r.what} | {fmt_gib(r.argument)} | {fmt_gib(r.output)} | {fmt_gib(r.alias)} | "
                      f"{fmt_gib(r.temp)} | {fmt_gib(r.resident)} | {fmt_gib(r.total)} | {fits} | "
                      f"{r.flops / 1e12:.4g} | {r.per_step} | {r.compile_s:.0f} |")
@@ -443,8 +444,19 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
 
     for prog in tqdm(programs, desc="compiling", disable=len(programs) < 2):
         t0 = time.perf_counter()
-        with use_mesh(mesh):
-            compiled = prog.compile()
+        try:
+            with use_mesh(mesh):
+                compiled = prog.compile()
+        except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs that cannot fit
+            oom = compiler_oom(str(e))
+            if oom is None:
+                raise
+            dt = time.perf_counter() - t0
+            res = Result(prog.name, prog.what, 0, 0, 0, oom, 0, prog.resident, float("nan"), prog.per_step, dt,
+                         note=f"the TPU compiler ran out of HBM: {str(e).strip().splitlines()[0][:300]}")
+            results.append(res)
+            out(f"  {res.name}: does not fit, {res.note}")
+            continue
         dt = time.perf_counter() - t0
         ma = compiled.memory_analysis()
         res = Result(prog.name, prog.what, ma.argument_size_in_bytes, ma.output_size_in_bytes,
@@ -453,7 +465,7 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
         results.append(res)
         out(f"  {res.name}: {fmt_gib(res.total)} GiB per chip, {res.flops / 1e12:.4g} TFLOP per chip per call, "
             f"compiled in {dt:.0f} s")
-    ok = all(r.total <= usable for r in results)
+    ok = all(r.total <= usable and not r.note for r in results)
     flops_step = sum(r.flops * r.per_step for r in results if math.isfinite(r.flops))
     summary = {"target": target.name, "topology": target.topology_name, "devices": len(devices),
                "hbm_gib": target.hbm_bytes / GiB, "usable_gib": usable / GiB, "mesh": dict(mesh.shape),
@@ -461,6 +473,17 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
                "flops_per_step": flops_step * len(devices),
                "programs": [dict(dataclasses.asdict(r), total=r.total) for r in results]}
     return ok, results, summary
+
+
+def compiler_oom(message: str) -> int | None:
+    """Bytes the TPU compiler said a program needs when it refused to compile it for lack of HBM
+    (``RESOURCE_EXHAUSTED: Ran out of memory on HBM ... (35.36G) exceeds available HBM (30.75G)``), else None."""
+    if "RESOURCE_EXHAUSTED" not in message or "memory" not in message.lower():
+        return None
+    m = re.search(r"\(([\d.]+)([KMGT])\)\s*exceeds", message)
+    if not m:
+        return 1 << 62  # unknown but too large
+    return int(float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2)])
 
 
 def usable_gib(target: Target, fraction: float) -> float:
@@ -530,8 +553,10 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     if not ok:
-        bad = [r for r in results if r.total > usable]
+        bad = [r for r in results if r.total > usable or r.note]
         for r in bad:
+            if r.note:
+                print(f"DOES NOT FIT: {r.name}: {r.note}", file=sys.stderr)
             print(f"DOES NOT FIT: {r.name} needs {fmt_gib(r.total)} GiB per chip but a {target.kind} chip has "
                   f"{fmt_gib(usable)} GiB usable ({target.hbm_bytes / GiB:.0f} GiB x {args.hbm_fraction}); "
                   "lower data.batch_size / cutoff_len (rl: micro_batch_size, sampler_batch_size), use "
