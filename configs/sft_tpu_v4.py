@@ -16,5 +16,7 @@ def get_config():
     c.data.pack = True
     c.objective.name = "sft"
     c.objective.reference = "online"  # SFT has no reference
+    c.data.batch_size = 16  # packed rows per micro-batch (one per chip; 8 would not divide the 16 chips)
+    c.optimizer.grad_accum = 16
     c.optimizer.lr = 1e-4
     return c

@@ -6,7 +6,10 @@
 
 Paper settings (SPEC section 3): LR 5e-6, beta 0.1, 3 epochs, cutoff 6000, warmup 0.1, cosine,
 LoRA on all linear layers (r=8, alpha=16, dropout 0), 10% held out and evaluated every 500 steps,
-an effective batch of 256 groups (here 16 chips x 1 group x 16 accumulation steps), bf16 compute.
+an effective batch of 256 groups (here 8 groups per micro-batch x 32 accumulation steps), bf16 compute.
+Micro-batches of 8 groups (32 sequences, two per chip) because 16 groups need 35.4 GB of temporaries
+per chip at cutoff 6000, more than a v4 chip's 32 GiB (python -m iopo_jax.tools.aot_compile
+--config=configs/tpu_v4.py --topology=v4-32).
 IOPO starts from the TRACE-SFT checkpoint in the paper: point model.path at your SFT-merged export.
 The mesh spans all chips on the fsdp axis; base weights are stored in bf16 (frozen), LoRA in fp32.
 """
@@ -27,7 +30,7 @@ def get_config():
     c.data.val_fraction = 0.1
     c.data.cutoff_len = 6000
     c.data.bucket_step = 512
-    c.data.batch_size = 16  # groups per micro-batch over the whole slice (one per chip)
+    c.data.batch_size = 8  # groups per micro-batch over the whole slice (32 sequences: two per chip)
     c.data.num_epochs = 3
     c.objective.name = "iopo"
     c.objective.beta = 0.1
@@ -35,7 +38,7 @@ def get_config():
     c.optimizer.lr = 5e-6
     c.optimizer.warmup_ratio = 0.1
     c.optimizer.schedule = "cosine"
-    c.optimizer.grad_accum = 16
+    c.optimizer.grad_accum = 32
     c.train.eval_every = 500
     c.train.logprob_chunk = 256
     c.checkpoint.every = 500
