@@ -529,7 +529,7 @@ def abstract_model_parts(model_cfg, mesh, lora: bool) -> tuple[ModelParts, dict]
 def abstract_batch(mesh, rows: int, seq_len: int, extra: dict | None = None) -> dict:
     """A training batch of ``rows`` sequences of ``seq_len`` tokens (global shapes), sharded like
     :func:`device_batch` shards it. ``extra``: more keys, ``name -> (shape, dtype)``."""
-    spec = {k: ((rows, seq_len), jnp.int32) for k in BATCH_KEYS}
+    spec = {k: ((rows, seq_len), jnp.int32) for k in BATCH_KEYS[:4]}  # the plain layout (no shared prompt)
     spec["valid"] = ((rows,), jnp.bool_)
     spec.update(extra or {})
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(mesh, len(shape), shape) if mesh else None)
@@ -572,6 +572,9 @@ def abstract_train_specs(cfg, mesh, model_cfg=None, rows: int | None = None, seq
     from iopo_jax.models.config import ModelConfig
 
     check_config(cfg)
+    if cfg.data.get("share_prompt", False):
+        raise ValueError("abstract_train_specs: data.share_prompt=True batches (shared-prompt rows with score "
+                         "slots) have no abstract layout yet; compile with --set data.share_prompt=False")
     lcfg = lora_config(cfg)
     if model_cfg is None:
         model_cfg = ModelConfig.from_hf(cfg.model.path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,

@@ -100,6 +100,7 @@ def test_aot_no_fit_exits_nonzero(tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_aot_compile_fits_and_does_not_fit(tmp_path):
     p, res = _run_tool(tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -127,6 +128,7 @@ def test_aot_compile_fits_and_does_not_fit(tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_aot_compile_rl_config(tmp_path):
     """An RL config: the learner's grad step and the sampler's prefill and decode compile for the slice."""
     p, res = _run_tool(tmp_path, "--programs=grad_step,prefill,decode", config="configs/segpo_demo.py")

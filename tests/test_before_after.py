@@ -62,6 +62,7 @@ def smollm2_dir():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_main_job_cli_on_smollm2_with_tiny_budget(smollm2_dir, tmp_path):
     wd = tmp_path / "job"
     cmd = [sys.executable, "-m", "evaluation.before_after", "--config=configs/smollm2_demo.py", f"--workdir={wd}",
@@ -104,6 +105,7 @@ def test_notebooks_are_built_from_their_source(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes_on_cpu_with_small_parameters(nb_path, tmp_path):
     nbformat = pytest.importorskip("nbformat")

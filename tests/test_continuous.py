@@ -35,7 +35,7 @@ LENGTHS = [3, 100, 7, 20, 5, 120, 9, 11, 2, 40, 33]  # more rows than slots: row
 @pytest.mark.parametrize("params", [
     SamplingParams(max_new_tokens=16, logprobs=True),
     pytest.param(SamplingParams(max_new_tokens=13, temperature=1.0, top_k=40, seed=3, n=2,
-                                stop_token_ids=(5, 7, 9, 11, 13), logprobs=True), marks=pytest.mark.slow),
+                                stop_token_ids=(5, 7, 9, 11, 13), logprobs=True), marks=[pytest.mark.slow, pytest.mark.heavy]),
 ], ids=["greedy", "sampled_n2_stop_ids"])
 def test_continuous_equals_batch_level(samplers, params):
     static, cont = samplers
@@ -52,6 +52,7 @@ def test_continuous_equals_batch_level(samplers, params):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_prefix_shared_equals_independent_samples(model):
     shared = Sampler(model, None, **KW)
     indep = Sampler(model, None, prefix_sharing=False, **KW)

@@ -117,6 +117,7 @@ PROMPTS = {
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", sorted(fm.KNOWN_MODELS))
 def test_real_model_matches_transformers_gguf_loading(name, converted):
     torch = pytest.importorskip("torch")

@@ -45,6 +45,7 @@ def test_report_from_json(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_tiny_dry_run(tmp_path):
     out = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--tiny", "--out", str(tmp_path),
                           "--only", "train_share,sampler"], capture_output=True, text=True, env=_env(), timeout=1500)

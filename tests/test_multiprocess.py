@@ -100,6 +100,7 @@ def two_process_run(tiny_model_dir, data_file, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_iopo_two_processes_equal_one_process(two_process_run, tiny_model_dir, data_file, tmp_path):
     """2 processes x 2 devices vs 1 process x 4 devices: the global batch of every step holds the same 8 groups
     (data.batch_size = the whole training set; each host tokenizes only its 4), so per-step losses and the

@@ -27,6 +27,7 @@ def _train_lines(path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sigterm_saves_and_resumes_exactly(tiny_model_dir, small_iopo_file, tmp_path):  # noqa: F811
     args = _args(tiny_model_dir, small_iopo_file)
     full = _cli(tmp_path / "full", *args)

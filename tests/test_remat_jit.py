@@ -82,6 +82,7 @@ def test_offline_steps_remat_full_with_dropout():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodropout", "dropout"])
 def test_offline_steps_every_policy_equal_no_remat(dropout):
     _check_offline(dropout, POLICIES)
@@ -103,6 +104,7 @@ def _rl(remat):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_rl_steps_every_policy_equal_no_remat():
     lp0, r0, g0, kl0 = _rl("none")
     assert any(np.abs(v).max() > 0 for v in g0.values())
@@ -131,6 +133,7 @@ def _cli_losses(workdir, remat):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_cli_cpu_demo_remat_full_and_dots_equal_none(tmp_path):
     """The issue's command: the CPU demo with --config.model.remat=full / dots trains with the losses of none."""
     base = _cli_losses(tmp_path / "none", "none")

@@ -56,6 +56,7 @@ QUESTION = "What is the capital of France? Answer in one short sentence."
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_chat_completion_plain_and_streaming(server_url):
     client = openai.OpenAI(base_url=server_url, api_key="unused", timeout=900)
     assert [m.id for m in client.models.list().data] == ["smollm2"]

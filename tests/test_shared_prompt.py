@@ -108,6 +108,7 @@ def test_shared_prompt_refuses_sft():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_trainer_with_shared_prompts_has_the_same_losses(tiny_model_dir, tmp_path):
     """data.share_prompt through the Trainer (reference precomputed there, online in the plain run)."""
     import json

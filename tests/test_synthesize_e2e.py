@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO
 from test_trainer import cli_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 @pytest.fixture
