@@ -34,16 +34,10 @@ def default_demo_path() -> str:
 
 
 def load_demo(path: str, limit: int = 0) -> list[dict[str, Any]]:
-    from data_pipeline import load_records  # pylint: disable=import-outside-toplevel
-    records, _ = load_records("demo_eval", path)
-    for r in records:
-        r["id"] = str(r["id"])
-    return records[:limit] if limit else records
+    return driver.load_with_ids("demo_eval", path, "id", limit)
 
 
-def gen_units(records: Sequence[dict[str, Any]]) -> list[driver.GenUnit]:
-    # The user message only: the model's chat template supplies its default system prompt.
-    return [driver.GenUnit(id=r["id"], parts=[[{"role": "user", "content": r["prompt"]}]]) for r in records]
+gen_units = driver.user_prompt_units
 
 
 class ReferenceGenerator:

@@ -237,3 +237,19 @@ def run_judging(units: Sequence[JudgeUnit], client: judge_lib.ChatClient, parse_
 def iter_batches(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(seq), max(1, n)):
         yield seq[i:i + n]
+
+
+def load_with_ids(kind: str, path: str, id_field: str, limit: int = 0) -> list[dict[str, Any]]:
+    """Records of ``kind`` read (and validated) by ``data_pipeline.load_records``, each given a string ``id``
+    taken from ``id_field``; the first ``limit`` of them when ``limit`` > 0."""
+    from data_pipeline import load_records  # pylint: disable=import-outside-toplevel
+    records, _ = load_records(kind, path)
+    for r in records:
+        r["id"] = str(r[id_field])
+    return records[:limit] if limit else records
+
+
+def user_prompt_units(records: Sequence[dict[str, Any]]) -> list["GenUnit"]:
+    """One generation unit per record: its ``prompt`` as the only user message (the model's chat template
+    supplies its default system prompt, as lm-eval does with a chat template)."""
+    return [GenUnit(id=r["id"], parts=[[{"role": "user", "content": r["prompt"]}]]) for r in records]

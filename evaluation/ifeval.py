@@ -198,16 +198,10 @@ def judge_record(record: dict[str, Any], response: str) -> dict[str, Any]:
 
 
 def load_ifeval(path: str, limit: int = 0) -> list[dict[str, Any]]:
-    from data_pipeline import load_records  # pylint: disable=import-outside-toplevel
-    records, _ = load_records("ifeval", path)
-    for r in records:
-        r["id"] = str(r["key"])
-    return records[:limit] if limit else records
+    return driver.load_with_ids("ifeval", path, "key", limit)
 
 
-def gen_units(records: Sequence[dict[str, Any]]) -> list[driver.GenUnit]:
-    # The prompt as the only user message (as lm-eval with a chat template; the template adds its default system).
-    return [driver.GenUnit(id=r["id"], parts=[[{"role": "user", "content": r["prompt"]}]]) for r in records]
+gen_units = driver.user_prompt_units
 
 
 def _rate(xs: Sequence[bool]) -> Optional[float]:
