@@ -539,7 +539,7 @@ def main(argv=None) -> None:
     p.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of our frozen base weights (LoRA stays float32) (default: %(default)s)")
     p.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "chunked", "splash", "cudnn"],
-                   help="our attention (auto: splash on TPU, cuDNN on GPU, chunked elsewhere) (default: %(default)s)")
+                   help="our attention (auto: splash on TPU, cuDNN on GPU, xla (dense) elsewhere) (default: %(default)s)")
     p.add_argument("--share_prompt", action="store_true",
                    help="ours: shared-prompt rows [x | y_a | y_b] (2 rows per group instead of 4); FLOPs and "
                         "tokens/s stay those of the 4 unpacked sequences (the useful work)")

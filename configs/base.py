@@ -20,7 +20,7 @@ def get_config():
     m.param_dtype = "float32"  # storage dtype of parameters (fp32 master weights)
     m.dtype = "bfloat16"  # compute dtype of the matmuls (softmax/norms/log-probs stay fp32)
     m.remat = "none"  # activation checkpointing per layer: none | full | dots | dots_no_batch
-    m.attention_impl = "auto"  # auto: splash on TPU, cudnn on GPU, chunked elsewhere | xla | chunked | splash | cudnn
+    m.attention_impl = "auto"  # auto: splash on TPU, cudnn on GPU, xla (dense) elsewhere | xla | chunked | splash | cudnn
     m.attention_block = 512  # query block of the chunked attention
     m.scan_layers = False  # layers as one lax.scan (faster compile of deep models; same checkpoints/export)
     m.finetune = "lora"  # lora: train adapters only (reference = base, LoRA off) | full: all weights

@@ -12,7 +12,7 @@ from configs.tpu_v4 import get_config as tpu_config
 
 def get_config():
     c = tpu_config()
-    c.model.attention_impl = "auto"  # splash on TPU, cudnn on GPU, chunked elsewhere
+    c.model.attention_impl = "auto"  # splash on TPU, cudnn on GPU, xla (dense) elsewhere
     c.data.batch_size = 1
     c.data.bucket_step = 256
     c.optimizer.grad_accum = 8

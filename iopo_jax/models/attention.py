@@ -16,7 +16,7 @@ Implementations (``ModelConfig.attention_impl``):
   On other platforms it runs in Pallas interpret mode (slow; for tests);
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, with per-row sequence
   lengths when every row is one right-padded sequence (checked at run time; packed rows use the dense mask);
-- ``auto``: splash on TPU, cudnn on GPU, chunked elsewhere. The platform is the one of the current mesh's
+- ``auto``: splash on TPU, cudnn on GPU, xla (dense) elsewhere. The platform is the one of the current mesh's
   devices (so compiling ahead of time for a TPU topology picks splash on a CPU host), else the default backend.
 
 Layouts splash cannot express (prefix ids, a length that is not a multiple of 128) fall back to ``chunked``;
@@ -71,7 +71,7 @@ def platform() -> str:
 def resolve_impl(impl: str, mask, t: int) -> str:
     """The implementation that runs for this call (``auto`` resolved, impossible layouts replaced)."""
     if impl == "auto":
-        impl = {"tpu": "splash", "gpu": "cudnn"}.get(platform(), "chunked")
+        impl = {"tpu": "splash", "gpu": "cudnn"}.get(platform(), "xla")
     if not isinstance(mask, SegmentMask):  # KV cache / explicit dense mask
         return "chunked" if impl == "splash" else ("xla" if impl == "cudnn_lengths" else impl)
     if impl == "splash" and (mask.prefix_ids is not None or t % 128):

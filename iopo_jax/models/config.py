@@ -73,7 +73,7 @@ class ModelConfig:
     # chunked: the same maths one block of queries at a time under remat (any device; long sequences)
     # cudnn: jax.nn.dot_product_attention's fused cuDNN kernel (NVIDIA GPUs only)
     # splash: the Pallas TPU splash-attention kernel (causal + segment ids; interpret mode off TPU)
-    # auto: splash on TPU, cudnn on GPU, chunked elsewhere (platform of the current mesh's devices)
+    # auto: splash on TPU, cudnn on GPU, xla (dense) elsewhere (platform of the current mesh's devices)
     attention_impl: str = "auto"
     attention_block: int = 512  # query block of the chunked implementation
     # Run the layers as one lax.scan over their stacked parameters (training / scoring path; the KV-cache

@@ -187,7 +187,7 @@ def attend(q_btnh, k_bskh, v_bskh, mask_bts, impl: str = "xla", block: int = 512
 
     ``mask_bts`` is a boolean ``[b, t, s]`` mask or a :class:`~iopo_jax.models.attention.SegmentMask`
     (segment / prefix ids, no cache); ``impl`` is resolved per platform by
-    :func:`~iopo_jax.models.attention.resolve_impl` (``auto``: splash on TPU, cuDNN on GPU, chunked elsewhere).
+    :func:`~iopo_jax.models.attention.resolve_impl` (``auto``: splash on TPU, cuDNN on GPU, xla (dense) elsewhere).
     """
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
