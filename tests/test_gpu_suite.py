@@ -1,4 +1,5 @@
-"""bench/gpu_suite.sh plumbing: flags, the report from per-benchmark JSON, and a tiny dry run (slow)."""
+"""bench/gpu_suite.sh plumbing: flags, the dependency check, the report from per-benchmark JSON, and a tiny dry run
+(slow: ~2-3 min on 2 loaded cores)."""
 import json
 import os
 import subprocess
@@ -44,13 +45,65 @@ def test_report_from_json(tmp_path):
     assert data["meta"]["device"] == "NVIDIA H200" and data["meta"]["status"]["train"]["rc"] == "0"
 
 
+def _deps():
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_suite_deps
+
+    return gpu_suite_deps
+
+
+def test_deps_list_covers_every_third_party_import():
+    """Every third-party module imported anywhere in the package or the suite's bench scripts is classified
+    (required by the suite, or optional), so a new import cannot slip past the GPU machine's check."""
+    import ast
+    import glob
+
+    deps = _deps()
+    files = [f for pat in ("iopo_jax/**/*.py", "configs/*.py", "data_pipeline/*.py") for f in
+             glob.glob(str(REPO / pat), recursive=True)]
+    files += [str(REPO / "bench" / f) for f in ("train_step.py", "sampling.py", "rl_step.py", "load_checkpoint.py")]
+    ours = {"iopo_jax", "configs", "data_pipeline", "evaluation", "bench", "__future__"}
+    found = {}
+    for f in files:
+        for node in ast.walk(ast.parse(open(f, encoding="utf-8").read())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for n in names:
+                top = n.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ours:
+                    found.setdefault(top, f)
+    assert len(found) > 10  # the scan works
+    unknown = {m: f for m, f in found.items() if m not in deps.REQUIRED and m not in deps.OPTIONAL}
+    assert not unknown, f"classify these in bench/gpu_suite_deps.py (REQUIRED or OPTIONAL): {unknown}"
+    # what the suite's entry modules import at module level is required, not optional
+    for m in ("ml_collections", "optax", "orbax", "flax", "ml_dtypes", "peft", "absl"):
+        assert m in deps.REQUIRED
+
+
+def test_deps_check_reports_missing_with_the_carry_commands(tmp_path):
+    deps = _deps()
+    res = deps.check(["no_such_module_iopo_xyz"], imports=False)
+    assert res["missing_required"] == ["no_such_module_iopo_xyz"] and not res["ok"]
+    assert all(r["found"] for r in res["modules"] if r["module"] in ("jax", "flax", "numpy"))
+    text = deps.report(res)
+    assert "MISSING (required): no_such_module_iopo_xyz" in text and "dependency check: FAILED" in text
+    assert "pip download --only-binary=:all: --python-version" in text
+    assert "pip install --no-index --find-links wheels no_such_module_iopo_xyz" in text
+    ok = deps.check([], imports=False)
+    assert ok["ok"] and "dependency check: OK" in deps.report(ok)
+    # the command line: exit code 1 and the pip names alone
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite_deps.py"), "--no_imports", "--pip_names"],
+                         capture_output=True, text=True, env=dict(_env(), IOPO_SUITE_EXTRA_DEPS="no_such_module_iopo_xyz"))
+    assert out.returncode == 1 and out.stdout.strip() == "no_such_module_iopo_xyz", out.stderr
+
+
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_tiny_dry_run(tmp_path):
     out = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--tiny", "--out", str(tmp_path),
                           "--only", "train_share,sampler"], capture_output=True, text=True, env=_env(), timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]
     status = (tmp_path / "status.txt").read_text()
-    assert "train_share rc=0" in status and "sampler rc=0" in status, status
+    assert "deps rc=0" in status and "train_share rc=0" in status and "sampler rc=0" in status, status
     md = (tmp_path / "suite.md").read_text()
-    assert "(shared prompts)" in md and "decode" in md
+    assert "(shared prompts)" in md and "decode" in md and "| dependencies (Python" in md and "| OK |" in md
+    assert json.load(open(tmp_path / "train_share.json"))["results"][0]["ours"]["median_s"] > 0
