@@ -86,7 +86,7 @@ if [ "$DEPS_RC" != 0 ] && [ $SKIP_DEPS = 0 ]; then
 fi
 if [ $TINY = 1 ]; then
   SHAPE=(--random_init --hidden_size 64 --num_layers 2 --num_heads 4 --num_kv_heads 2)
-  DEV=(--torch_device cpu --dtype float32 --param_dtype float32)
+  DEV=(--torch_device cpu --dtype float32 --param_dtype float32 --one_side_at_a_time)
   TRAIN_SET="48:16:1"; LONG_SET="96:32:1"; STEPS=(--steps 1 --warmup 1)
   SAMPLER=(--random_config=smoke --batch_sizes=4 --prompt_len=16 --new_tokens=8 --repeats=1 --nomatmul_peak)
   RL=(--config configs/segpo_demo.py --warmup 1 --iterations 1 --set rl.prompts_per_step=2 --set rl.group_size=4

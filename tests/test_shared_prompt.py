@@ -108,10 +108,13 @@ def test_shared_prompt_refuses_sft():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("kind", ["iopo", "dpo"])
 def test_trainer_with_shared_prompts_has_the_same_losses(kind, tiny_model_dir, tmp_path):
     """data.share_prompt through the Trainer, IOPO groups and DPO pairs: the same losses and log-probs as the
-    unpacked rows (the reference precomputed in the shared run, online in the plain one)."""
+    unpacked rows (the reference precomputed in the shared run, online in the plain one). Heavy: ~3-4 min per
+    kind on 2 loaded cores (~90 s of CPU time: two Trainer runs, each compiling its steps for the tiny model's
+    151,936-row vocabulary); the log-prob and gradient equality of both layouts are default / slow tests above."""
     import json
 
     from conftest import DEMO_DIR
@@ -123,7 +126,7 @@ def test_trainer_with_shared_prompts_has_the_same_losses(kind, tiny_model_dir, t
     col = "chosen_v1" if kind == "iopo" else "chosen"
 
     def losses(name, **kw):
-        cfg = small_config(tiny_model_dir, str(data), objective__name=kind, train__max_steps=2,
+        cfg = small_config(tiny_model_dir, str(data), data__kind=kind, objective__name=kind, train__max_steps=2,
                            optimizer__grad_accum=1, data__val_count=0, data__cutoff_len=128, checkpoint__every=100,
                            **kw)
         Trainer(cfg, str(tmp_path / name), devices=jax.devices()[:1], progress=False).run()
