@@ -26,7 +26,8 @@
 # Steps (each its own process; a failed or timed-out step is recorded and the suite goes on):
 #   train        IOPO train step, Qwen2-7B shape, random init on the device (no checkpoint), bf16 weights and
 #                compute, LoRA r=8 on all linear layers, ~2,000-token sequences (cutoff 2048); ours and
-#                transformers + peft one at a time (bench/train_step.py --random_init), MFU
+#                transformers + peft one side at a time (bench/train_step.py --random_init
+#                --one_side_at_a_time), MFU
 #   train_share  the same step of ours with shared-prompt rows (data.share_prompt)
 #   train_long   ours only at ~6,000 tokens (the paper's cutoff) with full remat: as long as fits
 #   sampler      decode at batch 64 with the HBM roofline fraction (bench/sampling.py --random_config=qwen2_7b)
@@ -47,7 +48,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY="$2"; shift ;;
     --wheels) WHEELS="$2"; shift ;;
     --skip_deps_check) SKIP_DEPS=1 ;;
-    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -56,6 +57,7 @@ done
 mkdir -p "$OUT"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing here downloads; fail fast instead of waiting on a network
 cd "$REPO"
 : > "$OUT/status.txt"
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
