@@ -1,5 +1,5 @@
 """bench/gpu_suite.sh plumbing: flags, the dependency check, the report from per-benchmark JSON, and a tiny dry run
-(slow: ~2-3 min on 2 loaded cores)."""
+(heavy: ~4.5 min on 2 loaded cores)."""
 import json
 import os
 import subprocess
@@ -98,7 +98,10 @@ def test_deps_check_reports_missing_with_the_carry_commands(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_tiny_dry_run(tmp_path):
+    """deps + train_share + sampler of `gpu_suite.sh --tiny`: 273 s on 2 cores at load average ~12 (83 s of CPU
+    time), so heavy; `bash bench/gpu_suite.sh --tiny` runs every step (~12 min here)."""
     out = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--tiny", "--out", str(tmp_path),
                           "--only", "train_share,sampler"], capture_output=True, text=True, env=_env(), timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]
