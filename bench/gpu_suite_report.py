@@ -66,13 +66,15 @@ def rows_of(out):
             s, o = r["setting"], r["ours"]
             what = (f"prompts ~{s['prompt']}, answers ~{s['response']}, {s['groups']} group(s), length {s['length']}"
                     + (" (shared prompts)" if s.get("share_prompt") else ""))
-            line = f"ours {o['median_s']:.3f} s/step, {o['tokens_per_s']:.0f} tok/s, MFU {_pct(o.get('mfu'))}"
+            side = lambda x: (f"FAILED ({x['error'][:200]})" if "error" in x else
+                              f"{x['median_s']:.3f} s/step, {x['tokens_per_s']:.0f} tok/s, MFU {_pct(x.get('mfu'))}")
+            line = "ours " + side(o)
             target = "MFU >= 40%"
             if "torch" in r:
                 t = r["torch"]
-                line += (f"; transformers+peft {t['median_s']:.3f} s/step, {t['tokens_per_s']:.0f} tok/s, "
-                         f"MFU {_pct(t.get('mfu'))}")
-                target = f"tokens/s ours / torch = {o['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 2x)"
+                line += "; transformers+peft " + side(t)
+                if "error" not in o and "error" not in t:
+                    target = f"tokens/s ours / torch = {o['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 2x)"
             if s.get("share_prompt"):
                 target += (f"; padded tokens {s['shared_prompt_padded_tokens']} vs {s['padded_tokens']} unpacked "
                            f"({100 * (1 - s['shared_prompt_padded_tokens'] / s['padded_tokens']):.0f}% fewer)")

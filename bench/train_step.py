@@ -420,7 +420,7 @@ def run_setting(a, setting, hf_cfg) -> dict:
           f"{int(flops['tokens'])} real tokens ({int(flops['response_tokens'])} response); "
           f"load avg {os.getloadavg()[0]:.1f}", flush=True)
     sides = ["ours"] + ([] if a.skip_torch else ["torch"])
-    workers, ready, done = {}, {}, {}
+    workers, ready, done, failed = {}, {}, {}, {}
     times = {s: [] for s in sides}
     cpus = {s: [] for s in sides}
     loads = []
@@ -441,11 +441,19 @@ def run_setting(a, setting, hf_cfg) -> dict:
 
     try:
         if a.one_side_at_a_time:  # each side alone on the machine (and its accelerator memory), ours first
-            for side in sides:
-                start([side])
-                for _ in range(a.steps):
-                    timed_step(side)
-                done[side] = workers[side].close()
+            for side in sides:  # a side that fails (e.g. out of memory) is recorded and the other still runs
+                try:
+                    start([side])
+                    for _ in range(a.steps):
+                        timed_step(side)
+                    done[side] = workers[side].close()
+                except (SystemExit, Exception) as e:  # noqa: BLE001
+                    failed[side] = str(e) or type(e).__name__
+                    print(f"  {side}: FAILED: {failed[side]}", flush=True)
+                    if side in workers and workers[side].p.poll() is None:
+                        workers[side].p.kill()
+            if len(failed) == len(sides):
+                raise SystemExit(f"every side failed: {failed}")
         else:  # both load and warm up at the same time (untimed); timed steps alternate and never overlap
             start(sides)
             for i in range(a.steps):
@@ -463,6 +471,9 @@ def run_setting(a, setting, hf_cfg) -> dict:
                        "shared_prompt_real_tokens": int((batch["sp_segment_ids"] > 0).sum()),
                        "share_prompt": bool(a.share_prompt)},
            "flops": flops, "load1_median": statistics.median(loads), "load1_range": [min(loads), max(loads)]}
+    for s, err in failed.items():
+        res[s] = {"error": err}
+    sides = [s for s in sides if s not in failed]
     for s in sides:
         med = statistics.median(times[s])
         res[s] = {"median_s": med, "min_s": min(times[s]), "max_s": max(times[s]), "times": times[s],
@@ -474,7 +485,7 @@ def run_setting(a, setting, hf_cfg) -> dict:
                   "info": {k: v for k, v in ready[s].items() if k not in ("first", "first_step_s", "setup_s")}}
         if a.peak_tflops:
             res[s]["mfu"] = mfu(flops["total"], med, a.peak_tflops)
-    if "torch" in res:
+    if "torch" in sides and "ours" in sides:
         res["ratio"] = res["ours"]["median_s"] / res["torch"]["median_s"]
         res["cpu_ratio"] = res["ours"]["cpu_s"] / res["torch"]["cpu_s"]
         lo, lt = res["ours"]["first_logps"], res["torch"]["first_logps"]
@@ -599,6 +610,9 @@ def main(argv=None) -> None:
         with open(a.json_out, "w") as f:
             json.dump({"results": results, "model": hf_cfg, "args": {k: v for k, v in vars(a).items()
                                                                       if not k.startswith("_")}}, f, indent=2)
+    bad = [f"{s}: {r[s]['error']}" for r in results for s in ("ours", "torch") if "error" in r.get(s, {})]
+    if bad:
+        raise SystemExit("failed (the other side's figures are in the output): " + "; ".join(bad))
 
 
 if __name__ == "__main__":

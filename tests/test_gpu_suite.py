@@ -41,6 +41,14 @@ def test_report_from_json(tmp_path):
     assert "MFU 40.0%" in md and "HBM roofline 65.0%" in md
     assert "5400 vs 8000 unpacked (32% fewer)" in md
     assert "train_long rc=124" in md and "no result" in md  # missing rl / load / train_long are reported
+    # a side that failed (e.g. out of memory) is shown as such, with the other side's figures
+    json.dump({"results": [{"setting": setting, "ours": {"error": "RESOURCE_EXHAUSTED: out of memory"},
+                            "torch": side(3.0, 1000.0)}]}, open(tmp_path / "train.json", "w"))
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite_report.py"), str(tmp_path)],
+                         capture_output=True, text=True, env=_env())
+    assert out.returncode == 0, out.stderr
+    md = (tmp_path / "suite.md").read_text()
+    assert "ours FAILED (RESOURCE_EXHAUSTED: out of memory); transformers+peft 3.000 s/step, 1000 tok/s" in md
     data = json.load(open(tmp_path / "suite.json"))
     assert data["meta"]["device"] == "NVIDIA H200" and data["meta"]["status"]["train"]["rc"] == "0"
 
