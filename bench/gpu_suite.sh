@@ -12,8 +12,8 @@
 #   --peak_bandwidth_gbs X   HBM bandwidth, for the decode roofline (default 4800: H200; H100 SXM: 3350)
 #   --timeout S              per-benchmark time limit in seconds (default 900)
 #   --only NAMES             comma list of steps to run (train,train_share,train_long,sampler,rl,load)
-#   --wheels DIR             first `pip install --no-index --find-links DIR` every wheel in DIR (packages carried
-#                            to a machine without network; see the dependency check below)
+#   --wheels DIR             first `pip install --no-index --find-links DIR` the missing required packages
+#                            (wheels carried to a machine without network; see the dependency check below)
 #   --skip_deps_check        go on even when the dependency check fails (it is still run and reported)
 #
 # Dependency check (bench/gpu_suite_deps.py, before anything else): every module the suite's code imports is
@@ -71,9 +71,12 @@ run() {  # run NAME CMD...: log to OUT/NAME.log, status line to OUT/status.txt
   echo "$name rc=$rc seconds=$(( $(date +%s) - t0 ))" | tee -a "$OUT/status.txt"
 }
 PY="${PYTHON:-python}"
-if [ -n "$WHEELS" ]; then
-  echo "== installing the carried wheels in $WHEELS (no network)"
-  "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl || { echo "pip install from $WHEELS failed" >&2; exit 3; }
+if [ -n "$WHEELS" ]; then  # only what is missing; packages already installed (and their versions) stay as they are
+  NEED=$("$PY" bench/gpu_suite_deps.py --no_imports --pip_names)
+  if [ -n "$NEED" ]; then
+    echo "== installing from the carried wheels in $WHEELS (no network): $NEED"
+    "$PY" -m pip install --no-index --find-links "$WHEELS" $NEED || { echo "pip install from $WHEELS failed" >&2; exit 3; }
+  fi
 fi
 EXPECT=(--expect_platform gpu); [ $TINY = 1 ] && EXPECT=()
 echo "== dependency check (bench/gpu_suite_deps.py)"

@@ -105,6 +105,18 @@ def test_deps_check_reports_missing_with_the_carry_commands(tmp_path):
     assert out.returncode == 1 and out.stdout.strip() == "no_such_module_iopo_xyz", out.stderr
 
 
+def test_wheels_installs_only_the_missing_and_stops_when_it_cannot(tmp_path):
+    """--wheels DIR: pip install --no-index --find-links DIR of the missing required packages only; a package
+    that is not among the carried wheels stops the suite (exit 3) before any benchmark."""
+    (tmp_path / "wheels").mkdir()
+    env = dict(_env(), IOPO_SUITE_EXTRA_DEPS="no_such_module_iopo_xyz")
+    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--tiny", "--out", str(tmp_path / "out"),
+                          "--wheels", str(tmp_path / "wheels")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "carried wheels" in out.stdout and "no_such_module_iopo_xyz" in out.stdout
+    assert "pip install from" in out.stderr and not (tmp_path / "out" / "train.log").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_tiny_dry_run(tmp_path):
