@@ -45,6 +45,17 @@ def _num(x, fmt="{:.0f}"):
 def rows_of(out):
     """(benchmark, measured, target / ratio) rows and the raw data."""
     rows, raw = [], {}
+    d = _load(out, "deps")
+    raw["deps"] = d
+    if d:
+        miss = d.get("missing_required") or []
+        bad = [i["module"] for i in d.get("imports", []) if not i.get("ok")]
+        what = ("all found" if not miss else "MISSING " + " ".join(miss)) + (
+            "; entry imports OK" if not bad else "; import FAILED: " + " ".join(bad))
+        if d.get("expect_platform"):
+            what += f"; jax devices: {d.get('devices')}"
+        rows.append((f"dependencies (Python {d.get('python')})", what,
+                     "OK" if d.get("ok") else "FAILED (see deps.txt: carry wheels with --wheels DIR)"))
     for name in ("train", "train_share", "train_long"):
         d = _load(out, name)
         raw[name] = d
@@ -55,13 +66,15 @@ def rows_of(out):
             s, o = r["setting"], r["ours"]
             what = (f"prompts ~{s['prompt']}, answers ~{s['response']}, {s['groups']} group(s), length {s['length']}"
                     + (" (shared prompts)" if s.get("share_prompt") else ""))
-            line = f"ours {o['median_s']:.3f} s/step, {o['tokens_per_s']:.0f} tok/s, MFU {_pct(o.get('mfu'))}"
+            side = lambda x: (f"FAILED ({x['error'][:200]})" if "error" in x else
+                              f"{x['median_s']:.3f} s/step, {x['tokens_per_s']:.0f} tok/s, MFU {_pct(x.get('mfu'))}")
+            line = "ours " + side(o)
             target = "MFU >= 40%"
             if "torch" in r:
                 t = r["torch"]
-                line += (f"; transformers+peft {t['median_s']:.3f} s/step, {t['tokens_per_s']:.0f} tok/s, "
-                         f"MFU {_pct(t.get('mfu'))}")
-                target = f"tokens/s ours / torch = {o['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 2x)"
+                line += "; transformers+peft " + side(t)
+                if "error" not in o and "error" not in t:
+                    target = f"tokens/s ours / torch = {o['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 2x)"
             if s.get("share_prompt"):
                 target += (f"; padded tokens {s['shared_prompt_padded_tokens']} vs {s['padded_tokens']} unpacked "
                            f"({100 * (1 - s['shared_prompt_padded_tokens'] / s['padded_tokens']):.0f}% fewer)")
@@ -111,6 +124,9 @@ def main(argv=None):
     except OSError:
         commit = ""
     device = "unknown"
+    deps = raw.get("deps") or {}
+    if deps.get("platform_ok") and deps.get("devices"):
+        device = deps["devices"]
     for d in raw.values():
         if isinstance(d, dict):
             dev = (d.get("config") or {}).get("device") if isinstance(d.get("config"), dict) else None
@@ -125,7 +141,8 @@ def main(argv=None):
           "", f"peak {a.peak_tflops:g} TFLOP/s (MFU), {a.peak_bandwidth_gbs:g} GB/s (roofline)", "",
           "| benchmark | measured | target / ratio |", "|---|---|---|"]
     md += [f"| {b} | {m} | {t} |" for b, m, t in rows]
-    md += ["", "status: " + "; ".join(f"{k} rc={v.get('rc')} ({v.get('seconds')} s)" for k, v in meta["status"].items())]
+    md += ["", "status: " + "; ".join(f"{k} rc={v.get('rc')}" + (f" ({v['seconds']} s)" if "seconds" in v else "")
+                                     for k, v in meta["status"].items())]
     with open(os.path.join(a.out, "suite.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

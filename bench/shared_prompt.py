@@ -30,7 +30,7 @@ def main():
     p.add_argument("--groups", type=int, default=2, help="IOPO groups in the batch (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=128, help="model width (default: %(default)s)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default: %(default)s)")
-    p.add_argument("--vocab", type=int, default=151936, help="vocabulary (> the pad id 151643) (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=151936, help="vocabulary; below 151,644 the last row is the pad id (default: %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per layout (default: %(default)s)")
     p.add_argument("--json_out", default=None, help="also write the results to this JSON file")
     a = p.parse_args()

@@ -36,9 +36,11 @@ FLOP/s (:func:`iopo_step_flops`) and, with ``--peak_tflops``, MFU. A parity line
 log-probs of the first step (before any update both sides compute the base model). Threads: XLA's CPU
 client uses every core by default; torch gets ``torch.set_num_threads(--threads)`` (default: all cores).
 
-On a GPU both workers keep their model on the device at the same time (JAX's preallocation is turned
-off for that); the random model is made through a checkpoint, so very large shapes need the disk and
-host memory of a float32 export of that size.
+By default both workers keep their model on the device at the same time (JAX's preallocation is turned
+off for that); ``--one_side_at_a_time`` runs ours to the end and then torch, so that on a GPU each side has
+the memory to itself (bench/gpu_suite.sh does this). Without ``--random_init`` the random model is made
+through a checkpoint, so very large shapes need the disk and host memory of a float32 export of that size;
+with it, each side initialises random weights on its device from a config.json only.
 """
 from __future__ import annotations
 
@@ -149,7 +151,7 @@ def make_batch(groups: int, prompt_len: int, response_len: int, vocab: int, seed
         (x1, y1), (_, y2) = seqs[4 * g], seqs[4 * g + 1]
         rows += [(x1, y1, y2), (seqs[4 * g + 2][0], y2, y1)]
     ts = -(-max(len(x) + len(a) + len(b) for x, a, b in rows) // 8) * 8
-    for k, v in shared_prompt_rows(rows, ts, PAD_ID).items():
+    for k, v in shared_prompt_rows(rows, ts, pad_id).items():
         out["sp_" + k] = v
     return out
 
@@ -418,25 +420,46 @@ def run_setting(a, setting, hf_cfg) -> dict:
           f"{int(flops['tokens'])} real tokens ({int(flops['response_tokens'])} response); "
           f"load avg {os.getloadavg()[0]:.1f}", flush=True)
     sides = ["ours"] + ([] if a.skip_torch else ["torch"])
-    workers, ready = {}, {}
-    try:
-        for side in sides:  # both load and warm up at the same time (untimed); timed steps never overlap
+    workers, ready, done, failed = {}, {}, {}, {}
+    times = {s: [] for s in sides}
+    cpus = {s: [] for s in sides}
+    loads = []
+
+    def timed_step(side):
+        r = workers[side].ask("step", "STEP")
+        times[side].append(r["seconds"])
+        cpus[side].append(r["cpu_seconds"])
+        loads.append(r["load1"])
+
+    def start(group):
+        for side in group:
             workers[side] = Worker(side, a, batch_path)
-        for side in sides:
+        for side in group:
             ready[side] = workers[side].read("READY")
             print(f"  {side:5s} ready: setup {ready[side]['setup_s']:.1f} s, first (untimed) step "
                   f"{ready[side]['first_step_s']:.2f} s", flush=True)
-        times = {s: [] for s in sides}
-        cpus = {s: [] for s in sides}
-        loads = []
-        for i in range(a.steps):
-            order = sides if i % 2 == 0 else sides[::-1]
-            for side in order:
-                r = workers[side].ask("step", "STEP")
-                times[side].append(r["seconds"])
-                cpus[side].append(r["cpu_seconds"])
-                loads.append(r["load1"])
-        done = {s: w.close() for s, w in workers.items()}
+
+    try:
+        if a.one_side_at_a_time:  # each side alone on the machine (and its accelerator memory), ours first
+            for side in sides:  # a side that fails (e.g. out of memory) is recorded and the other still runs
+                try:
+                    start([side])
+                    for _ in range(a.steps):
+                        timed_step(side)
+                    done[side] = workers[side].close()
+                except (SystemExit, Exception) as e:  # noqa: BLE001
+                    failed[side] = str(e) or type(e).__name__
+                    print(f"  {side}: FAILED: {failed[side]}", flush=True)
+                    if side in workers and workers[side].p.poll() is None:
+                        workers[side].p.kill()
+            if len(failed) == len(sides):
+                raise SystemExit(f"every side failed: {failed}")
+        else:  # both load and warm up at the same time (untimed); timed steps alternate and never overlap
+            start(sides)
+            for i in range(a.steps):
+                for side in (sides if i % 2 == 0 else sides[::-1]):
+                    timed_step(side)
+            done = {s: w.close() for s, w in workers.items()}
     finally:
         for w in workers.values():
             if w.p.poll() is None:
@@ -448,6 +471,9 @@ def run_setting(a, setting, hf_cfg) -> dict:
                        "shared_prompt_real_tokens": int((batch["sp_segment_ids"] > 0).sum()),
                        "share_prompt": bool(a.share_prompt)},
            "flops": flops, "load1_median": statistics.median(loads), "load1_range": [min(loads), max(loads)]}
+    for s, err in failed.items():
+        res[s] = {"error": err}
+    sides = [s for s in sides if s not in failed]
     for s in sides:
         med = statistics.median(times[s])
         res[s] = {"median_s": med, "min_s": min(times[s]), "max_s": max(times[s]), "times": times[s],
@@ -459,7 +485,7 @@ def run_setting(a, setting, hf_cfg) -> dict:
                   "info": {k: v for k, v in ready[s].items() if k not in ("first", "first_step_s", "setup_s")}}
         if a.peak_tflops:
             res[s]["mfu"] = mfu(flops["total"], med, a.peak_tflops)
-    if "torch" in res:
+    if "torch" in sides and "ours" in sides:
         res["ratio"] = res["ours"]["median_s"] / res["torch"]["median_s"]
         res["cpu_ratio"] = res["ours"]["cpu_s"] / res["torch"]["cpu_s"]
         lo, lt = res["ours"]["first_logps"], res["torch"]["first_logps"]
@@ -530,6 +556,10 @@ def main(argv=None) -> None:
     p.add_argument("--torch_attn", default="sdpa", choices=["sdpa", "eager"],
                    help="transformers attention implementation (default: %(default)s)")
     p.add_argument("--skip_torch", action="store_true", help="only time our step")
+    p.add_argument("--one_side_at_a_time", action="store_true",
+                   help="run ours (load, warm-up, timed steps, exit), then torch the same way, instead of keeping both "
+                        "workers alive and alternating their steps: on a GPU each side then has the device memory to "
+                        "itself (the JAX and torch allocators both keep what they took)")
     p.add_argument("--random_init", action="store_true",
                    help="no checkpoint: both sides initialise random weights on their device from a config.json "
                         "(--shape qwen2_7b, or the --hidden_size/--num_layers/... shape); the two sides then have "
@@ -580,6 +610,9 @@ def main(argv=None) -> None:
         with open(a.json_out, "w") as f:
             json.dump({"results": results, "model": hf_cfg, "args": {k: v for k, v in vars(a).items()
                                                                       if not k.startswith("_")}}, f, indent=2)
+    bad = [f"{s}: {r[s]['error']}" for r in results for s in ("ours", "torch") if "error" in r.get(s, {})]
+    if bad:
+        raise SystemExit("failed (the other side's figures are in the output): " + "; ".join(bad))
 
 
 if __name__ == "__main__":

@@ -230,6 +230,9 @@ def main(argv):
     if "job" not in cfg:
         raise app.UsageError(f"{flags.FLAGS['config'].value}: the config has no `job` section "
                              "(see configs/smollm2_demo.py)")
+    from iopo_jax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+
+    enable_compilation_cache(cfg.train.get("compilation_cache_dir", "auto"))  # both evaluations and the training
     run_job(cfg, _WORKDIR.value, progress=not _NO_PROGRESS.value)
 
 

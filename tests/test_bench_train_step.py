@@ -23,3 +23,7 @@ def test_batch_ids_are_inside_the_vocabulary(bench, vocab, pad):
     assert ids.max() < vocab and ids.min() >= 0
     assert (ids[seg == 0] == pad).all() and (ids[seg > 0] != pad).all()
     assert ids.shape[0] == 8
+    # the shared-prompt rows of the same groups pad with the same id (was Qwen2's 151,643 for every vocabulary)
+    sp, sseg = b["sp_input_ids"], b["sp_segment_ids"]
+    assert sp.shape[0] == 4 and sp.max() < vocab and sp.min() >= 0
+    assert (sp[sseg == 0] == pad).all() and (sp[sseg > 0] != pad).all()
