@@ -207,7 +207,9 @@ def make_group(rng: random.Random, lang: str, edit_name: str, topics: Sequence[s
     for _ in range(5000):
         n = rng.randint(1, max_c)
         needs_list = edit_name == "DELETE" or (edit_name == "ADD" and (strict or rng.random() < 0.5))
-        fmt = "bullet_items" if needs_list else rng.choice(FORMATS)
+        # ADD/DELETE need an exact list; REVISE groups leave it out so that the other formats and the length
+        # constraints (which bullet lists exclude) are not rare.
+        fmt = "bullet_items" if needs_list else rng.choice((None, "bullet_count", "paragraph_count", "json_format"))
         p1 = build_prompt(rng, lang, rng.choice(topics), n, fmt)
         if p1 is None or (edit_name == "DELETE" and len(p1.spec("bullet_items")["items"]) < 2):
             continue

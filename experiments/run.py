@@ -316,6 +316,9 @@ def run(args) -> dict:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
     progress = not args.no_progress
+    from iopo_jax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+
+    enable_compilation_cache("auto")  # the many evaluations and trainings share compiled programs
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     print(f"[data] {out}", flush=True)

@@ -8,7 +8,8 @@ A *budget* is a plain dict (``BUDGETS[name]``, each field overridable from ``pyt
   and DPO see the same groups: 2 records / pairs per group, so their batch is twice as many rows);
 - ``lrs`` the learning-rate grid every method searches (seed ``seeds[0]``, scored on the dev prompts),
   ``seeds`` the seeds the chosen learning rate is trained with;
-- ``cutoff``, ``eval_max_new_tokens``, and the RL rollout sizes.
+- ``cutoff`` and ``bucket_step`` (training sequence lengths; quick: one shape, one compilation),
+  ``eval_max_new_tokens``, and the RL rollout sizes.
 
 ``quick``: the tiny random model, minutes (CI). ``cpu``: SmolLM2-135M-Instruct on a 2-core CPU, several hours
 (see experiments/RESULTS.md for the estimate). ``gpu``: SmolLM2 on one GPU, one epoch of the 3,000 groups.
@@ -23,15 +24,16 @@ BUDGETS = {
     "quick": dict(model="tiny", groups=24, dev=6, eval_single=4, eval_multi=6, sectioned_train=8,
                   sectioned_eval=6, steps=3, batch_groups=2, cutoff=384, lrs=(1e-3,), seeds=(0,),
                   eval_max_new_tokens=8, eval_batch_size=16, rl_prompts=2, rl_group=4, rl_response_tokens=8,
-                  rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="float32"),
+                  rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="float32", bucket_step=384),
     "cpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=50, eval_multi=100,
                 sectioned_train=400, sectioned_eval=60, steps=100, batch_groups=2, cutoff=384, lrs=(2e-4, 5e-4),
                 seeds=(0, 1), eval_max_new_tokens=128, eval_batch_size=32, rl_prompts=2, rl_group=4,
-                rl_response_tokens=256, rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="float32"),
+                rl_response_tokens=256, rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="float32", bucket_step=64),
     "gpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=100, eval_multi=200,
                 sectioned_train=400, sectioned_eval=90, steps=375, batch_groups=8, cutoff=512,
                 lrs=(1e-4, 2e-4, 5e-4), seeds=(0, 1, 2), eval_max_new_tokens=256, eval_batch_size=64,
-                rl_prompts=8, rl_group=8, rl_response_tokens=384, rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="bfloat16"),
+                rl_prompts=8, rl_group=8, rl_response_tokens=384, rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="bfloat16",
+                bucket_step=128),
 }
 # SmolLM2's default system prompt (its chat template adds it at evaluation), so training sequences match.
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -77,7 +79,7 @@ def train_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, k
     c.data.val_fraction = 0.0
     c.data.val_count = 0
     c.data.cutoff_len = b["cutoff"]
-    c.data.bucket_step = 64
+    c.data.bucket_step = b["bucket_step"]
     c.data.batch_size = b["batch_groups"] * (2 if kind in ("sft", "dpo") else 1)
     c.data.num_epochs = 1
     c.data.seed = seed
