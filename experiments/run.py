@@ -72,6 +72,24 @@ def ensure_model(b: dict, out: str, model_dir: str, progress: bool) -> str:
     return fetch_model(b["model"], d, quiet=not progress)
 
 
+def check_budget(out: str, b: dict, data_dir: str, model_dir: str) -> None:
+    """Resuming reuses finished runs, so an ``--out`` may only ever hold one budget, data and model."""
+    path = os.path.join(out, "budget.json")
+    want = json.loads(json.dumps({"budget": b, "data_dir": data_dir, "model_dir": model_dir}))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            have = json.load(f)
+        if have != want:
+            diff = sorted(k for k in set(have["budget"]) | set(want["budget"])
+                          if have["budget"].get(k) != want["budget"].get(k))
+            diff += [k for k in ("data_dir", "model_dir") if have.get(k) != want.get(k)]
+            raise SystemExit(f"{path}: this output folder was run with other settings ({', '.join(diff)}); "
+                             "rerun with the same ones to resume, or pass a new --out")
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(want, f, indent=1)
+
+
 def split_files(data_dir: str, out: str) -> dict:
     """``dev.jsonl`` / ``test.jsonl`` under ``<out>/prompts``: the single/multi prompts plus the sectioned ones
     (a third of the held-out sectioned prompts go to dev, the rest to test)."""
@@ -310,7 +328,20 @@ def run(args) -> dict:
         overrides["seeds"] = tuple(int(x) for x in args.seeds.split(","))
     if args.steps:
         overrides["steps"] = args.steps
-    b = make_budget("quick" if args.quick else args.budget, **overrides)
+    for item in args.set:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            overrides[key.strip()] = json.loads(val)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = val
+    try:
+        b = make_budget("quick" if args.quick else args.budget, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"--set/--lrs/--seeds/--steps: {e}") from e
+    if isinstance(b["lrs"], list) or isinstance(b["seeds"], list):
+        b["lrs"], b["seeds"] = tuple(b["lrs"]), tuple(b["seeds"])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     for m in methods:
         if m not in METHODS:
@@ -321,6 +352,7 @@ def run(args) -> dict:
     enable_compilation_cache("auto")  # the many evaluations and trainings share compiled programs
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    check_budget(out, b, args.data_dir, args.model_dir)
     print(f"[data] {out}", flush=True)
     data_dir = ensure_data(b, out, args.data_dir, progress)
     model_dir = ensure_model(b, out, args.model_dir, progress)
@@ -403,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lrs", default="", help="comma list overriding the budget's learning-rate grid")
     ap.add_argument("--seeds", default="", help="comma list overriding the budget's seeds")
     ap.add_argument("--steps", type=int, default=0, help="override the budget's optimizer steps (0 = budget)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override any budget field (repeatable; VALUE is JSON or a string), e.g. --set eval_multi=20 "
+                         "--set rl_response_tokens=64; fields: experiments/configs/common.py")
     ap.add_argument("--model_dir", default="", help="model directory ('' = the budget's model, fetched or made)")
     ap.add_argument("--data_dir", default="", help="complex_if output to use ('' = generate into <out>/data)")
     ap.add_argument("--ifeval", default="", help="IFEval input_data.jsonl: also evaluate out of domain ('' = skip)")
