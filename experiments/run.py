@@ -116,8 +116,12 @@ def split_files(data_dir: str, out: str) -> dict:
 def train(method: str, cfg, workdir: str, progress: bool) -> tuple[str, float]:
     """Train one run (resumes; skipped when its adapter exists); returns (adapter dir, wall seconds)."""
     adapter = os.path.join(workdir, "export", "adapter")
+    timing = os.path.join(workdir, "train_wall_s.json")
     if os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
-        return adapter, 0.0
+        if not os.path.isfile(timing):
+            return adapter, 0.0
+        with open(timing, encoding="utf-8") as f:
+            return adapter, float(json.load(f).get("wall_s", 0.0))
     t = time.time()
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -127,7 +131,10 @@ def train(method: str, cfg, workdir: str, progress: bool) -> tuple[str, float]:
     else:
         from iopo_jax.trainer import Trainer as Cls  # pylint: disable=import-outside-toplevel
     Cls(cfg, workdir, progress=progress).run()
-    return adapter, time.time() - t
+    wall = time.time() - t
+    with open(timing, "w") as f:
+        json.dump({"wall_s": round(wall, 1), "note": "this invocation's part (a resumed training: the rest)"}, f)
+    return adapter, wall
 
 
 def evaluate(b: dict, model_dir: str, adapter: str, prompts: str, workdir: str, progress: bool) -> dict:
@@ -145,7 +152,8 @@ def evaluate(b: dict, model_dir: str, adapter: str, prompts: str, workdir: str, 
         judgments = {j["id"]: j for j in map(json.loads, f) if j}
     with open(prompts, encoding="utf-8") as f:
         records = [json.loads(x) for x in f if x.strip()]
-    return {"demo_metrics": metrics, "scores": score(records, judgments), "wall_s": round(time.time() - t, 1)}
+    wall = (metrics.get("run") or {}).get("wall time (s)") or round(time.time() - t, 1)  # the run's own time
+    return {"demo_metrics": metrics, "scores": score(records, judgments), "wall_s": wall}
 
 
 def evaluate_ifeval(b: dict, model_dir: str, adapter: str, path: str, limit: int, workdir: str,
@@ -396,6 +404,7 @@ def run(args) -> dict:
                                       wd, progress)
             ev = evaluate(b, model_dir, adapter, prompts["test"], os.path.join(wd, "eval_test"), progress)
             run_rec = {"seed": seed, "workdir": wd, "train_s": round(tr_s, 1) if seed != seed0 else 0.0, "test": ev}
+            # (the first seed's training time is counted once, under lr_search)
             if args.ifeval:
                 run_rec["ifeval"] = evaluate_ifeval(b, model_dir, adapter, args.ifeval, args.ifeval_limit,
                                                     os.path.join(wd, "ifeval"), progress)
