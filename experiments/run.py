@@ -253,7 +253,14 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
     L = [f"# Experiments: {label}", "",
          f"Model: `{results['model_dir']}`; data: `{results['data_dir']}`; machine: {results['machine']}; "
          f"finished {results['finished']}; total wall time {results['wall_s']:.0f} s.", "",
-         "Command:", "", "    " + results["command"], "",
+         "Command:", "", "    " + results["command"], ""]
+    ds = results.get("data_stats")
+    if ds:
+        a = ds.get("answers") or {}
+        L += [f"Training data: {ds['iopo_groups']} IOPO groups (constraints per x1: {ds['x1_constraints']}); "
+              f"templated answers {100 * (a.get('template_share') or 0):.0f}%, sampled y1 "
+              f"{a.get('y1_sampled', 0)}, sampled y2 {a.get('y2_sampled', 0)} (`{results['data_dir']}/STATS.md`).", ""]
+    L += [
          f"Budget: {b['steps']} steps of {b['batch_groups']} IOPO groups (SFT/DPO: the same groups as 2 records / "
          f"pairs each), LoRA r={b['lora_rank']}, learning-rate grid {list(b['lrs'])} searched with seed "
          f"{b['seeds'][0]} on the dev prompts, seeds {list(b['seeds'])}, greedy answers of at most "
@@ -412,6 +419,12 @@ def run(args) -> dict:
         results["methods"][method] = {"runs": runs, "lr": best["lr"], "lr_search": search}
         print(f"[{method}] lr={best['lr']:g} test IF per seed {[r['test']['scores']['IF'] for r in runs]} "
               f"({time.time() - mt:.0f} s)", flush=True)
+    stats_path = os.path.join(data_dir, "stats.json")
+    if os.path.isfile(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
+            st = json.load(f)
+        results["data_stats"] = {"iopo_groups": st.get("iopo_groups"), "answers": st.get("answers"),
+                                 "x1_constraints": st.get("x1_constraints")}
     results["wall_s"] = round(time.time() - t0, 1)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results["machine"] = args.machine or f"{os.cpu_count()} CPUs"
