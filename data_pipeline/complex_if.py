@@ -1,14 +1,14 @@
 r"""Generate a rule-verifiable complex-instruction set for the IOPO experiments (``experiments/``).
 
     python -m data_pipeline.complex_if --out data/complex_if --seed 2026                  # templated answers
-    python -m data_pipeline.complex_if --out data/complex_if --sample_model ~/.cache/iopo_jax/models/smollm2-135m-instruct \
-        --best_of 4 --sample_groups 500                                                  # best-of-n from a model
+    python -m data_pipeline.complex_if --out data/complex_if --best_of 4 --sample_groups 500 \
+        --sample_model ~/.cache/iopo_jax/models/smollm2-135m-instruct   # best-of-n from a model
 
 Built on the bundled demo generator (:mod:`data_pipeline.make_demo`: the :class:`~data_pipeline.make_demo.Prompt`
 type, the answer composer, the random constraint specs and the ADD / DELETE / REVISE edits) with more
-topics, two more constraint types, 1 to ``--max_constraints`` (default 9) constraints per instruction (with
-``--no_strict`` x2 may hold one more), held-out topics and constraint combinations, a sectioned (EIFBench-like) set, and answers
-sampled from a model where it can meet the constraints. Every constraint is a spec that
+topics, two more constraint types, 1 to ``--max_constraints`` (default 9) constraints per instruction
+(with ``--no_strict`` x2 may hold one more), held-out topics and constraint combinations, a sectioned
+(EIFBench-like) set, and answers sampled from a model where it can meet the constraints. Every constraint is a spec that
 :mod:`data_pipeline.verifiers` checks; no judge is needed.
 
 IOPO groups (x1, y1, x2, y2), as in Zhang et al. (2024), "IOPO: Empowering LLMs with Complex Instruction

@@ -146,8 +146,9 @@ def evaluate(b: dict, model_dir: str, adapter: str, prompts: str, workdir: str, 
     job = ml_collections.ConfigDict({"eval_max_new_tokens": b["eval_max_new_tokens"],
                                      "eval_batch_size": b["eval_batch_size"]})
     t = time.time()
-    metrics = before_after._evaluate(  # pylint: disable=protected-access
-        before_after._eval_config(job, model_dir, adapter, workdir, prompts, progress))  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    cfg = before_after._eval_config(job, model_dir, adapter, workdir, prompts, progress)
+    metrics = before_after._evaluate(cfg)  # pylint: disable=protected-access
     with open(os.path.join(workdir, "judgments.jsonl"), encoding="utf-8") as f:
         judgments = {j["id"]: j for j in map(json.loads, f) if j}
     with open(prompts, encoding="utf-8") as f:
@@ -277,7 +278,7 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
         cells = [_fmt(*a[k]) for k, _ in ROW_METRICS] + [_fmt(*a["sectioned"][k]) for k, _ in SEC_METRICS]
         if any("ifeval" in x for x in agg.values()):
             ie = a.get("ifeval", {})
-            cells += [_fmt(*ie.get("prompt_level_strict", (None, None))), _fmt(*ie.get("inst_level_strict", (None, None)))]
+            cells += [_fmt(*ie.get(k, (None, None))) for k in ("prompt_level_strict", "inst_level_strict")]
         s0 = r["runs"][0]["test"]["scores"]
         tr = sum(x.get("train_s", 0) for x in r["runs"]) + sum(x.get("train_s", 0) for x in r.get("lr_search", []))
         ev = sum(x["test"]["wall_s"] for x in r["runs"]) + sum(x.get("dev_eval_s", 0) for x in r.get("lr_search", []))

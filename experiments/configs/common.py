@@ -32,8 +32,8 @@ BUDGETS = {
     "gpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=100, eval_multi=200,
                 sectioned_train=400, sectioned_eval=90, steps=375, batch_groups=8, cutoff=512,
                 lrs=(1e-4, 2e-4, 5e-4), seeds=(0, 1, 2), eval_max_new_tokens=256, eval_batch_size=64,
-                rl_prompts=8, rl_group=8, rl_response_tokens=384, rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="bfloat16",
-                bucket_step=128),
+                rl_prompts=8, rl_group=8, rl_response_tokens=384, rl_prompt_tokens=1024, lora_rank=8, seed=2026,
+                dtype="bfloat16", bucket_step=128),
 }
 # SmolLM2's default system prompt (its chat template adds it at evaluation), so training sequences match.
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
