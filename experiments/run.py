@@ -291,6 +291,8 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
         L.append(f"| {method} | " + " | ".join(_fmt(*a["per_type"].get(t, (None, None))) for t in types) + " |")
     L += ["", "## Learning-rate search (dev prompts, seed %s)" % b["seeds"][0], "",
           "| method | lr | dev pass rate | dev constraint acc. | train s |", "|---|---:|---:|---:|---:|"]
+    if len(b["lrs"]) < 2:
+        L.append("| (one learning rate in the grid: nothing searched, no dev evaluation) | | | | |")
     for method, r in results["methods"].items():
         for x in r.get("lr_search", []):
             L.append(f"| {method} | {x['lr']} | {_fmt(x['dev_key'][0], None)} | {_fmt(x['dev_key'][1], None)} | "
