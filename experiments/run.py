@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (data, runs, evaluations, results); rerun to resume")
-    ap.add_argument("--quick", action="store_true", help="the quick budget: tiny random model, a pipeline check (~11 CPU-minutes)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the quick budget: tiny random model, a pipeline check (~11 CPU-minutes)")
     ap.add_argument("--budget", default="cpu", choices=sorted(BUDGETS),
                     help="budget of experiments/configs/common.py when --quick is not given (default cpu)")
     ap.add_argument("--methods", default="", help=f"comma list (default all: {','.join(METHODS)})")

@@ -11,7 +11,8 @@ A *budget* is a plain dict (``BUDGETS[name]``, each field overridable from ``pyt
 - ``cutoff`` and ``bucket_step`` (training sequence lengths; quick: one shape, one compilation),
   ``eval_max_new_tokens``, and the RL rollout sizes.
 
-``quick``: the tiny random model, a pipeline check (about 11 CPU-minutes for all methods). ``cpu``: SmolLM2-135M-Instruct on a 2-core CPU, several hours
+``quick``: the tiny random model, a pipeline check (about 11 CPU-minutes for all methods). ``cpu``:
+SmolLM2-135M-Instruct on a 2-core CPU, several hours
 (see experiments/RESULTS.md for the estimate). ``gpu``: SmolLM2 on one GPU, one epoch of the 3,000 groups.
 """
 import copy
