@@ -13,7 +13,7 @@ A *budget* is a plain dict (``BUDGETS[name]``, each field overridable from ``pyt
 
 ``quick``: the tiny random model, a pipeline check (about 11 CPU-minutes for all methods). ``cpu``:
 SmolLM2-135M-Instruct on a 2-core CPU, several hours
-(see experiments/RESULTS.md for the estimate). ``gpu``: SmolLM2 on one GPU, one epoch of the 3,000 groups.
+(estimate in docs/experiments.md). ``gpu``: SmolLM2 on one GPU, one epoch of the 3,000 groups.
 """
 import copy
 
