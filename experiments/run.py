@@ -113,7 +113,7 @@ def split_files(data_dir: str, out: str) -> dict:
     return paths
 
 
-def train(method: str, cfg, workdir: str, progress: bool) -> tuple[str, float]:
+def train(method: str, cfg, workdir: str, progress: bool, label: str = "") -> tuple[str, float]:
     """Train one run (resumes; skipped when its adapter exists); returns (adapter dir, wall seconds)."""
     adapter = os.path.join(workdir, "export", "adapter")
     timing = os.path.join(workdir, "train_wall_s.json")
@@ -122,6 +122,7 @@ def train(method: str, cfg, workdir: str, progress: bool) -> tuple[str, float]:
             return adapter, 0.0
         with open(timing, encoding="utf-8") as f:
             return adapter, float(json.load(f).get("wall_s", 0.0))
+    print(f"[{method}] training {label} -> {workdir}", flush=True)
     t = time.time()
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -393,8 +394,7 @@ def run(args) -> dict:
         for lr in b["lrs"]:
             wd = os.path.join(out, method, f"lr{lr:g}_seed{seed0}")
             cfg = get_method_config(method, b, model_dir, data_dir, lr, seed0)
-            print(f"[{method}] training lr={lr:g} seed={seed0} -> {wd}", flush=True)
-            adapter, tr_s = train(method, cfg, wd, progress)
+            adapter, tr_s = train(method, cfg, wd, progress, f"lr={lr:g} seed={seed0}")
             rec = {"lr": lr, "workdir": wd, "adapter": adapter, "train_s": round(tr_s, 1)}
             if len(b["lrs"]) > 1:
                 dev = evaluate(b, model_dir, adapter, prompts["dev"], os.path.join(wd, "eval_dev"), progress)
@@ -409,9 +409,8 @@ def run(args) -> dict:
                 adapter, wd, tr_s = best["adapter"], best["workdir"], best["train_s"]
             else:
                 wd = os.path.join(out, method, f"lr{best['lr']:g}_seed{seed}")
-                print(f"[{method}] training lr={best['lr']:g} seed={seed} -> {wd}", flush=True)
                 adapter, tr_s = train(method, get_method_config(method, b, model_dir, data_dir, best["lr"], seed),
-                                      wd, progress)
+                                      wd, progress, f"lr={best['lr']:g} seed={seed}")
             ev = evaluate(b, model_dir, adapter, prompts["test"], os.path.join(wd, "eval_test"), progress)
             run_rec = {"seed": seed, "workdir": wd, "train_s": round(tr_s, 1) if seed != seed0 else 0.0, "test": ev}
             # (the first seed's training time is counted once, under lr_search)
