@@ -121,6 +121,7 @@ UNCOVERED = {
     "引用和参考约束": "quoting sources in a stated way needs new verifiers; not done",
     "正例约束": "following an example's pattern is semantic",
     "负例约束": "avoiding an example's pattern is semantic",
+    "输入格式约束": "labels one TRACE constraint only (outside the 26 dimensions); about the input, not the answer",
 }
 EXTRA_TYPES = ("no_commas", "language")
 MODIFIERS = D.MODIFIERS + EXTRA_TYPES  # LENGTH = word_count (en) / char_count (zh)
