@@ -45,7 +45,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["iopo_jax*", "data_pipeline*", "evaluation*", "configs*"]),
+    packages=find_packages(include=["iopo_jax*", "data_pipeline*", "evaluation*", "configs*", "experiments*"]),
     package_data={"data_pipeline": ["demo_data/*.json", "demo_data/*.jsonl"]},
     install_requires=CORE,
     extras_require=EXTRAS,

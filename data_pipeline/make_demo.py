@@ -430,6 +430,28 @@ SEGPO_INTRO = {
 CONSTRAINTS_WORD = {"en": "Constraints:", "zh": "约束："}
 
 
+def sectioned_record(subs: list, lang: str, rec_id: str, category: str = "segpo") -> dict:
+    """An evaluation record with one ``SUB_INSTRUCTION_k`` section per prompt of ``subs`` (a template reference)."""
+    parts = [SEGPO_INTRO[lang], ""]
+    refs = []
+    for k, p in enumerate(subs, 1):
+        parts.append(f"SUB_INSTRUCTION_{k}: {p.task()}")
+        parts.append(CONSTRAINTS_WORD[lang])
+        parts += [f"{i}. {c}" for i, c in enumerate(p.constraint_lines(), 1)]
+        parts.append("")
+        refs.append(f"SUB_INSTRUCTION_{k}:\n{compose(p)}")
+    prompt = "\n".join(parts).rstrip() + "\n"
+    return {
+        "id": rec_id, "lang": lang, "category": category, "prompt": prompt,
+        "constraints": [], "constraints_text": [],
+        "constraints_num": sum(len(p.specs) for p in subs),
+        "sub_instructions": [
+            {"key": f"SUB_INSTRUCTION_{k}", "instruction": p.task(), "constraints": p.specs,
+             "constraints_text": p.constraint_lines()} for k, p in enumerate(subs, 1)],
+        "reference": "\n\n".join(refs),
+    }
+
+
 def make_eval_record(rng: random.Random, lang: str, category: str, index: int, seen: set) -> dict:
     for _ in range(1000):
         if category == "segpo":
@@ -444,24 +466,7 @@ def make_eval_record(rng: random.Random, lang: str, category: str, index: int, s
                 subs.append(p)
             if not subs:
                 continue
-            parts = [SEGPO_INTRO[lang], ""]
-            refs = []
-            for k, p in enumerate(subs, 1):
-                parts.append(f"SUB_INSTRUCTION_{k}: {p.task()}")
-                parts.append(CONSTRAINTS_WORD[lang])
-                parts += [f"{i}. {c}" for i, c in enumerate(p.constraint_lines(), 1)]
-                parts.append("")
-                refs.append(f"SUB_INSTRUCTION_{k}:\n{compose(p)}")
-            prompt = "\n".join(parts).rstrip() + "\n"
-            rec = {
-                "id": f"demo-eval-{index:04d}", "lang": lang, "category": "segpo", "prompt": prompt,
-                "constraints": [], "constraints_text": [],
-                "constraints_num": sum(len(p.specs) for p in subs),
-                "sub_instructions": [
-                    {"key": f"SUB_INSTRUCTION_{k}", "instruction": p.task(), "constraints": p.specs,
-                     "constraints_text": p.constraint_lines()} for k, p in enumerate(subs, 1)],
-                "reference": "\n\n".join(refs),
-            }
+            rec = sectioned_record(subs, lang, f"demo-eval-{index:04d}")
         else:
             n = 1 if category == "single" else rng.choice([2, 3, 4])
             fmt = rng.choice([None, None, "bullet_count", "bullet_items", "paragraph_count", "json_format"])
@@ -481,6 +486,18 @@ def make_eval_record(rng: random.Random, lang: str, category: str, index: int, s
 
 
 # ---- driver ----------------------------------------------------------------------------------------
+def pairs_from_groups(groups: list) -> tuple[list, list]:
+    """SFT records (x1, y1) and (x2, y2) and DPO pairs (x1: y1 > y2), (x2: y2 > y1) of IOPO groups."""
+    sft, dpo = [], []
+    for g in groups:
+        (x1, x2), y1, y2 = [t["value"] for t in g["conversations"]], g["chosen"]["value"], g["rejected"]["value"]
+        for x, yw, yl in ((x1, y1, y2), (x2, y2, y1)):
+            sft.append({"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": yw}]})
+            dpo.append({"conversations": [{"from": "human", "value": x}],
+                        "chosen": {"from": "gpt", "value": yw}, "rejected": {"from": "gpt", "value": yl}})
+    return sft, dpo
+
+
 def generate(seed: int = DEFAULT_SEED, n_groups: int = DEFAULT_GROUPS, n_eval: int = DEFAULT_EVAL) -> dict:
     """All demo data in memory: ``{"iopo": [...], "sft": [...], "dpo": [...], "eval": [...]}``."""
     rng = random.Random(seed)
@@ -495,13 +512,7 @@ def generate(seed: int = DEFAULT_SEED, n_groups: int = DEFAULT_GROUPS, n_eval: i
     cats = ["segpo"] * n_seg + ["single"] * n_single + ["multi"] * (n_eval - n_seg - n_single)
     for i, cat in enumerate(cats):
         evals.append(make_eval_record(rng, ("en", "zh")[i % 2], cat, i + 1, seen))
-    sft, dpo = [], []
-    for g in groups:
-        (x1, x2), y1, y2 = [t["value"] for t in g["conversations"]], g["chosen"]["value"], g["rejected"]["value"]
-        for x, yw, yl in ((x1, y1, y2), (x2, y2, y1)):
-            sft.append({"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": yw}]})
-            dpo.append({"conversations": [{"from": "human", "value": x}],
-                        "chosen": {"from": "gpt", "value": yw}, "rejected": {"from": "gpt", "value": yl}})
+    sft, dpo = pairs_from_groups(groups)
     return {"iopo": groups, "sft": sft, "dpo": dpo, "eval": evals}
 
 

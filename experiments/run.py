@@ -1,0 +1,486 @@
+r"""Train and evaluate every method on the complex-IF data; write tables, plots and RESULTS.md.
+
+    python -m experiments.run --quick --out runs/exp_quick                # tiny random model (~11 CPU-minutes)
+    python -m experiments.run --budget cpu --out runs/exp_cpu             # SmolLM2-135M-Instruct, hours on CPU
+    python -m experiments.run --budget gpu --out runs/exp_gpu --ifeval ../data/ifeval/input_data.jsonl
+
+Steps (each resumable: rerunning the command with the same ``--out`` reuses finished pieces):
+
+1. data: :func:`data_pipeline.complex_if.generate` with the budget's sizes into ``<out>/data`` (or
+   ``--data_dir``);
+2. model: quick = a tiny random Qwen2 made in ``<out>/tiny_model``; otherwise the budget's model fetched by
+   :mod:`iopo_jax.tools.fetch_model` (or ``--model_dir``);
+3. ``base`` is evaluated as it is; every other method (``experiments/configs/<method>.py``) is trained with
+   :class:`iopo_jax.trainer.Trainer` (SFT/DPO/IOPO family) or :class:`iopo_jax.rl.loop.RLTrainer` (GRPO/SegPO)
+   for each learning rate of the grid with the first seed, scored on the dev prompts (pass rate, then
+   constraint accuracy), and the best learning rate is trained with every seed;
+4. each trained adapter answers the test prompts (IF-S-like ``single``, IF-M-like ``multi`` and the held-out
+   ``sectioned`` ones) greedily with our JAX sampler; the rule verifiers judge them
+   (``evaluation.runner.evaluate``, the ``demo`` benchmark); with ``--ifeval`` also IFEval (out of domain);
+5. ``<out>/results.json``, ``<out>/RESULTS.md`` and plots; ``--results`` copies the report elsewhere.
+
+Metrics: IF = share of prompts whose constraints all pass (TRACE's IF metric) on single + multi; IF-S / IF-M;
+constraint accuracy overall and per constraint type; on the sectioned prompts ILA, CLA, task-level pass rate
+and the share with a correct section format; IFEval prompt- and instruction-level strict accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+from experiments.configs import METHODS, PREFERENCE_METHODS, RL_METHODS, get_method_config
+from experiments.configs.common import BUDGETS, budget as make_budget
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def ensure_data(b: dict, out: str, data_dir: str, progress: bool) -> str:
+    if data_dir:
+        return data_dir
+    from data_pipeline import complex_if  # pylint: disable=import-outside-toplevel
+
+    d = os.path.join(out, "data")
+    if not os.path.isfile(os.path.join(d, "stats.json")):
+        data = complex_if.generate(b["seed"], b["groups"], ("en",), 9, b["eval_single"], b["eval_multi"], b["dev"],
+                                   b["sectioned_train"], b["sectioned_eval"], progress=progress)
+        complex_if.write(data, d)
+    return d
+
+
+def ensure_model(b: dict, out: str, model_dir: str, progress: bool) -> str:
+    if model_dir:
+        return os.path.expanduser(model_dir)
+    if b["model"] == "tiny":
+        from iopo_jax.tools.make_tiny_model import make_tiny_model  # pylint: disable=import-outside-toplevel
+
+        d = os.path.join(out, "tiny_model")
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            make_tiny_model(d)
+        return d
+    from iopo_jax.tools.fetch_model import fetch_model  # pylint: disable=import-outside-toplevel
+
+    d = os.path.expanduser(os.path.join("~", ".cache", "iopo_jax", "models", b["model"]))
+    return fetch_model(b["model"], d, quiet=not progress)
+
+
+def check_budget(out: str, b: dict, data_dir: str, model_dir: str) -> None:
+    """Resuming reuses finished runs, so an ``--out`` may only ever hold one budget, data and model."""
+    path = os.path.join(out, "budget.json")
+    want = json.loads(json.dumps({"budget": b, "data_dir": data_dir, "model_dir": model_dir}))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            have = json.load(f)
+        if have != want:
+            diff = sorted(k for k in set(have["budget"]) | set(want["budget"])
+                          if have["budget"].get(k) != want["budget"].get(k))
+            diff += [k for k in ("data_dir", "model_dir") if have.get(k) != want.get(k)]
+            raise SystemExit(f"{path}: this output folder was run with other settings ({', '.join(diff)}); "
+                             "rerun with the same ones to resume, or pass a new --out")
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(want, f, indent=1)
+
+
+def split_files(data_dir: str, out: str) -> dict:
+    """``dev.jsonl`` / ``test.jsonl`` under ``<out>/prompts``: the single/multi prompts plus the sectioned ones
+    (a third of the held-out sectioned prompts go to dev, the rest to test)."""
+    def read(name):
+        with open(os.path.join(data_dir, name), encoding="utf-8") as f:
+            return [json.loads(x) for x in f if x.strip()]
+
+    sec = read("sectioned_eval.jsonl")
+    parts = {"dev": read("eval_dev.jsonl") + sec[::3],
+             "test": read("eval_test.jsonl") + [r for i, r in enumerate(sec) if i % 3]}
+    os.makedirs(os.path.join(out, "prompts"), exist_ok=True)
+    paths = {}
+    for k, recs in parts.items():
+        p = os.path.join(out, "prompts", f"{k}.jsonl")
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+        if not os.path.isfile(p) or open(p, encoding="utf-8").read() != text:
+            with open(p + ".tmp", "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(p + ".tmp", p)
+        paths[k] = p
+    return paths
+
+
+def train(method: str, cfg, workdir: str, progress: bool, label: str = "") -> tuple[str, float]:
+    """Train one run (resumes; skipped when its adapter exists); returns (adapter dir, wall seconds)."""
+    adapter = os.path.join(workdir, "export", "adapter")
+    timing = os.path.join(workdir, "train_wall_s.json")
+    if os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        if not os.path.isfile(timing):
+            return adapter, 0.0
+        with open(timing, encoding="utf-8") as f:
+            return adapter, float(json.load(f).get("wall_s", 0.0))
+    print(f"[{method}] training {label} -> {workdir}", flush=True)
+    t = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    if method in RL_METHODS:
+        from iopo_jax.rl.loop import RLTrainer as Cls  # pylint: disable=import-outside-toplevel
+    else:
+        from iopo_jax.trainer import Trainer as Cls  # pylint: disable=import-outside-toplevel
+    Cls(cfg, workdir, progress=progress).run()
+    wall = time.time() - t
+    with open(timing, "w") as f:
+        json.dump({"wall_s": round(wall, 1), "note": "this invocation's part (a resumed training: the rest)"}, f)
+    return adapter, wall
+
+
+def evaluate(b: dict, model_dir: str, adapter: str, prompts: str, workdir: str, progress: bool) -> dict:
+    """Greedy answers of base (+ adapter) to ``prompts``, judged by the verifiers; per-record judgments."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+
+    from evaluation import before_after  # pylint: disable=import-outside-toplevel
+
+    job = ml_collections.ConfigDict({"eval_max_new_tokens": b["eval_max_new_tokens"],
+                                     "eval_batch_size": b["eval_batch_size"]})
+    t = time.time()
+    # pylint: disable-next=protected-access
+    cfg = before_after._eval_config(job, model_dir, adapter, workdir, prompts, progress)
+    metrics = before_after._evaluate(cfg)  # pylint: disable=protected-access
+    with open(os.path.join(workdir, "judgments.jsonl"), encoding="utf-8") as f:
+        judgments = {j["id"]: j for j in map(json.loads, f) if j}
+    with open(prompts, encoding="utf-8") as f:
+        records = [json.loads(x) for x in f if x.strip()]
+    wall = (metrics.get("run") or {}).get("wall time (s)") or round(time.time() - t, 1)  # the run's own time
+    return {"demo_metrics": metrics, "scores": score(records, judgments), "wall_s": wall}
+
+
+def evaluate_ifeval(b: dict, model_dir: str, adapter: str, path: str, limit: int, workdir: str,
+                    progress: bool) -> dict:
+    from evaluation.config_defaults import base_config  # pylint: disable=import-outside-toplevel
+    from evaluation.runner import evaluate as run_eval  # pylint: disable=import-outside-toplevel
+
+    done = os.path.join(workdir, "metrics.json")
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            m = json.load(f)
+        if m.get("n_missing_predictions") == 0:
+            return m
+    c = base_config("ifeval")
+    c.workdir, c.model_dir, c.lora, c.progress = workdir, model_dir, adapter, progress
+    c.data.path, c.data.limit = path, limit
+    c.generation.backend, c.generation.temperature = "jax", 0.0
+    c.generation.max_new_tokens, c.generation.batch_size = b["eval_max_new_tokens"], b["eval_batch_size"]
+    c.judge.base_url, c.judge.api_key_env, c.report.charts = "", "", False
+    return run_eval(c)
+
+
+def _rate(xs) -> Optional[float]:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def score(records: Sequence[dict], judgments: dict) -> dict:
+    """The experiment's metrics from per-record judgments (each computed from the verifier verdicts)."""
+    rows = [(r, judgments[r["id"]]) for r in records if r["id"] in judgments]
+    flat = [(r, j) for r, j in rows if r["category"] in ("single", "multi")]
+    sec = [(r, j) for r, j in rows if r["category"] == "sectioned"]
+    by_type = collections.defaultdict(list)
+    for _, j in flat:
+        for t, c in zip(j["types"], j["checks"]):
+            by_type[t].append(bool(c))
+    return {
+        "n": len(flat), "n_missing": len(records) - len(rows),
+        "IF": _rate(j["all_pass"] for _, j in flat),
+        "IF-S": _rate(j["all_pass"] for r, j in flat if r["category"] == "single"),
+        "IF-M": _rate(j["all_pass"] for r, j in flat if r["category"] == "multi"),
+        "constraint_accuracy": _rate(c for _, j in flat for c in j["checks"]),
+        "per_type": {t: _rate(v) for t, v in sorted(by_type.items())},
+        "sectioned": {"n": len(sec), "ILA": _rate(j["ila"] for _, j in sec), "CLA": _rate(j["cla"] for _, j in sec),
+                      "task": _rate(j["all_pass"] for _, j in sec),
+                      "format": _rate(bool(j["format_ok"]) for _, j in sec)},
+    }
+
+
+def dev_key(s: dict) -> tuple:
+    """Learning-rate selection: the dev pass rate (flat + sectioned prompts), then constraint accuracy."""
+    flat_n, sec_n = s["n"], s["sectioned"]["n"]
+    passed = (s["IF"] or 0) * flat_n + (s["sectioned"]["task"] or 0) * sec_n
+    return (passed / max(1, flat_n + sec_n), s["constraint_accuracy"] or 0.0, s["sectioned"]["CLA"] or 0.0)
+
+
+def mean_sd(xs: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+# ------------------------------------------------------------------------------------------ report
+ROW_METRICS = (("IF", "IF (single+multi)"), ("IF-S", "IF-S-like"), ("IF-M", "IF-M-like"),
+               ("constraint_accuracy", "constraint acc."))
+SEC_METRICS = (("ILA", "ILA"), ("CLA", "CLA"), ("task", "task-level"), ("format", "format"))
+
+
+def _fmt(m, s) -> str:
+    if m is None:
+        return "-"
+    return f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s else "")
+
+
+def aggregate(results: dict) -> dict:
+    """Per method: mean and sample standard deviation over seeds of every metric."""
+    agg = {}
+    for method, r in results["methods"].items():
+        runs = [x["test"]["scores"] for x in r["runs"]]
+        a = {k: mean_sd([s[k] for s in runs]) for k, _ in ROW_METRICS}
+        a["sectioned"] = {k: mean_sd([s["sectioned"][k] for s in runs]) for k, _ in SEC_METRICS}
+        types = sorted({t for s in runs for t in s["per_type"]})
+        a["per_type"] = {t: mean_sd([s["per_type"].get(t) for s in runs]) for t in types}
+        ife = [x.get("ifeval") for x in r["runs"] if x.get("ifeval")]
+        if ife:
+            a["ifeval"] = {k: mean_sd([m.get(k) for m in ife]) for k in ("prompt_level_strict", "inst_level_strict")}
+        a["seeds"] = [x["seed"] for x in r["runs"]]
+        agg[method] = a
+    return agg
+
+
+def markdown(results: dict, agg: dict, plots: dict) -> str:
+    b = results["budget"]
+    label = ("QUICK MODE (tiny random model, a pipeline check: these numbers say nothing about the methods)"
+             if results["budget_name"] == "quick" else f"budget `{results['budget_name']}`")
+    L = [f"# Experiments: {label}", "",
+         f"Model: `{results['model_dir']}`; data: `{results['data_dir']}`; machine: {results['machine']}; "
+         f"finished {results['finished']}; total wall time {results['wall_s']:.0f} s.", "",
+         "Command:", "", "    " + results["command"], ""]
+    ds = results.get("data_stats")
+    if ds:
+        a = ds.get("answers") or {}
+        L += [f"Training data: {ds['iopo_groups']} IOPO groups (constraints per x1: {ds['x1_constraints']}); "
+              f"templated answers {100 * (a.get('template_share') or 0):.0f}%, sampled y1 "
+              f"{a.get('y1_sampled', 0)}, sampled y2 {a.get('y2_sampled', 0)} (`{results['data_dir']}/STATS.md`).", ""]
+    L += [
+         f"Budget: {b['steps']} steps of {b['batch_groups']} IOPO groups (SFT/DPO: the same groups as 2 records / "
+         f"pairs each), LoRA r={b['lora_rank']}, learning-rate grid {list(b['lrs'])} searched with seed "
+         f"{b['seeds'][0]} on the dev prompts, seeds {list(b['seeds'])}, greedy answers of at most "
+         f"{b['eval_max_new_tokens']} new tokens. Cells: mean ± sample standard deviation over seeds, in %.", "",
+         "## Held-out pass rates", "",
+         "| method | lr | " + " | ".join(n for _, n in ROW_METRICS) + " | " +
+         " | ".join(f"sectioned {n}" for _, n in SEC_METRICS) + (" | IFEval prompt strict | IFEval inst. strict"
+                                                                if any("ifeval" in a for a in agg.values()) else "")
+         + " | n (flat/sectioned) | train s | eval s |",
+         "|---|---|" + "---:|" * (len(ROW_METRICS) + len(SEC_METRICS)) +
+         ("---:|---:|" if any("ifeval" in a for a in agg.values()) else "") + "---|---:|---:|"]
+    for method, a in agg.items():
+        r = results["methods"][method]
+        cells = [_fmt(*a[k]) for k, _ in ROW_METRICS] + [_fmt(*a["sectioned"][k]) for k, _ in SEC_METRICS]
+        if any("ifeval" in x for x in agg.values()):
+            ie = a.get("ifeval", {})
+            cells += [_fmt(*ie.get(k, (None, None))) for k in ("prompt_level_strict", "inst_level_strict")]
+        s0 = r["runs"][0]["test"]["scores"]
+        tr = sum(x.get("train_s", 0) for x in r["runs"]) + sum(x.get("train_s", 0) for x in r.get("lr_search", []))
+        ev = sum(x["test"]["wall_s"] for x in r["runs"]) + sum(x.get("dev_eval_s", 0) for x in r.get("lr_search", []))
+        L.append(f"| {method} | {r.get('lr', '-')} | " + " | ".join(cells) +
+                 f" | {s0['n']}/{s0['sectioned']['n']} | {tr:.0f} | {ev:.0f} |")
+    types = sorted({t for a in agg.values() for t in a["per_type"]})
+    L += ["", "## Accuracy per constraint type (single + multi prompts)", "",
+          "| method | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+    for method, a in agg.items():
+        L.append(f"| {method} | " + " | ".join(_fmt(*a["per_type"].get(t, (None, None))) for t in types) + " |")
+    L += ["", "## Learning-rate search (dev prompts, seed %s)" % b["seeds"][0], "",
+          "| method | lr | dev pass rate | dev constraint acc. | train s |", "|---|---:|---:|---:|---:|"]
+    if len(b["lrs"]) < 2:
+        L.append("| (one learning rate in the grid: nothing searched, no dev evaluation) | | | | |")
+    for method, r in results["methods"].items():
+        for x in r.get("lr_search", []):
+            L.append(f"| {method} | {x['lr']} | {_fmt(x['dev_key'][0], None)} | {_fmt(x['dev_key'][1], None)} | "
+                     f"{x.get('train_s', 0):.0f} |")
+    L += ["", "## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in plots.items()] + [""]
+    return "\n".join(L)
+
+
+def plot(agg: dict, path: str) -> str:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    methods = list(agg)
+    keys = [("IF", "IF"), ("IF-S", "IF-S"), ("IF-M", "IF-M"), ("constraint_accuracy", "constraint acc.")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    x = np.arange(len(methods))
+    w = 0.8 / len(keys)
+    for i, (k, name) in enumerate(keys):
+        m = [100 * (agg[mm][k][0] or 0) for mm in methods]
+        s = [100 * (agg[mm][k][1] or 0) for mm in methods]
+        axes[0].bar(x + i * w - 0.4 + w / 2, m, w, yerr=s, label=name, capsize=2)
+    axes[0].set_xticks(x, methods, rotation=30, fontsize=8)
+    axes[0].set_ylabel("% (held-out)")
+    axes[0].set_title("single + multi prompts")
+    axes[0].legend(fontsize=7)
+    for i, (k, name) in enumerate(SEC_METRICS):
+        m = [100 * (agg[mm]["sectioned"][k][0] or 0) for mm in methods]
+        s = [100 * (agg[mm]["sectioned"][k][1] or 0) for mm in methods]
+        axes[1].bar(x + i * w - 0.4 + w / 2, m, w, yerr=s, label=name, capsize=2)
+    axes[1].set_xticks(x, methods, rotation=30, fontsize=8)
+    axes[1].set_title("sectioned prompts (EIFBench-like)")
+    axes[1].legend(fontsize=7)
+    for a in axes:
+        a.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run(args) -> dict:
+    t0 = time.time()
+    overrides = {}
+    if args.lrs:
+        overrides["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+    if args.seeds:
+        overrides["seeds"] = tuple(int(x) for x in args.seeds.split(","))
+    if args.steps:
+        overrides["steps"] = args.steps
+    for item in args.set:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            overrides[key.strip()] = json.loads(val)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = val
+    try:
+        b = make_budget("quick" if args.quick else args.budget, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"--set/--lrs/--seeds/--steps: {e}") from e
+    if isinstance(b["lrs"], list) or isinstance(b["seeds"], list):
+        b["lrs"], b["seeds"] = tuple(b["lrs"]), tuple(b["seeds"])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+    progress = not args.no_progress
+    from iopo_jax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+
+    enable_compilation_cache("auto")  # the many evaluations and trainings share compiled programs
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    check_budget(out, b, args.data_dir, args.model_dir)
+    print(f"[data] {out}", flush=True)
+    data_dir = ensure_data(b, out, args.data_dir, progress)
+    model_dir = ensure_model(b, out, args.model_dir, progress)
+    prompts = split_files(data_dir, out)
+    results = {"budget_name": "quick" if args.quick else args.budget, "budget": b, "model_dir": model_dir,
+               "data_dir": data_dir, "command": "python -m experiments.run " + " ".join(args.argv), "methods": {}}
+    for method in methods:
+        mt = time.time()
+        if method == "base":
+            ev = evaluate(b, model_dir, "", prompts["test"], os.path.join(out, "base", "eval_test"), progress)
+            run_rec = {"seed": None, "test": ev}
+            if args.ifeval:
+                run_rec["ifeval"] = evaluate_ifeval(b, model_dir, "", args.ifeval, args.ifeval_limit,
+                                                    os.path.join(out, "base", "ifeval"), progress)
+            results["methods"][method] = {"runs": [run_rec], "lr": "-"}
+            print(f"[{method}] test IF {ev['scores']['IF']} ({time.time() - mt:.0f} s)", flush=True)
+            continue
+        search = []
+        seed0 = b["seeds"][0]
+        for lr in b["lrs"]:
+            wd = os.path.join(out, method, f"lr{lr:g}_seed{seed0}")
+            cfg = get_method_config(method, b, model_dir, data_dir, lr, seed0)
+            adapter, tr_s = train(method, cfg, wd, progress, f"lr={lr:g} seed={seed0}")
+            rec = {"lr": lr, "workdir": wd, "adapter": adapter, "train_s": round(tr_s, 1)}
+            if len(b["lrs"]) > 1:
+                dev = evaluate(b, model_dir, adapter, prompts["dev"], os.path.join(wd, "eval_dev"), progress)
+                rec.update(dev_key=list(dev_key(dev["scores"])), dev_eval_s=dev["wall_s"])
+            else:
+                rec["dev_key"] = [None, None, None]
+            search.append(rec)
+        best = max(search, key=lambda r: tuple(x or 0 for x in r["dev_key"])) if len(search) > 1 else search[0]
+        runs = []
+        for seed in b["seeds"]:
+            if seed == seed0:
+                adapter, wd, tr_s = best["adapter"], best["workdir"], best["train_s"]
+            else:
+                wd = os.path.join(out, method, f"lr{best['lr']:g}_seed{seed}")
+                adapter, tr_s = train(method, get_method_config(method, b, model_dir, data_dir, best["lr"], seed),
+                                      wd, progress, f"lr={best['lr']:g} seed={seed}")
+            ev = evaluate(b, model_dir, adapter, prompts["test"], os.path.join(wd, "eval_test"), progress)
+            run_rec = {"seed": seed, "workdir": wd, "train_s": round(tr_s, 1) if seed != seed0 else 0.0, "test": ev}
+            # (the first seed's training time is counted once, under lr_search)
+            if args.ifeval:
+                run_rec["ifeval"] = evaluate_ifeval(b, model_dir, adapter, args.ifeval, args.ifeval_limit,
+                                                    os.path.join(wd, "ifeval"), progress)
+            runs.append(run_rec)
+        results["methods"][method] = {"runs": runs, "lr": best["lr"], "lr_search": search}
+        print(f"[{method}] lr={best['lr']:g} test IF per seed {[r['test']['scores']['IF'] for r in runs]} "
+              f"({time.time() - mt:.0f} s)", flush=True)
+    stats_path = os.path.join(data_dir, "stats.json")
+    if os.path.isfile(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
+            st = json.load(f)
+        results["data_stats"] = {"iopo_groups": st.get("iopo_groups"), "answers": st.get("answers"),
+                                 "x1_constraints": st.get("x1_constraints")}
+    results["wall_s"] = round(time.time() - t0, 1)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results["machine"] = args.machine or f"{os.cpu_count()} CPUs"
+    agg = aggregate(results)
+    results["aggregate"] = agg
+    plots = {"pass rates by method": plot(agg, os.path.join(out, "results.png"))}
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, default=str)
+    md = markdown(results, agg, plots)
+    with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    if args.results:
+        dst = os.path.abspath(args.results)
+        png = os.path.join(os.path.dirname(dst), os.path.splitext(os.path.basename(dst))[0].lower() + ".png")
+        shutil.copyfile(plots["pass rates by method"], png)
+        with open(dst, "w", encoding="utf-8") as f:
+            f.write(md.replace("](results.png)", f"]({os.path.basename(png)})"))
+    print(md, flush=True)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (data, runs, evaluations, results); rerun to resume")
+    ap.add_argument("--quick", action="store_true",
+                    help="the quick budget: tiny random model, a pipeline check (~11 CPU-minutes)")
+    ap.add_argument("--budget", default="cpu", choices=sorted(BUDGETS),
+                    help="budget of experiments/configs/common.py when --quick is not given (default cpu)")
+    ap.add_argument("--methods", default="", help=f"comma list (default all: {','.join(METHODS)})")
+    ap.add_argument("--lrs", default="", help="comma list overriding the budget's learning-rate grid")
+    ap.add_argument("--seeds", default="", help="comma list overriding the budget's seeds")
+    ap.add_argument("--steps", type=int, default=0, help="override the budget's optimizer steps (0 = budget)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override any budget field (repeatable; VALUE is JSON or a string), e.g. --set eval_multi=20 "
+                         "--set rl_response_tokens=64; fields: experiments/configs/common.py")
+    ap.add_argument("--model_dir", default="", help="model directory ('' = the budget's model, fetched or made)")
+    ap.add_argument("--data_dir", default="", help="complex_if output to use ('' = generate into <out>/data)")
+    ap.add_argument("--ifeval", default="", help="IFEval input_data.jsonl: also evaluate out of domain ('' = skip)")
+    ap.add_argument("--ifeval_limit", type=int, default=0, help="first N IFEval prompts (0 = all)")
+    ap.add_argument("--results", default="", help="also write the report here (e.g. experiments/RESULTS.md) with "
+                                                   "its plot next to it")
+    ap.add_argument("--machine", default="", help="machine description written into the report")
+    ap.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

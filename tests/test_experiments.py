@@ -1,0 +1,108 @@
+"""experiments/: the per-method configs, the metric and report code (fast), and the quick mode end to end (slow)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import run as R
+from experiments.configs import METHODS, get_method_config
+from experiments.configs.common import budget
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_methods_share_lora_data_steps_and_differ_in_objective(tmp_path):
+    b = budget("cpu")
+    cfgs = {m: get_method_config(m, b, "/m", str(tmp_path), 3e-4, 1) for m in METHODS}
+    assert cfgs["base"] is None
+    trained = {m: c for m, c in cfgs.items() if c is not None}
+    assert {c.objective.name for c in trained.values()} == set(METHODS) - {"base"}
+    for m, c in trained.items():
+        assert c.model.lora_rank == 8 and c.train.max_steps == b["steps"] and c.optimizer.lr == 3e-4
+        assert c.train.seed == 1 and c.model.path == "/m"
+    assert cfgs["sft"].data.batch_size == cfgs["dpo"].data.batch_size == 2 * cfgs["iopo"].data.batch_size
+    assert cfgs["iopo_star"].data.kind == cfgs["iopo_no_input"].data.kind == "iopo"
+    assert cfgs["segpo"].rl.prompts_files.endswith("sectioned_train.jsonl")
+    with pytest.raises(ValueError, match="does not exist"):
+        budget("cpu", stepz=3)
+
+
+def _judg(i, all_pass, checks, types, ila=None, cla=1.0, fmt=None):
+    return {"id": i, "all_pass": all_pass, "checks": checks, "types": types, "ila": ila, "cla": cla, "format_ok": fmt}
+
+
+def test_score_aggregate_and_report(tmp_path):
+    recs = [{"id": "a", "category": "single"}, {"id": "b", "category": "multi"}, {"id": "c", "category": "multi"},
+            {"id": "d", "category": "sectioned"}, {"id": "e", "category": "single"}]
+    j = {"a": _judg("a", True, [True], ["lowercase"]),
+         "b": _judg("b", False, [True, False], ["lowercase", "word_count"]),
+         "c": _judg("c", True, [True, True], ["word_count", "ends_with"]),
+         "d": _judg("d", False, [True, False, True], ["x", "y", "z"], ila=0.5, cla=2 / 3, fmt=True)}
+    s = R.score(recs, j)
+    assert s["n"] == 3 and s["n_missing"] == 1
+    assert s["IF"] == pytest.approx(2 / 3) and s["IF-S"] == 1.0 and s["IF-M"] == 0.5
+    assert s["constraint_accuracy"] == pytest.approx(4 / 5)
+    assert s["per_type"] == {"ends_with": 1.0, "lowercase": 1.0, "word_count": 0.5}
+    assert s["sectioned"] == {"n": 1, "ILA": 0.5, "CLA": pytest.approx(2 / 3), "task": 0.0, "format": 1.0}
+    assert R.dev_key(s)[0] == pytest.approx(2 / 4)
+    s2 = dict(s, IF=1 / 3, **{"IF-S": 0.0})
+    results = {"budget_name": "quick", "budget": budget("quick"), "model_dir": "m", "data_dir": "d", "machine": "x",
+               "finished": "now", "wall_s": 1.0, "command": "python -m experiments.run --quick",
+               "methods": {"base": {"lr": "-", "runs": [{"seed": None, "test": {"scores": s, "wall_s": 2}}]},
+                           "iopo": {"lr": 1e-3, "lr_search": [{"lr": 1e-3, "dev_key": [0.5, 0.6, 0], "train_s": 3}],
+                                    "runs": [{"seed": 0, "test": {"scores": s, "wall_s": 2}},
+                                             {"seed": 1, "test": {"scores": s2, "wall_s": 2}}]}}}
+    agg = R.aggregate(results)
+    m, sd = agg["iopo"]["IF"]
+    assert m == pytest.approx(0.5) and sd == pytest.approx(0.2357, abs=1e-4)
+    md = R.markdown(results, agg, {"p": str(tmp_path / "results.png")})
+    assert "QUICK MODE" in md and "| iopo | 0.001 | 50.0 ± 23.6 |" in md and "| base | - | 66.7 |" in md
+    png = R.plot(agg, str(tmp_path / "results.png"))
+    assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+QUICK_METHODS = ("base", "iopo", "segpo")  # untrained, preference (Trainer), RL (RLTrainer): CI time
+
+
+@pytest.mark.slow
+def test_quick_mode_end_to_end(tmp_path):
+    """The quick mode on three methods (the other preference objectives share the iopo path; the whole quick
+    run is the one recorded in experiments/RESULTS.md)."""
+    out = tmp_path / "exp"
+    res_md = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, "-m", "experiments.run", "--quick", "--out", str(out), "--no_progress",
+           "--results", str(res_md), "--methods", ",".join(QUICK_METHODS)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == list(QUICK_METHODS)
+    test_ids = [json.loads(x)["id"] for x in open(out / "prompts" / "test.jsonl")]
+    for method, r in res["methods"].items():
+        for run in r["runs"]:
+            s = run["test"]["scores"]
+            assert s["n"] == 10 and s["n_missing"] == 0 and s["sectioned"]["n"] == 4
+            for k in ("IF", "IF-S", "IF-M", "constraint_accuracy"):
+                assert 0.0 <= s[k] <= 1.0
+            # the scores come from this run's own judgments
+            wd = os.path.join(run.get("workdir") or str(out / "base"), "eval_test")
+            judg = [json.loads(x) for x in open(os.path.join(wd, "judgments.jsonl"))]
+            assert [x["id"] for x in judg] == test_ids
+            assert s["IF"] == pytest.approx(
+                sum(x["all_pass"] for x in judg[:10]) / 10)
+            if method != "base":
+                assert os.path.isfile(os.path.join(run["workdir"], "export", "adapter", "adapter_model.safetensors"))
+    md = res_md.read_text()
+    assert "QUICK MODE" in md
+    for method in QUICK_METHODS:
+        assert f"| {method} |" in md
+    assert "| dpo |" not in md
+    assert (tmp_path / "results.png").is_file()
+    # rerunning resumes: nothing is trained again
+    p2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert p2.returncode == 0 and "training lr=" not in p2.stdout
+    # another budget in the same folder is refused
+    p3 = subprocess.run(cmd + ["--steps", "5"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert p3.returncode != 0 and "steps" in p3.stderr
