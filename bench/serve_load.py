@@ -36,18 +36,21 @@ from absl import app, flags
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory (Llama / Qwen2) with a tokenizer")
 flags.DEFINE_bool("random_smollm2", False, "instead of --model_dir: random weights of SmolLM2-135M's shape "
                   "and a Qwen2 tokenizer built offline (no transformers baseline)")
-flags.DEFINE_list("rates", ["0.5", "2"], "Poisson arrival rates to measure, requests per second")
+flags.DEFINE_list("rates", ["0.1", "0.4"], "Poisson arrival rates to measure, requests per second")
 flags.DEFINE_list("modes", ["continuous", "static", "hf"], "engines: continuous, static (batch-level), hf")
-flags.DEFINE_integer("num_requests", 16, "requests per rate")
+flags.DEFINE_integer("num_requests", 8, "requests per rate")
 flags.DEFINE_float("long_fraction", 0.25, "fraction of long requests")
-flags.DEFINE_integer("short_prompt", 48, "prompt tokens of a short request")
-flags.DEFINE_integer("short_new", 24, "new tokens of a short request")
-flags.DEFINE_integer("long_prompt", 768, "prompt tokens of a long request")
-flags.DEFINE_integer("long_new", 128, "new tokens of a long request")
-flags.DEFINE_integer("max_batch_size", 16, "sequences generated together by the server")
+flags.DEFINE_integer("short_prompt", 32, "prompt tokens of a short request")
+flags.DEFINE_integer("short_new", 16, "new tokens of a short request")
+flags.DEFINE_integer("long_prompt", 256, "prompt tokens of a long request")
+flags.DEFINE_integer("long_new", 48, "new tokens of a long request")
+flags.DEFINE_integer("max_batch_size", 4, "sequences generated together by the server")
 flags.DEFINE_integer("decode_chunk", 8, "decode steps between host checks (streaming granularity)")
 flags.DEFINE_integer("prefill_chunk", 256, "prefill chunk of the continuous engine")
-flags.DEFINE_float("timeout_s", 900, "upper bound on one (mode, rate) run")
+flags.DEFINE_float("timeout_s", 600, "upper bound on one (mode, rate) run; requests not finished by then count "
+                   "as errors")
+flags.DEFINE_float("total_timeout_s", 3600, "upper bound on the whole benchmark: modes / rates not started by then "
+                   "are skipped (and said so)")
 flags.DEFINE_integer("seed", 0, "workload seed")
 flags.DEFINE_string("json_out", None, "also write the results to this JSON file")
 F = flags.FLAGS
@@ -65,6 +68,22 @@ def workload(rate: float, n: int, seed: int, vocab: int):
                         max_tokens=new))
         t += rng.exponential(1.0 / rate)
     return out
+
+
+def warmup_workload(vocab: int):
+    """One long and three short requests arriving together: every shape of the continuous engine (its
+    shapes depend on the request class only, the server keeps its lanes at full batch), so that its timed
+    runs compile nothing new. The batch-level engine's shapes depend on which requests happen to share
+    a batch: it may still compile during the timed runs (reported as ``compilations_during_run``)."""
+    import numpy as np
+
+    rng = np.random.RandomState(F.seed + 99)
+
+    def req(at, long):
+        p, new = (F.long_prompt, F.long_new) if long else (F.short_prompt, F.short_new)
+        return dict(at=at, long=long, prompt=[int(x) for x in rng.randint(100, vocab - 100, p)], max_tokens=new)
+
+    return [[req(0.0, True)] + [req(0.0, False) for _ in range(3)]]
 
 
 def summarize(mode, rate, results, wall):
@@ -205,24 +224,47 @@ def main(argv):
         vocab = json.load(open(os.path.join(F.model_dir, "config.json")))["vocab_size"]
     rows = []
     rates = [float(r) for r in F.rates]
+    t_start = time.perf_counter()
+
+    def out_of_time(what):
+        if time.perf_counter() - t_start > F.total_timeout_s:
+            print(f"[skip] {what}: --total_timeout_s={F.total_timeout_s} reached", flush=True)
+            return True
+        return False
+
     for mode in modes:
         if mode == "hf":
             import transformers
 
             tmodel = transformers.AutoModelForCausalLM.from_pretrained(F.model_dir).eval()
-            warm = workload(100.0, 2, F.seed + 99, vocab)
-            run_hf(tmodel, warm, F.timeout_s)
+            torch_threads = __import__("torch").get_num_threads()
+            print(f"[hf] warm-up (torch threads: {torch_threads}) ...", flush=True)
+            run_hf(tmodel, warmup_workload(vocab)[0][:2], F.timeout_s)  # one long, one short
             for rate in rates:
+                if out_of_time(f"hf rate {rate}"):
+                    continue
                 res, wall = run_hf(tmodel, workload(rate, F.num_requests, F.seed, vocab), F.timeout_s)
                 rows.append(summarize("hf", rate, res, wall))
                 print(json.dumps(rows[-1]), flush=True)
             continue
         sampler = make(mode == "continuous")
+        if out_of_time(mode):
+            continue
         print(f"[{mode}] warm-up (compilation) ...", flush=True)
-        run_server(sampler, workload(max(rates), min(F.num_requests, 8), F.seed + 99, vocab), F.timeout_s)
+        for warm in warmup_workload(vocab):
+            tw = time.perf_counter()
+            run_server(sampler, warm, F.timeout_s)
+            print(f"[{mode}] warm-up of {len(warm)} request(s): {time.perf_counter() - tw:.1f} s; compilations so far: "
+                  f"{dict(sampler.engine.trace_counts)}", flush=True)
         for rate in rates:
+            if out_of_time(f"{mode} rate {rate}"):
+                continue
+            before = dict(sampler.engine.trace_counts)
             res, wall = run_server(sampler, workload(rate, F.num_requests, F.seed, vocab), F.timeout_s)
             rows.append(summarize(mode, rate, res, wall))
+            after = dict(sampler.engine.trace_counts)
+            rows[-1]["compilations_during_run"] = {k: v - before.get(k, 0) for k, v in after.items()
+                                                   if v != before.get(k, 0)}
             print(json.dumps(rows[-1]), flush=True)
     print("\n| mode | rate req/s | ok | out tok/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | short p50 |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -59,6 +59,7 @@ class GenerateArgs:
     mesh: str = ""
     max_model_len: int = 0
     progress: bool = True
+    batching: str = "continuous"  # or "static": the batch-level engine (a batch runs until its longest answer)
 
 
 def parse_mesh(spec: str):
@@ -191,7 +192,8 @@ def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
         sampler = Sampler.from_pretrained(args.model_dir, lora=args.lora, mesh=parse_mesh(args.mesh),
                                           dtype=args.dtype, param_dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
                                           max_batch_size=rows, batch_buckets=sorted({max(1, rows // 4), rows}),
-                                          max_model_len=args.max_model_len or None)
+                                          max_model_len=args.max_model_len or None,
+                                          continuous=args.batching == "continuous")
     # Tokenize and check everything first: a bad record fails the run before any compute.
     for r in pending:
         where = f"{args.input}:{r['line']}"
@@ -278,6 +280,9 @@ def _define_flags():
     f.DEFINE_integer("max_model_len", 0, "context limit: prompt + new tokens (0 = the model's maximum)")
     f.DEFINE_string("compilation_cache_dir", None, "persistent JAX compilation cache directory (faster reruns)")
     f.DEFINE_bool("progress", True, "show a progress bar")
+    f.DEFINE_enum("batching", "continuous", ["continuous", "static"],
+                  "continuous: rows leave the running batch when done and waiting prompts take their slots; "
+                  "static: the batch-level engine (each batch padded to its longest prompt, run to its longest answer)")
     for name in ("model_dir", "input", "output"):
         flags.mark_flag_as_required(name)
 
@@ -304,7 +309,7 @@ def main(argv):
                         temperature=F.temperature, top_p=F.top_p, top_k=F.top_k, seed=F.seed, n=F.n, stop=F.stop,
                         stop_token_ids=stop_ids, logprobs=F.logprobs, save_token_ids=F.save_token_ids,
                         chat_template=F.chat_template, system=F.system, dtype=F.dtype, mesh=F.mesh,
-                        max_model_len=F.max_model_len, progress=F.progress)
+                        max_model_len=F.max_model_len, progress=F.progress, batching=F.batching)
     try:
         summary = run(args)
     except (InputError, ValueError, FileNotFoundError) as e:

@@ -69,6 +69,27 @@ def test_prefix_shared_equals_independent_samples(model):
     assert shared.scheduler.prefilled_prompts == 2 and indep.scheduler.prefilled_prompts == 8  # ... fewer rows
 
 
+def test_prefix_sharing_equals_independent_fast(samplers):
+    """The same check on the module's sampler (no new compilations): prefix sharing switched off and on."""
+    _, cont = samplers
+    prompts = _prompts([50, 6], seed=2)
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, seed=5, n=3, logprobs=True)
+    out, prefilled = {}, {}
+    try:
+        for sharing in (False, True):
+            cont.prefix_sharing = sharing
+            before = cont.scheduler.prefilled_prompts
+            out[sharing] = cont.generate(prompts, params)
+            prefilled[sharing] = cont.scheduler.prefilled_prompts - before
+    finally:
+        cont.prefix_sharing = True
+    assert [o.token_ids for o in out[True]] == [o.token_ids for o in out[False]]
+    np.testing.assert_allclose(np.concatenate([o.logprobs for o in out[True]]),
+                               np.concatenate([o.logprobs for o in out[False]]), atol=1e-5)
+    assert len({tuple(o.token_ids) for o in out[True][:3]}) > 1  # the samples of one prompt differ
+    assert prefilled == {True: 2, False: 6}  # 2 prompts x 3 samples: one prefill row per prompt when shared
+
+
 def test_short_rows_do_not_wait_for_a_long_prompt(model):
     """A long prompt is prefilled chunk by chunk while short rows decode; they finish before it starts."""
     s = Sampler(model, None, **KW)

@@ -194,3 +194,29 @@ def test_real_command_line_with_lora(tmp_path, lora_setup):
     for flag in ("--model_dir", "--input", "--output", "--lora", "--temperature", "--top_p", "--top_k", "--seed",
                  "--stop", "--max_new_tokens", "--batch_size"):
         assert flag in helptext
+
+
+@pytest.mark.slow
+def test_batching_flag_static_equals_continuous(tmp_path, lora_setup, monkeypatch):
+    """``--batching=static`` builds the batch-level engine; greedy outputs equal continuous batching's."""
+    base = lora_setup[0]
+    inp = _write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    built = []
+    orig = Sampler.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        s = orig(cls, *a, **kw)
+        built.append(s.continuous)
+        return s
+
+    monkeypatch.setattr(Sampler, "from_pretrained", classmethod(spy))
+    outs = {}
+    for mode in ("static", "continuous"):
+        out = str(tmp_path / f"{mode}.jsonl")
+        s = run(GenerateArgs(model_dir=base, input=inp, output=out, batch_size=4, max_new_tokens=6,
+                             max_model_len=128, progress=False, batching=mode))
+        assert s["generated"] == len(RECORDS)
+        outs[mode] = {r["id"]: r["response"] for r in _read_jsonl(out)}
+    assert built == [False, True]
+    assert outs["static"] == outs["continuous"]
+    assert len(set(outs["static"].values())) > 1
