@@ -174,17 +174,35 @@ COLORS = {"RED", "GREEN", "BLUE", "YELLOW", "ORANGE", "PURPLE", "BLACK", "WHITE"
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_real_qwen_chat_template_and_sampler_answer_sensibly(converted):
-    """The real Qwen chat template (default system prompt) + our greedy sampler follow a small instruction."""
+    """The real Qwen chat template (with its default system prompt) + our greedy sampler answer a small
+    instruction as transformers' greedy ``generate`` does on the same weights, and the answer names three colors.
+
+    (Greedy, the 4-5 bit GGUF weights answer "Red, Green, Blue": the top logits are "Red" 16.58, "BLUE" 16.45,
+    "RED" 16.27, so the uppercase part of the instruction is missed by a hair; the test does not ask for it.)
+    """
     import re
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from iopo_jax.sampling import Sampler, SamplingParams
 
     out, _ = converted("qwen2.5-coder-0.5b-instruct")
-    sampler = Sampler.from_pretrained(out)
     msgs = [{"role": "user", "content": "List three colors in uppercase letters, separated by commas"}]
-    prompt = sampler.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert prompt.startswith("<|im_start|>system\n") and "<|im_start|>user\nList three colors" in prompt
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\nYou are Qwen") and "<|im_start|>user\nList three colors" in prompt
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = ref.generate(**enc, max_new_tokens=24, do_sample=False)
+    want = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    del ref, gen
+    gc.collect()
+
+    sampler = Sampler.from_pretrained(out)
     (c,) = sampler.chat([msgs], SamplingParams(temperature=0.0, max_new_tokens=24))
     assert c.finish_reason == "stop", (c.finish_reason, c.text)  # stopped at <|im_end|>, not at the cap
-    m = re.search(r"\b([A-Z]{3,})\s*,\s*([A-Z]{3,})\s*,\s*([A-Z]{3,})\b", c.text)
-    assert m and set(m.groups()) <= COLORS and len(set(m.groups())) == 3, c.text
+    assert c.text.strip() == want.strip()
+    m = re.search(r"\b([A-Za-z]{3,})\s*,\s*([A-Za-z]{3,})\s*,\s*([A-Za-z]{3,})\b", c.text)
+    assert m and {w.upper() for w in m.groups()} <= COLORS and len({w.upper() for w in m.groups()}) == 3, c.text
