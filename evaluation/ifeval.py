@@ -292,7 +292,9 @@ def evaluate_ifeval(config) -> dict[str, Any]:
     run_info = {"model": run.model_name(config, backend), "benchmark": "ifeval", "data": os.path.basename(path),
                 "limit": config.data.limit,
                 "answers": backend if backend != "predictions" else f"predictions file {os.path.basename(g.predictions)}",
-                "generation": f"temperature {g.temperature}, top_p {g.top_p}, max_new_tokens {g.max_new_tokens}",
+                # A predictions file's answers were not made with this config's generation settings.
+                "generation": ("as in the predictions file (not known here)" if backend == "predictions" else
+                               f"temperature {g.temperature}, top_p {g.top_p}, max_new_tokens {g.max_new_tokens}"),
                 "judge": "instruction checkers of lm-eval (lm_eval.tasks.ifeval)",
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall time (s)": round(time.time() - t0, 1)}
     metrics["usage"] = usage

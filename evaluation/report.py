@@ -79,8 +79,16 @@ def _plt():
     return plt
 
 
+def value_labels(vals: list[Optional[float]]) -> list[str]:
+    """Bar labels for fractions: whole percent, "n/a" for a missing value."""
+    return ["n/a" if v is None else f"{100.0 * v:.0f}" for v in vals]
+
+
 def bar_chart(path: str, labels: list[str], series: dict[str, list[Optional[float]]], title: str,
-              xlabel: str, ylabel: str = "%", horizontal: bool = False, annot: Optional[list[str]] = None) -> str:
+              xlabel: str, ylabel: str = "%", horizontal: bool = False, annot: Optional[list[str]] = None,
+              values: bool = False) -> str:
+    """A grouped bar chart of fractions (drawn as %). ``values``: print each bar's value at its end, so that
+    a 0 % bar (invisible otherwise) reads "0" and a missing value (None) reads "n/a"."""
     plt = _plt()
     n, k = len(labels), max(1, len(series))
     width = 0.8 / k
@@ -92,9 +100,11 @@ def bar_chart(path: str, labels: list[str], series: dict[str, list[Optional[floa
         ys = [100.0 * v if v is not None else 0.0 for v in vals]
         pos = [i + (si - (k - 1) / 2) * width for i in range(n)]
         if horizontal:
-            ax.barh(pos, ys, height=width, label=name)
+            bars = ax.barh(pos, ys, height=width, label=name)
         else:
-            ax.bar(pos, ys, width=width, label=name)
+            bars = ax.bar(pos, ys, width=width, label=name)
+        if values:
+            ax.bar_label(bars, labels=value_labels(vals), fontsize=7, padding=2)
     if horizontal:
         ax.set_yticks(range(n))
         ax.set_yticklabels([f"{l}{' ' + annot[i] if annot else ''}" for i, l in enumerate(labels)], fontsize=8)
@@ -258,7 +268,8 @@ def _ifeval_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
         keys = [("prompt_level_strict", "prompt strict"), ("inst_level_strict", "instruction strict"),
                 ("prompt_level_loose", "prompt loose"), ("inst_level_loose", "instruction loose")]
         f = bar_chart(os.path.join(workdir, "ifeval_overall.png"), [lbl for _, lbl in keys],
-                      {"accuracy": [m[k] for k, _ in keys]}, "IFEval: overall accuracy", "metric")
+                      {"accuracy": [m[k] for k, _ in keys]}, f"IFEval: overall accuracy ({m['n_scored']} prompts)",
+                      "metric", values=True)
         s += f"\n![IFEval overall]({f})\n"
     for key, title, fname in (("by_category", "instruction category", "ifeval_by_category.png"),
                               ("by_instruction", "instruction type", "ifeval_by_instruction.png")):
@@ -270,8 +281,8 @@ def _ifeval_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
         if charts:
             f = bar_chart(os.path.join(workdir, fname), list(d),
                           {"strict": [v["strict"] for v in d.values()], "loose": [v["loose"] for v in d.values()]},
-                          f"IFEval: accuracy by {title}", title, horizontal=True,
-                          annot=[f"(n={v['n']})" for v in d.values()])
+                          f"IFEval: accuracy by {title} ({m['n_scored']} prompts)", title, horizontal=True,
+                          annot=[f"(n={v['n']})" for v in d.values()], values=True)
             s += f"\n![IFEval by {title}]({f})\n"
     bn = m.get("by_num_instructions") or {}
     if bn:

@@ -187,6 +187,9 @@ def test_metrics_match_an_independent_computation(shared_data, tmp_path):
     assert sum(v["n"] for v in m["by_category"].values()) == m["n_instructions"] == sum(map(len, per_type.values()))
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## IFEval" in report and "punctuation:no_comma" in report
+    # answers from a file: the report does not claim this config's generation settings made them
+    assert "as in the predictions file" in report and "max_new_tokens" not in report
+    assert m["run"]["generation"] == "as in the predictions file (not known here)"
     for name in ("ifeval_overall.png", "ifeval_by_category.png", "ifeval_by_instruction.png", "judgments.jsonl"):
         assert (tmp_path / "run" / name).is_file(), name
     # a rerun in the same workdir resumes and gives the same metrics
@@ -238,3 +241,8 @@ def test_cli_end_to_end_on_a_tiny_model_offline(tiny_model_dir, tmp_path):
                                          for i, k in zip(rec["instruction_id_list"], rec["kwargs"])]
     assert (tmp_path / "cache" / "nltk_data" / "tokenizers" / "punkt_tab" / "english" / "sent_starters.txt").is_file()
     assert "temperature 0.0" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_chart_value_labels_tell_zero_from_missing():
+    from evaluation import report
+    assert report.value_labels([0.0, None, 0.5, 1.0]) == ["0", "n/a", "50", "100"]
