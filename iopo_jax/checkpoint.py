@@ -14,18 +14,19 @@ Example::
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
+
+from iopo_jax.paths import workdir_path
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # local: absolute path; gs://...: kept as a URI (orbax writes through epath and tensorstore)
+        self.directory = str(workdir_path(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
+        self.manager = ocp.CheckpointManager(workdir_path(directory), options=options,
                                              item_names=("arrays", "meta"))
 
     def latest_step(self) -> int | None:

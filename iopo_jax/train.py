@@ -63,11 +63,11 @@ def main(argv):
         from iopo_jax.rl.loop import RLTrainer as TrainerCls  # noqa: N813
     else:
         from iopo_jax.trainer import Trainer as TrainerCls  # noqa: N813
-    workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
+    from iopo_jax import paths
+
+    workdir = str(paths.makedirs(_WORKDIR.value))  # a local folder or a gs://bucket/run URI
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
+        paths.write_text(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
     trainer = TrainerCls(cfg, workdir, progress=not _NO_PROGRESS.value)
     result = trainer.run()
     if jax.process_index() == 0:
