@@ -35,10 +35,43 @@ def emulator_env(port: int) -> dict:
             "GOOGLE_CLOUD_PROJECT": "test"}
 
 
+def _send_generation_headers():
+    """Real GCS answers a media download with ``x-goog-generation`` (the object's generation), which
+    tensorstore's OCDBT reads to update its manifest; the stub emulator leaves it out (tensorstore then
+    fails with "Malformed StorageGeneration" at the second write of a manifest). Add it."""
+    from gcp_storage_emulator import server as srv
+    from gcp_storage_emulator.handlers import objects
+
+    orig = objects.download
+    if getattr(orig, "_adds_generation", False):
+        return
+
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        except Exception:  # a missing object: the original handler answers 404
+            pass
+        return orig(request, response, storage, *args, **kwargs)
+
+    download._adds_generation = True
+    objects.download = download  # objects.get(alt=media) calls it by name
+    for _, handlers in srv.HANDLERS:
+        for method, fn in list(handlers.items()):
+            if fn is orig:
+                handlers[method] = download
+
+
 @pytest.fixture(scope="module")
 def gcs():
     """A running in-memory emulator with one bucket; sets the clients' environment for this process too."""
+    import logging
+
     from gcp_storage_emulator.server import create_server
+
+    _send_generation_headers()
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s of existence checks
 
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
@@ -163,8 +196,8 @@ def test_gs_workdir_train_kill_resume_export(gcs, tiny_model_dir, tmp_path):
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
-            if any(n.startswith("runs/iopo/checkpoints/2/") and n.endswith("commit_success.txt")
-                   for n in _objects("runs/iopo/checkpoints/2/")):
+            # orbax on GCS marks a finished step with <step>/commit_success.txt (written last)
+            if "runs/iopo/checkpoints/2/commit_success.txt" in _objects("runs/iopo/checkpoints/2/"):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read().decode()[-3000:]
