@@ -15,12 +15,12 @@ import os
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (holds config.json and checkpoints/).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (holds config.json and checkpoints/); local or gs://.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 _BASE = flags.DEFINE_string("base", None, "Base HF checkpoint directory (with --adapter, instead of --workdir).")
 _ADAPTER = flags.DEFINE_string("adapter", None, "PEFT adapter directory to merge into --base.")
-_PEFT_OUT = flags.DEFINE_string("peft_out", None, "Write the LoRA adapter here (PEFT format).")
-_MERGED_OUT = flags.DEFINE_string("merged_out", None, "Write a HF checkpoint with LoRA merged in here.")
+_PEFT_OUT = flags.DEFINE_string("peft_out", None, "Write the LoRA adapter here (PEFT format); local or gs://.")
+_MERGED_OUT = flags.DEFINE_string("merged_out", None, "Write a HF checkpoint with LoRA merged in here; local or gs://.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "dtype of the merged weights.")
 
 

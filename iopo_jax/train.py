@@ -25,6 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file (Python file with get_config()); fields: configs/base.py.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "Output directory: checkpoints, metrics.jsonl, TensorBoard events, plots, exports. "
+                               "A local path or a gs://bucket/path URI (needs gcsfs). "
                                "Rerun with the same workdir to resume.")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar (e.g. in CI logs).")
 
