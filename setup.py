@@ -31,7 +31,10 @@ EXTRAS = {
     # compile-for-TPU test; on a machine without a TPU it only compiles (JAX_PLATFORMS=cpu unchanged).
     "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "openai>=1.40", "fastapi>=0.110", "uvicorn>=0.29",
              "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",  # the notebooks are executed in a test
-             "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'"] + IFEVAL,
+             "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'",
+             # gs:// workdirs tested against a local GCS emulator (tests/test_gcs_workdir.py)
+             "gcsfs>=2024.2", "gcp-storage-emulator>=2024.8", "google-cloud-storage>=2.14"] + IFEVAL,
+    "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs (etils.epath goes through gcsfs when TensorFlow is absent)
     "ifeval": IFEVAL,
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40"],
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"],

@@ -19,6 +19,7 @@ texts are encoded with HF ``datasets`` ``Dataset.map(..., num_proc=...)``.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -42,6 +43,19 @@ from data_pipeline.tokenization import (
 
 PIPELINE_VERSION = "data_pipeline/1"
 _ARRAYS = ("tokens", "piece_offsets", "group_offsets", "seq_lens", "truncated")
+
+
+def _remote(path) -> bool:
+    """An object-store URI (``gs://...``, e.g. the data cache of a gs:// workdir), read/written via etils.epath."""
+    return "://" in str(path)
+
+
+def _exists(path) -> bool:
+    if _remote(path):
+        from etils import epath
+
+        return epath.Path(path).exists()
+    return os.path.isfile(path)
 _TOK_FP: dict = {}
 
 
@@ -251,8 +265,8 @@ class TokenizedDataset:
         ids = [r.get("id", str(i)) for i, r in enumerate(records)]
         path = None
         if cache_dir:
-            path = os.path.join(os.path.expanduser(cache_dir), f"{kind}-{fp[:20]}")
-            if os.path.isfile(os.path.join(path, "meta.json")):
+            path = os.path.join(cache_dir if _remote(cache_dir) else os.path.expanduser(cache_dir), f"{kind}-{fp[:20]}")
+            if _exists(os.path.join(path, "meta.json")):
                 ds = cls.load(path, ids=ids, source_index=source_index)
                 if ds.fingerprint == fp:
                     ds.meta["cache_hit"] = True
@@ -302,6 +316,18 @@ class TokenizedDataset:
 
     def save(self, path: str) -> None:
         """Write the arrays and meta.json to ``path`` atomically (a temporary dir renamed into place)."""
+        if _remote(path):  # object store (gs:// workdir): one object per array, meta.json last (the marker)
+            from etils import epath
+
+            d = epath.Path(path)
+            d.mkdir(parents=True, exist_ok=True)
+            for name in _ARRAYS:
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(getattr(self, name)))
+                (d / (name + ".npy")).write_bytes(buf.getvalue())
+            meta = {k: v for k, v in self.meta.items() if k not in ("cache_hit", "build_seconds")}
+            (d / "meta.json").write_text(json.dumps(meta, indent=1))
+            return
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
@@ -320,6 +346,15 @@ class TokenizedDataset:
 
     @classmethod
     def load(cls, path: str, ids=None, source_index=None, mmap: bool = True) -> "TokenizedDataset":
+        if _remote(path):
+            from etils import epath
+
+            d = epath.Path(path)
+            meta = json.loads((d / "meta.json").read_text())
+            if meta.get("version") != PIPELINE_VERSION:
+                raise ValueError(f"{path}: cache written by {meta.get('version')}, expected {PIPELINE_VERSION}")
+            arrays = {n: np.load(io.BytesIO((d / (n + ".npy")).read_bytes())) for n in _ARRAYS}
+            return cls(meta["kind"], arrays, meta, ids, source_index)
         with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
         if meta.get("version") != PIPELINE_VERSION:

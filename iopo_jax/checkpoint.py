@@ -14,18 +14,22 @@ Example::
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
+
+from iopo_jax.paths import workdir_path
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # local: absolute path; gs://...: kept as a URI (orbax writes through epath and tensorstore)
+        self.directory = str(workdir_path(directory))
+        # cleanup_tmp_directories: a save cut short by kill -9 leaves an uncommitted step (a temporary
+        # folder locally; on GCS the step folder without its commit_success.txt); it is deleted here so
+        # the resumed run re-saves that step into a clean folder
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(workdir_path(directory), options=options,
                                              item_names=("arrays", "meta"))
 
     def latest_step(self) -> int | None:

@@ -15,12 +15,12 @@ import os
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (holds config.json and checkpoints/).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (holds config.json and checkpoints/); local or gs://.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 _BASE = flags.DEFINE_string("base", None, "Base HF checkpoint directory (with --adapter, instead of --workdir).")
 _ADAPTER = flags.DEFINE_string("adapter", None, "PEFT adapter directory to merge into --base.")
-_PEFT_OUT = flags.DEFINE_string("peft_out", None, "Write the LoRA adapter here (PEFT format).")
-_MERGED_OUT = flags.DEFINE_string("merged_out", None, "Write a HF checkpoint with LoRA merged in here.")
+_PEFT_OUT = flags.DEFINE_string("peft_out", None, "Write the LoRA adapter here (PEFT format); local or gs://.")
+_MERGED_OUT = flags.DEFINE_string("merged_out", None, "Write a HF checkpoint with LoRA merged in here; local or gs://.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "dtype of the merged weights.")
 
 
@@ -34,11 +34,12 @@ def model_from_run(workdir: str, step: int | None = None):
     from iopo_jax.sharding import make_mesh, use_mesh
     from iopo_jax.trainer import lora_config, make_optimizer, split_model
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    from iopo_jax.paths import workdir_path
+
+    path = workdir_path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: --workdir must be a training run directory")
-    with open(path) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
+    cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
     mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor})
     with use_mesh(mesh):
         model, _ = load_model(cfg.model.path, mesh=mesh, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
@@ -61,6 +62,7 @@ def main(argv):
         raise app.UsageError("give --peft_out and/or --merged_out")
     from iopo_jax.models.lora import export_merged, export_peft, load_model_with_adapter
     from iopo_jax.models.weights import copy_tokenizer
+    from iopo_jax.paths import local_dir_for
 
     if _WORKDIR.value:
         model, cfg, model_dir, step = model_from_run(_WORKDIR.value, _STEP.value)
@@ -74,13 +76,15 @@ def main(argv):
     if _PEFT_OUT.value:
         if model.config.lora is None:
             raise app.UsageError("--peft_out: this model was fully fine-tuned (no LoRA adapter); use --merged_out")
-        export_peft(model, _PEFT_OUT.value, base_model_name_or_path=os.path.abspath(model_dir)
-                    if os.path.isdir(model_dir) else model_dir)
+        with local_dir_for(_PEFT_OUT.value) as out:
+            export_peft(model, out, base_model_name_or_path=os.path.abspath(model_dir)
+                        if os.path.isdir(model_dir) else model_dir)
         print(f"wrote PEFT adapter to {_PEFT_OUT.value}")
     if _MERGED_OUT.value:
-        export_merged(model, _MERGED_OUT.value, dtype=_DTYPE.value)
-        if os.path.isdir(tok_dir):
-            copy_tokenizer(tok_dir, _MERGED_OUT.value)
+        with local_dir_for(_MERGED_OUT.value) as out:
+            export_merged(model, out, dtype=_DTYPE.value)
+            if os.path.isdir(tok_dir):
+                copy_tokenizer(tok_dir, out)
         print(f"wrote merged HF checkpoint to {_MERGED_OUT.value}")
 
 

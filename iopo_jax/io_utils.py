@@ -36,12 +36,22 @@ def read_jsonl(path: str, *, missing_ok: bool = True) -> list[dict[str, Any]]:
       The records, in file order. A final line that is not valid JSON (a write torn by a crash) is
       skipped with a warning; an invalid line anywhere else raises ``ValueError`` naming file and line.
     """
-    if not os.path.exists(path):
-        if missing_ok:
-            return []
-        raise FileNotFoundError(path)
-    with open(path, "rb") as f:
-        data = f.read()
+    if "://" in str(path):  # an object-store URI (a gs:// workdir): read through etils.epath
+        from etils import epath
+
+        p = epath.Path(path)
+        if not p.exists():
+            if missing_ok:
+                return []
+            raise FileNotFoundError(path)
+        data = p.read_bytes()
+    else:
+        if not os.path.exists(path):
+            if missing_ok:
+                return []
+            raise FileNotFoundError(path)
+        with open(path, "rb") as f:
+            data = f.read()
     lines = data.split(b"\n")
     records = []
     for lineno, raw in enumerate(lines, start=1):

@@ -25,6 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file (Python file with get_config()); fields: configs/base.py.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "Output directory: checkpoints, metrics.jsonl, TensorBoard events, plots, exports. "
+                               "A local path or a gs://bucket/path URI (needs gcsfs). "
                                "Rerun with the same workdir to resume.")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar (e.g. in CI logs).")
 
@@ -63,11 +64,11 @@ def main(argv):
         from iopo_jax.rl.loop import RLTrainer as TrainerCls  # noqa: N813
     else:
         from iopo_jax.trainer import Trainer as TrainerCls  # noqa: N813
-    workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
+    from iopo_jax import paths
+
+    workdir = str(paths.makedirs(_WORKDIR.value))  # a local folder or a gs://bucket/run URI
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
+        paths.write_text(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
     trainer = TrainerCls(cfg, workdir, progress=not _NO_PROGRESS.value)
     result = trainer.run()
     if jax.process_index() == 0:

@@ -38,6 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from iopo_jax import paths
 from iopo_jax.checkpoint import Checkpointer
 from iopo_jax.logprobs import scored_sequence_logprobs, sequence_logprobs
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
@@ -212,18 +213,9 @@ def reference_cache_key(data_fingerprint: str, model_dir: str, cfg, k: int) -> s
 
 
 def atomic_savez(path: str, **arrays) -> None:
-    """``np.savez`` to a temporary file in the same directory, then ``os.replace``: a kill mid-write
-    leaves no partial file at ``path``."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``np.savez`` written whole (local: temporary file + ``os.replace``; object store: one upload):
+    a kill mid-write leaves no partial file at ``path``."""
+    paths.save_npz(path, **arrays)
 
 
 def optimizer_steps(train_it, num_epochs, grad_accum: int) -> int:
@@ -696,8 +688,7 @@ class Trainer:
     def __init__(self, cfg, workdir: str, devices=None, progress: bool = True):
         check_config(cfg)
         self.cfg = cfg
-        self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.workdir = str(paths.makedirs(workdir))  # local: absolute; gs://...: kept (see iopo_jax.paths)
         self.progress = progress
         self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
         self.k = K_OF_KIND[cfg.data.kind]
@@ -764,8 +755,8 @@ class Trainer:
                 continue
             fp = reference_cache_key(ds.fingerprint, self.model_dir, self.cfg, self.k)
             path = os.path.join(self.workdir, f"ref_logps_{split}_{fp}_p{jax.process_index()}.npz")
-            if os.path.isfile(path):
-                z = np.load(path)
+            if paths.workdir_path(path).exists():
+                z = paths.load_npz(path)
                 tables[split] = dict(zip(z["index"].tolist(), z["logps"]))
                 continue
             it = BatchIterator(ds, self.data.train.batch_size, shuffle=False, num_epochs=1, drop_last=False,
@@ -930,24 +921,28 @@ class Trainer:
         if cfg.model.finetune == "lora" and cfg.export.peft:
             from iopo_jax.models.lora import export_peft
 
-            exports["adapter"] = export_peft(self.parts.merge(self.trainable), os.path.join(self.workdir, "export", "adapter"),
-                                             base_model_name_or_path=os.path.abspath(self.model_dir)
-                                             if os.path.isdir(self.model_dir) else self.model_dir)
+            out = os.path.join(self.workdir, "export", "adapter")
+            with paths.local_dir_for(out) as local:
+                export_peft(self.parts.merge(self.trainable), local,
+                            base_model_name_or_path=os.path.abspath(self.model_dir)
+                            if os.path.isdir(self.model_dir) else self.model_dir)
+            exports["adapter"] = out
         if cfg.export.merged:
             from iopo_jax.models.lora import export_merged
             from iopo_jax.models.weights import copy_tokenizer
 
             out = os.path.join(self.workdir, "export", "merged")
-            exports["merged"] = export_merged(self.parts.merge(self.trainable), out, dtype=cfg.export.dtype)
-            if jax.process_index() == 0:
-                copy_tokenizer(cfg.model.tokenizer or self.model_dir, out)
+            with paths.local_dir_for(out) as local:
+                export_merged(self.parts.merge(self.trainable), local, dtype=cfg.export.dtype)
+                if jax.process_index() == 0:
+                    copy_tokenizer(cfg.model.tokenizer or self.model_dir, local)
+            exports["merged"] = out
         summary = summarize(history)
         summary["steps"] = step
         summary["exports"] = exports
         summary["data"] = self.data.summary
         if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2, default=str)
+            paths.write_text(os.path.join(self.workdir, "summary.json"), json.dumps(summary, indent=2, default=str))
             if cfg.train.plot:
                 summary["plot"] = plot_curves(history, os.path.join(self.workdir, "training_curves.png"))
         return summary
@@ -1004,23 +999,30 @@ def plot_curves(history: dict, path: str) -> str:
     if keys:
         axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.write_bytes(path, _png(fig))
     plt.close(fig)
     return path
 
 
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
 class MetricsLogger:
-    """metrics.jsonl (appended, flushed per line) + TensorBoard events (process 0 only)."""
+    """metrics.jsonl (appended, flushed per line) + TensorBoard events (process 0 only); ``workdir`` may
+    be local or an object-store URI (see :mod:`iopo_jax.paths`)."""
 
     def __init__(self, workdir: str, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.f = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") if self.enabled else None
+        self.f = paths.AppendFile(os.path.join(workdir, "metrics.jsonl")) if self.enabled else None
         self.tb = None
         if self.enabled and tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+                self.tb = paths.summary_writer(os.path.join(workdir, "tb"))
             except ImportError:  # pragma: no cover
                 log.warning("tensorboardX is not installed; no TensorBoard events")
 

@@ -4,30 +4,13 @@ the same number of devices. Every process is started with a timeout and killed i
 may hang. All slow (each run compiles the tiny model's steps in every process)."""
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import DEMO_DIR, REPO
-
-TIMEOUT = 1200
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
+import procs
+from conftest import DEMO_DIR
 
 
 def _args(model_dir, data_file, workdir):
@@ -43,33 +26,11 @@ def _args(model_dir, data_file, workdir):
 def launch(args, processes: int, devices: int, workdir):
     """Start ``processes`` training CLIs (``devices`` CPU devices each); returns the Popen objects."""
     os.makedirs(workdir, exist_ok=True)
-    cmd = [sys.executable, "-m", "iopo_jax.train", *args]
-    if processes == 1:
-        return [subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=open(f"{workdir}.out0", "w"),
-                                 stderr=subprocess.STDOUT)]
-    port = _free_port()
-    return [subprocess.Popen(cmd + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-                                    f"--process_id={i}"], cwd=REPO, env=_env(devices),
-                             stdout=open(f"{workdir}.out{i}", "w"), stderr=subprocess.STDOUT)
-            for i in range(processes)]
-
-
-def wait_all(procs, workdir, timeout=TIMEOUT):
-    deadline = time.time() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"a process of the run in {workdir} did not finish within {timeout} s")
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, open(f"{workdir}.out{i}").read()[-3000:]
+    return procs.launch("iopo_jax.train", args, processes, devices, workdir)
 
 
 def run(args, processes, devices, workdir):
-    procs = launch(args, processes, devices, workdir)
-    wait_all(procs, workdir)
+    procs.wait_all(launch(args, processes, devices, workdir), workdir)
 
 
 def train_losses(workdir):
@@ -119,3 +80,36 @@ def test_iopo_two_processes_equal_one_process(two_process_run, tiny_model_dir, d
     # each host tokenized only its share of the training set
     logs = [open(f"{two_process_run}.out{i}").read() for i in range(2)]
     assert all("train 8 records (this host 4)" in log for log in logs), logs[0][-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_kill9_one_process_then_rerun_all_is_bitwise_equal(two_process_run, tiny_model_dir, data_file, tmp_path):
+    """kill -9 one of the 2 processes after the first step (its checkpoint is saved every step), stop the
+    other (its collectives would wait for the dead peer), rerun both: the final adapter equals the
+    uninterrupted 2-process run's bit for bit."""
+    wd = str(tmp_path / "killed")
+    args = _args(tiny_model_dir, data_file, wd)
+    ps = launch(args, 2, 2, wd)
+    deadline = time.time() + procs.TIMEOUT
+    try:
+        while time.time() < deadline and all(p.poll() is None for p in ps):
+            if os.path.isdir(os.path.join(wd, "checkpoints", "1")):  # orbax renames the finished save to 1
+                break
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in ps), "a process ended before the kill: " + open(f"{wd}.out0").read()[-3000:]
+        ps[1].kill()  # SIGKILL
+    finally:
+        for p in ps:
+            p.kill()
+            p.wait()
+    assert not os.path.exists(os.path.join(wd, "export"))  # the run did not finish
+    t0 = time.time()
+    run(args, 2, 2, wd)
+    print(f"rerun after kill -9: {time.time() - t0:.0f} s")
+    log0 = open(f"{wd}.out0").read()
+    assert "resumed from step" in log0, log0[-3000:]
+    a, b = adapter(two_process_run), adapter(wd)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -38,13 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iopo_jax import paths
 from iopo_jax.checkpoint import Checkpointer
 from iopo_jax.rl.advantages import RewardWeights, clipped_policy_loss, grpo_token_advantages, k3_kl, segpo_advantages
 from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, reward_metrics
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
 from iopo_jax.sharding import batch_sharding, make_mesh, use_mesh
-from iopo_jax.trainer import (BoundStep, MetricsLogger, PreemptionGuard, StepSpec, TrainingDiverged, _csv, abstract_like,
+from iopo_jax.trainer import (BoundStep, MetricsLogger, PreemptionGuard, StepSpec, TrainingDiverged, _csv, _png, abstract_like,
                               frozen_keys, lora_config, make_apply_step, make_optimizer, make_schedule,
                               reference_trainable, resolve_model_dir, split_model)
 
@@ -217,8 +218,7 @@ class RLTrainer:
         check_rl_config(cfg)
         self.cfg = cfg
         self.rl = cfg.rl
-        self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.workdir = str(paths.makedirs(workdir))  # local: absolute; gs://...: kept (see iopo_jax.paths)
         self.progress = progress
         self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
         self.segpo = cfg.objective.name == "segpo"
@@ -583,8 +583,8 @@ class RLTrainer:
         if jax.process_index() == 0:
             if cfg.train.plot and hist:
                 summary["plot"] = plot_rl(hist, os.path.join(self.workdir, "rl_curves.png"))
-            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-                json.dump({**summary, "exports": exports}, f, indent=2, default=str)
+            paths.write_text(os.path.join(self.workdir, "summary.json"),
+                             json.dumps({**summary, "exports": exports}, indent=2, default=str))
             print(format_rl_summary(summary))
         summary["exports"] = exports
         return summary
@@ -645,16 +645,20 @@ def export_policy(cfg, model, model_dir: str, workdir: str) -> dict:
         from iopo_jax.models.lora import export_peft
 
         base = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir
-        exports["adapter"] = export_peft(model, os.path.join(workdir, "export", "adapter"),
-                                         base_model_name_or_path=base)
+        out = os.path.join(workdir, "export", "adapter")
+        with paths.local_dir_for(out) as local:
+            export_peft(model, local, base_model_name_or_path=base)
+        exports["adapter"] = out
     if cfg.export.merged:
         from iopo_jax.models.lora import export_merged
         from iopo_jax.models.weights import copy_tokenizer
 
         out = os.path.join(workdir, "export", "merged")
-        exports["merged"] = export_merged(model, out, dtype=cfg.export.dtype)
-        if jax.process_index() == 0:
-            copy_tokenizer(cfg.model.tokenizer or model_dir, out)
+        with paths.local_dir_for(out) as local:
+            export_merged(model, local, dtype=cfg.export.dtype)
+            if jax.process_index() == 0:
+                copy_tokenizer(cfg.model.tokenizer or model_dir, local)
+        exports["merged"] = out
     return exports
 
 
@@ -680,7 +684,7 @@ def plot_rl(hist: list[tuple[int, dict]], path: str) -> str:
     for a in axes:
         a.set_xlabel("iteration")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.write_bytes(path, _png(fig))
     plt.close(fig)
     return path
 

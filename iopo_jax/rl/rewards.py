@@ -400,6 +400,18 @@ class JudgeReward(RewardModel):
         self.client.close()
 
 
+def judge_cache_path(workdir: str) -> str:
+    """The judge response store: ``workdir/judge_cache.jsonl``; for an object-store workdir (no append,
+    and the store is appended and fsynced per response) a local file named after the workdir under
+    ``~/.cache/iopo_jax/judge_cache/``."""
+    if "://" not in str(workdir):
+        return os.path.join(workdir, "judge_cache.jsonl")
+    import hashlib
+
+    key = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser("~/.cache/iopo_jax/judge_cache"), f"{key}.jsonl")
+
+
 def make_reward(rl, prompts: Sequence[RLPrompt], workdir: str) -> RewardModel:
     """The reward model named by ``rl.reward`` (config section ``rl`` of configs/rl_base.py)."""
     if rl.reward == "rules":
@@ -419,7 +431,7 @@ def make_reward(rl, prompts: Sequence[RLPrompt], workdir: str) -> RewardModel:
             base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=j.temperature,
             top_p=j.top_p, max_tokens=j.max_tokens, timeout_s=j.timeout_s, concurrency=j.concurrency,
             max_retries=j.max_retries, backoff_base_s=j.backoff_base_s, backoff_max_s=j.backoff_max_s,
-            request_budget=j.request_budget, store_path=j.cache_path or os.path.join(workdir, "judge_cache.jsonl"),
+            request_budget=j.request_budget, store_path=j.cache_path or judge_cache_path(workdir),
             name="judge reward"))
         return JudgeReward(client, JudgeSettings(template, name, j.system_prompt, j.max_parse_retries, j.on_error))
     raise ValueError(f"config.rl.reward={rl.reward!r} must be 'rules', 'judge' or 'python'")

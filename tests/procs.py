@@ -1,0 +1,67 @@
+"""One way to start the real CLIs as local processes (several joined by ``jax.distributed`` on 127.0.0.1,
+CPU devices forced per process, gloo collectives), each with a deadline: nothing may hang. Used by the
+multi-process, preemption and gs:// workdir tests."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+TIMEOUT = 1200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(devices: int | None = None, extra: dict | None = None) -> dict:
+    """The environment of a user's shell (no forced devices unless ``devices``), offline, CPU."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if devices:
+        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    env.update(extra or {})
+    return env
+
+
+def launch(module: str, args, processes: int, devices: int | None, log_prefix, extra_env: dict | None = None):
+    """Starts ``processes`` copies of ``python -m module args`` (``devices`` CPU devices each); with several,
+    they are joined through a coordinator on a free local port. Output of process i goes to
+    ``{log_prefix}.out{i}``. Returns the Popen objects."""
+    cmd = [sys.executable, "-m", module, *args]
+    env = cli_env(devices, extra_env)
+    if processes == 1:
+        return [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(f"{log_prefix}.out0", "w"),
+                                 stderr=subprocess.STDOUT)]
+    port = free_port()
+    return [subprocess.Popen(cmd + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                                    f"--process_id={i}"], cwd=REPO, env=env,
+                             stdout=open(f"{log_prefix}.out{i}", "w"), stderr=subprocess.STDOUT)
+            for i in range(processes)]
+
+
+def wait_all(procs, log_prefix, timeout=TIMEOUT, check: bool = True):
+    """Waits for every process up to ``timeout`` s in all (then kills them all and fails); with ``check``,
+    fails with the log tail of the first process that exited non-zero."""
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            for q in procs:
+                q.wait()
+            pytest.fail(f"a process of the run {log_prefix} did not finish within {timeout} s")
+    if check:
+        for i, p in enumerate(procs):
+            assert p.returncode == 0, open(f"{log_prefix}.out{i}").read()[-3000:]
+    return [p.returncode for p in procs]
