@@ -28,9 +28,11 @@ def get_config():
     j.model = "smollm2-135m-instruct"  # a name known to iopo_jax.tools.fetch_model (used when model.path is "")
     j.model_dir = os.path.join("~", ".cache", "iopo_jax", "models", "smollm2-135m-instruct")  # converted model
     j.eval_path = ""  # held-out prompts; "" = data_pipeline/demo_data/eval_prompts.jsonl
+    j.train_langs = "en"  # comma list of meta.lang values of the training groups kept ("" = all)
+    j.train_limit = 0  # first N training groups after the language filter (0 = all)
     j.eval_langs = "en"  # comma list of languages kept ("" = all); SmolLM2 is an English model
     j.eval_limit = 0  # first N held-out prompts after the language filter (0 = all)
-    j.eval_max_new_tokens = 160  # greedy answer length cap (the demo answers are a few short sentences)
+    j.eval_max_new_tokens = 128  # greedy answer length cap (the demo answers are a few short sentences)
     j.eval_batch_size = 32  # prompts per sampler call
 
     c.model.path = ""  # "" = the fetched job.model_dir
@@ -43,21 +45,22 @@ def get_config():
     c.data.system = SMOLLM2_SYSTEM
     c.data.val_fraction = 0.0
     c.data.val_count = 0  # no validation split: every step of the budget trains
-    c.data.cutoff_len = 256
-    c.data.bucket_step = 64
+    c.data.cutoff_len = 192  # the English groups are 105 tokens on average with the system prompt, 162 at most
+    c.data.bucket_step = 32
+    c.data.share_prompt = True  # each prompt once with both answers: about 40% fewer tokens per step
     c.data.batch_size = 2
     c.data.num_epochs = 1
     c.objective.name = "iopo"
     c.objective.beta = 0.1
     c.objective.pref_ftx = 0.5  # SFT term on the chosen answers (LLaMA-Factory's pref_ftx)
     c.objective.reference = "online"
-    c.optimizer.lr = 5e-4
+    c.optimizer.lr = 1e-3
     c.optimizer.grad_accum = 1
     c.optimizer.warmup_ratio = 0.1
-    c.train.max_steps = 40
+    c.train.max_steps = 30
     c.train.eval_every = 0
     c.train.logprob_chunk = 64
     c.train.logprob_remat = False
-    c.checkpoint.every = 20
+    c.checkpoint.every = 30
     c.mesh.fsdp = -1
     return c
