@@ -57,10 +57,10 @@ def get_config():
     c.optimizer.lr = 1e-3
     c.optimizer.grad_accum = 1
     c.optimizer.warmup_ratio = 0.1
-    c.train.max_steps = 30
+    c.train.max_steps = 24
     c.train.eval_every = 0
     c.train.logprob_chunk = 64
     c.train.logprob_remat = False
-    c.checkpoint.every = 30
+    c.checkpoint.every = 24
     c.mesh.fsdp = -1
     return c

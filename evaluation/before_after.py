@@ -115,7 +115,8 @@ def _train_files(job, train_files: str, workdir: str) -> str:
     if limit:
         keep = keep[:limit]
     if not keep:
-        raise ValueError(f"{train_files}: none of the {seen} records has meta.lang in job.train_langs={job.train_langs!r}")
+        raise ValueError(f"{train_files}: none of the {seen} records has meta.lang in "
+                         f"job.train_langs={job.train_langs!r}")
     os.makedirs(workdir, exist_ok=True)
     out = os.path.join(workdir, "train_data.json")
     with open(out + ".tmp", "w", encoding="utf-8") as f:
@@ -158,7 +159,8 @@ def _peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
 
 
-def _evaluate(config) -> dict:
+def _evaluate(config) -> tuple[dict, bool]:
+    """Metrics of one evaluation, and whether it ran now (False: a finished one in ``config.workdir`` reused)."""
     import gc  # pylint: disable=import-outside-toplevel
 
     from evaluation import generate  # pylint: disable=import-outside-toplevel
@@ -169,13 +171,41 @@ def _evaluate(config) -> dict:
         with open(done, encoding="utf-8") as f:
             m = json.load(f)
         if m.get("n_missing_predictions") == 0:
-            return m
+            return m, False
     try:
-        return evaluate(config)
+        return evaluate(config), True
     finally:
         # The sampler (model + KV cache) is not needed by the training that follows: free it.
         generate._cached_sampler.cache_clear()  # pylint: disable=protected-access
         gc.collect()
+
+
+class _Phase:
+    """Wall and CPU seconds and peak RSS of one phase, kept in ``<phase dir>/job_times.json`` so that a rerun that
+    reuses the phase still reports what it cost when it ran."""
+
+    def __init__(self, times: dict, key: str, phase_dir: str):
+        self.times, self.key, self.path = times, key, os.path.join(phase_dir, "job_times.json")
+
+    def __enter__(self):
+        self.t, self.c = time.time(), _cpu_s()
+        return self
+
+    def done(self, ran: bool):
+        if ran or not os.path.isfile(self.path):
+            rec = {f"{self.key}_s": round(time.time() - self.t, 1), f"{self.key}_cpu_s": round(_cpu_s() - self.c, 1),
+                   f"{self.key}_peak_rss_gb": _peak_rss_gb()}
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump(rec, f)
+        else:
+            with open(self.path, encoding="utf-8") as f:
+                rec = json.load(f)
+            rec[f"{self.key}_reused"] = True
+        self.times.update(rec)
+
+    def __exit__(self, *exc):
+        return False
 
 
 def comparison(before: dict, after: dict) -> dict:
@@ -246,12 +276,12 @@ def run_job(cfg, workdir: str, progress: bool = True) -> dict:
     times = {"fetch_s": round(time.time() - t0, 1), "fetch_cpu_s": round(_cpu_s() - c0, 1)}
     prompts = _eval_prompts(job, workdir)
 
-    t, c = time.time(), _cpu_s()
     print(f"[2/4] evaluating the base model on {prompts}", flush=True)
-    before = _evaluate(_eval_config(job, model_dir, "", os.path.join(workdir, "eval_before"), prompts, progress))
-    times.update(eval_before_s=round(time.time() - t, 1), eval_before_cpu_s=round(_cpu_s() - c, 1))
+    d = os.path.join(workdir, "eval_before")
+    with _Phase(times, "eval_before", d) as ph:
+        before, ran = _evaluate(_eval_config(job, model_dir, "", d, prompts, progress))
+        ph.done(ran)
 
-    t, c = time.time(), _cpu_s()
     train_dir = os.path.join(workdir, "train")
     adapter = os.path.join(train_dir, "export", "adapter")
     tc = copy.deepcopy(cfg)
@@ -259,21 +289,26 @@ def run_job(cfg, workdir: str, progress: bool = True) -> dict:
         del tc["job"]
         tc.model.path = model_dir
         tc.data.train_files = _train_files(job, tc.data.train_files, workdir)
-    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
-        print(f"[3/4] training ({tc.objective.name} + LoRA) into {train_dir}", flush=True)
-        from iopo_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
+    with _Phase(times, "train", train_dir) as ph:
+        ran = not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
+        if ran:
+            print(f"[3/4] training ({tc.objective.name} + LoRA) into {train_dir}", flush=True)
+            from iopo_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
-        os.makedirs(train_dir, exist_ok=True)
-        with open(os.path.join(train_dir, "config.json"), "w") as f:
-            f.write(tc.to_json_best_effort(indent=2))
-        Trainer(tc, train_dir, progress=progress).run()
-    times.update(train_s=round(time.time() - t, 1), train_cpu_s=round(_cpu_s() - c, 1))
+            os.makedirs(train_dir, exist_ok=True)
+            with open(os.path.join(train_dir, "config.json"), "w") as f:
+                f.write(tc.to_json_best_effort(indent=2))
+            Trainer(tc, train_dir, progress=progress).run()
+        ph.done(ran)
 
-    t, c = time.time(), _cpu_s()
     print("[4/4] evaluating base + adapter on the same prompts", flush=True)
-    after = _evaluate(_eval_config(job, model_dir, adapter, os.path.join(workdir, "eval_after"), prompts, progress))
-    times.update(eval_after_s=round(time.time() - t, 1), eval_after_cpu_s=round(_cpu_s() - c, 1),
-                 total_s=round(time.time() - t0, 1), total_cpu_s=round(_cpu_s() - c0, 1), peak_rss_gb=_peak_rss_gb())
+    d = os.path.join(workdir, "eval_after")
+    with _Phase(times, "eval_after", d) as ph:
+        after, ran = _evaluate(_eval_config(job, model_dir, adapter, d, prompts, progress))
+        ph.done(ran)
+    times["total_s"] = round(sum(times[f"{k}_s"] for k in ("fetch", "eval_before", "train", "eval_after")), 1)
+    times["total_cpu_s"] = round(sum(times[f"{k}_cpu_s"] for k in ("fetch", "eval_before", "train", "eval_after")), 1)
+    times["peak_rss_gb"] = max(times[f"{k}_peak_rss_gb"] for k in ("eval_before", "train", "eval_after"))
 
     cmp = comparison(before, after)
     cmp["train"] = _train_summary(train_dir)

@@ -79,7 +79,60 @@ def test_main_job_cli_on_smollm2_with_tiny_budget(smollm2_dir, tmp_path):
     # Rerunning resumes: nothing is trained or generated again, the same table comes out.
     p2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
-    assert "[3/4] training" not in p2.stdout and json.loads((wd / "before_after.json").read_text())["rows"] == cmp["rows"]
+    assert "[3/4] training" not in p2.stdout
+    cmp2 = json.loads((wd / "before_after.json").read_text())
+    assert cmp2["rows"] == cmp["rows"] and cmp2["times"]["train_reused"] and cmp2["times"]["eval_after_reused"]
+    assert cmp2["times"]["train_s"] == cmp["times"]["train_s"]  # the cost of the phase when it ran
+
+
+def test_run_job_phases_and_resume(tmp_path, monkeypatch, capsys):
+    """run_job's order, outputs and resume accounting, with the evaluations and the trainer faked (fast)."""
+    import iopo_jax.trainer as trainer_mod
+    from configs.smollm2_demo import get_config
+
+    calls = []
+
+    def fake_evaluate(config):
+        calls.append(("eval", config.lora))
+        done = os.path.join(config.workdir, "metrics.json")
+        if os.path.isfile(done):
+            return json.load(open(done)), False
+        m = _metrics(0.5 if config.lora else 0.25, 0.6, {"single": 0.5}, {"ends_with": 0.5})
+        os.makedirs(config.workdir, exist_ok=True)
+        json.dump(m, open(done, "w"))
+        return m, True
+
+    class FakeTrainer:
+        def __init__(self, cfg, workdir, progress=True):
+            self.cfg, self.workdir = cfg, workdir
+
+        def run(self):
+            calls.append(("train", self.cfg.data.train_files))
+            os.makedirs(os.path.join(self.workdir, "export", "adapter"))
+            open(os.path.join(self.workdir, "export", "adapter", "adapter_model.safetensors"), "wb").close()
+            json.dump({"steps": 3, "train_first": {"loss": 2.0}, "train_last": {"loss": 1.5}},
+                      open(os.path.join(self.workdir, "summary.json"), "w"))
+
+    monkeypatch.setattr(ba, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(trainer_mod, "Trainer", FakeTrainer)
+    cfg = get_config()
+    cfg.model.path = str(tmp_path / "model")  # skips the fetch
+    wd = str(tmp_path / "job")
+    cmp = ba.run_job(cfg, wd, progress=False)
+    assert [c[0] for c in calls] == ["eval", "train", "eval"] and calls[1][1].endswith("train_data.json")
+    assert cmp["rows"][0]["before"] == 0.25 and cmp["rows"][0]["after"] == 0.5
+    assert cmp["train"] == {"steps": 3, "loss_first": 2.0, "loss_last": 1.5}
+    out = capsys.readouterr().out
+    assert "| all prompts: pass rate (IF) | 10 | 25.0 | 50.0 | +25.0 |" in out and "loss 2.0000 (first step)" in out
+    assert os.path.isfile(os.path.join(wd, "before_after.png")) and os.path.isfile(os.path.join(wd, "before_after.md"))
+    t = cmp["times"]
+    assert not any(k.endswith("_reused") for k in t) and t["peak_rss_gb"] > 0
+    calls.clear()
+    cmp2 = ba.run_job(cfg, wd, progress=False)
+    assert [c[0] for c in calls] == ["eval", "eval"] and cmp2["rows"] == cmp["rows"]
+    t2 = cmp2["times"]
+    assert t2["train_reused"] and t2["eval_before_reused"] and t2["eval_after_reused"]
+    assert {k: t2[k] for k in ("train_s", "eval_before_cpu_s")} == {k: t[k] for k in ("train_s", "eval_before_cpu_s")}
 
 
 def test_train_data_filter(tmp_path):
