@@ -88,7 +88,79 @@ def _eval_prompts(job, workdir: str) -> str:
     return out
 
 
-def _evaluate(config) -> dict:
+def _train_files(job, train_files: str, workdir: str) -> str:
+    """The training files, kept to the groups whose ``meta.lang`` is in ``job.train_langs`` and to the first
+    ``job.train_limit`` of those when these are set (written to ``<workdir>/train_data.json``)."""
+    langs = [s.strip() for s in job.get("train_langs", "").split(",") if s.strip()]
+    limit = int(job.get("train_limit", 0))
+    if not langs and not limit:
+        return train_files
+    from data_pipeline.readers import iter_raw  # pylint: disable=import-outside-toplevel
+
+    keep, seen = [], 0
+    for raw in iter_raw([p for p in train_files.split(",") if p.strip()]):
+        where = f"{raw.path}:{raw.line}" if raw.line else f"{raw.path}: record {raw.index}"
+        if raw.error is not None:
+            raise raw.error
+        seen += 1
+        meta = raw.obj.get("meta") if isinstance(raw.obj, dict) else None
+        lang = meta.get("lang") if isinstance(meta, dict) else None
+        if not langs:
+            keep.append(raw.obj)
+        elif lang is None:
+            raise ValueError(f"{where}: no meta.lang field, which job.train_langs={job.train_langs!r} filters on "
+                             "(set job.train_langs='' to keep every record)")
+        elif lang in langs:
+            keep.append(raw.obj)
+    if limit:
+        keep = keep[:limit]
+    if not keep:
+        raise ValueError(f"{train_files}: none of the {seen} records has meta.lang in "
+                         f"job.train_langs={job.train_langs!r}")
+    os.makedirs(workdir, exist_ok=True)
+    out = os.path.join(workdir, "train_data.json")
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(keep, f, ensure_ascii=False)
+    os.replace(out + ".tmp", out)
+    print(f"training data: {len(keep)} of {seen} records (job.train_langs={job.get('train_langs', '')!r}, "
+          f"job.train_limit={limit})", flush=True)
+    return out
+
+
+def _train_summary(train_dir: str) -> dict:
+    """Steps and first / last training loss from the trainer's ``summary.json`` (empty when it has none)."""
+    path = os.path.join(train_dir, "summary.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        s = json.load(f)
+    out = {"steps": s.get("steps")}
+    if "loss" in s.get("train_first", {}):
+        out["loss_first"] = float(s["train_first"]["loss"])
+    if "loss" in s.get("train_last", {}):
+        out["loss_last"] = float(s["train_last"]["loss"])
+    for k in ("rewards/accuracies_v1", "rewards/accuracies_v2"):
+        if k in s.get("train_last", {}):
+            out[k.split("/")[-1] + "_last"] = float(s["train_last"][k])
+    return out
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) this process has used so far, over all its threads."""
+    import resource  # pylint: disable=import-outside-toplevel
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _peak_rss_gb() -> float:
+    import resource  # pylint: disable=import-outside-toplevel
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
+
+
+def _evaluate(config) -> tuple[dict, bool]:
+    """Metrics of one evaluation, and whether it ran now (False: a finished one in ``config.workdir`` reused)."""
     import gc  # pylint: disable=import-outside-toplevel
 
     from evaluation import generate  # pylint: disable=import-outside-toplevel
@@ -99,13 +171,41 @@ def _evaluate(config) -> dict:
         with open(done, encoding="utf-8") as f:
             m = json.load(f)
         if m.get("n_missing_predictions") == 0:
-            return m
+            return m, False
     try:
-        return evaluate(config)
+        return evaluate(config), True
     finally:
         # The sampler (model + KV cache) is not needed by the training that follows: free it.
         generate._cached_sampler.cache_clear()  # pylint: disable=protected-access
         gc.collect()
+
+
+class _Phase:
+    """Wall and CPU seconds and peak RSS of one phase, kept in ``<phase dir>/job_times.json`` so that a rerun that
+    reuses the phase still reports what it cost when it ran."""
+
+    def __init__(self, times: dict, key: str, phase_dir: str):
+        self.times, self.key, self.path = times, key, os.path.join(phase_dir, "job_times.json")
+
+    def __enter__(self):
+        self.t, self.c = time.time(), _cpu_s()
+        return self
+
+    def done(self, ran: bool):
+        if ran or not os.path.isfile(self.path):
+            rec = {f"{self.key}_s": round(time.time() - self.t, 1), f"{self.key}_cpu_s": round(_cpu_s() - self.c, 1),
+                   f"{self.key}_peak_rss_gb": _peak_rss_gb()}
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump(rec, f)
+        else:
+            with open(self.path, encoding="utf-8") as f:
+                rec = json.load(f)
+            rec[f"{self.key}_reused"] = True
+        self.times.update(rec)
+
+    def __exit__(self, *exc):
+        return False
 
 
 def comparison(before: dict, after: dict) -> dict:
@@ -164,7 +264,7 @@ def plot(cmp: dict, path: str, title: str) -> str:
 def run_job(cfg, workdir: str, progress: bool = True) -> dict:
     """Fetch, evaluate, train, evaluate; returns the comparison dict (also written to ``workdir``)."""
     job = cfg.job
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu_s()
     os.makedirs(workdir, exist_ok=True)
     model_dir = cfg.model.path
     if not model_dir:
@@ -173,49 +273,59 @@ def run_job(cfg, workdir: str, progress: bool = True) -> dict:
         model_dir = os.path.expanduser(job.model_dir)
         print(f"[1/4] fetching {job.model} into {model_dir} (cached)", flush=True)
         fetch_model(job.model, model_dir, quiet=not progress)
-    times = {"fetch_s": round(time.time() - t0, 1)}
+    times = {"fetch_s": round(time.time() - t0, 1), "fetch_cpu_s": round(_cpu_s() - c0, 1)}
     prompts = _eval_prompts(job, workdir)
 
-    t = time.time()
     print(f"[2/4] evaluating the base model on {prompts}", flush=True)
-    before = _evaluate(_eval_config(job, model_dir, "", os.path.join(workdir, "eval_before"), prompts, progress))
-    times["eval_before_s"] = round(time.time() - t, 1)
+    d = os.path.join(workdir, "eval_before")
+    with _Phase(times, "eval_before", d) as ph:
+        before, ran = _evaluate(_eval_config(job, model_dir, "", d, prompts, progress))
+        ph.done(ran)
 
-    t = time.time()
     train_dir = os.path.join(workdir, "train")
     adapter = os.path.join(train_dir, "export", "adapter")
     tc = copy.deepcopy(cfg)
     with tc.unlocked():
         del tc["job"]
         tc.model.path = model_dir
-    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
-        print(f"[3/4] training ({tc.objective.name} + LoRA) into {train_dir}", flush=True)
-        from iopo_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
+        tc.data.train_files = _train_files(job, tc.data.train_files, workdir)
+    with _Phase(times, "train", train_dir) as ph:
+        ran = not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
+        if ran:
+            print(f"[3/4] training ({tc.objective.name} + LoRA) into {train_dir}", flush=True)
+            from iopo_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
-        os.makedirs(train_dir, exist_ok=True)
-        with open(os.path.join(train_dir, "config.json"), "w") as f:
-            f.write(tc.to_json_best_effort(indent=2))
-        Trainer(tc, train_dir, progress=progress).run()
-    times["train_s"] = round(time.time() - t, 1)
+            os.makedirs(train_dir, exist_ok=True)
+            with open(os.path.join(train_dir, "config.json"), "w") as f:
+                f.write(tc.to_json_best_effort(indent=2))
+            Trainer(tc, train_dir, progress=progress).run()
+        ph.done(ran)
 
-    t = time.time()
     print("[4/4] evaluating base + adapter on the same prompts", flush=True)
-    after = _evaluate(_eval_config(job, model_dir, adapter, os.path.join(workdir, "eval_after"), prompts, progress))
-    times["eval_after_s"] = round(time.time() - t, 1)
-    times["total_s"] = round(time.time() - t0, 1)
+    d = os.path.join(workdir, "eval_after")
+    with _Phase(times, "eval_after", d) as ph:
+        after, ran = _evaluate(_eval_config(job, model_dir, adapter, d, prompts, progress))
+        ph.done(ran)
+    times["total_s"] = round(sum(times[f"{k}_s"] for k in ("fetch", "eval_before", "train", "eval_after")), 1)
+    times["total_cpu_s"] = round(sum(times[f"{k}_cpu_s"] for k in ("fetch", "eval_before", "train", "eval_after")), 1)
+    times["peak_rss_gb"] = max(times[f"{k}_peak_rss_gb"] for k in ("eval_before", "train", "eval_after"))
 
     cmp = comparison(before, after)
+    cmp["train"] = _train_summary(train_dir)
     cmp.update(model=job.model if not cfg.model.path else cfg.model.path, model_dir=model_dir, adapter=adapter,
                prompts=prompts, times=times, objective=tc.objective.name)
     table = format_table(cmp)
+    tr = cmp["train"]
+    train_line = (f"training: {tr.get('steps')} steps, loss {tr.get('loss_first', float('nan')):.4f} (first step) -> "
+                  f"{tr.get('loss_last', float('nan')):.4f} (mean of the last tenth of the steps)")
     title = (f"{os.path.basename(model_dir.rstrip('/'))}: held-out demo prompts before / after "
              f"{tc.objective.name} + LoRA")
     with open(os.path.join(workdir, "before_after.json"), "w", encoding="utf-8") as f:
         json.dump(cmp, f, indent=2)
     with open(os.path.join(workdir, "before_after.md"), "w", encoding="utf-8") as f:
-        f.write(f"# {title}\n\n{table}\n\nWall time (s): {json.dumps(times)}\n")
+        f.write(f"# {title}\n\n{table}\n\n{train_line}\n\nWall time (s): {json.dumps(times)}\n")
     cmp["plot"] = plot(cmp, os.path.join(workdir, "before_after.png"), title)
-    print(f"\n{title}\n{table}\nplot: {cmp['plot']}\nwall time (s): {times}", flush=True)
+    print(f"\n{title}\n{table}\n{train_line}\nplot: {cmp['plot']}\nwall time (s): {times}", flush=True)
     return cmp
 
 

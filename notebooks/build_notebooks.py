@@ -21,9 +21,9 @@ MODEL = "smollm2-135m-instruct"  # a name known to `python -m iopo_jax.tools.fet
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # used instead of the fetch tool when the HF hub is reachable
 REPO_URL = "https://github.com/YOUR-ORG/iopo-jax"  # your clone of this repository (Colab installs from it)
 WORKDIR = "runs/notebook_smollm2"
-TRAIN_STEPS = 40  # IOPO optimizer steps (2 groups of 4 sequences each)
-EVAL_LIMIT = 0  # held-out English demo prompts evaluated (0 = all 60)
-EVAL_MAX_NEW_TOKENS = 160""", metadata={"tags": ["parameters"]}),
+TRAIN_STEPS = 24  # IOPO optimizer steps of 2 groups (configs/smollm2_demo.py: train.max_steps)
+EVAL_LIMIT = 0  # held-out English demo prompts evaluated (0 = all 60; job.eval_limit)
+EVAL_MAX_NEW_TOKENS = 128  # greedy answer length cap (job.eval_max_new_tokens)""", metadata={"tags": ["parameters"]}),
     new_markdown_cell("## 1. Install\n\nOn Colab the repository is cloned and installed; elsewhere the notebook "
                       "expects `pip install -e .` to have been run in the repository."),
     new_code_cell("""import importlib.util, os, subprocess, sys

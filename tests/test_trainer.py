@@ -199,7 +199,8 @@ def test_export_cli_after_training(tiny_model_dir, small_iopo_file, tmp_path):
 
 @pytest.mark.slow
 def test_cpu_demo_learns(tmp_path):
-    """The README's demo command, as it is: training reward accuracy > 0.9 (v1 and v2), validation loss falls."""
+    """The README's CPU demo command (Training section), as it is: training reward accuracy > 0.9 (v1 and v2),
+    validation loss falls."""
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "iopo_jax.train", "--config=configs/cpu_demo.py",
                         f"--workdir={tmp_path / 'demo'}", "--no_progress"], cwd=REPO, capture_output=True, text=True,
