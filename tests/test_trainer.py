@@ -198,6 +198,7 @@ def test_export_cli_after_training(tiny_model_dir, small_iopo_file, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~14 min on 2 cores; CI runs the README's main job (tests/test_before_after.py) instead
 def test_cpu_demo_learns(tmp_path):
     """The README's CPU demo command (Training section), as it is: training reward accuracy > 0.9 (v1 and v2),
     validation loss falls."""
