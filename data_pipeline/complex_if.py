@@ -472,19 +472,7 @@ def stats_markdown(st: dict) -> str:
 
 
 def write(data: dict, out: str) -> dict:
-    os.makedirs(out, exist_ok=True)
-    paths = {}
-    for key, name in FILES.items():
-        path = os.path.join(out, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            if name.endswith(".jsonl"):
-                for r in data[key]:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            else:
-                json.dump(data[key], f, ensure_ascii=False, indent=1)
-                f.write("\n")
-        os.replace(path + ".tmp", path)
-        paths[key] = path
+    paths = D.write(data, out, FILES)
     with open(os.path.join(out, "STATS.md"), "w", encoding="utf-8") as f:
         f.write(stats_markdown(data["stats"]))
     paths["stats_md"] = os.path.join(out, "STATS.md")

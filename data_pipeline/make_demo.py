@@ -519,18 +519,22 @@ def generate(seed: int = DEFAULT_SEED, n_groups: int = DEFAULT_GROUPS, n_eval: i
 FILES = {"iopo": "iopo_train.json", "sft": "sft_train.jsonl", "dpo": "dpo_train.json", "eval": "eval_prompts.jsonl"}
 
 
-def write(data: dict, out: str) -> dict:
+def write(data: dict, out: str, files: dict | None = None) -> dict:
+    """Writes ``data[key]`` to ``out/name`` for every ``key: name`` of ``files`` (default :data:`FILES`):
+    JSON lines for ``.jsonl`` names, indented JSON otherwise; each file atomically (temporary file, then
+    rename). Returns ``{key: path}``."""
     os.makedirs(out, exist_ok=True)
     paths = {}
-    for key, name in FILES.items():
+    for key, name in (files or FILES).items():
         path = os.path.join(out, name)
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
             if name.endswith(".jsonl"):
                 for r in data[key]:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
             else:
                 json.dump(data[key], f, ensure_ascii=False, indent=1)
                 f.write("\n")
+        os.replace(path + ".tmp", path)
         paths[key] = path
     return paths
 

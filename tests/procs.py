@@ -32,6 +32,19 @@ def cli_env(devices: int | None = None, extra: dict | None = None) -> dict:
     return env
 
 
+def tiny_train_args(model_dir, data_file, **overrides) -> list:
+    """``--config.*`` flags of a short IOPO run of the tiny model on ``data_file`` (float32, no validation
+    split, synchronous checkpoints); ``overrides`` replace or add fields, e.g. ``train__eval_every=4`` for
+    ``--config.train.eval_every=4``."""
+    fields = {"model.path": model_dir, "data.train_files": data_file, "data.val_fraction": 0,
+              "data.val_count": 4, "data.cutoff_len": 256, "data.batch_size": 2, "data.num_epochs": 1,
+              "model.dtype": "float32", "optimizer.lr": 1e-2, "optimizer.grad_accum": 1,
+              "train.eval_every": 0, "train.logprob_chunk": 32, "checkpoint.every": 100, "train.plot": False,
+              "checkpoint.async_save": False}
+    fields.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return [f"--config.{k}={v}" for k, v in fields.items()]
+
+
 def launch(module: str, args, processes: int, devices: int | None, log_prefix, extra_env: dict | None = None):
     """Starts ``processes`` copies of ``python -m module args`` (``devices`` CPU devices each); with several,
     they are joined through a coordinator on a free local port. Output of process i goes to

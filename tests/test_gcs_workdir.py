@@ -19,6 +19,7 @@ pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
 from conftest import REPO  # noqa: E402
+from procs import tiny_train_args  # noqa: E402
 
 BUCKET = "iopo-test"
 
@@ -151,12 +152,8 @@ def test_paths_and_checkpoints_write_to_the_emulator(gcs, tmp_path):
 
 
 def _args(model_dir, data_file):
-    return [f"--config.model.path={model_dir}", f"--config.data.train_files={data_file}",
-            "--config.data.val_fraction=0", "--config.data.val_count=4", "--config.data.cutoff_len=256",
-            "--config.data.batch_size=2", "--config.data.num_epochs=1", "--config.model.dtype=float32",
-            "--config.optimizer.lr=1e-2", "--config.optimizer.grad_accum=1", "--config.train.eval_every=4",
-            "--config.train.logprob_chunk=32", "--config.checkpoint.every=2", "--config.train.plot=True",
-            "--config.objective.reference=precompute", "--config.checkpoint.async_save=False"]
+    return tiny_train_args(model_dir, data_file, train__eval_every=4, checkpoint__every=2, train__plot=True,
+                           objective__reference="precompute")
 
 
 def _env(extra: dict) -> dict:

@@ -11,15 +11,11 @@ import pytest
 from test_trainer import _cli, cli_env, small_iopo_file  # noqa: F401  (fixture)
 
 from conftest import REPO
+from procs import tiny_train_args
 
 
 def _args(model_dir, data_file):
-    return [f"--config.model.path={model_dir}", f"--config.data.train_files={data_file}",
-            "--config.data.val_fraction=0", "--config.data.val_count=4", "--config.data.cutoff_len=256",
-            "--config.data.batch_size=2", "--config.data.num_epochs=1", "--config.model.dtype=float32",
-            "--config.optimizer.lr=1e-2", "--config.optimizer.grad_accum=1", "--config.train.eval_every=0",
-            "--config.train.logprob_chunk=32", "--config.checkpoint.every=100", "--config.train.plot=False",
-            "--config.checkpoint.async_save=False"]
+    return tiny_train_args(model_dir, data_file)
 
 
 def _train_lines(path):
