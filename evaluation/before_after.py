@@ -38,7 +38,7 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _eval_config(job, model_dir: str, lora: str, workdir: str, data_path: str, progress: bool):
+def eval_config(job, model_dir: str, lora: str, workdir: str, data_path: str, progress: bool):
     from evaluation.config_defaults import base_config  # pylint: disable=import-outside-toplevel
 
     c = base_config("demo")
@@ -159,7 +159,7 @@ def _peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
 
 
-def _evaluate(config) -> tuple[dict, bool]:
+def evaluate_or_reuse(config) -> tuple[dict, bool]:
     """Metrics of one evaluation, and whether it ran now (False: a finished one in ``config.workdir`` reused)."""
     import gc  # pylint: disable=import-outside-toplevel
 
@@ -279,7 +279,7 @@ def run_job(cfg, workdir: str, progress: bool = True) -> dict:
     print(f"[2/4] evaluating the base model on {prompts}", flush=True)
     d = os.path.join(workdir, "eval_before")
     with _Phase(times, "eval_before", d) as ph:
-        before, ran = _evaluate(_eval_config(job, model_dir, "", d, prompts, progress))
+        before, ran = evaluate_or_reuse(eval_config(job, model_dir, "", d, prompts, progress))
         ph.done(ran)
 
     train_dir = os.path.join(workdir, "train")
@@ -304,7 +304,7 @@ def run_job(cfg, workdir: str, progress: bool = True) -> dict:
     print("[4/4] evaluating base + adapter on the same prompts", flush=True)
     d = os.path.join(workdir, "eval_after")
     with _Phase(times, "eval_after", d) as ph:
-        after, ran = _evaluate(_eval_config(job, model_dir, adapter, d, prompts, progress))
+        after, ran = evaluate_or_reuse(eval_config(job, model_dir, adapter, d, prompts, progress))
         ph.done(ran)
     times["total_s"] = round(sum(times[f"{k}_s"] for k in ("fetch", "eval_before", "train", "eval_after")), 1)
     times["total_cpu_s"] = round(sum(times[f"{k}_cpu_s"] for k in ("fetch", "eval_before", "train", "eval_after")), 1)

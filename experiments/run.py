@@ -147,9 +147,8 @@ def evaluate(b: dict, model_dir: str, adapter: str, prompts: str, workdir: str, 
     job = ml_collections.ConfigDict({"eval_max_new_tokens": b["eval_max_new_tokens"],
                                      "eval_batch_size": b["eval_batch_size"]})
     t = time.time()
-    # pylint: disable-next=protected-access
-    cfg = before_after._eval_config(job, model_dir, adapter, workdir, prompts, progress)
-    metrics = before_after._evaluate(cfg)  # pylint: disable=protected-access
+    cfg = before_after.eval_config(job, model_dir, adapter, workdir, prompts, progress)
+    metrics, _ = before_after.evaluate_or_reuse(cfg)
     with open(os.path.join(workdir, "judgments.jsonl"), encoding="utf-8") as f:
         judgments = {j["id"]: j for j in map(json.loads, f) if j}
     with open(prompts, encoding="utf-8") as f:

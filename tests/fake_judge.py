@@ -171,9 +171,17 @@ class FakeJudge:
         with self._lock:
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
+        h.iopo_counted = True  # in flight until its answer starts going out (see _answered)
         try:
             self._handle_inner(h)
         finally:
+            self._answered(h)
+
+    def _answered(self, h) -> None:
+        """Ends a request's in-flight time once, before its answer is written: a client that bounds its
+        concurrency may send its next request as soon as it has read this answer."""
+        if getattr(h, "iopo_counted", False):
+            h.iopo_counted = False
             with self._lock:
                 self.inflight -= 1
 
@@ -250,6 +258,7 @@ class FakeJudge:
         self._send_raw(h, rec, status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), extra_headers)
 
     def _send_raw(self, h, rec: Received, status: int, data: bytes, extra_headers: Optional[dict] = None) -> None:
+        self._answered(h)
         try:
             h.send_response(status)
             h.send_header("Content-Type", "application/json")

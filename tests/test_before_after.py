@@ -113,7 +113,7 @@ def test_run_job_phases_and_resume(tmp_path, monkeypatch, capsys):
             json.dump({"steps": 3, "train_first": {"loss": 2.0}, "train_last": {"loss": 1.5}},
                       open(os.path.join(self.workdir, "summary.json"), "w"))
 
-    monkeypatch.setattr(ba, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(ba, "evaluate_or_reuse", fake_evaluate)
     monkeypatch.setattr(trainer_mod, "Trainer", FakeTrainer)
     cfg = get_config()
     cfg.model.path = str(tmp_path / "model")  # skips the fetch

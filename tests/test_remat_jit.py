@@ -76,6 +76,7 @@ def _check_offline(dropout, policies):
             np.testing.assert_allclose(g[k], g0[k], rtol=1e-5, atol=1e-7, err_msg=f"{pol} {k}")
 
 
+@pytest.mark.slow  # ~1 min on 2 cores
 def test_offline_steps_remat_full_with_dropout():
     """Quick: remat=full with LoRA dropout inside the jitted micro, eval and reference steps."""
     _check_offline(0.3, ["full"])

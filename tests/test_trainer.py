@@ -89,6 +89,7 @@ def test_lora_only_updates_and_reference(tiny_model_dir, small_iopo_file, tmp_pa
     assert "rewards/accuracies_v1" in lines[-2] and "tokens_per_s" in lines[-2]
 
 
+@pytest.mark.slow  # ~2 min each on 2 cores: CI's slow set runs them
 @pytest.mark.parametrize("mesh", [{"data": 2, "fsdp": 4, "tensor": 1}, {"data": 1, "fsdp": 4, "tensor": 2}],
                          ids=["data2xfsdp4", "fsdp4xtensor2"])
 def test_same_losses_on_1_and_8_devices(tiny_model_dir, small_iopo_file, tmp_path, mesh):
@@ -215,6 +216,7 @@ def test_cpu_demo_learns(tmp_path):
     assert "validation loss: start" in r.stdout and os.path.isfile(tmp_path / "demo" / "training_curves.png")
 
 
+@pytest.mark.slow  # ~1 min on 2 cores
 def test_lora_dropout_runs_and_is_deterministic(tiny_model_dir, small_iopo_file, tmp_path):
     """LoRA dropout > 0: dropout masks are reseeded from (seed, step), so reruns are identical."""
     def run(name):
