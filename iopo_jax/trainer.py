@@ -212,12 +212,6 @@ def reference_cache_key(data_fingerprint: str, model_dir: str, cfg, k: int) -> s
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def atomic_savez(path: str, **arrays) -> None:
-    """``np.savez`` written whole (local: temporary file + ``os.replace``; object store: one upload):
-    a kill mid-write leaves no partial file at ``path``."""
-    paths.save_npz(path, **arrays)
-
-
 def optimizer_steps(train_it, num_epochs, grad_accum: int) -> int:
     """Optimizer steps that use every micro-batch of ``num_epochs`` epochs: ceil(micro-batches / grad_accum)
     (the last step accumulates the remainder). ``num_epochs`` None/0 counts one epoch."""
@@ -770,7 +764,7 @@ class Trainer:
                         if ex >= 0:
                             idx.append(int(ex))
                             vals.append(lp[j])
-            atomic_savez(path, index=np.array(idx, np.int64), logps=np.array(vals, np.float32).reshape(-1, self.k))
+            paths.save_npz(path, index=np.array(idx, np.int64), logps=np.array(vals, np.float32).reshape(-1, self.k))
             tables[split] = dict(zip(idx, vals))
             log.info("precomputed reference log-probs for %d %s groups -> %s", len(idx), split, path)
         return tables

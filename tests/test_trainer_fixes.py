@@ -15,7 +15,8 @@ from configs.base import get_config
 from iopo_jax.models.config import LoRAConfig, ModelConfig
 from iopo_jax.models.transformer import Transformer
 from iopo_jax.objectives import ObjectiveConfig, get_objective
-from iopo_jax.trainer import (atomic_savez, frozen_keys, make_optimizer, make_steps, optimizer_steps,
+from iopo_jax.paths import save_npz as atomic_savez
+from iopo_jax.trainer import (frozen_keys, make_optimizer, make_steps, optimizer_steps,
                               reference_cache_key, split_model, window_metrics)
 
 
