@@ -5,8 +5,9 @@ Input: one JSON object per line, ``{"id": ..., "prompt": "..."}`` or ``{"id": ..
 template (``--nochat_template`` sends them as raw text). Output: one line per input id,
 ``{"id", "response", "finish_reason", "num_prompt_tokens", "num_tokens"}`` (with ``--n > 1``:
 ``responses`` / ``finish_reasons`` lists), plus ``token_ids`` / ``logprobs`` when asked. The output is
-appended and flushed after every batch; rerunning the same command skips the ids already there, so a
-crash loses at most the batch in flight. Samples are seeded per record (``--seed`` and the id), so a
+appended and flushed as records finish (with continuous batching, the default, every record as soon as
+its samples are done; with ``--batching=static`` after every batch), in completion order; rerunning the
+same command skips the ids already there, so a crash loses only the records in flight. Samples are seeded per record (``--seed`` and the id), so a
 resumed run draws what an uninterrupted one would have.
 
 Example::
@@ -188,12 +189,14 @@ def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
         return summary
     if sampler is None:
         rows = max(args.batch_size, args.n)
-        # Two batch buckets (full, quarter): a file compiles once per prompt bucket, plus once for a short tail.
+        kw = {}
+        if args.batching != "continuous":
+            # Two batch buckets (full, quarter): a file compiles once per prompt bucket, plus once for a short tail.
+            kw["batch_buckets"] = sorted({max(1, rows // 4), rows})
         sampler = Sampler.from_pretrained(args.model_dir, lora=args.lora, mesh=parse_mesh(args.mesh),
                                           dtype=args.dtype, param_dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-                                          max_batch_size=rows, batch_buckets=sorted({max(1, rows // 4), rows}),
-                                          max_model_len=args.max_model_len or None,
-                                          continuous=args.batching == "continuous")
+                                          max_batch_size=rows, max_model_len=args.max_model_len or None,
+                                          continuous=args.batching == "continuous", **kw)
     # Tokenize and check everything first: a bad record fails the run before any compute.
     for r in pending:
         where = f"{args.input}:{r['line']}"
@@ -204,7 +207,6 @@ def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
             raise InputError(f"{e} (raise --max_model_len or lower --max_new_tokens)"
                              if "context" in str(e) or "bucket" in str(e) else str(e)) from None
     pending.sort(key=lambda r: len(r["ids"]))
-    per_batch = max(1, args.batch_size // args.n)
     bar = None
     if args.progress:
         from tqdm import tqdm
@@ -213,26 +215,66 @@ def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
     t0 = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "a", encoding="utf-8") as out:
-        for s in range(0, len(pending), per_batch):
-            group = pending[s:s + per_batch]
-            comps = sampler.generate([r["ids"] for r in group], params,
-                                     seeds=[record_seed(args.seed, r["id"]) for r in group])
-            for k, r in enumerate(group):
-                cs = comps[k * args.n:(k + 1) * args.n]
+        def write(done_records):
+            for r, cs in done_records:
                 out.write(json.dumps(_output_record(r, cs, args), ensure_ascii=False) + "\n")
                 summary["tokens"] += sum(c.num_tokens for c in cs)
             out.flush()
             os.fsync(out.fileno())
-            summary["generated"] += len(group)
+            summary["generated"] += len(done_records)
             if bar is not None:
                 el = time.perf_counter() - t0
                 bar.set_postfix(tok_s=f"{summary['tokens'] / max(el, 1e-9):.1f}")
-                bar.update(len(group))
+                bar.update(len(done_records))
+
+        if getattr(sampler, "continuous", False):
+            _stream_continuous(sampler, pending, params, args, write)
+        else:
+            per_batch = max(1, args.batch_size // args.n)
+            for s in range(0, len(pending), per_batch):
+                group = pending[s:s + per_batch]
+                comps = sampler.generate([r["ids"] for r in group], params,
+                                         seeds=[record_seed(args.seed, r["id"]) for r in group])
+                write([(r, comps[k * args.n:(k + 1) * args.n]) for k, r in enumerate(group)])
     if bar is not None:
         bar.close()
     summary["seconds"] = time.perf_counter() - t0
     summary["stats"] = sampler.total_stats.as_dict()
     return summary
+
+
+def _stream_continuous(sampler, pending: list[dict], params, args: GenerateArgs, write):
+    """Continuous batching over the whole file: rows are fed to the scheduler a window at a time (longest
+    prompts first, so that their chunked prefill overlaps the decoding of the short ones) and every record
+    is written as soon as its ``n`` samples are done, not at the end of a batch."""
+    from iopo_jax.sampling import GenerationStats, Row
+
+    sch = sampler.scheduler
+    before = dataclasses.replace(sch.stats)
+    todo = sorted(pending, key=lambda r: -len(r["ids"]))
+    todo.reverse()  # pop() from the end: longest first
+    window = 2 * max(args.batch_size, args.n)
+    live: list[tuple[dict, list]] = []
+    all_rows = []
+    while todo or live:
+        while todo and len(sch.waiting) < window:
+            r = todo.pop()
+            seed = record_seed(args.seed, r["id"])
+            rows = [Row(r["ids"], params, seed, prompt_index=0, sample_index=j, key_index=0) for j in range(args.n)]
+            sampler.submit(rows)
+            live.append((r, rows))
+            all_rows += rows
+        sampler.step()
+        done = [(r, rows) for r, rows in live if all(x.finished for x in rows)]
+        if done:
+            live = [(r, rows) for r, rows in live if not all(x.finished for x in rows)]
+            write([(r, [x.completion() for x in rows]) for r, rows in done])
+    stats = GenerationStats(num_sequences=len(all_rows), prompt_tokens=sum(len(r.prompt_ids) for r in all_rows),
+                            generated_tokens=sum(len(r.token_ids) for r in all_rows),
+                            prefill_s=sch.stats.prefill_s - before.prefill_s,
+                            decode_s=sch.stats.decode_s - before.decode_s, batches=sch.stats.batches - before.batches)
+    sampler.last_stats = stats
+    sampler.total_stats.add(stats)
 
 
 def _output_record(rec: dict, comps, args: GenerateArgs) -> dict:
