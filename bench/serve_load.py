@@ -9,7 +9,10 @@ every request generates exactly its ``max_tokens``. Inter-arrival times are expo
 first streamed token; latency is the time to the last one.
 
 Servers run on 127.0.0.1 in this process (port 0), one per engine mode (``continuous``, ``static``
-= batch-level), warmed up with the same workload shape before timing. The ``hf`` baseline serves
+= batch-level), warmed up before timing so that no timed run compiles: the continuous engine with
+``Scheduler.warmup`` for the two request classes (every lane / job batch bucket it can produce), the
+batch-level engine by running one batch of every (batch bucket, with or without a long request) it
+can form. The ``hf`` baseline serves
 the requests one at a time in arrival order with ``transformers`` ``generate`` (batch 1, KV cache),
 the way a simple server without batching would. Everything is bounded by ``--timeout_s`` per run.
 
@@ -36,7 +39,7 @@ from absl import app, flags
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory (Llama / Qwen2) with a tokenizer")
 flags.DEFINE_bool("random_smollm2", False, "instead of --model_dir: random weights of SmolLM2-135M's shape "
                   "and a Qwen2 tokenizer built offline (no transformers baseline)")
-flags.DEFINE_list("rates", ["0.1", "0.4"], "Poisson arrival rates to measure, requests per second")
+flags.DEFINE_list("rates", ["0.2", "1"], "Poisson arrival rates to measure, requests per second")
 flags.DEFINE_list("modes", ["continuous", "static", "hf"], "engines: continuous, static (batch-level), hf")
 flags.DEFINE_integer("num_requests", 8, "requests per rate")
 flags.DEFINE_float("long_fraction", 0.25, "fraction of long requests")
@@ -46,7 +49,9 @@ flags.DEFINE_integer("long_prompt", 256, "prompt tokens of a long request")
 flags.DEFINE_integer("long_new", 48, "new tokens of a long request")
 flags.DEFINE_integer("max_batch_size", 4, "sequences generated together by the server")
 flags.DEFINE_integer("decode_chunk", 8, "decode steps between host checks (streaming granularity)")
-flags.DEFINE_integer("prefill_chunk", 256, "prefill chunk of the continuous engine")
+flags.DEFINE_integer("prefill_chunk", 64, "prefill chunk (both engines): long prompts are prefilled in chunks of "
+                     "this many tokens, and the continuous engine decodes running requests between them")
+flags.DEFINE_integer("prefill_budget", 64, "continuous engine: prompt tokens prefilled per scheduler round")
 flags.DEFINE_float("timeout_s", 600, "upper bound on one (mode, rate) run; requests not finished by then count "
                    "as errors")
 flags.DEFINE_float("total_timeout_s", 3600, "upper bound on the whole benchmark: modes / rates not started by then "
@@ -70,20 +75,28 @@ def workload(rate: float, n: int, seed: int, vocab: int):
     return out
 
 
-def warmup_workload(vocab: int):
-    """One long and three short requests arriving together: every shape of the continuous engine (its
-    shapes depend on the request class only, the server keeps its lanes at full batch), so that its timed
-    runs compile nothing new. The batch-level engine's shapes depend on which requests happen to share
-    a batch: it may still compile during the timed runs (reported as ``compilations_during_run``)."""
+def warm_up(mode: str, sampler, vocab: int):
+    """Compile before timing. Continuous: ``Scheduler.warmup`` for the short and the long request class.
+    Batch-level: its shapes depend on which requests share a batch (batch bucket x longest prompt x
+    largest max_tokens), so it runs one batch of every batch bucket, all short or with one long request."""
     import numpy as np
 
+    from iopo_jax.sampling import SamplingParams
+
+    if mode == "continuous":
+        return sampler.scheduler.warmup([(F.short_prompt, F.short_new), (F.long_prompt, F.long_new)],
+                                        SamplingParams(ignore_eos=True))
     rng = np.random.RandomState(F.seed + 99)
-
-    def req(at, long):
-        p, new = (F.long_prompt, F.long_new) if long else (F.short_prompt, F.short_new)
-        return dict(at=at, long=long, prompt=[int(x) for x in rng.randint(100, vocab - 100, p)], max_tokens=new)
-
-    return [[req(0.0, True)] + [req(0.0, False) for _ in range(3)]]
+    before = dict(sampler.engine.trace_counts)
+    for b in sampler.batch_buckets:
+        for with_long in (False, True):
+            prompts = [rng.randint(100, vocab - 100, F.short_prompt).tolist() for _ in range(b)]
+            new = F.short_new
+            if with_long:
+                prompts[0], new = rng.randint(100, vocab - 100, F.long_prompt).tolist(), F.long_new
+            sampler.generate(prompts, SamplingParams(max_new_tokens=new, ignore_eos=True))
+    after = dict(sampler.engine.trace_counts)
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
 def summarize(mode, rate, results, wall):
@@ -205,7 +218,8 @@ def main(argv):
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         tok = load_tokenizer(build_qwen2_tokenizer(tempfile.mkdtemp()))
         make = lambda cont: Sampler(model, tok, max_batch_size=F.max_batch_size, eos_token_ids=[],  # noqa: E731
-                                    decode_chunk=F.decode_chunk, prefill_chunk=F.prefill_chunk, continuous=cont)
+                                    decode_chunk=F.decode_chunk, prefill_chunk=F.prefill_chunk, continuous=cont,
+                                    prefill_budget=F.prefill_budget)
         modes = [m for m in F.modes if m != "hf"]
         vocab = cfg.vocab_size
     else:
@@ -215,7 +229,8 @@ def main(argv):
 
         def make(cont):
             s = Sampler.from_pretrained(F.model_dir, max_batch_size=F.max_batch_size, decode_chunk=F.decode_chunk,
-                                        prefill_chunk=F.prefill_chunk, continuous=cont)
+                                        prefill_chunk=F.prefill_chunk, prefill_budget=F.prefill_budget,
+                                        continuous=cont)
             if "state" in shared:
                 s.state = shared["state"]
             shared["state"] = s.state
@@ -239,38 +254,43 @@ def main(argv):
             tmodel = transformers.AutoModelForCausalLM.from_pretrained(F.model_dir).eval()
             torch_threads = __import__("torch").get_num_threads()
             print(f"[hf] warm-up (torch threads: {torch_threads}) ...", flush=True)
-            run_hf(tmodel, warmup_workload(vocab)[0][:2], F.timeout_s)  # one long, one short
+            run_hf(tmodel, workload(1.0, 2, F.seed + 99, vocab), F.timeout_s)
             for rate in rates:
                 if out_of_time(f"hf rate {rate}"):
                     continue
+                load0 = os.getloadavg()[0]
                 res, wall = run_hf(tmodel, workload(rate, F.num_requests, F.seed, vocab), F.timeout_s)
                 rows.append(summarize("hf", rate, res, wall))
+                rows[-1]["loadavg_1min_start_end"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
                 print(json.dumps(rows[-1]), flush=True)
             continue
         sampler = make(mode == "continuous")
         if out_of_time(mode):
             continue
         print(f"[{mode}] warm-up (compilation) ...", flush=True)
-        for warm in warmup_workload(vocab):
-            tw = time.perf_counter()
-            run_server(sampler, warm, F.timeout_s)
-            print(f"[{mode}] warm-up of {len(warm)} request(s): {time.perf_counter() - tw:.1f} s; compilations so far: "
-                  f"{dict(sampler.engine.trace_counts)}", flush=True)
+        tw = time.perf_counter()
+        compiled = warm_up(mode, sampler, vocab)
+        print(f"[{mode}] warm-up: {time.perf_counter() - tw:.1f} s, compilations {compiled}", flush=True)
         for rate in rates:
             if out_of_time(f"{mode} rate {rate}"):
                 continue
             before = dict(sampler.engine.trace_counts)
+            load0 = os.getloadavg()[0]
             res, wall = run_server(sampler, workload(rate, F.num_requests, F.seed, vocab), F.timeout_s)
             rows.append(summarize(mode, rate, res, wall))
+            rows[-1]["loadavg_1min_start_end"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
             after = dict(sampler.engine.trace_counts)
             rows[-1]["compilations_during_run"] = {k: v - before.get(k, 0) for k, v in after.items()
                                                    if v != before.get(k, 0)}
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| mode | rate req/s | ok | out tok/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | short p50 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| mode | rate req/s | ok | out tok/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | short p50 | "
+          "load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        la = r.get("loadavg_1min_start_end", ["?", "?"])
         print(f"| {r['mode']} | {r['rate']} | {r['ok']}/{r['requests']} | {r['tokens_per_s']} | {r['ttft_p50']} | "
-              f"{r['ttft_p99']} | {r['latency_p50']} | {r['latency_p99']} | {r['short_latency_p50']} |")
+              f"{r['ttft_p99']} | {r['latency_p50']} | {r['latency_p99']} | {r['short_latency_p50']} | "
+              f"{la[0]}-{la[1]} |")
     if F.json_out:
         with open(F.json_out, "w") as f:
             json.dump(rows, f, indent=1)

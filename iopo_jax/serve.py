@@ -127,8 +127,8 @@ class EngineLoop:
         self.max_rows = int(max_batch_size or sampler.max_batch_size)
         self.batch_wait_s = batch_wait_s
         self.continuous = bool(getattr(sampler, "continuous", False))
-        if self.continuous:
-            sampler.full_lanes = True  # fixed batch shapes: no compilation depends on the request mix
+        # continuous: lanes are sized to their rows (a lone request decodes at batch 1); the shapes that can
+        # occur are few and are compiled ahead by Scheduler.warmup (--warmup)
         self.queue: "queue.Queue[Job]" = queue.Queue()
         self._carry: list[Job] = []
         self._stop = threading.Event()
@@ -827,6 +827,20 @@ async def _stream(srv: OpenAIServer, job: Job, meta: dict, chat: bool):
 
 
 # ----------------------------------------------------------------------------- command line
+def parse_warmup(items) -> list[tuple[int, int]]:
+    """``["200:256", "2000:512"]`` -> ``[(200, 256), (2000, 512)]``."""
+    out = []
+    for it in items:
+        a, sep, b = str(it).partition(":")
+        try:
+            out.append((int(a), int(b)))
+        except ValueError:
+            sep = ""
+        if not sep or min(out[-1]) < 1:
+            raise ValueError(f"--warmup: expected PROMPT_TOKENS:MAX_TOKENS pairs of positive integers, got {it!r}")
+    return out
+
+
 def _define_flags():
     from absl import flags
 
@@ -849,6 +863,12 @@ def _define_flags():
                   "batch-level engine (waiting requests form a batch that runs to its end)")
     f.DEFINE_integer("prefill_chunk", 512, "long prompts are prefilled in chunks of this many tokens, between "
                      "decode steps of the running requests")
+    f.DEFINE_list("warmup", [], "continuous batching: compile ahead every shape requests of these classes can "
+                  "produce, as PROMPT_TOKENS:MAX_TOKENS pairs (e.g. '200:256,2000:512'); otherwise the first "
+                  "requests of a new shape wait for its compilation")
+    f.DEFINE_integer("prefill_budget", 4096, "continuous batching: prompt tokens prefilled per scheduler round "
+                     "(at least one chunk) between decode chunks of the running requests; lower = running "
+                     "requests are held up less by new long prompts")
     f.DEFINE_integer("max_body_mb", MAX_BODY_BYTES >> 20, "largest request body accepted (413 above)")
     f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
     f.DEFINE_string("mesh", "", "device mesh, e.g. 'fsdp=-1' or 'fsdp=4,tensor=2' (default: fsdp over all devices)")
@@ -870,13 +890,25 @@ def main(argv):
 
         jax.config.update("jax_compilation_cache_dir", F.compilation_cache_dir)
     api_key = F.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        shapes = parse_warmup(F.warmup)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if F.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("binding %s without an API key: anyone who can reach this port can use the model", F.host)
     sampler = Sampler.from_pretrained(F.model_dir, lora=F.lora, mesh=parse_mesh(F.mesh), dtype=F.dtype,
                                       param_dtype=F.dtype, tokenizer_dir=F.tokenizer_dir,
                                       max_batch_size=F.max_batch_size, max_model_len=F.max_model_len or None,
                                       decode_chunk=F.decode_chunk, prefill_chunk=F.prefill_chunk,
-                                      continuous=F.batching == "continuous")
+                                      prefill_budget=F.prefill_budget, continuous=F.batching == "continuous")
+    if shapes:
+        if sampler.continuous:
+            t0 = time.perf_counter()
+            compiled = sampler.scheduler.warmup(shapes)
+            logger.info("warm-up of %s: %d compilations in %.1f s", F.warmup, sum(compiled.values()),
+                        time.perf_counter() - t0)
+        else:
+            logger.warning("--warmup applies to continuous batching only; ignored with --batching=static")
     name = F.served_model_name or os.path.basename(os.path.normpath(F.model_dir))
     server = OpenAIServer(sampler, model_name=name, host=F.host, port=F.port, api_key=api_key,
                           batch_wait_s=F.batch_wait_ms / 1000, default_max_tokens=F.default_max_tokens,

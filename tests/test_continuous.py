@@ -130,3 +130,44 @@ def test_compilations_bounded(samplers):
     new = {k: v - after.get(k, 0) for k, v in cont.trace_counts.items() if v != after.get(k, 0)}
     assert not new, new  # same buckets: nothing recompiles, whatever the mix of lengths
     assert cont.trace_counts["decode_lane"] <= 2  # one lane shape (x stop-id widths 4 and 8 of the first test)
+
+
+@pytest.mark.slow
+def test_lanes_sized_to_demand_warmup_covers_every_shape(model):
+    """A lone long request decodes at lane batch 1; a short one admitted next to it grows the lane to the
+    next bucket, finishes first, and the lane shrinks back. The warm-up compiled every shape this
+    needs, and the outputs equal the batch-level engine's."""
+    kw = dict(eos_token_ids=[], max_batch_size=4, batch_buckets=(1, 2, 4), max_model_len=128, prompt_buckets=(16, 64),
+              new_token_buckets=(32,), cache_buckets=(128,), prefill_chunk=32, decode_chunk=4, prefill_budget=32)
+    s = Sampler(model, None, **kw)
+    assert s.scheduler.buckets == (1, 4)  # thinned to steps of 4x
+    compiled = s.scheduler.warmup([(10, 8), (60, 24)])
+    # one lane (128 slots) x batches 1, 4: decode 2, resize 1->4 and 4->1; prompt buckets 16, 64 x job
+    # batches 1, 4: prefill 4; admit (lane 1, job 1), (4, 1), (4, 4) per prompt bucket: 6
+    assert compiled == {"decode_lane": 2, "resize": 2, "prefill_chunk": 4, "admit": 6}, compiled
+    counts = dict(s.trace_counts)
+    long_p, short_p = _prompts([60])[0], _prompts([10], seed=1)[0]
+    done = {}
+
+    def track(name):
+        def on_update(row, delta, final):
+            if final:
+                done[name] = s.scheduler.rounds
+        return on_update
+
+    long_row = Row(long_p, SamplingParams(max_new_tokens=24), seed=0, on_update=track("long"))
+    short_row = Row(short_p, SamplingParams(max_new_tokens=8), seed=0, prompt_index=1, on_update=track("short"))
+    batches = []
+    s.submit([long_row])
+    while not long_row.token_ids or len(long_row.token_ids) < 5:  # the long row is decoding, alone
+        s.step()
+        batches.append(s.scheduler.lanes[128].batch)
+    assert set(batches) == {1}
+    s.submit([short_row])
+    while s.step():
+        batches.append(s.scheduler.lanes[128].batch if 128 in s.scheduler.lanes else 0)
+    assert 4 in batches and batches[-2:] == [1, 0], batches  # grew for the short row, shrank after it
+    assert done["short"] < done["long"], done
+    assert dict(s.trace_counts) == counts  # nothing compiled after the warm-up
+    ref = Sampler(model, None, continuous=False, **kw).generate([long_p, short_p], SamplingParams(max_new_tokens=24))
+    assert long_row.token_ids == ref[0].token_ids and short_row.token_ids == ref[1].token_ids[:8]

@@ -220,3 +220,26 @@ def test_batching_flag_static_equals_continuous(tmp_path, lora_setup, monkeypatc
     assert built == [False, True]
     assert outs["static"] == outs["continuous"]
     assert len(set(outs["static"].values())) > 1
+
+
+def test_continuous_run_writes_records_as_they_finish(tmp_path, lora_setup):
+    """With continuous batching a record is on disk as soon as its rows are done, while others still run."""
+    base, _, sampler = lora_setup
+    recs = [{"id": "short", "prompt": "?"}, {"id": "long", "prompt": "Tell me a story about " + "a cat " * 8}]
+    inp = _write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "out.jsonl"
+    seen = []
+    step, budget = sampler.step, sampler.prefill_budget
+
+    def spy():  # before each round: records on disk, and whether rows are still waiting or running
+        seen.append((len(out.read_text().splitlines()) if out.exists() else 0, sampler.scheduler.idle()))
+        return step()
+
+    sampler.step, sampler.prefill_budget = spy, 1  # one prefill job per round: the long prompt comes second
+    try:
+        run(GenerateArgs(model_dir=base, input=inp, output=str(out), batch_size=4, max_new_tokens=6,
+                         progress=False), sampler=sampler)
+    finally:
+        sampler.step, sampler.prefill_budget = step, budget
+    assert (1, False) in seen, seen  # one record written while the other was still generating
+    assert {r["id"] for r in _read_jsonl(out)} == {"short", "long"}

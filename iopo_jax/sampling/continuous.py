@@ -4,27 +4,34 @@ The batch-level engine (:mod:`iopo_jax.sampling.engine`) pads a batch to its lon
 it until its longest answer ends. Here the decode batch is a set of *lanes*; a lane is ``b`` slots
 over one KV cache of ``S`` slots per row with a **per-row** write position (``KVCache.end [b]``), so
 rows that joined at different times decode side by side. A row goes to the lane of its cache-length
-bucket (prompt bucket + its ``max_new_tokens``), so short requests never share (or pad to) the
-cache of a long prompt.
+bucket (prompt bucket + its ``max_new_tokens``, rounded up to a lane length), so short requests never
+pad to the cache of a much longer prompt.
 
 One scheduler round (:meth:`Scheduler.step`):
 
-1. waiting rows take free slots (a lane is created, or grown to a larger batch bucket, when full);
-   rows of one lane and one prompt bucket form a *prefill job*; rows with the same prompt ids (the
-   ``n`` samples of a prompt) share one prefill row: the prompt is prefilled once and its cache is
-   copied into each sample's slot (prefix reuse);
+1. waiting rows take free slots (a lane is created at the smallest batch bucket that holds them, or
+   grown to a larger one); rows of one lane and one prompt bucket form a *prefill job*; rows with the
+   same prompt ids (the ``n`` samples of a prompt) share one prefill row: the prompt is prefilled once
+   and its cache is copied into each sample's slot (prefix reuse);
 2. prefill jobs advance by chunks of ``prefill_chunk`` tokens, shortest job first, within a token
    budget per round, so a long prompt is prefilled over several rounds while the others decode;
    a finished job samples each row's first token and copies its cache into the lane (``admit``);
-3. every lane with running rows decodes ``decode_chunk`` steps (one device call); the host then
-   collects the tokens, applies stop strings, streams text, honours cancellation and frees the
-   slots of finished rows, which the next round fills.
+3. every lane with running rows decodes ``decode_chunk`` steps (one device call), the lane whose rows
+   are closest to done first; the host then collects the tokens, applies stop strings, streams text,
+   honours cancellation and frees the slots of finished rows, which the next round fills;
+4. a lane whose rows fit a smaller batch bucket (and that no waiting row needs) is compacted into it
+   (``resize``), so a lone request decodes at batch 1, not in a full lane.
+
+Lane lengths are coarse (by default 512, 2048, 8192, ... slots): on a memory-bound decode step the
+weights are read once per lane, so one lane for short and medium rows costs less than one lane each,
+while a very long prompt still does not make short rows attend over its cache.
 
 Static shapes: prefill compiles per (job batch bucket, prompt bucket, chunk), ``admit`` per
-(lane batch, lane length, job shape), ``decode`` per (lane batch, lane length) and ``grow`` per
-lane shape pair: a bounded number. Keys for sampling depend on (seed, prompt index, sample index,
-token index) only, so outputs do not depend on which rows share a batch, and greedy outputs equal
-the batch-level engine's.
+(lane batch, lane length, job shape), ``decode`` per (lane batch, lane length) and ``resize`` per
+pair of lane batches: a bounded number, which :meth:`Scheduler.warmup` compiles ahead for given
+request classes. Keys for sampling depend on (seed, prompt index, sample index, token index) only,
+so outputs do not depend on which rows share a batch, and greedy outputs equal the batch-level
+engine's.
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ import numpy as np
 from iopo_jax.models.transformer import KVCache, LayerCache
 from iopo_jax.sampling.engine import LENGTH, RUNNING, STOPPED, RowParams, _is_stop
 from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, GenerationStats
-from iopo_jax.sharding import BATCH_AXES, constrain
+from iopo_jax.sharding import BATCH_AXES, constrain, use_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ class ContinuousEngine:
         self.prefill_step = jax.jit(self._prefill_step, donate_argnums=(1,))
         self.admit = jax.jit(self._admit, donate_argnums=(1,))
         self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("steps",))
-        self.grow = jax.jit(self._grow, static_argnames=("batch",))
+        self.resize = jax.jit(self._resize)
 
     def new_cache(self, *, batch: int, length: int, per_row: bool, put=None) -> KVCache:
         """Zeros, made outside jit (XLA folds large constant zeros slowly); ``put`` places them."""
@@ -133,12 +140,13 @@ class ContinuousEngine:
         _, cache, cur, pos, count, active, finish, toks, lps = jax.lax.while_loop(cond, body, c)
         return _constrain_cache(cache), toks, lps, count, finish
 
-    def _grow(self, cache: KVCache, *, batch: int) -> KVCache:
-        self.trace_counts["grow"] += 1
-        extra = batch - cache.mask.shape[0]
+    def _resize(self, cache: KVCache, src) -> KVCache:
+        """A lane's cache with rows ``src [b']`` of the old one (an out-of-range index gives an empty row):
+        grows (``src = 0..b-1`` then empty rows), shrinks and compacts a lane."""
+        self.trace_counts["resize"] += 1
 
         def g(x):
-            return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+            return jnp.take(x, src, axis=0, mode="fill", fill_value=0)
 
         return _constrain_cache(KVCache([LayerCache(g(l.k), g(l.v)) for l in cache.layers], g(cache.mask),
                                         g(cache.end)))
@@ -191,7 +199,18 @@ class _Job:
 class Scheduler:
     """Continuous batching over a :class:`~iopo_jax.sampling.Sampler` (its buckets, text handling
     and settings). Not thread-safe: one thread calls :meth:`add` and :meth:`step` (the server's
-    engine thread, or :meth:`Sampler.run_rows`)."""
+    engine thread, or :meth:`Sampler.run_rows`).
+
+    Shapes: lane and prefill-job batches come from :attr:`buckets` (the sampler's batch buckets thinned
+    to steps of at least 4x, e.g. 1, 4, 16, 32), lane lengths from :attr:`lane_lengths` (its cache
+    buckets from ``min_lane_length`` on, thinned to steps of at least 4x): few shapes, so that
+    :meth:`warmup` can compile all of them before serving. A lane holds the smallest batch bucket
+    that fits its rows: it grows when rows wait for it and shrinks (its rows compacted into the
+    first slots) when rows leave, so a lone request decodes at batch 1.
+    """
+
+    min_lane_length = 512  # shorter lanes would save little attention and cost one more lane (decode call) per round
+    step_factor = 4  # consecutive lane lengths / batch buckets differ by at least this factor
 
     def __init__(self, sampler):
         self.s = sampler
@@ -202,6 +221,9 @@ class Scheduler:
         self.stats = GenerationStats()
         self.rounds = 0
         self.prefilled_prompts = 0  # prompt rows prefilled (fewer than rows with prefix sharing)
+        self.resizes = 0
+        self.buckets = _thin(tuple(sampler.batch_buckets), self.step_factor, lo=0)
+        self.lane_lengths = _thin(tuple(sampler.cache_buckets), self.step_factor, lo=self.min_lane_length)
 
     # ------------------------------------------------------------------ public
     def add(self, rows):
@@ -217,7 +239,9 @@ class Scheduler:
         return sum(int(l.active.sum()) for l in self.lanes.values()) + sum(len(j.rows) for j in self.jobs)
 
     def step(self):
-        """One round: admit, prefill (bounded), decode every lane one chunk."""
+        """One round: admit waiting rows, prefill (within the token budget, shortest job first), then
+        decode every lane with running rows one chunk, the lane whose rows are closest to done first,
+        and fit each lane's batch to its rows."""
         self.rounds += 1
         self._drop_cancelled_waiting()
         self._form_jobs()
@@ -225,12 +249,68 @@ class Scheduler:
         self._prefill_round()
         t1 = time.perf_counter()
         self.stats.prefill_s += t1 - t0
-        for lane in list(self.lanes.values()):
-            if lane.active.any():
-                self._decode_lane(lane)
+        lanes = [l for l in self.lanes.values() if l.active.any()]
+        for lane in sorted(lanes, key=self._remaining):
+            self._decode_lane(lane)
         self.stats.decode_s += time.perf_counter() - t1
         for key in [k for k, l in self.lanes.items() if not l.busy()]:
             del self.lanes[key]  # free its cache; recreated (no recompilation) when needed
+        if not self.s.full_lanes:
+            waiting_for = {self._row_lane(r) for r in self.waiting}
+            for lane in self.lanes.values():
+                if lane.length not in waiting_for:
+                    self._shrink(lane)
+
+    def warmup(self, shapes, params=None) -> dict:
+        """Compile every shape the scheduler can produce for requests of the given ``(prompt tokens,
+        max_new_tokens)`` classes, before serving them: for each lane they map to and each of its batch
+        buckets, ``decode`` and every ``resize`` between buckets; for each prompt bucket and job batch
+        bucket, a prefill chunk and ``admit`` into each lane batch. Runs on empty caches (decode with no
+        active row runs no step; admissions are dropped). ``params`` (default greedy) sets the stop-id
+        width of the row parameters. Returns the compilations it caused by kind."""
+        from iopo_jax.sampling.params import SamplingParams
+        from iopo_jax.sampling.sampler import Row
+
+        with use_mesh(self.s.mesh):
+            return self._warmup(shapes, params or SamplingParams(), Row)
+
+    def _warmup(self, shapes, params, Row) -> dict:
+        s = self.s
+        before = collections.Counter(self.engine.trace_counts)
+        lanes: dict[int, set] = collections.defaultdict(set)
+        for n, new in shapes:
+            p = self.prompt_bucket(int(n))
+            lanes[self.lane_length(p, int(new))].add(p)
+        dummy = Row([s.pad_id], params, 0)
+        for length, ps in sorted(lanes.items()):
+            cap = self.lane_cap(length)
+            bs = [b for b in self.buckets if b <= cap] if not s.full_lanes else [cap]
+            for b in bs:
+                lane = self._new_lane(length, b)
+                lane.params = s._row_params([dummy] * b, b)
+                self._decode_lane(lane)  # no active row: compiles, runs no step
+                for p in sorted(ps):
+                    for kb in (k for k in self.buckets if k <= b):
+                        ids = np.full((kb, p), s.pad_id, np.int32)
+                        seg = np.zeros((kb, p), np.int32)
+                        seg[:, -1] = 1
+                        pos = np.zeros((kb, p), np.int32)
+                        c = s.engine.prefill_chunk
+                        chunk = c if 0 < c < p and p % c == 0 else p
+                        job = _Job(lane, p, chunk, [], [], [], ids, pos, seg)
+                        self._prefill_chunk(job)
+                        dst = np.full(kb, b, np.int32)  # out of range: nothing is written
+                        lane.cache, tok, _ = self.engine.admit(s.state, lane.cache, job.cache, job.last,
+                                                               s._put(np.zeros(kb, np.int32)), s._put(dst),
+                                                               s._row_params([dummy] * kb, kb))
+                        np.asarray(tok)
+                for b2 in bs:
+                    if b2 != b:
+                        src = np.full(b2, b, np.int32)
+                        src[:min(b, b2)] = np.arange(min(b, b2))
+                        jax.block_until_ready(self.engine.resize(lane.cache, s._put(src)))
+        after = self.engine.trace_counts
+        return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
     # ------------------------------------------------------------------ sizes
     def prompt_bucket(self, n: int) -> int:
@@ -241,13 +321,21 @@ class Scheduler:
 
     def lane_length(self, p: int, max_new: int) -> int:
         need = p + max_new
-        return _pick(need, self.s.cache_buckets) if need <= self.s.cache_buckets[-1] else need
+        return _pick(need, self.lane_lengths) if need <= self.lane_lengths[-1] else need
 
     def lane_cap(self, length: int) -> int:
         s = self.s
         cap = max(1, min(s.max_batch_size, s.max_cache_tokens // length))
-        ok = [b for b in s.batch_buckets if b <= cap]
-        return ok[-1] if ok else s.batch_buckets[0]
+        ok = [b for b in self.buckets if b <= cap]
+        return ok[-1] if ok else self.buckets[0]
+
+    def _row_lane(self, r) -> int:
+        return self.lane_length(self.prompt_bucket(len(r.prompt_ids)), r.params.max_new_tokens)
+
+    def _remaining(self, lane: _Lane) -> int:
+        """Fewest decode steps any running row of the lane still has at most (its max_new_tokens left)."""
+        return min(r.params.max_new_tokens - int(lane.count[i]) for i, r in enumerate(lane.rows)
+                   if r is not None and lane.active[i])
 
     # ------------------------------------------------------------------ admission
     def _drop_cancelled_waiting(self):
@@ -282,31 +370,53 @@ class Scheduler:
             taken.update(id(r) for r in rows)
         self.waiting = collections.deque(r for r in self.waiting if id(r) not in taken)
 
+    def _new_lane(self, length: int, b: int) -> _Lane:
+        cache = self.engine.new_cache(batch=b, length=length, per_row=True, put=self.s._put)
+        return _Lane(length, b, cache, [None] * b, set(), np.zeros(b, np.int32), np.zeros(b, np.int32),
+                     np.zeros(b, np.int32), np.zeros(b, bool))
+
     def _lane_for(self, length: int, want: int) -> _Lane:
         s = self.s
         cap = self.lane_cap(length)
         lane = self.lanes.get(length)
         if lane is None:
-            # full_lanes (the server): every lane at its largest batch, so that the shapes (and compilations)
-            # do not depend on how many requests happen to be waiting
-            b = cap if s.full_lanes else _pick(min(max(want, 1), cap), s.batch_buckets)
-            cache = self.engine.new_cache(batch=b, length=length, per_row=True, put=s._put)
-            lane = _Lane(length, b, cache, [None] * b, set(), np.zeros(b, np.int32), np.zeros(b, np.int32),
-                         np.zeros(b, np.int32), np.zeros(b, bool))
-            self.lanes[length] = lane
+            # full_lanes: every lane at its largest batch (shapes independent of the request mix); otherwise
+            # the smallest bucket that holds the rows waiting for it
+            b = cap if s.full_lanes else _pick(min(max(want, 1), cap), self.buckets)
+            lane = self.lanes[length] = self._new_lane(length, b)
             return lane
         free = len(lane.free_slots())
         if want > free and lane.batch < cap:
-            b = _pick(min(lane.batch - free + want, cap), s.batch_buckets)
-            if b > lane.batch:
-                extra = b - lane.batch
-                lane.cache = self.engine.grow(lane.cache, batch=b)
-                lane.rows += [None] * extra
-                lane.cur, lane.pos, lane.count = (np.concatenate([x, np.zeros(extra, np.int32)])
-                                                  for x in (lane.cur, lane.pos, lane.count))
-                lane.active = np.concatenate([lane.active, np.zeros(extra, bool)])
-                lane.batch, lane.params = b, None
+            b = _pick(min(lane.batch - free + want, cap), self.buckets)
+            if b > lane.batch:  # grow: the rows keep their slots, new empty slots at the end
+                self._resize(lane, list(range(lane.batch)) + [None] * (b - lane.batch))
         return lane
+
+    def _shrink(self, lane: _Lane):
+        """Move a lane's running rows into the smallest batch bucket that holds them (nothing reserved)."""
+        if lane.reserved:
+            return
+        used = [i for i, r in enumerate(lane.rows) if r is not None]
+        b = _pick(max(len(used), 1), self.buckets)
+        if b < lane.batch:
+            self._resize(lane, used + [None] * (b - len(used)))
+
+    def _resize(self, lane: _Lane, src: list):
+        """Lane slot ``j`` takes the row of old slot ``src[j]`` (None: an empty slot)."""
+        s = self.s
+        old = lane.batch
+        idx = np.asarray([old if i is None else i for i in src], np.int32)  # out of range: an empty row
+        lane.cache = self.engine.resize(lane.cache, s._put(idx))
+
+        def take(x, fill):
+            return np.asarray([fill if i is None else x[i] for i in src], x.dtype)
+
+        lane.cur, lane.pos, lane.count = take(lane.cur, 0), take(lane.pos, 0), take(lane.count, 0)
+        lane.active = take(lane.active, False)
+        lane.rows = [None if i is None else lane.rows[i] for i in src]
+        lane.reserved = {j for j, i in enumerate(src) if i is not None and i in lane.reserved}
+        lane.batch, lane.params = len(src), None
+        self.resizes += 1
 
     def _make_job(self, lane: _Lane, p: int, rows: list, slots: list[int]):
         s = self.s
@@ -321,7 +431,7 @@ class Scheduler:
         for r, k in zip(rows, src):
             prompts[k] = r.prompt_ids
         self.prefilled_prompts += len(prompts)
-        b = _pick(len(prompts), s.batch_buckets)
+        b = _pick(len(prompts), self.buckets)
         ids = np.full((b, p), s.pad_id, np.int32)
         seg = np.zeros((b, p), np.int32)
         for i, x in enumerate(prompts):
@@ -365,7 +475,7 @@ class Scheduler:
     def _admit(self, job: _Job):
         s, lane = self.s, job.lane
         n = len(job.rows)
-        kb = _pick(n, s.batch_buckets)
+        kb = _pick(n, self.buckets)
         src = np.zeros(kb, np.int32)
         dst = np.full(kb, lane.batch, np.int32)  # out of range: dropped
         src[:n], dst[:n] = job.src, job.dst
@@ -460,6 +570,18 @@ class Scheduler:
     def _free(self, lane: _Lane, slot: int):
         lane.rows[slot] = None
         lane.active[slot] = False
+
+
+def _thin(buckets: tuple, factor: int, lo: int) -> tuple:
+    """The buckets from the smallest one >= ``lo`` (or the largest) on, each at least ``factor`` x the
+    previous kept one, and always the largest."""
+    out: list = []
+    for b in buckets:
+        if (not out and (b >= lo or b == buckets[-1])) or (out and b >= out[-1] * factor):
+            out.append(b)
+    if out[-1] != buckets[-1]:
+        out.append(buckets[-1])
+    return tuple(out)
 
 
 def _pick(x: int, buckets) -> int:
