@@ -240,3 +240,12 @@ def test_body_limits(server):
     finally:
         server.max_body_bytes = saved
     assert _raw(server, "GET", "/v1/models")[0] == 200
+
+
+def test_parse_warmup_flag():
+    from iopo_jax.serve import parse_warmup
+
+    assert parse_warmup(["200:256", "2000:512"]) == [(200, 256), (2000, 512)]
+    for bad in (["200"], ["a:5"], ["0:5"], ["5:"]):
+        with pytest.raises(ValueError, match="--warmup"):
+            parse_warmup(bad)

@@ -366,9 +366,30 @@ class Scheduler:
                 continue
             rows = rows[:min(len(free), self.s.max_batch_size)]
             wanted[length] -= len(rows)
-            self._make_job(lane, p, rows, free[:len(rows)])
+            for part in self._split(rows):
+                self._make_job(lane, p, part, free[:len(part)])
+                free = free[len(part):]
             taken.update(id(r) for r in rows)
         self.waiting = collections.deque(r for r in self.waiting if id(r) not in taken)
+
+    def _split(self, rows: list) -> list[list]:
+        """Rows of one prefill group as jobs whose prompt counts fill their batch buckets: 7 prompts with
+        buckets 1, 4, 16 are prefilled as 4 + 3 (padded to 4), not as 7 padded to 16; a remainder under
+        3/4 of its bucket is split further. The samples of one prompt stay in one job (prefix sharing)."""
+        by_prompt: dict = collections.OrderedDict()
+        for r in rows:
+            key = tuple(r.prompt_ids) if self.s.prefix_sharing else ("row", id(r))
+            by_prompt.setdefault(key, []).append(r)
+        groups = list(by_prompt.values())
+        out = []
+        while groups:
+            n = len(groups)
+            b = _pick(n, self.buckets)
+            below = [x for x in self.buckets if x <= n]
+            k = n if (n >= 0.75 * b or not below) else below[-1]
+            out.append([r for g in groups[:k] for r in g])
+            groups = groups[k:]
+        return out
 
     def _new_lane(self, length: int, b: int) -> _Lane:
         cache = self.engine.new_cache(batch=b, length=length, per_row=True, put=self.s._put)
