@@ -7,8 +7,8 @@ template (``--nochat_template`` sends them as raw text). Output: one line per in
 ``responses`` / ``finish_reasons`` lists), plus ``token_ids`` / ``logprobs`` when asked. The output is
 appended and flushed as records finish (with continuous batching, the default, every record as soon as
 its samples are done; with ``--batching=static`` after every batch), in completion order; rerunning the
-same command skips the ids already there, so a crash loses only the records in flight. Samples are seeded per record (``--seed`` and the id), so a
-resumed run draws what an uninterrupted one would have.
+same command skips the ids already there, so a crash loses only the records in flight. Samples are
+seeded per record (``--seed`` and the id), so a resumed run draws what an uninterrupted one would have.
 
 Example::
 
@@ -61,6 +61,7 @@ class GenerateArgs:
     max_model_len: int = 0
     progress: bool = True
     batching: str = "continuous"  # or "static": the batch-level engine (a batch runs until its longest answer)
+    prefill_budget: int = 512  # continuous: padded prompt tokens prefilled per scheduler round (>= one chunk)
 
 
 def parse_mesh(spec: str):
@@ -196,7 +197,8 @@ def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
         sampler = Sampler.from_pretrained(args.model_dir, lora=args.lora, mesh=parse_mesh(args.mesh),
                                           dtype=args.dtype, param_dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
                                           max_batch_size=rows, max_model_len=args.max_model_len or None,
-                                          continuous=args.batching == "continuous", **kw)
+                                          continuous=args.batching == "continuous",
+                                          prefill_budget=args.prefill_budget, **kw)
     # Tokenize and check everything first: a bad record fails the run before any compute.
     for r in pending:
         where = f"{args.input}:{r['line']}"
@@ -325,6 +327,9 @@ def _define_flags():
     f.DEFINE_enum("batching", "continuous", ["continuous", "static"],
                   "continuous: rows leave the running batch when done and waiting prompts take their slots; "
                   "static: the batch-level engine (each batch padded to its longest prompt, run to its longest answer)")
+    f.DEFINE_integer("prefill_budget", 512, "continuous batching: padded prompt tokens prefilled per scheduler round "
+                     "(at least one chunk of one prompt) between decode chunks; small = the rows already decoding "
+                     "(and their records) finish sooner, long prompts are read over more rounds")
     for name in ("model_dir", "input", "output"):
         flags.mark_flag_as_required(name)
 
@@ -351,7 +356,8 @@ def main(argv):
                         temperature=F.temperature, top_p=F.top_p, top_k=F.top_k, seed=F.seed, n=F.n, stop=F.stop,
                         stop_token_ids=stop_ids, logprobs=F.logprobs, save_token_ids=F.save_token_ids,
                         chat_template=F.chat_template, system=F.system, dtype=F.dtype, mesh=F.mesh,
-                        max_model_len=F.max_model_len, progress=F.progress, batching=F.batching)
+                        max_model_len=F.max_model_len, progress=F.progress, batching=F.batching,
+                        prefill_budget=F.prefill_budget)
     try:
         summary = run(args)
     except (InputError, ValueError, FileNotFoundError) as e:

@@ -866,7 +866,7 @@ def _define_flags():
     f.DEFINE_list("warmup", [], "continuous batching: compile ahead every shape requests of these classes can "
                   "produce, as PROMPT_TOKENS:MAX_TOKENS pairs (e.g. '200:256,2000:512'); otherwise the first "
                   "requests of a new shape wait for its compilation")
-    f.DEFINE_integer("prefill_budget", 4096, "continuous batching: prompt tokens prefilled per scheduler round "
+    f.DEFINE_integer("prefill_budget", 512, "continuous batching: padded prompt tokens prefilled per scheduler round "
                      "(at least one chunk) between decode chunks of the running requests; lower = running "
                      "requests are held up less by new long prompts")
     f.DEFINE_integer("max_body_mb", MAX_BODY_BYTES >> 20, "largest request body accepted (413 above)")
