@@ -472,7 +472,8 @@ class Scheduler:
         budget = max(s.prefill_budget, 1)
         spent = 0
         # shortest job first; a job that has waited many rounds goes first (no starvation under load)
-        order = sorted(self.jobs, key=lambda j: (self.rounds - j.round < 16, j.remaining() * j.ids.shape[0]))
+        # (padded prompt tokens left: chunks x rows x chunk length; a short prompt is one chunk of its own length)
+        order = sorted(self.jobs, key=lambda j: (self.rounds - j.round < 16, j.remaining() * j.ids.shape[0] * j.chunk))
         for job in order:
             while job.remaining() and (spent == 0 or spent + job.ids.shape[0] * job.chunk <= budget):
                 self._prefill_chunk(job)
