@@ -55,7 +55,9 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     c.generation.top_p = 1.0
     # Max new tokens per answer (--max_new_tokens); sent as max_tokens to an API server.
     c.generation.max_new_tokens = 2048
-    # Prompts per sampler call (jax backend).
+    # Prompts in the JAX sampler at once (jax backend, continuous batching): each answer is written to
+    # predictions.jsonl (with its finish_reason and new_tokens) as soon as it finishes, and the next
+    # prompt takes its place, so an interrupted run loses only the answers still being generated.
     c.generation.batch_size = 16
     # Requests in flight (api backend).
     c.generation.concurrency = 8

@@ -48,6 +48,7 @@ class GenResult:
     id: str
     text: Optional[str] = None
     error: Optional[str] = None
+    meta: Optional[dict[str, Any]] = None  # e.g. {"finish_reason", "new_tokens"}; kept in the record (one-part units)
 
 
 class Generator(Protocol):
@@ -136,6 +137,7 @@ def run_generation(units: Sequence[GenUnit], generator: Generator, path: str, *,
     parts: dict[str, dict[int, str]] = {u.id: {} for u in pending}
     failed: set[str] = set()
     seen: set[str] = set()
+    metas: dict[str, dict[str, Any]] = {}
     bar = _progress(len(pending), f"generating ({generator.name})", progress)
     with io_utils.JsonlAppender(path) as app:
         for res in generator.generate(requests):
@@ -149,12 +151,16 @@ def run_generation(units: Sequence[GenUnit], generator: Generator, path: str, *,
                 bar.update(1)
                 continue
             parts[uid][int(p)] = res.text
+            if res.meta and len(by_unit[uid].parts) == 1:
+                metas[uid] = res.meta
             unit = by_unit[uid]
             if len(parts[uid]) == len(unit.parts):
                 text = joiner.join(parts[uid][i] for i in range(len(unit.parts)))
                 rec = {"id": uid, "response": text}
                 if len(unit.parts) > 1:
                     rec["parts"] = [parts[uid][i] for i in range(len(unit.parts))]
+                if uid in metas:
+                    rec.update(metas[uid])
                 if extra_fields:
                     rec.update(extra_fields)
                 app.append(rec)

@@ -9,7 +9,8 @@
   (:class:`evaluation.judge.ChatClient`, with its own response store, so an interrupted generation
   pass resumes without re-sending).
 * :class:`JaxSamplerGenerator` - our own JAX sampler (``iopo_jax.sampling``) through
-  :func:`jax_sampler_generate`, the one adapter function to wire to the sampler's batch API.
+  :func:`jax_sampler_stream` (continuous batching; each answer as soon as it finishes).
+  :func:`jax_sampler_generate` answers one batch (used by ``evaluation.before_after``).
 """
 from __future__ import annotations
 
@@ -157,8 +158,65 @@ def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], 
     return [c.text for c in sampler.generate(list(batch), params, seeds=[unit_seed(seed, i) for i in ids])]
 
 
+def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, str]]], ids: Sequence[str], *,
+                       temperature: float, top_p: float, max_new_tokens: int, seed: int, lora: str = "",
+                       window: int = 32) -> Iterator[tuple[int, Any]]:
+    """Answers chat conversations with our JAX sampler, yielding ``(position, Completion)`` as each finishes.
+
+    At most ``window`` conversations are in the sampler at once (continuous batching): when one
+    finishes it is yielded at once and the next conversation takes its place, so a caller that writes
+    each answer as it arrives loses nothing already answered on a crash. Each conversation samples
+    with :func:`unit_seed` of its id (the key :meth:`Sampler.generate` uses with ``seeds``), so the
+    answers do not depend on the window or on the order of completion.
+    """
+    from iopo_jax.sampling import Row, SamplingParams  # pylint: disable=import-outside-toplevel
+
+    if not os.path.isdir(model_dir):
+        raise SamplerUnavailableError(
+            f"model directory not found: {model_dir!r}; pass --model_dir=CHECKPOINT, or generate with "
+            "--predictions=FILE or --gen_base_url=URL instead")
+    if len(ids) != len(conversations):
+        raise ValueError(f"jax_sampler_stream: {len(ids)} ids for {len(conversations)} conversations")
+    if window < 1:
+        raise ValueError(f"jax_sampler_stream: window must be >= 1, got {window}")
+    sampler = _cached_sampler(model_dir, lora)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    todo = list(range(len(conversations)))[::-1]  # popped from the end: file order
+    running: list[Any] = []
+
+    def admit():
+        new = []
+        while todo and len(running) + len(new) < window:
+            i = todo.pop()
+            where = f"request {ids[i]!r}"
+            prompt_ids = sampler.encode(conversations[i], where=where)
+            sampler.check_length(len(prompt_ids), max_new_tokens, where=where)
+            new.append(Row(prompt_ids, params, unit_seed(seed, ids[i]), prompt_index=i, key_index=0))
+        if new:  # longest first, as Sampler.generate does: long prompts start prefilling first
+            sampler.submit(sorted(new, key=lambda r: -len(r.prompt_ids)))
+            running.extend(new)
+
+    try:
+        admit()
+        while running:
+            if not sampler.step():
+                raise RuntimeError(f"the sampler went idle with {len(running)} unfinished rows")
+            done = [r for r in running if r.finished]
+            running[:] = [r for r in running if not r.finished]
+            admit()
+            for r in done:
+                yield r.prompt_index, r.completion()
+    finally:
+        if running:  # interrupted (or the consumer stopped): drop the rest, free the caches
+            for r in running:
+                r.cancelled = True
+            sampler.reset_scheduler()
+
+
 class JaxSamplerGenerator:
-    """Answers from our JAX sampler, ``batch_size`` conversations per call (see :func:`jax_sampler_generate`)."""
+    """Answers from our JAX sampler, at most ``batch_size`` conversations in it at once; each answer is
+    returned as soon as it finishes (see :func:`jax_sampler_stream`), with its finish reason and
+    number of new tokens."""
 
     def __init__(self, model_dir: str, *, temperature: float, top_p: float, max_new_tokens: int,
                  batch_size: int, seed: int = 0, lora: str = ""):
@@ -168,10 +226,8 @@ class JaxSamplerGenerator:
         self.batch_size = batch_size
 
     def generate(self, requests: Sequence[driver.GenRequest]) -> Iterator[driver.GenResult]:
-        for batch in driver.iter_batches(list(requests), self.batch_size):
-            texts = jax_sampler_generate(self.model_dir, [r.messages for r in batch], ids=[r.id for r in batch],
-                                         **self.kw)
-            if len(texts) != len(batch):
-                raise RuntimeError(f"jax_sampler_generate returned {len(texts)} answers for {len(batch)} prompts")
-            for r, t in zip(batch, texts):
-                yield driver.GenResult(r.id, t)
+        requests = list(requests)
+        for i, c in jax_sampler_stream(self.model_dir, [r.messages for r in requests], [r.id for r in requests],
+                                       window=self.batch_size, **self.kw):
+            yield driver.GenResult(requests[i].id, c.text,
+                                   meta={"finish_reason": c.finish_reason, "new_tokens": len(c.token_ids)})
