@@ -41,7 +41,7 @@ import numpy as np
 from iopo_jax.models.transformer import KVCache, LayerCache
 from iopo_jax.sampling.engine import LENGTH, RUNNING, STOPPED, RowParams, _is_stop
 from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, GenerationStats
-from iopo_jax.sharding import BATCH_AXES, constrain
+from iopo_jax.sharding import BATCH_AXES, constrain, host_value
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ class Scheduler:
         rp = s._row_params(job.rows, kb)
         lane.cache, tok, lp = self.engine.admit(s.state, lane.cache, job.cache, job.last, s._put(src), s._put(dst),
                                                 rp)
-        tok, lp = np.asarray(tok), np.asarray(lp)
+        tok, lp = host_value(tok), host_value(lp)
         lane.reserved.difference_update(job.dst)
         lane.params = None
         for i, (r, slot) in enumerate(zip(job.rows, job.dst)):
@@ -407,7 +407,7 @@ class Scheduler:
         lane.cache, toks, lps, count, finish = self.engine.decode(
             s.state, lane.cache, put(lane.cur), put(lane.pos), put(lane.count), put(lane.active),
             self._lane_params(lane), steps=s.decode_chunk)
-        toks, lps, count, finish = (np.asarray(x) for x in (toks, lps, count, finish))
+        toks, lps, count, finish = (host_value(x) for x in (toks, lps, count, finish))
         for i in np.nonzero(lane.active)[0]:
             r = lane.rows[i]
             k = int(count[i] - lane.count[i])  # tokens the row wrote in this chunk
