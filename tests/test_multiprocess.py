@@ -134,7 +134,10 @@ def rl_history(workdir):
 def test_segpo_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     """SegPO through the RL CLI, 2 processes x 2 devices vs 1 process x 4 devices: every process samples
     the same rollouts (keys from the seed, the iteration and the row), so the rollout rewards match
-    exactly and the per-iteration losses and the final adapter agree to float rounding."""
+    exactly and the per-iteration losses and the final adapter agree to float rounding (measured: losses
+    within 1.2e-7, KL 5e-6, adapter 2.6e-6). The demo prompts have no sub-instructions, so the segment
+    advantages are zero here (tests/test_rl_loop.py covers them). Wall time on the shared 2-core machine
+    (load ~15): 509 s for the 2-process run, 299 s for the 1-process run (most of it compilation)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     t0 = time.time()
     run(_segpo_args(tiny_model_dir, two), 2, 2, two)
