@@ -146,6 +146,17 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None
     return NamedSharding(mesh, P(*spec))
 
 
+def host_value(x) -> np.ndarray:
+    """The whole value of an array on this host: ``np.asarray`` when this process holds all of it (or a full
+    replica), an all-gather over the processes when it is sharded across hosts (every process must then
+    make the same call, in the same order, as with any collective)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def current_mesh():
     """The mesh set by :func:`use_mesh` (an AbstractMesh), or None."""
     m = jax.sharding.get_abstract_mesh()

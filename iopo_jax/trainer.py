@@ -1,4 +1,6 @@
-"""Offline preference / SFT training: state, jitted steps, evaluation, the loop.
+"""Offline preference / SFT training: the jitted steps, evaluation and :class:`Trainer`, which runs them
+on the shared skeleton (:class:`iopo_jax.train_loop.TrainLoop`: model state, optimizer, checkpoints,
+metrics, preemption, exports).
 
 The pieces are pure functions over explicit arrays:
 
@@ -22,56 +24,39 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import math
 import os
-import re
-import signal
-import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from iopo_jax import paths
-from iopo_jax.checkpoint import Checkpointer
 from iopo_jax.logprobs import scored_sequence_logprobs, sequence_logprobs
-from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
-from iopo_jax.models.weights import load_model
 from iopo_jax.objectives import ObjectiveConfig, get_objective
 from iopo_jax.objectives.losses import CHOSEN_COLUMNS
-from iopo_jax.sharding import batch_sharding, make_mesh, path_str, use_mesh
+from iopo_jax.sharding import batch_sharding, path_str, use_mesh
+# the shared skeleton and model/optimizer plumbing (re-exported here for the existing importers)
+from iopo_jax.train_loop import (BoundStep, MetricsLogger, ModelParts, PreemptionGuard, StepSpec,  # noqa: F401
+                                 TrainingDiverged, TrainLoop, _csv, _png, abstract_like, check_common_config,
+                                 config_error, decays, export_model, frozen_keys, lora_config, make_apply_step,
+                                 make_optimizer, make_schedule, reference_trainable, resolve_model_dir,
+                                 split_model)
 
 log = logging.getLogger("iopo_jax.train")
 
 K_OF_KIND = {"iopo": 4, "dpo": 2, "sft": 1}
 
 
-class TrainingDiverged(FloatingPointError):
-    """Loss or gradients became NaN/Inf."""
-
-
 # ----------------------------------------------------------------------------- config checks
-def _csv(s) -> list[str]:
-    if isinstance(s, (list, tuple)):
-        return [str(x) for x in s if str(x)]
-    return [x.strip() for x in str(s or "").split(",") if x.strip()]
-
-
 def check_config(cfg) -> None:
     """Fail early, naming the field, on values the run cannot use."""
     def bad(field, value, why):
-        raise ValueError(f"config.{field}={value!r}: {why}")
+        raise config_error(field, value, why)
 
-    if cfg.model.finetune not in ("lora", "full"):
-        bad("model.finetune", cfg.model.finetune, "must be 'lora' or 'full'")
-    if not cfg.model.path:
-        bad("model.path", cfg.model.path, "set it to a HF checkpoint directory or hub id")
+    check_common_config(cfg)
     if cfg.data.kind not in K_OF_KIND:
         bad("data.kind", cfg.data.kind, f"must be one of {sorted(K_OF_KIND)}")
     obj = get_objective(cfg.objective.name)  # raises with the valid names
@@ -83,22 +68,8 @@ def check_config(cfg) -> None:
         bad("data.share_prompt", True, "shares a prompt between the answers of IOPO groups or DPO pairs, not SFT")
     if cfg.objective.reference not in ("online", "precompute"):
         bad("objective.reference", cfg.objective.reference, "must be 'online' or 'precompute'")
-    if cfg.optimizer.schedule not in ("cosine", "linear", "constant"):
-        bad("optimizer.schedule", cfg.optimizer.schedule, "must be cosine, linear or constant")
-    if not 0 <= cfg.optimizer.warmup_ratio < 1:
-        bad("optimizer.warmup_ratio", cfg.optimizer.warmup_ratio, "must be in [0, 1)")
     if cfg.optimizer.grad_accum < 1:
         bad("optimizer.grad_accum", cfg.optimizer.grad_accum, "must be >= 1")
-    if not cfg.optimizer.lr > 0:
-        bad("optimizer.lr", cfg.optimizer.lr, "must be > 0")
-    targets = _csv(cfg.model.lora_targets)
-    if targets != ["all"] and any(t not in LORA_TARGETS_ALL for t in targets):
-        bad("model.lora_targets", cfg.model.lora_targets, f"names must be in {LORA_TARGETS_ALL} (or 'all')")
-    for p in _csv(cfg.optimizer.freeze_patterns):
-        try:
-            re.compile(p)
-        except re.error as e:
-            bad("optimizer.freeze_patterns", p, f"not a valid regex ({e})")
     ObjectiveConfig.from_mapping(objective_hparams(cfg))
 
 
@@ -106,15 +77,6 @@ def objective_hparams(cfg) -> dict:
     o = cfg.objective
     return dict(beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing, pref_ftx=o.pref_ftx,
                 simpo_gamma=o.simpo_gamma, orpo_lambda=o.orpo_lambda, sft_reduction=o.sft_reduction)
-
-
-def lora_config(cfg) -> LoRAConfig | None:
-    if cfg.model.finetune != "lora":
-        return None
-    targets = _csv(cfg.model.lora_targets)
-    targets = LORA_TARGETS_ALL if targets == ["all"] else tuple(targets)
-    return LoRAConfig(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
-                      targets=targets)
 
 
 def data_config(cfg, workdir: str):
@@ -131,64 +93,7 @@ def data_config(cfg, workdir: str):
         cache_dir=d.cache_dir or os.path.join(workdir, "data_cache"), num_proc=d.num_proc)
 
 
-# ----------------------------------------------------------------------------- optimizer
-def make_schedule(opt, total_steps: int):
-    warmup = int(math.ceil(opt.warmup_ratio * total_steps))
-    if opt.schedule == "constant":
-        decay = optax.constant_schedule(opt.lr)
-    elif opt.schedule == "linear":
-        decay = optax.linear_schedule(opt.lr, 0.0, max(total_steps - warmup, 1))
-    else:
-        decay = optax.cosine_decay_schedule(opt.lr, max(total_steps - warmup, 1))
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), decay], [warmup])
-
-
-def frozen_keys(opt, trainable: dict) -> frozenset:
-    """Paths of the trainable tree matching ``optimizer.freeze_patterns`` (never updated, not clipped)."""
-    patterns = [re.compile(p) for p in _csv(opt.freeze_patterns)]
-    return frozenset(k for k in trainable if any(p.search(k) for p in patterns))
-
-
-def decays(key: str) -> bool:
-    """Weight decay applies to weight matrices, embeddings and LoRA factors, not to biases and norm scales
-    (the Hugging Face Trainer's rule)."""
-    leaf = key.rsplit(".", 1)[-1]
-    return leaf not in ("bias", "scale")
-
-
-def _decay_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path_str(path)), params)
-
-
-def make_optimizer(opt, total_steps: int, trainable: dict) -> optax.GradientTransformation:
-    """AdamW (+ clipping) on the trainable tree; paths matching ``freeze_patterns`` get zero updates;
-    biases and norm scales are not decayed."""
-    chain = []
-    if opt.max_grad_norm and opt.max_grad_norm > 0:
-        chain.append(optax.clip_by_global_norm(opt.max_grad_norm))
-    chain.append(optax.adamw(make_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                             weight_decay=opt.weight_decay, mask=_decay_mask))
-    tx = optax.chain(*chain)
-    frozen = frozen_keys(opt, trainable)
-    labels = {k: ("frozen" if k in frozen else "train") for k in trainable}
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-
-
-def resolve_model_dir(cfg) -> str:
-    """``cfg.model.path``; creates the tiny random Qwen2 there first when asked (demo configs)."""
-    m = cfg.model
-    if not os.path.isdir(m.path) and m.make_tiny_if_missing:
-        from iopo_jax.tools.make_tiny_model import make_tiny_model
-
-        if jax.process_index() == 0:
-            log.info("creating a tiny random Qwen2 model at %s", m.path)
-            make_tiny_model(m.path, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
-                            intermediate_size=2 * m.tiny_hidden_size)
-    return m.path
-
-
+# ----------------------------------------------------------------------------- reference cache, step count
 def checkpoint_identity(model_dir: str) -> str:
     """Identity of a checkpoint directory: name, size and modification time (ns) of each file in it, so
     re-exporting different weights to the same path gives a different identity. A hub id (no such
@@ -222,107 +127,7 @@ def optimizer_steps(train_it, num_epochs, grad_accum: int) -> int:
     return -(-micro // grad_accum)
 
 
-# ----------------------------------------------------------------------------- model plumbing
-@dataclasses.dataclass
-class ModelParts:
-    """The model cut into what is trained and what is not.
-
-    Compiled steps never close over arrays: they take :meth:`state` (the frozen weights and, for full
-    fine-tuning, the reference weights) as an argument, so nothing is baked into a program as a
-    constant and arrays that span several hosts can be used (``jax.distributed``).
-    """
-
-    graphdef: Any
-    keys: list  # paths of the trainable leaves, in treedef order
-    treedef: Any  # treedef of the trainable nnx.State
-    frozen: tuple  # nnx states never updated (base weights, RNG streams)
-    ref_trainable: dict | None  # full fine-tuning: the initial weights (the reference policy)
-    lora: bool
-
-    def state(self) -> dict:
-        """The arrays every compiled step takes besides the trainable leaves (never donated)."""
-        return {"frozen": self.frozen, "ref": self.ref_trainable}
-
-    def merge(self, trainable: dict, dropout_key=None, state: dict | None = None):
-        """The model with these trainable leaves; ``dropout_key`` reseeds every RNG stream (LoRA dropout).
-
-        Inside a compiled function pass ``state`` (the argument holding :meth:`state`)."""
-        frozen = (self.state() if state is None else state)["frozen"]
-        tree = jax.tree_util.tree_unflatten(self.treedef, [trainable[k] for k in self.keys])
-        if dropout_key is not None:
-            frozen = tuple(_reseed(f, dropout_key) for f in frozen)
-        return nnx.merge(self.graphdef, tree, *frozen)
-
-
-class BoundStep:
-    """A jitted step ``fn(state, *args)`` called as ``step(*args)``: the model state (``get_state()``) is
-    passed as an argument at every call, never closed over. ``fn`` is the jitted function itself (for
-    ``fn.lower(*abstract_args)``)."""
-
-    def __init__(self, fn, get_state):
-        self.fn, self.get_state = fn, get_state
-
-    def __call__(self, *args):
-        return self.fn(self.get_state(), *args)
-
-
-@dataclasses.dataclass
-class StepSpec:
-    """A compiled step and abstract arguments (``jax.ShapeDtypeStruct`` with shardings) to lower it with:
-    ``spec.fn.lower(*spec.args).compile()`` needs no real arrays (ahead-of-time compilation)."""
-
-    name: str
-    fn: Any
-    args: tuple
-
-    def lower(self):
-        return self.fn.lower(*self.args)
-
-
-def abstract_like(tree):
-    """``jax.ShapeDtypeStruct`` (with the sharding, when there is one) for every array leaf of ``tree``."""
-    def one(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
-        if hasattr(x, "shape") and hasattr(x, "dtype"):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-        return x
-
-    return jax.tree_util.tree_map(one, tree)
-
-
-def _reseed(state, key):
-    """Replace every PRNG key leaf of an nnx state by a key derived from ``key`` and the leaf's path."""
-    def one(path, x):
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            salt = int.from_bytes(hashlib.sha256(path_str(path).encode()).digest()[:3], "little")
-            return jax.random.fold_in(key, salt)
-        return x
-
-    return jax.tree_util.tree_map_with_path(one, state)
-
-
-def split_model(model, lora: bool) -> tuple[ModelParts, dict]:
-    if lora:
-        graphdef, train_state, *frozen = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
-    else:
-        graphdef, train_state, *frozen = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(train_state)
-    keys = [path_str(p) for p, _ in leaves]
-    trainable = {k: v for k, (_, v) in zip(keys, leaves)}
-    copy = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x)
-    ref = None if lora else jax.tree_util.tree_map(copy, trainable)
-    return ModelParts(graphdef, keys, treedef, tuple(frozen), ref, lora), trainable
-
-
-def reference_trainable(parts: ModelParts, trainable: dict, state: dict | None = None) -> dict:
-    """Trainable leaves of the reference policy: LoRA B zeroed (= the base model) or the initial weights
-    (``state["ref"]``; inside a compiled function pass the ``state`` argument)."""
-    if parts.lora:
-        return {k: (jnp.zeros_like(v) if k.endswith("lora_b") else v) for k, v in trainable.items()}
-    return (parts.state() if state is None else state)["ref"]
-
-
+# ----------------------------------------------------------------------------- log-probs
 def forward_logps(model, batch, chunk: int, remat: bool = True, pack_batch: bool = False):
     """Per-sequence log-probs of a batch; shared-prompt batches (``score_targets``, see
     data_pipeline.batching) give two sequences per row, in the unpacked batch's order."""
@@ -344,26 +149,6 @@ def forward_logps(model, batch, chunk: int, remat: bool = True, pack_batch: bool
 
 
 # ----------------------------------------------------------------------------- the steps
-def make_apply_step(tx, frozen: frozenset = frozenset()):
-    """Jitted optimizer step over accumulated gradients (donated): divide by ``n_micro`` (the number of
-    micro-batches, or the window's token count for token-mean SFT), clip + AdamW (``tx``), and refuse a
-    non-finite update (state left untouched, ``finite=False`` reported). The reported ``grad_norm`` is
-    the one clipping sees: over the updated leaves only (``frozen`` paths excluded)."""
-
-    def apply_step(trainable, opt_state, grads_acc, n_micro):
-        grads = jax.tree_util.tree_map(lambda g: g / n_micro, grads_acc)
-        gnorm = optax.global_norm({k: v for k, v in grads.items() if k not in frozen})
-        updates, new_opt = tx.update(grads, opt_state, trainable)
-        new_params = optax.apply_updates(trainable, updates)
-        finite = jnp.isfinite(gnorm) & jnp.all(
-            jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new_params)]))
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, grads_acc)
-        return keep(new_params, trainable), keep(new_opt, opt_state), zeros, {"grad_norm": gnorm, "finite": finite}
-
-    return jax.jit(apply_step, donate_argnums=(0, 1, 2))
-
-
 def token_sum_objective(objective, ocfg: ObjectiveConfig) -> bool:
     """Token-mean SFT: gradients are accumulated as sums and divided by the token count of the whole
     accumulation window, so the accumulated gradient equals the full-batch one."""
@@ -637,98 +422,46 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-# ----------------------------------------------------------------------------- preemption
-class PreemptionGuard:
-    """SIGTERM (what TPU VMs, Kubernetes and SLURM send before taking a machine) sets a flag instead of
-    killing the process; the loop asks :meth:`should_stop` at every step boundary, saves a checkpoint and
-    returns. With several processes every process stops at the same step (the flags are all-gathered).
-    A second SIGTERM while the first is pending kills the process as usual."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def _handler(self, signum, frame):
-        if self.requested:  # second signal: give up waiting for the step boundary
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        self.requested = True
-        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
-
-    def should_stop(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.array([int(self.requested)], np.int32))
-        return bool(np.asarray(flags).max())
-
-
 # ----------------------------------------------------------------------------- the trainer
-class Trainer:
-    """Builds everything from a config and runs the loop. ``devices``: restrict the mesh (tests)."""
+class Trainer(TrainLoop):
+    """Offline training (SFT, DPO, IOPO and relatives) on :class:`TrainLoop`: the data pipeline's
+    batches, gradient accumulation over micro-batches, reference log-probs (online or precomputed) and
+    validation. ``devices``: restrict the mesh (tests)."""
 
     def __init__(self, cfg, workdir: str, devices=None, progress: bool = True):
         check_config(cfg)
-        self.cfg = cfg
-        self.workdir = str(paths.makedirs(workdir))  # local: absolute; gs://...: kept (see iopo_jax.paths)
-        self.progress = progress
-        self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
+        super().__init__(cfg, workdir, devices, progress)
         self.k = K_OF_KIND[cfg.data.kind]
         self.objective = get_objective(cfg.objective.name)
         self.ocfg = ObjectiveConfig.from_mapping(objective_hparams(cfg))
+        self.history = {"train": [], "eval": []}
 
-
-    def setup(self):
-        cfg = self.cfg
+    # -- setup (see TrainLoop.setup)
+    def setup_data(self):
         from data_pipeline import build_data
-        from iopo_jax.tokenizer import load_tokenizer
 
-        model_dir = resolve_model_dir(cfg)
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
-        self.data = build_data(data_config(cfg, self.workdir), self.tokenizer)
+        self.data = build_data(data_config(self.cfg, self.workdir), self.tokenizer)
         log.info("%s", self.data.summary_text())
-        lcfg = lora_config(cfg)
-        with use_mesh(self.mesh):
-            model, self.model_cfg = load_model(model_dir, mesh=self.mesh, seed=cfg.train.seed,
-                                               param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl, scan_layers=cfg.model.get("scan_layers", False),
-                                               attention_block=cfg.model.attention_block,
-                                               lora=lcfg)
-        self.model_dir = model_dir
-        self.parts, trainable = split_model(model, lora=lcfg is not None)
-        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else optimizer_steps(
+
+    def plan(self) -> tuple[int, int]:
+        cfg = self.cfg
+        total = cfg.train.max_steps if cfg.train.max_steps > 0 else optimizer_steps(
             self.data.train, cfg.data.num_epochs, cfg.optimizer.grad_accum)
-        self.schedule = make_schedule(cfg.optimizer, self.total_steps)
-        self.tx = make_optimizer(cfg.optimizer, self.total_steps, trainable)
-        with use_mesh(self.mesh):
-            opt_state = jax.jit(self.tx.init)(trainable)
-        self.trainable, self.opt_state = trainable, opt_state
-        self.step_fns = make_step_fns(
+        return total, total
+
+    def build_steps(self) -> dict:
+        cfg, lcfg = self.cfg, lora_config(self.cfg)
+        return make_step_fns(
             self.parts, self.objective, self.ocfg, self.k, cfg.train.logprob_chunk, self.tx, cfg.train.seed,
             dropout=lcfg is not None and lcfg.dropout > 0, remat=cfg.train.logprob_remat,
-            pack_batch=cfg.train.logprob_pack_batch, frozen=frozen_keys(cfg.optimizer, trainable))
+            pack_batch=cfg.train.logprob_pack_batch, frozen=frozen_keys(cfg.optimizer, self.trainable))
+
+    def setup_extra(self):
         self.token_sum = token_sum_objective(self.objective, self.ocfg)
-        bind = lambda name: BoundStep(self.step_fns[name], self.parts.state)
-        self.micro_step, self.eval_step, self.ref_step = bind("micro_step"), bind("eval_step"), bind("ref_step")
-        self.apply_step = self.step_fns["apply_step"]
-        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
-                                 async_save=cfg.checkpoint.async_save)
+        self.micro_step, self.eval_step, self.ref_step = map(self.bound, ("micro_step", "eval_step", "ref_step"))
         self.ref_table = None
-        if cfg.objective.reference == "precompute" and self.objective.needs_reference:
+        if self.cfg.objective.reference == "precompute" and self.objective.needs_reference:
             self.ref_table = self._precompute_reference()
-        return self
 
     def step_specs(self, rows: int | None = None, seq_len: int | None = None) -> dict[str, StepSpec]:
         """Every jitted step with abstract arguments shaped and sharded like this run's (after
@@ -793,153 +526,83 @@ class Trainer:
                 ms.append(self.eval_step(self.trainable, device_batch(self._with_ref(batch, "val"), self.mesh)))
         return window_metrics(ms, self.token_sum)[0] if ms else {}
 
-    # -- checkpoints
-    def _arrays(self):
-        return {"params": self.trainable, "opt_state": self.opt_state}
+    # -- checkpoints (the side-car; TrainLoop saves and restores the arrays)
+    def checkpoint_meta(self, step: int) -> dict:
+        return {"data": self.data.train.get_state(), "total_steps": self.total_steps}
 
-    def save(self, step: int):
-        meta = {"step": step, "data": self.data.train.get_state(), "total_steps": self.total_steps}
-        self.ckpt.save(step, self._arrays(), meta)
-
-    def try_restore(self) -> int:
-        arrays, meta = self.ckpt.restore(self._arrays())
-        if arrays is None:
-            return 0
+    def restore_meta(self, meta: dict):
         if meta.get("total_steps") != self.total_steps:
             raise ValueError(f"the checkpoint in {self.ckpt.directory} was made for {meta.get('total_steps')} steps, "
                              f"this config runs {self.total_steps}; use a fresh --workdir")
-        self.trainable, self.opt_state = arrays["params"], arrays["opt_state"]
         self.data.train.set_state(meta["data"])
-        log.info("resumed from step %d (%s)", meta["step"], self.ckpt.directory)
-        return int(meta["step"])
 
-    # -- the loop
-    def run(self) -> dict:
-        if not hasattr(self, "trainable"):
-            self.setup()
-        cfg = self.cfg
-        logger = MetricsLogger(self.workdir, tensorboard=cfg.train.tensorboard)
-        start = self.try_restore()
-        history = {"train": [], "eval": []}
+    # -- the loop (see TrainLoop.run)
+    def _evaluate_and_log(self, step: int, logger):
+        ev = self.evaluate()
+        if ev:
+            logger.write(step, "eval", ev)
+            self.history["eval"].append((step, ev))
+
+    def begin(self, start: int, logger):
+        self.history = {"train": [], "eval": []}
         if start == 0:
-            ev = self.evaluate()
-            if ev:
-                logger.write(0, "eval", ev)
-                history["eval"].append((0, ev))
-        accum = cfg.optimizer.grad_accum
-        grads_acc = jax.tree_util.tree_map(jnp.zeros_like, self.trainable)
-        from tqdm.auto import tqdm
+            self._evaluate_and_log(0, logger)
+        self._grads_acc = jax.tree_util.tree_map(jnp.zeros_like, self.trainable)
+        self._batches = iter(self.data.train)
 
-        bar = tqdm(total=self.total_steps, initial=start, desc=f"{cfg.objective.name}", dynamic_ncols=True,
-                   disable=not self.progress or jax.process_index() != 0)
-        it = iter(self.data.train)
-        step = start
-        last_saved = start
-        preempted = False
-        guard = PreemptionGuard().__enter__()
-        try:
-            while step < self.total_steps:
-                t0 = time.perf_counter()
-                ms, tokens = [], 0
-                with use_mesh(self.mesh):
-                    for micro in range(accum):
-                        try:
-                            batch = next(it)
-                        except StopIteration:
-                            break
-                        tokens += int(np.asarray(batch["segment_ids"] > 0).sum()) * jax.process_count()
-                        dbatch = device_batch(self._with_ref(batch, "train"), self.mesh)
-                        grads_acc, m = self.micro_step(self.trainable, grads_acc, dbatch, jnp.int32(step),
-                                                       jnp.int32(micro))
-                        ms.append(m)
-                    if not ms:
-                        break
-                    metrics, divisor = window_metrics(ms, self.token_sum)
-                    self.trainable, self.opt_state, grads_acc, info = self.apply_step(
-                        self.trainable, self.opt_state, grads_acc, jnp.float32(divisor))
-                info = jax.device_get(info)
-                metrics["grad_norm"] = float(info["grad_norm"])
-                if not bool(info["finite"]) or not math.isfinite(metrics["loss"]):
-                    raise TrainingDiverged(
-                        f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}, "
-                        f"grad_norm={metrics['grad_norm']}); the update was not applied and the last good "
-                        f"checkpoint (step {last_saved}) in {self.ckpt.directory} is intact. Lower optimizer.lr, "
-                        "check the data, or use param_dtype=float32.")
-                step += 1
-                dt = time.perf_counter() - t0
-                metrics["lr"] = float(self.schedule(step - 1))
-                metrics["tokens_per_s"] = tokens / dt
-                history["train"].append((step, metrics))
-                if step % cfg.train.log_every == 0 or step == self.total_steps:
-                    logger.write(step, "train", metrics)
-                acc = [metrics[k] for k in ("rewards/accuracies_v1", "rewards/accuracies_v2", "rewards/accuracies") if k in metrics]
-                post = {"loss": _fmt(metrics["loss"]), "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-                if acc:
-                    post["acc"] = _fmt(float(np.mean(acc)))
-                bar.set_postfix(post)
-                bar.update(1)
-                if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < self.total_steps:
-                    ev = self.evaluate()
-                    if ev:
-                        logger.write(step, "eval", ev)
-                        history["eval"].append((step, ev))
-                if step % cfg.checkpoint.every == 0 and step < self.total_steps:
-                    self.save(step)
-                    last_saved = step
-                if step < self.total_steps and guard.should_stop():
-                    preempted = True
+    def train_step(self, step: int) -> dict | None:
+        """One optimizer step over ``optimizer.grad_accum`` micro-batches (fewer at the end of the data;
+        ``None`` when none is left)."""
+        t0 = time.perf_counter()
+        ms, tokens = [], 0
+        with use_mesh(self.mesh):
+            for micro in range(self.cfg.optimizer.grad_accum):
+                try:
+                    batch = next(self._batches)
+                except StopIteration:
                     break
-            bar.close()
-            if step > last_saved:
-                self.save(step)
-            self.ckpt.wait()
-            if preempted:
-                log.warning("preempted: checkpoint of step %d saved in %s; rerun the same command to resume",
-                            step, self.ckpt.directory)
-                return {"steps": step, "preempted": True, "checkpoint": self.ckpt.directory}
-            ev = self.evaluate()
-            if ev:
-                logger.write(step, "eval", ev)
-                history["eval"].append((step, ev))
-        finally:
-            guard.__exit__()
-            bar.close()
-            self.ckpt.wait()
-            logger.close()
-        result = self._finish(step, history)
-        return result
+                tokens += int(np.asarray(batch["segment_ids"] > 0).sum()) * jax.process_count()
+                dbatch = device_batch(self._with_ref(batch, "train"), self.mesh)
+                self._grads_acc, m = self.micro_step(self.trainable, self._grads_acc, dbatch, jnp.int32(step),
+                                                     jnp.int32(micro))
+                ms.append(m)
+            if not ms:
+                return None
+            metrics, divisor = window_metrics(ms, self.token_sum)
+            self.trainable, self.opt_state, self._grads_acc, info = self.apply_step(
+                self.trainable, self.opt_state, self._grads_acc, jnp.float32(divisor))
+        info = jax.device_get(info)
+        metrics["grad_norm"] = float(info["grad_norm"])
+        self.check_update(step, info, metrics["loss"])
+        dt = time.perf_counter() - t0
+        metrics["lr"] = float(self.schedule(step))
+        metrics["tokens_per_s"] = tokens / dt
+        self.history["train"].append((step + 1, metrics))
+        return metrics
 
-    def _finish(self, step: int, history: dict) -> dict:
-        cfg = self.cfg
-        exports = {}
-        if cfg.model.finetune == "lora" and cfg.export.peft:
-            from iopo_jax.models.lora import export_peft
+    def postfix(self, metrics: dict) -> dict:
+        post = {"loss": _fmt(metrics["loss"]), "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+        acc = [metrics[k] for k in ("rewards/accuracies_v1", "rewards/accuracies_v2", "rewards/accuracies") if k in metrics]
+        if acc:
+            post["acc"] = _fmt(float(np.mean(acc)))
+        return post
 
-            out = os.path.join(self.workdir, "export", "adapter")
-            with paths.local_dir_for(out) as local:
-                export_peft(self.parts.merge(self.trainable), local,
-                            base_model_name_or_path=os.path.abspath(self.model_dir)
-                            if os.path.isdir(self.model_dir) else self.model_dir)
-            exports["adapter"] = out
-        if cfg.export.merged:
-            from iopo_jax.models.lora import export_merged
-            from iopo_jax.models.weights import copy_tokenizer
+    def after_step(self, step: int, logger):
+        every = self.cfg.train.eval_every
+        if every > 0 and step % every == 0 and step < self.total_steps:
+            self._evaluate_and_log(step, logger)
 
-            out = os.path.join(self.workdir, "export", "merged")
-            with paths.local_dir_for(out) as local:
-                export_merged(self.parts.merge(self.trainable), local, dtype=cfg.export.dtype)
-                if jax.process_index() == 0:
-                    copy_tokenizer(cfg.model.tokenizer or self.model_dir, local)
-            exports["merged"] = out
-        summary = summarize(history)
-        summary["steps"] = step
-        summary["exports"] = exports
+    def end(self, step: int, logger):
+        self._evaluate_and_log(step, logger)
+
+    # -- the end (see TrainLoop.finish)
+    def summarize(self, step: int) -> dict:
+        summary = summarize(self.history)
         summary["data"] = self.data.summary
-        if jax.process_index() == 0:
-            paths.write_text(os.path.join(self.workdir, "summary.json"), json.dumps(summary, indent=2, default=str))
-            if cfg.train.plot:
-                summary["plot"] = plot_curves(history, os.path.join(self.workdir, "training_curves.png"))
         return summary
+
+    def plot(self, path: str) -> str:
+        return plot_curves(self.history, path)
 
 
 def summarize(history: dict) -> dict:
@@ -998,41 +661,3 @@ def plot_curves(history: dict, path: str) -> str:
     return path
 
 
-def _png(fig) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
-
-
-class MetricsLogger:
-    """metrics.jsonl (appended, flushed per line) + TensorBoard events (process 0 only); ``workdir`` may
-    be local or an object-store URI (see :mod:`iopo_jax.paths`)."""
-
-    def __init__(self, workdir: str, tensorboard: bool = True):
-        self.enabled = jax.process_index() == 0
-        self.f = paths.AppendFile(os.path.join(workdir, "metrics.jsonl")) if self.enabled else None
-        self.tb = None
-        if self.enabled and tensorboard:
-            try:
-                self.tb = paths.summary_writer(os.path.join(workdir, "tb"))
-            except ImportError:  # pragma: no cover
-                log.warning("tensorboardX is not installed; no TensorBoard events")
-
-    def write(self, step: int, split: str, metrics: dict):
-        if not self.enabled:
-            return
-        rec = {"step": step, "split": split, "time": time.time(), **metrics}
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
-            self.tb.flush()
-
-    def close(self):
-        if self.f:
-            self.f.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -28,7 +28,6 @@ over the mesh); judge calls are made by process 0 only and their verdicts broadc
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,15 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from iopo_jax import paths
-from iopo_jax.checkpoint import Checkpointer
 from iopo_jax.rl.advantages import RewardWeights, clipped_policy_loss, grpo_token_advantages, k3_kl, segpo_advantages
 from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, reward_metrics
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
-from iopo_jax.sharding import batch_sharding, make_mesh, use_mesh
-from iopo_jax.trainer import (BoundStep, MetricsLogger, PreemptionGuard, StepSpec, TrainingDiverged, _csv, _png, abstract_like,
-                              frozen_keys, lora_config, make_apply_step, make_optimizer, make_schedule,
-                              reference_trainable, resolve_model_dir, split_model)
+from iopo_jax.sharding import batch_sharding, use_mesh
+from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, _png, abstract_like,
+                                 check_common_config, config_error, frozen_keys, make_apply_step,
+                                 reference_trainable)
 
 log = logging.getLogger("iopo_jax.rl")
 
@@ -58,25 +56,16 @@ OBJECTIVES = ("segpo", "grpo")
 def check_rl_config(cfg) -> None:
     """Fail early, naming the field, on values an RL run cannot use."""
     def bad(field, value, why):
-        raise ValueError(f"config.{field}={value!r}: {why}")
+        raise config_error(field, value, why)
 
     if "rl" not in cfg:
         raise ValueError("the config has no 'rl' section: start RL configs from configs/rl_base.py")
-    r, o = cfg.rl, cfg.optimizer
+    r = cfg.rl
     if cfg.objective.name not in OBJECTIVES:
         bad("objective.name", cfg.objective.name, f"RL objectives are {OBJECTIVES}")
-    if cfg.model.finetune not in ("lora", "full"):
-        bad("model.finetune", cfg.model.finetune, "must be 'lora' or 'full'")
-    if not cfg.model.path:
-        bad("model.path", cfg.model.path, "set it to a HF checkpoint directory or hub id")
+    check_common_config(cfg)
     if cfg.model.finetune == "lora" and cfg.model.lora_dropout > 0:
         bad("model.lora_dropout", cfg.model.lora_dropout, "must be 0 for RL (the ratio needs a deterministic policy)")
-    if o.schedule not in ("cosine", "linear", "constant"):
-        bad("optimizer.schedule", o.schedule, "must be cosine, linear or constant")
-    if not 0 <= o.warmup_ratio < 1:
-        bad("optimizer.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
-    if not o.lr > 0:
-        bad("optimizer.lr", o.lr, "must be > 0")
     if not _csv(r.prompts_files):
         bad("rl.prompts_files", r.prompts_files, "give the RL prompt files (demo_eval JSONL or EIFBench JSON)")
     choices = {"prompts_kind": ("auto", "demo_eval", "eifbench"), "long_prompts": ("error", "skip"),
@@ -211,58 +200,49 @@ def rl_step_specs(fns: dict, parts, trainable: dict, opt_state, mesh, rows: int,
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
-class RLTrainer:
-    """Builds everything from an RL config and runs the loop. ``devices``: restrict the mesh (tests)."""
+class RLTrainer(TrainLoop):
+    """Online RL on :class:`~iopo_jax.train_loop.TrainLoop`: one turn of the loop is one iteration
+    (rollouts, rewards, reference log-probs, learner updates). ``devices``: restrict the mesh (tests)."""
+
+    unit = "iteration"
+    log_name = "iopo_jax.rl"
+    plot_file = "rl_curves.png"
 
     def __init__(self, cfg, workdir: str, devices=None, progress: bool = True):
         check_rl_config(cfg)
-        self.cfg = cfg
+        super().__init__(cfg, workdir, devices, progress)
         self.rl = cfg.rl
-        self.workdir = str(paths.makedirs(workdir))  # local: absolute; gs://...: kept (see iopo_jax.paths)
-        self.progress = progress
-        self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}, devices)
         self.segpo = cfg.objective.name == "segpo"
+        self.reward = None
 
-    # -- setup
-    def setup(self):
-        from iopo_jax.models.weights import load_model
-        from iopo_jax.sampling import SamplingParams
-        from iopo_jax.sampling.sampler import Sampler, read_eos_ids
-        from iopo_jax.tokenizer import load_tokenizer
-
-        cfg, r = self.cfg, self.rl
-        model_dir = resolve_model_dir(cfg)  # creates the tiny demo model when asked
-        self.model_dir = model_dir
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
+    # -- setup (see TrainLoop.setup)
+    def setup_data(self):
         self.prompts, self.prompt_ids = self._load_prompts()
         self.num_slots = max(1, max(len(p.slots) for p in self.prompts))
         self.num_constraints = max(1, max(p.num_constraints for p in self.prompts))
-        lcfg = lora_config(cfg)
-        with use_mesh(self.mesh):
-            model, self.model_cfg = load_model(model_dir, mesh=self.mesh, seed=cfg.train.seed,
-                                               param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl, scan_layers=cfg.model.get("scan_layers", False),
-                                               attention_block=cfg.model.attention_block, lora=lcfg)
-        self.parts, trainable = split_model(model, lora=lcfg is not None)
-        n_prompts = len(self.prompts)
+
+    def plan(self) -> tuple[int, int]:
+        cfg, r = self.cfg, self.rl
         self.iterations = (cfg.train.max_steps if cfg.train.max_steps > 0 else
-                           max(1, math.ceil(n_prompts * (cfg.data.num_epochs or 1) / r.prompts_per_step)))
-        self.opt_steps = self.iterations * r.ppo_epochs * r.mini_batches
-        self.tx = make_optimizer(cfg.optimizer, self.opt_steps, trainable)
-        with use_mesh(self.mesh):
-            self.opt_state = jax.jit(self.tx.init)(trainable)
-        self.trainable = trainable
-        self.step_fns = make_rl_step_fns(
+                           max(1, math.ceil(len(self.prompts) * (cfg.data.num_epochs or 1) / r.prompts_per_step)))
+        return self.iterations, self.iterations * r.ppo_epochs * r.mini_batches
+
+    def build_steps(self) -> dict:
+        cfg, r = self.cfg, self.rl
+        return make_rl_step_fns(
             self.parts, self.tx, temperature=r.temperature, chunk=cfg.train.logprob_chunk,
             max_label_tokens=r.max_response_tokens, eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef,
             aggregation=r.aggregation, seed=cfg.train.seed, remat=cfg.train.get("logprob_remat", True),
-            frozen=frozen_keys(cfg.optimizer, trainable))
-        bind = lambda name: BoundStep(self.step_fns[name], self.parts.state)
-        self.logp_fn, self.ref_fn, self.grad_step = bind("logps"), bind("ref_logps"), bind("grad_step")
-        self.apply_step = self.step_fns["apply_step"]
-        eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
-        from data_pipeline.templates import get_template
+            frozen=frozen_keys(cfg.optimizer, self.trainable))
 
+    def setup_extra(self):
+        from data_pipeline.templates import get_template
+        from iopo_jax.sampling import SamplingParams
+        from iopo_jax.sampling.sampler import Sampler, read_eos_ids
+
+        cfg, r, model_dir = self.cfg, self.rl, self.model_dir
+        self.logp_fn, self.ref_fn, self.grad_step = map(self.bound, ("logps", "ref_logps", "grad_step"))
+        eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
         stop_tok = self.tokenizer.convert_tokens_to_ids(get_template(cfg.data.template).stop_token)
         for t in (self.tokenizer.eos_token_id, stop_tok):
             if isinstance(t, int) and t >= 0 and t not in eos:
@@ -277,13 +257,10 @@ class RLTrainer:
         self.sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                        max_new_tokens=r.max_response_tokens,
                                        logprobs=bool(r.check_sampler_logprobs and r.temperature == 1.0))
-        self.order = PromptOrder(n_prompts, cfg.data.seed)
+        self.order = PromptOrder(len(self.prompts), cfg.data.seed)
         self.reward = make_reward(r, self.prompts, self.workdir) if self._rewards_here() else None
-        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
-                                 async_save=cfg.checkpoint.async_save)
         log.info("%s: %d prompts, %d iterations of %d x %d rollouts, %d optimizer steps", cfg.objective.name,
-                 n_prompts, self.iterations, r.prompts_per_step, r.group_size, self.opt_steps)
-        return self
+                 len(self.prompts), self.iterations, r.prompts_per_step, r.group_size, self.opt_steps)
 
     def _rewards_here(self) -> bool:
         return jax.process_index() == 0 or self.rl.reward != "judge"
@@ -478,11 +455,7 @@ class RLTrainer:
                     self.trainable, self.opt_state, _, info = self.apply_step(self.trainable, self.opt_state, acc,
                                                                               jnp.float32(1.0))
                     info = jax.device_get(info)
-                    if not bool(info["finite"]) or not math.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"non-finite loss or gradient at iteration {step + 1} (loss={loss}, grad_norm="
-                            f"{float(info['grad_norm'])}); the update was not applied and the last checkpoint in "
-                            f"{self.ckpt.directory} is intact. Lower optimizer.lr.")
+                    self.check_update(step, info, loss)
                     grad_norms.append(float(info["grad_norm"]))
                     losses.append(loss)
                     pg_losses.append(pg)
@@ -490,7 +463,7 @@ class RLTrainer:
         out.update(loss=float(np.mean(losses)), pg_loss=float(np.mean(pg_losses)), ratio_max=ratio_max,
                    grad_norm=float(np.mean(grad_norms)), tokens=tokens / max(r.ppo_epochs, 1))
         done = (step + 1) * r.ppo_epochs * r.mini_batches
-        out["lr"] = float(make_schedule(self.cfg.optimizer, self.opt_steps)(done - 1))
+        out["lr"] = float(self.schedule(done - 1))
         return out
 
     def step_specs(self, rows: int | None = None, seq_len: int | None = None) -> dict:
@@ -501,93 +474,48 @@ class RLTrainer:
         return rl_step_specs(self.step_fns, self.parts, self.trainable, self.opt_state, self.mesh,
                              rows or self._micro_rows(), seq_len or r.max_prompt_tokens + r.max_response_tokens)
 
-    # -- checkpoints
-    def _arrays(self):
-        return {"params": self.trainable, "opt_state": self.opt_state}
+    # -- checkpoints (the side-car; TrainLoop saves and restores the arrays)
+    def checkpoint_meta(self, step: int) -> dict:
+        return {"prompts": self.order.get_state(), "iterations": self.iterations, "seed": self.cfg.train.seed,
+                "optimizer_steps": step * self.rl.ppo_epochs * self.rl.mini_batches}
 
-    def save(self, step: int):
-        meta = {"step": step, "prompts": self.order.get_state(), "iterations": self.iterations,
-                "seed": self.cfg.train.seed, "optimizer_steps": step * self.rl.ppo_epochs * self.rl.mini_batches}
-        self.ckpt.save(step, self._arrays(), meta)
-
-    def try_restore(self) -> int:
-        arrays, meta = self.ckpt.restore(self._arrays())
-        if arrays is None:
-            return 0
+    def restore_meta(self, meta: dict):
         if meta.get("iterations") != self.iterations or meta.get("seed") != self.cfg.train.seed:
             raise ValueError(f"the checkpoint in {self.ckpt.directory} was made for {meta.get('iterations')} "
                              f"iterations with seed {meta.get('seed')}, this config runs {self.iterations} with seed "
                              f"{self.cfg.train.seed}; use a fresh --workdir")
-        self.trainable, self.opt_state = arrays["params"], arrays["opt_state"]
         self.order.set_state(meta["prompts"])
-        log.info("resumed from iteration %d (%s)", meta["step"], self.ckpt.directory)
-        return int(meta["step"])
 
-    # -- the loop
-    def run(self) -> dict:
-        if not hasattr(self, "trainable"):
-            self.setup()
-        cfg = self.cfg
-        logger = MetricsLogger(self.workdir, tensorboard=cfg.train.tensorboard)
-        start = self.try_restore()
-        from tqdm.auto import tqdm
+    # -- the loop (see TrainLoop.run)
+    def train_step(self, step: int) -> dict:
+        return self.iteration(step)
 
-        bar = tqdm(total=self.iterations, initial=start, desc=cfg.objective.name, dynamic_ncols=True,
-                   disable=not self.progress or jax.process_index() != 0)
-        step, last_saved = start, start
-        preempted = False
-        guard = PreemptionGuard().__enter__()
-        try:
-            while step < self.iterations:
-                metrics = self.iteration(step)
-                step += 1
-                if step % cfg.train.log_every == 0 or step == self.iterations:
-                    logger.write(step, "train", metrics)
-                    log.info("iteration %d/%d: r_o %.3f  r_phi %.3f  kl %.4g  clip %.3f  len %.1f  (%.1f s)", step,
-                             self.iterations, metrics.get("rollout/r_o", float("nan")),
-                             metrics.get("rollout/r_phi", float("nan")), metrics["kl"], metrics["clip_fraction"],
-                             metrics["rollout/response_len"], metrics["time/iteration_s"])
-                bar.set_postfix({"r_o": f"{metrics.get('rollout/r_o', float('nan')):.3f}",
-                                 "kl": f"{metrics['kl']:.3g}", "s/it": f"{metrics['time/iteration_s']:.1f}"})
-                bar.update(1)
-                if step % cfg.checkpoint.every == 0 and step < self.iterations:
-                    self.save(step)
-                    last_saved = step
-                if step < self.iterations and guard.should_stop():
-                    preempted = True
-                    break
-            if step > last_saved:
-                self.save(step)
-            self.ckpt.wait()
-        finally:
-            guard.__exit__()
-            bar.close()
-            self.ckpt.wait()
-            logger.close()
-            if self.reward is not None:
-                self.reward.close()
-        if preempted:
-            log.warning("preempted: checkpoint of iteration %d saved in %s; rerun the same command to resume",
-                        step, self.ckpt.directory)
-            return {"steps": step, "preempted": True, "checkpoint": self.ckpt.directory}
-        return self._finish(step)
+    def log_line(self, step: int, metrics: dict):
+        log.info("iteration %d/%d: r_o %.3f  r_phi %.3f  kl %.4g  clip %.3f  len %.1f  (%.1f s)", step,
+                 self.iterations, metrics.get("rollout/r_o", float("nan")),
+                 metrics.get("rollout/r_phi", float("nan")), metrics["kl"], metrics["clip_fraction"],
+                 metrics["rollout/response_len"], metrics["time/iteration_s"])
 
-    def _finish(self, step: int) -> dict:
-        cfg = self.cfg
-        hist = read_history(os.path.join(self.workdir, "metrics.jsonl"))
-        summary = summarize_rl(hist)
-        summary["steps"] = step
-        summary["objective"] = cfg.objective.name
-        # every process takes part in the export (the weights are gathered across hosts); process 0 writes
-        exports = export_policy(cfg, self.parts.merge(self.trainable), self.model_dir, self.workdir)
-        if jax.process_index() == 0:
-            if cfg.train.plot and hist:
-                summary["plot"] = plot_rl(hist, os.path.join(self.workdir, "rl_curves.png"))
-            paths.write_text(os.path.join(self.workdir, "summary.json"),
-                             json.dumps({**summary, "exports": exports}, indent=2, default=str))
-            print(format_rl_summary(summary))
-        summary["exports"] = exports
+    def postfix(self, metrics: dict) -> dict:
+        return {"r_o": f"{metrics.get('rollout/r_o', float('nan')):.3f}", "kl": f"{metrics['kl']:.3g}",
+                "s/it": f"{metrics['time/iteration_s']:.1f}"}
+
+    def close(self):
+        if self.reward is not None:
+            self.reward.close()
+
+    # -- the end (see TrainLoop.finish): the history of every iteration, resumed ones included
+    def summarize(self, step: int) -> dict:
+        self._history = read_history(os.path.join(self.workdir, "metrics.jsonl"))
+        summary = summarize_rl(self._history)
+        summary["objective"] = self.cfg.objective.name
         return summary
+
+    def plot(self, path: str) -> str | None:
+        return plot_rl(self._history, path) if self._history else None
+
+    def report(self, summary: dict):
+        print(format_rl_summary(summary))
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -636,30 +564,6 @@ def format_rl_summary(s: dict) -> str:
             if a is not None and not (math.isnan(a) and math.isnan(b)):
                 lines.append(f"  {key}: {a:.4g} -> {b:.4g}")
     return "\n".join(lines)
-
-
-def export_policy(cfg, model, model_dir: str, workdir: str) -> dict:
-    """PEFT adapter (LoRA) and/or merged HF checkpoint, as configured in ``export``."""
-    exports = {}
-    if cfg.model.finetune == "lora" and cfg.export.peft:
-        from iopo_jax.models.lora import export_peft
-
-        base = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir
-        out = os.path.join(workdir, "export", "adapter")
-        with paths.local_dir_for(out) as local:
-            export_peft(model, local, base_model_name_or_path=base)
-        exports["adapter"] = out
-    if cfg.export.merged:
-        from iopo_jax.models.lora import export_merged
-        from iopo_jax.models.weights import copy_tokenizer
-
-        out = os.path.join(workdir, "export", "merged")
-        with paths.local_dir_for(out) as local:
-            export_merged(model, local, dtype=cfg.export.dtype)
-            if jax.process_index() == 0:
-                copy_tokenizer(cfg.model.tokenizer or model_dir, local)
-        exports["merged"] = out
-    return exports
 
 
 def plot_rl(hist: list[tuple[int, dict]], path: str) -> str:

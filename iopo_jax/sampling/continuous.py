@@ -48,7 +48,7 @@ import numpy as np
 from iopo_jax.models.transformer import KVCache, LayerCache
 from iopo_jax.sampling.engine import LENGTH, RUNNING, STOPPED, RowParams, _is_stop
 from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, GenerationStats
-from iopo_jax.sharding import BATCH_AXES, constrain, use_mesh
+from iopo_jax.sharding import BATCH_AXES, constrain, host_value, use_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class Scheduler:
                         lane.cache, tok, _ = self.engine.admit(s.state, lane.cache, job.cache, job.last,
                                                                s._put(np.zeros(kb, np.int32)), s._put(dst),
                                                                s._row_params([dummy] * kb, kb))
-                        np.asarray(tok)
+                        host_value(tok)
                 for b2 in bs:
                     if b2 != b:
                         src = np.full(b2, b, np.int32)
@@ -504,7 +504,7 @@ class Scheduler:
         rp = s._row_params(job.rows, kb)
         lane.cache, tok, lp = self.engine.admit(s.state, lane.cache, job.cache, job.last, s._put(src), s._put(dst),
                                                 rp)
-        tok, lp = np.asarray(tok), np.asarray(lp)
+        tok, lp = host_value(tok), host_value(lp)
         lane.reserved.difference_update(job.dst)
         lane.params = None
         for i, (r, slot) in enumerate(zip(job.rows, job.dst)):
@@ -539,7 +539,7 @@ class Scheduler:
         lane.cache, toks, lps, count, finish = self.engine.decode(
             s.state, lane.cache, put(lane.cur), put(lane.pos), put(lane.count), put(lane.active),
             self._lane_params(lane), steps=s.decode_chunk)
-        toks, lps, count, finish = (np.asarray(x) for x in (toks, lps, count, finish))
+        toks, lps, count, finish = (host_value(x) for x in (toks, lps, count, finish))
         for i in np.nonzero(lane.active)[0]:
             r = lane.rows[i]
             k = int(count[i] - lane.count[i])  # tokens the row wrote in this chunk

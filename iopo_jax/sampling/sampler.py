@@ -39,7 +39,7 @@ from flax import nnx
 from iopo_jax.sampling.engine import STOPPED, DecodeState, Engine, RowParams
 from iopo_jax.sampling.params import (FINISH_LENGTH, FINISH_STOP, Completion, GenerationStats, Prompt,
                                       SamplingParams)
-from iopo_jax.sharding import batch_sharding, use_mesh
+from iopo_jax.sharding import batch_sharding, host_value, use_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +446,7 @@ class Sampler:
         t0 = time.perf_counter()
         pre = self.engine.prefill(state, self._put(ids), self._put(mask), rp)
         ds = self.engine.start(pre, rp, num_new=n)
-        done, step = np.asarray(ds.done), int(ds.step)
+        done, step = host_value(ds.done), int(host_value(ds.step))
         t1 = time.perf_counter()
         stats.prefill_s += t1 - t0
         while True:
@@ -459,7 +459,7 @@ class Sampler:
             if done.all() or step >= n:
                 break
             ds = self.engine.decode(state, ds, rp, step + chunk)
-            done, step = np.asarray(ds.done), int(ds.step)
+            done, step = host_value(ds.done), int(host_value(ds.step))
         stats.decode_s += time.perf_counter() - t1
         self._finalize(rows, ds)
         stats.num_sequences += n_rows
@@ -542,7 +542,7 @@ class Sampler:
 
     def _host_check(self, rows, watch, ds: DecodeState, done, final: bool) -> list[int]:
         """Stop strings, streaming and cancellation after a chunk. Returns rows to stop."""
-        tokens, logprobs, count, finish = (np.asarray(x) for x in (ds.tokens, ds.logprobs, ds.count, ds.finish))
+        tokens, logprobs, count, finish = (host_value(x) for x in (ds.tokens, ds.logprobs, ds.count, ds.finish))
         stop_now = []
         for i in watch:
             row = rows[i]
@@ -564,7 +564,7 @@ class Sampler:
         return [i for i in stop_now if not done[i]]
 
     def _finalize(self, rows, ds: DecodeState):
-        tokens, logprobs, count, finish = (np.asarray(x) for x in (ds.tokens, ds.logprobs, ds.count, ds.finish))
+        tokens, logprobs, count, finish = (host_value(x) for x in (ds.tokens, ds.logprobs, ds.count, ds.finish))
         for i, row in enumerate(rows):
             if row.finished:
                 continue
