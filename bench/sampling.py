@@ -92,7 +92,8 @@ def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats):
 
     sampler = Sampler(model, None, eos_token_ids=[], prompt_buckets=(prompt_len,), new_token_buckets=(new_tokens,),
                       batch_buckets=tuple(sorted(batch_sizes)), max_batch_size=max(batch_sizes),
-                      max_model_len=prompt_len + new_tokens, scan_layers=FLAGS.scan_layers)
+                      max_model_len=prompt_len + new_tokens,
+                      **({} if FLAGS.scan_layers else {"scan_layers": False}))
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     rng = np.random.RandomState(0)
     out = {}
