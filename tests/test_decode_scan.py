@@ -104,5 +104,6 @@ def test_sampler_stacks_weights_once_and_decode_does_not_restack():
     assert after != before
     nnx.update(other, ostate)
     ref = Sampler(other, None, eos_token_ids=[], prompt_buckets=(16,), new_token_buckets=(16,), batch_buckets=(2,),
-                  max_batch_size=2, max_model_len=32, continuous=False)
+                  max_batch_size=2, max_model_len=32, continuous=False, scan_layers=False)  # unrolled layers
+    assert not isinstance(ref.state, tlib.StackedState)
     assert [c.token_ids for c in ref.generate(prompts, params)] == after
