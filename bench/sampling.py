@@ -2,7 +2,8 @@
 
 Greedy generation of ``--new_tokens`` tokens (EOS ignored, so every row runs to the end) after
 random prompts of ``--prompt_len`` tokens, for each batch size. Compilation / warm-up runs are not
-timed. Prefill tokens/s = batch * prompt_len / prefill time (our prefill includes sampling the
+timed in the throughputs; "compile s" is the first call's time minus the best warm call's (mostly
+compilation). Prefill tokens/s = batch * prompt_len / prefill time (our prefill includes sampling the
 first token); decode tokens/s = batch * (new_tokens - 1) / decode time. For transformers the
 prefill time is a ``max_new_tokens=1`` call and the decode time is the difference to the full call.
 
@@ -40,6 +41,8 @@ flags.DEFINE_float("peak_bandwidth_gbs", 0.0,
 flags.DEFINE_bool("matmul_peak", True,
                   "also measure this device's dense matmul FLOP/s (jitted [n, n] x [n, n] products in --dtype) in the "
                   "same run and report the decode step's achieved FLOP/s as a fraction of it")
+flags.DEFINE_bool("scan_layers", True, "our sampler's cached forward as one lax.scan over the stacked layers "
+                  "(Sampler(scan_layers=...)); false: layers unrolled")
 flags.DEFINE_string("json_out", None, "also write the results to this JSON file")
 FLAGS = flags.FLAGS
 
@@ -89,13 +92,16 @@ def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats):
 
     sampler = Sampler(model, None, eos_token_ids=[], prompt_buckets=(prompt_len,), new_token_buckets=(new_tokens,),
                       batch_buckets=tuple(sorted(batch_sizes)), max_batch_size=max(batch_sizes),
-                      max_model_len=prompt_len + new_tokens)
+                      max_model_len=prompt_len + new_tokens,
+                      **({} if FLAGS.scan_layers else {"scan_layers": False}))
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     rng = np.random.RandomState(0)
     out = {}
     for b in batch_sizes:
         prompts = [list(rng.randint(0, min(cfg.vocab_size, 150000), prompt_len)) for _ in range(b)]
+        t0 = time.perf_counter()
         sampler.generate(prompts, params)  # compile
+        first = time.perf_counter() - t0
         best = None
         for _ in range(repeats):
             sampler.generate(prompts, params)
@@ -104,7 +110,8 @@ def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats):
                 best = s
         out[b] = dict(prefill_tok_s=b * prompt_len / best.prefill_s,
                       decode_tok_s=b * (new_tokens - 1) / best.decode_s,
-                      decode_step_ms=1000 * best.decode_s / (new_tokens - 1))
+                      decode_step_ms=1000 * best.decode_s / (new_tokens - 1),
+                      first_call_s=first, compile_s=first - best.total_s)
     return out, sampler
 
 
@@ -215,13 +222,13 @@ def main(argv):
         hf = bench_hf(model_dir, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats, FLAGS.dtype)
     results = {"config": dict(batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
                               dtype=FLAGS.dtype, device=jax.devices()[0].device_kind), "ours": ours, "hf": hf}
-    header = f"{'batch':>5} | {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8}"
+    header = f"{'batch':>5} | {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8}"
     if hf:
         header += f" | {'HF prefill':>10} {'HF decode':>10} | {'prefill x':>9} {'decode x':>8}"
     print(header)
     for b in batch_sizes:
         o = ours[b]
-        line = f"{b:>5} | {o['prefill_tok_s']:>13.0f} {o['decode_tok_s']:>12.0f} {o['decode_step_ms']:>8.2f}"
+        line = f"{b:>5} | {o['compile_s']:>9.1f} {o['prefill_tok_s']:>13.0f} {o['decode_tok_s']:>12.0f} {o['decode_step_ms']:>8.2f}"
         if hf:
             h = hf[b]
             line += (f" | {h['prefill_tok_s']:>10.0f} {h['decode_tok_s']:>10.0f} | "

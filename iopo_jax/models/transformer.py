@@ -151,35 +151,75 @@ class Linear(nnx.Module):
 
 @dataclasses.dataclass
 class LayerCache:
-    k: jnp.ndarray  # [b, s, k, h]
+    """One layer's view of the cache: ``k``/``v`` are ``[b, s, k, h]``, or, when ``index`` is set, the
+    stacked ``[layers, b, s, k, h]`` buffers of :class:`KVCache` and the layer is ``index`` (the layer
+    writes its new keys in place into its slice of the stacked buffer)."""
+
+    k: jnp.ndarray
     v: jnp.ndarray
+    index: Any = None
 
 
-jax.tree_util.register_dataclass(LayerCache, data_fields=["k", "v"], meta_fields=[])
+jax.tree_util.register_dataclass(LayerCache, data_fields=["k", "v", "index"], meta_fields=[])
 
 
 @dataclasses.dataclass
 class KVCache:
-    """Preallocated key/value cache for all layers.
+    """Preallocated key/value cache for all layers, stacked: ``k``/``v`` are ``[layers, b, s, k, h]``.
 
     ``mask [b, s]`` marks valid slots (False for left padding and unwritten slots);
     ``end`` (int32 scalar) is the next slot to write; an int32 ``[b]`` vector gives every row its
     own next slot (continuous batching: rows joined the batch at different times).
     """
 
-    layers: list
+    k: jnp.ndarray
+    v: jnp.ndarray
     mask: jnp.ndarray
     end: jnp.ndarray
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = _dt(cfg.dtype) if dtype is None else dtype
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        layers = [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
-        return cls(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                   jnp.zeros((), jnp.int32))
+
+    def replace(self, **kw) -> "KVCache":
+        return dataclasses.replace(self, **kw)
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["layers", "mask", "end"], meta_fields=[])
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "mask", "end"], meta_fields=[])
+
+
+@dataclasses.dataclass
+class StackedState:
+    """A model's state for the cached (sampling) path: ``layers`` is the state of one decoder layer
+    with every leaf stacked over the layers (``[layers, ...]``), ``rest`` everything else (embedding,
+    final norm, LM head). Built once per set of weights (:func:`stack_state`), so the cached forward
+    scans over the layers without copying weights at every call."""
+
+    rest: Any
+    layers: Any
+
+
+jax.tree_util.register_dataclass(StackedState, data_fields=["rest", "layers"], meta_fields=[])
+
+
+def stack_state(state) -> StackedState:
+    """:class:`StackedState` of a full model state (``nnx.split(model)[1]``); runs eagerly or under jit."""
+    layers = state["layers"]
+    per_layer = [layers[i] for i in sorted(layers.keys())]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_layer)
+    rest = nnx.State({k: v for k, v in state.items() if k != "layers"})
+    return StackedState(rest, stacked)
+
+
+def merge_stacked(graphdef, st: StackedState):
+    """The model of a :class:`StackedState` (call under jit). Its per-layer parameters are slices of
+    the stack that the cached forward does not use (pass ``layer_stack=st.layers``), so XLA drops them."""
+    num = jax.tree_util.tree_leaves(st.layers)[0].shape[0]
+    layers = nnx.State({i: jax.tree_util.tree_map(lambda a: a[i], st.layers) for i in range(num)})
+    return nnx.merge(graphdef, nnx.State({**dict(st.rest.items()), "layers": layers}))
 
 
 def attend(q_btnh, k_bskh, v_bskh, mask_bts, impl: str = "xla", block: int = 512):
@@ -240,6 +280,19 @@ def _write_rows(buf_bs, x_bt, end_b):
     return jax.vmap(one)(buf_bs, x_bt, end_b)
 
 
+def _write_layer(buf_lbskh, x_btkh, index, end):
+    """``buf[index, :, end:end + t] = x`` in a stacked ``[layers, b, s, k, h]`` buffer (``end`` scalar or ``[b]``)."""
+    if jnp.ndim(end) == 0:
+        return jax.lax.dynamic_update_slice(buf_lbskh, x_btkh[None], (index, 0, end, 0, 0))
+
+    # One scatter into the stacked buffer (a vmap over the row axis would change the buffer's layout
+    # and copy it whole). Starts are clamped like dynamic_update_slice's.
+    b, t = x_btkh.shape[:2]
+    start = jnp.clip(end, 0, buf_lbskh.shape[2] - t)
+    cols = start[:, None] + jnp.arange(t)[None, :]
+    return buf_lbskh.at[index, jnp.arange(b)[:, None], cols].set(x_btkh, mode="promise_in_bounds")
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, init: ParamInit):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -258,7 +311,13 @@ class Attention(nnx.Module):
         v = self.v_proj(x_btd).reshape(b, t, self.k, self.h)
         q = constrain(apply_rope(q, positions_bt, inv_freq), (BATCH_AXES, None, "tensor", None))
         k = apply_rope(k, positions_bt, inv_freq)
-        if cache is not None:
+        if cache is not None and cache.index is not None:  # stacked cache: write/read this layer's slice
+            k_all = _write_layer(cache.k, k.astype(cache.k.dtype), cache.index, end)
+            v_all = _write_layer(cache.v, v.astype(cache.v.dtype), cache.index, end)
+            cache = LayerCache(k_all, v_all, cache.index)
+            k = jax.lax.dynamic_index_in_dim(k_all, cache.index, 0, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, cache.index, 0, keepdims=False).astype(q.dtype)
+        elif cache is not None:
             if jnp.ndim(end) == 0:
                 k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
                 v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
@@ -377,6 +436,32 @@ def _run_layers_scanned(layers, x, positions, inv_freq, mask, policy):
     return x
 
 
+def _run_layers_cached(layers, stack, x, positions, inv_freq, mask, cache: KVCache, end):
+    """The layers over the stacked KV cache (each layer writes its new keys in place into its slice).
+
+    With ``stack`` (the stacked layer state, :class:`StackedState` ``.layers``) the layers run as one
+    ``lax.scan``: the layer body is traced and compiled once, whatever the number of layers. Without it
+    they are unrolled over the modules' own weights (one compiled copy per layer; on XLA:CPU a loop
+    materialises each layer's weight slice every step, so unrolled decode steps are faster there)."""
+    if stack is None:
+        k_all, v_all = cache.k, cache.v
+        for i, layer in enumerate(layers):
+            x, lc = layer(x, positions, inv_freq, mask, LayerCache(k_all, v_all, i), end)
+            k_all, v_all = lc.k, lc.v
+        return x, k_all, v_all
+    graphdef = nnx.split(layers[0])[0]
+
+    def body(carry, xs):
+        x, k_all, v_all = carry
+        st, i = xs
+        layer = nnx.merge(graphdef, st)
+        x, lc = layer(x, positions, inv_freq, mask, LayerCache(k_all, v_all, i), end)
+        return (x, lc.k, lc.v), None
+
+    (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (stack, jnp.arange(len(layers), dtype=jnp.int32)))
+    return x, k, v
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. ``__call__`` returns final-norm hidden states; :meth:`logits` projects.
 
@@ -394,8 +479,11 @@ class Transformer(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg.replace(lora=None), name="lm_head", init=init)
 
     def __call__(self, input_ids_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None,
-                 prefix_ids_bt=None):
-        """``prefix_ids_bt`` (no cache only): shared-prompt packing, see :mod:`iopo_jax.models.attention`."""
+                 prefix_ids_bt=None, layer_stack=None):
+        """``prefix_ids_bt`` (no cache only): shared-prompt packing, see :mod:`iopo_jax.models.attention`.
+
+        With a ``cache`` and ``layer_stack`` (``StackedState.layers``, see :func:`stack_state`: the layer
+        weights stacked once) the layers run as one ``lax.scan``; without ``layer_stack`` they are unrolled."""
         cfg = self.config
         b, t = input_ids_bt.shape
         if segment_ids_bt is None:
@@ -418,21 +506,21 @@ class Transformer(nnx.Module):
             mask = causal & kv_mask[:, None, :]
         x = constrain(self.embed(input_ids_bt), (BATCH_AXES, None, None))
         remat = cfg.remat != "none" and cache is None
-        new_layers = []
-        if cfg.scan_layers and cache is None:
-            x = _run_layers_scanned(list(self.layers), x, positions_bt, inv_freq, mask,
-                                    ("full" if cfg.remat == "full" else _REMAT[cfg.remat]) if remat else None)
-        for i, layer in enumerate([] if cfg.scan_layers and cache is None else self.layers):
-            if remat:
-                x, lc = _run_layer_remat(layer, x, positions_bt, inv_freq, mask, _REMAT[cfg.remat])
-            else:
-                lc = cache.layers[i] if cache is not None else None
-                x, lc = _run_layer(layer, x, positions_bt, inv_freq, mask, lc, end)
-            new_layers.append(lc)
-        x = self.norm(x)
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(new_layers, kv_mask, end + t)
+            x, k_all, v_all = _run_layers_cached(list(self.layers), layer_stack, x, positions_bt, inv_freq, mask,
+                                                 cache, end)
+            new_cache = KVCache(k_all, v_all, kv_mask, end + t)
+        elif cfg.scan_layers:
+            x = _run_layers_scanned(list(self.layers), x, positions_bt, inv_freq, mask,
+                                    ("full" if cfg.remat == "full" else _REMAT[cfg.remat]) if remat else None)
+        else:
+            for layer in self.layers:
+                if remat:
+                    x, _ = _run_layer_remat(layer, x, positions_bt, inv_freq, mask, _REMAT[cfg.remat])
+                else:
+                    x, _ = _run_layer(layer, x, positions_bt, inv_freq, mask, None, None)
+        x = self.norm(x)
         return x, new_cache
 
     def lm_head_weight(self) -> jnp.ndarray:

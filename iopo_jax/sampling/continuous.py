@@ -45,18 +45,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iopo_jax.models.transformer import KVCache, LayerCache
-from iopo_jax.sampling.engine import LENGTH, RUNNING, STOPPED, RowParams, _is_stop
+from iopo_jax.models.transformer import KVCache
+from iopo_jax.sampling.engine import LENGTH, RUNNING, STOPPED, RowParams, _is_stop, constrain_cache
 from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, GenerationStats
-from iopo_jax.sharding import BATCH_AXES, constrain, host_value, use_mesh
+from iopo_jax.sharding import host_value, use_mesh
 
 logger = logging.getLogger(__name__)
 
 
-def _constrain_cache(cache: KVCache) -> KVCache:
-    kv = (BATCH_AXES, None, "tensor", None)
-    return KVCache([LayerCache(constrain(l.k, kv), constrain(l.v, kv)) for l in cache.layers],
-                   constrain(cache.mask, (BATCH_AXES, None)), cache.end)
+_constrain_cache = constrain_cache
 
 
 class ContinuousEngine:
@@ -74,24 +71,33 @@ class ContinuousEngine:
         """Zeros, made outside jit (XLA folds large constant zeros slowly); ``put`` places them."""
         c = KVCache.init(self.base.cfg, batch, length)
         if per_row:
-            c = KVCache(c.layers, c.mask, jnp.zeros((batch,), jnp.int32))
+            c = c.replace(end=jnp.zeros((batch,), jnp.int32))
         if put is not None:
             end = put(c.end) if per_row else c.end
-            c = KVCache([LayerCache(put(l.k), put(l.v)) for l in c.layers], put(c.mask), end)
+            c = KVCache(self._put_kv(put, c.k), self._put_kv(put, c.v), put(c.mask), end)
         return c
+
+    @staticmethod
+    def _put_kv(put, x):
+        """Place a stacked [layers, b, ...] buffer like ``put`` places a [b, ...] one (batch on axis 1)."""
+        one = put(np.zeros((x.shape[1],) + (1,) * (x.ndim - 2), x.dtype))  # tiny probe of put's layout
+        sh = getattr(one, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):
+            return jax.device_put(x, jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec)))
+        return x
 
     def _prefill_step(self, state, cache: KVCache, ids_bc, pos_bc, seg_bc):
         """One chunk of a (left padded) prompt batch into its own ``p``-slot cache."""
         self.trace_counts["prefill_chunk"] += 1
-        model = self.base._model(state)
-        hidden, cache = model(ids_bc, pos_bc, seg_bc, cache)
+        model, stack = self.base._model(state)
+        hidden, cache = model(ids_bc, pos_bc, seg_bc, cache, layer_stack=stack)
         return _constrain_cache(cache), hidden[:, -1]
 
     def _admit(self, state, lane: KVCache, job: KVCache, last_bd, src_k, dst_k, rows: RowParams):
         """Copy prefilled prompt caches into lane slots (``lane[dst[i]] = job[src[i]]``; dst out of
         range = unused entry) and sample each admitted row's first token (key step 0)."""
         self.trace_counts["admit"] += 1
-        model = self.base._model(state)
+        model, _ = self.base._model(state)
         b, s = lane.mask.shape
         p = job.mask.shape[1]
 
@@ -99,16 +105,19 @@ class ContinuousEngine:
             rows_src = jnp.pad(rows_src, [(0, 0), (0, s - p)] + [(0, 0)] * (rows_src.ndim - 2))
             return buf.at[dst_k].set(rows_src.astype(buf.dtype), mode="drop")
 
-        layers = [LayerCache(put(l.k, j.k[src_k]), put(l.v, j.v[src_k])) for l, j in zip(lane.layers, job.layers)]
+        def put_kv(buf, job_buf):  # stacked [layers, b, s, k, h]: rows on axis 1
+            rows_src = jnp.pad(job_buf[:, src_k], [(0, 0), (0, 0), (0, s - p), (0, 0), (0, 0)])
+            return buf.at[:, dst_k].set(rows_src.astype(buf.dtype), mode="drop")
+
         mask = put(lane.mask, job.mask[src_k])
         end = lane.end.at[dst_k].set(p, mode="drop")
         tok, lp = self.base._select(model, last_bd[src_k], rows, jnp.zeros((), jnp.int32))
-        return _constrain_cache(KVCache(layers, mask, end)), tok, lp
+        return _constrain_cache(KVCache(put_kv(lane.k, job.k), put_kv(lane.v, job.v), mask, end)), tok, lp
 
     def _decode(self, state, cache: KVCache, cur, pos, count, active, rows: RowParams, *, steps: int):
         """Up to ``steps`` decode steps of a lane; returns the new tokens ``[b, steps]`` per row."""
         self.trace_counts["decode_lane"] += 1
-        model = self.base._model(state)
+        model, stack = self.base._model(state)
         b = cur.shape[0]
         pad = self.base.pad_id
         toks = jnp.full((b, steps), pad, jnp.int32)
@@ -121,8 +130,9 @@ class ContinuousEngine:
         def body(c):
             k, cache, cur, pos, count, active, finish, toks, lps = c
             end = cache.end
-            hidden, cache = model(cur[:, None], pos[:, None], active[:, None].astype(jnp.int32), cache)
-            cache = KVCache(cache.layers, cache.mask, jnp.where(active, end + 1, end))
+            hidden, cache = model(cur[:, None], pos[:, None], active[:, None].astype(jnp.int32), cache,
+                                  layer_stack=stack)
+            cache = cache.replace(end=jnp.where(active, end + 1, end))
             tok, lp = self.base._select(model, hidden[:, 0], rows, count)
             tok = jnp.where(active, tok, pad)
             lp = jnp.where(active, lp, 0.0)
@@ -145,11 +155,10 @@ class ContinuousEngine:
         grows (``src = 0..b-1`` then empty rows), shrinks and compacts a lane."""
         self.trace_counts["resize"] += 1
 
-        def g(x):
-            return jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+        def g(x, axis=0):
+            return jnp.take(x, src, axis=axis, mode="fill", fill_value=0)
 
-        return _constrain_cache(KVCache([LayerCache(g(l.k), g(l.v)) for l in cache.layers], g(cache.mask),
-                                        g(cache.end)))
+        return _constrain_cache(KVCache(g(cache.k, 1), g(cache.v, 1), g(cache.mask), g(cache.end)))
 
 
 @dataclasses.dataclass(eq=False)

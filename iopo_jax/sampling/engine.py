@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iopo_jax.models.transformer import KVCache, LayerCache, padding_inputs
+from iopo_jax.models.transformer import KVCache, StackedState, merge_stacked, padding_inputs, stack_state
 from iopo_jax.sampling.ops import row_keys, select_tokens
 from iopo_jax.sharding import BATCH_AXES, constrain
 
@@ -85,13 +85,17 @@ jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in datac
 def _constrain_state(ds: DecodeState) -> DecodeState:
     """Pin every leaf to one sharding (batch over data/fsdp, kv heads over tensor) so that the
     outputs of prefill and of decode have the same layout and decode compiles once."""
-    kv = (BATCH_AXES, None, "tensor", None)
-    cache = KVCache([LayerCache(constrain(l.k, kv), constrain(l.v, kv)) for l in ds.cache.layers],
-                    constrain(ds.cache.mask, (BATCH_AXES, None)), ds.cache.end)
     row = (BATCH_AXES,)
-    return DecodeState(cache, constrain(ds.tokens, (BATCH_AXES, None)), constrain(ds.logprobs, (BATCH_AXES, None)),
+    return DecodeState(constrain_cache(ds.cache), constrain(ds.tokens, (BATCH_AXES, None)), constrain(ds.logprobs, (BATCH_AXES, None)),
                        constrain(ds.cur, row), constrain(ds.pos, row), constrain(ds.count, row),
                        constrain(ds.done, row), constrain(ds.finish, row), ds.step)
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """Stacked k/v ``[layers, b, s, k, h]``: batch over data/fsdp, kv heads over tensor."""
+    kv = (None, BATCH_AXES, None, "tensor", None)
+    return KVCache(constrain(cache.k, kv), constrain(cache.v, kv), constrain(cache.mask, (BATCH_AXES, None)),
+                   cache.end)
 
 
 def _is_stop(tokens_b, stop_ids_bm):
@@ -101,20 +105,54 @@ def _is_stop(tokens_b, stop_ids_bm):
 class Engine:
     """Jitted prefill / decode for one model graph. ``trace_counts`` counts compilations by kind."""
 
-    def __init__(self, graphdef, cfg, pad_id: int = 0, prefill_chunk: int = 512):
+    def __init__(self, graphdef, cfg, pad_id: int = 0, prefill_chunk: int = 512, scan_layers: bool = True):
         self.graphdef = graphdef
+        self.scan_layers = bool(scan_layers)
         self.cfg = cfg
         self.pad_id = int(pad_id)
         self.prefill_chunk = int(prefill_chunk)
         self.trace_counts: collections.Counter = collections.Counter()
+        self._prepare = {}
         self.prefill = jax.jit(self._prefill)
         self.start = jax.jit(self._start, static_argnames=("num_new",))
         self.decode = jax.jit(self._decode, donate_argnums=(1,))
 
+    def prepare(self, state) -> StackedState:
+        """The weights as prefill / decode take them: ``state`` (``nnx.split(model)[1]``) with the decoder
+        layers stacked ([layers, ...], each layer's sharding with the new axis unsharded), made once per
+        set of weights so that no step copies weights (it costs one copy of the layer weights). A
+        :class:`StackedState` is returned as it is, and so is any state when ``scan_layers`` is off
+        (the layers then run unrolled over their own weights); abstract leaves (``jax.ShapeDtypeStruct``) give an
+        abstract result (ahead-of-time compilation)."""
+        if isinstance(state, StackedState) or not self.scan_layers:
+            return state
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        out_shardings = None
+        shardings = [getattr(x, "sharding", None) for x in leaves]
+        if leaves and all(isinstance(sh, jax.sharding.NamedSharding) for sh in shardings):
+            sh_tree = jax.tree_util.tree_unflatten(treedef, shardings)
+            rest = nnx.State({k: v for k, v in sh_tree.items() if k != "layers"})
+            layers = jax.tree_util.tree_map(
+                lambda sh: jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec)),
+                sh_tree["layers"][0])
+            out_shardings = StackedState(rest, layers)
+        key = None if out_shardings is None else (tuple(jax.tree_util.tree_leaves(out_shardings)),
+                                                  jax.tree_util.tree_structure(out_shardings))
+        fn = self._prepare.get(key)
+        if fn is None:
+            fn = self._prepare[key] = jax.jit(stack_state, out_shardings=out_shardings)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+            return jax.eval_shape(fn, state)
+        return fn(state)
+
     def _model(self, state):
-        model = nnx.merge(self.graphdef, state)
+        """(model, stacked layer state or None: unrolled layers) inside a jitted function."""
+        if isinstance(state, StackedState):
+            model, stack = merge_stacked(self.graphdef, state), state.layers
+        else:
+            model, stack = nnx.merge(self.graphdef, state), None
         model.eval()  # LoRA dropout (if any) off
-        return model
+        return model, stack
 
     def _select(self, model, hidden_bd, rows: RowParams, step):
         logits = model.logits(hidden_bd)
@@ -124,21 +162,21 @@ class Engine:
     def _prefill(self, state, ids_bp, mask_bp, rows: RowParams) -> Prefilled:
         self.trace_counts["prefill"] += 1
         b, p = ids_bp.shape
-        model = self._model(state)
+        model, stack = self._model(state)
         cache = KVCache.init(self.cfg, b, p)
         positions, segments = padding_inputs(mask_bp)
         c = self.prefill_chunk
         if 0 < c < p and p % c == 0:
             # Chunked prefill: attention scores are [b, heads, c, p] per step instead of [.., p, p].
             def body(cache, xs):
-                hidden, cache = model(*xs, cache)
+                hidden, cache = model(*xs, cache, layer_stack=stack)
                 return cache, hidden[:, -1]
 
             xs = tuple(x.reshape(b, p // c, c).swapaxes(0, 1) for x in (ids_bp, positions, segments))
             cache, lasts = jax.lax.scan(body, cache, xs)
             last = lasts[-1]
         else:
-            hidden, cache = model(ids_bp, positions, segments, cache)
+            hidden, cache = model(ids_bp, positions, segments, cache, layer_stack=stack)
             last = hidden[:, -1]
         tok, lp = self._select(model, last, rows, jnp.zeros((), jnp.int32))
         lengths = jnp.sum(mask_bp.astype(jnp.int32), axis=-1)
@@ -149,11 +187,11 @@ class Engine:
         self.trace_counts["start"] += 1
         b = pre.tok.shape[0]
 
-        def grow(x):
-            return jnp.pad(x, [(0, 0), (0, num_new)] + [(0, 0)] * (x.ndim - 2))
+        def grow(x, axis):
+            return jnp.pad(x, [(0, 0)] * axis + [(0, num_new)] + [(0, 0)] * (x.ndim - axis - 1))
 
         c = pre.cache
-        cache = KVCache([LayerCache(grow(l.k), grow(l.v)) for l in c.layers], grow(c.mask), c.end)
+        cache = KVCache(grow(c.k, 2), grow(c.v, 2), grow(c.mask, 1), c.end)
         count = jnp.ones((b,), jnp.int32)
         stop = _is_stop(pre.tok, rows.stop_ids)
         length = ~stop & (count >= rows.max_new)
@@ -166,7 +204,7 @@ class Engine:
 
     def _decode(self, state, ds: DecodeState, rows: RowParams, stop_at) -> DecodeState:
         self.trace_counts["decode"] += 1
-        model = self._model(state)
+        model, stack = self._model(state)
         n = ds.tokens.shape[1]
         stop_at = jnp.minimum(stop_at, n)
 
@@ -175,7 +213,8 @@ class Engine:
 
         def body(ds):
             b = ds.cur.shape[0]
-            hidden, cache = model(ds.cur[:, None], ds.pos[:, None], jnp.ones((b, 1), jnp.int32), ds.cache)
+            hidden, cache = model(ds.cur[:, None], ds.pos[:, None], jnp.ones((b, 1), jnp.int32), ds.cache,
+                                  layer_stack=stack)
             tok, lp = self._select(model, hidden[:, 0], rows, ds.step)
             active = ~ds.done
             tok = jnp.where(active, tok, self.pad_id)

@@ -152,6 +152,11 @@ class Sampler:
         length) are kept under this (default ``max_batch_size * 2048``): long lanes get fewer rows.
       prefill_budget: with continuous batching, prompt tokens (padded) prefilled per scheduler round
         (at least one chunk), between decode chunks.
+      scan_layers: run the cached forward (prefill and decode) as one ``lax.scan`` over the decoder
+        layers, whose weights are stacked once when the weights are set (one extra copy of the layer
+        weights): every program compiles one layer body instead of one per layer. False: layers
+        unrolled over the model's own weights (longer compilation; on CPU faster decode steps, since
+        XLA:CPU copies each layer's weight slice inside a loop).
     """
 
     def __init__(self, model, tokenizer=None, *, mesh=None, max_batch_size: int = 32,
@@ -160,7 +165,7 @@ class Sampler:
                  eos_token_ids: Optional[Sequence[int]] = None, decode_chunk: int = 16, pad_id: Optional[int] = None,
                  prefill_chunk: int = 512, continuous: bool = True, prefix_sharing: bool = True,
                  max_cache_tokens: Optional[int] = None, prefill_budget: int = 4096,
-                 cache_buckets: Optional[Sequence[int]] = None):
+                 cache_buckets: Optional[Sequence[int]] = None, scan_layers: bool = True):
         self.cfg = model.config
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -188,8 +193,9 @@ class Sampler:
             pad_id = 0 if pad_id is None else pad_id
         self.pad_id = int(pad_id)
         self.decode_chunk = int(decode_chunk)
-        graphdef, self.state = nnx.split(model)
-        self.engine = Engine(graphdef, self.cfg, self.pad_id, prefill_chunk)
+        graphdef, state = nnx.split(model)
+        self.engine = Engine(graphdef, self.cfg, self.pad_id, prefill_chunk, scan_layers=scan_layers)
+        self.state = state
         self.continuous = bool(continuous)
         self.prefix_sharing = bool(prefix_sharing)
         self.max_cache_tokens = int(max_cache_tokens or self.max_batch_size * 2048)
@@ -232,6 +238,18 @@ class Sampler:
                 eos.append(tokenizer.eos_token_id)
             kw["eos_token_ids"] = eos
         return cls(model, tokenizer, mesh=mesh, **kw)
+
+    @property
+    def state(self):
+        """The weights the engine samples from: the model state with its decoder layers stacked once
+        (:class:`~iopo_jax.models.transformer.StackedState`; the cached forward scans over them).
+        Assigning a model state (``nnx.split(model)[1]``) stacks it (a copy of the layer weights);
+        assigning another sampler's ``state`` shares it."""
+        return self._state
+
+    @state.setter
+    def state(self, state):
+        self._state = self.engine.prepare(state)
 
     def update_model(self, model_or_state):
         """Sample from new weights (e.g. the RL policy after an update) without recompiling."""

@@ -350,6 +350,7 @@ def rl_programs(cfg, mcfg, mesh) -> list[Program]:
     n = r.max_response_tokens
     gd, mstate = nnx.split(parts.merge(trainable, state=parts.state()))
     engine = Engine(gd, mcfg, pad_id=0, prefill_chunk=512)
+    mstate = engine.prepare(mstate)  # the sampler's weights: decoder layers stacked once
     ids = batch_abstract(mesh, b, p, {"ids": (jnp.int32, ("L",)), "mask": (jnp.int32, ("L",))})
     rowf = {"temperature": jnp.float32, "top_p": jnp.float32, "top_k": jnp.int32, "max_new": jnp.int32,
             "seed_hi": jnp.uint32, "seed_lo": jnp.uint32, "prompt_index": jnp.uint32, "sample_index": jnp.uint32}
