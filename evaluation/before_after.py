@@ -189,17 +189,20 @@ def base_sampler(job, model_dir: str):
 
 def merged_sampler(base, model_dir: str, adapter: str):
     """A sampler for base + the PEFT adapter in ``adapter`` that runs ``base``'s compiled programs: the adapter is
-    folded into the weights (W + (alpha/r) B A, float32) and swapped into a shallow copy of ``base``, so nothing
-    compiles again (an unmerged LoRA model is a different program). ``base`` keeps its own weights."""
+    folded into the weights (W + (alpha/r) B A, float32) of a plain base-structured model whose weights replace
+    those of a shallow copy of ``base`` (``update_model``), so nothing compiles again (an unmerged LoRA model is a
+    different program). ``base`` keeps its own weights."""
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from iopo_jax.models.lora import load_model_with_adapter, merged_params  # pylint: disable=import-outside-toplevel
+    from iopo_jax.models.weights import abstract_model  # pylint: disable=import-outside-toplevel
     from iopo_jax.sampling.sampler import GenerationStats  # pylint: disable=import-outside-toplevel
     from iopo_jax.sharding import path_str  # pylint: disable=import-outside-toplevel
 
     model, _ = load_model_with_adapter(model_dir, adapter, mesh=base.mesh, dtype=base.cfg.dtype,
                                        param_dtype=base.cfg.param_dtype)
+    cfg = model.config.replace(lora=None)
     merged = merged_params(model)
     del model
     where = os.path.join(adapter, "adapter_model.safetensors")
@@ -207,22 +210,22 @@ def merged_sampler(base, model_dir: str, adapter: str):
     def pick(p, leaf):
         k = path_str(p)
         if k not in merged:
-            raise ValueError(f"{where}: the base sampler's parameter {k!r} is missing from base + adapter")
+            raise ValueError(f"{where}: the base model's parameter {k!r} is missing from base + adapter")
         v = merged.pop(k)
         if tuple(v.shape) != tuple(leaf.shape) or v.dtype != leaf.dtype:
             raise ValueError(f"{where}: parameter {k!r} is {v.dtype}{tuple(v.shape)} after merging, the base "
-                             f"sampler's is {leaf.dtype}{tuple(leaf.shape)}")
+                             f"model's is {leaf.dtype}{tuple(leaf.shape)}")
         return v
 
-    pure = jax.tree_util.tree_map_with_path(pick, nnx.to_pure_dict(base.state))
+    graphdef, params, rest = abstract_model(cfg)
+    pure = jax.tree_util.tree_map_with_path(pick, nnx.to_pure_dict(params))
     if merged:
-        raise ValueError(f"{where}: merged parameter {sorted(merged)[0]!r} has no place in the base sampler")
-    state = jax.tree_util.tree_map(lambda x: x, base.state)  # a new State; base.state is left as it is
-    nnx.replace_by_pure_dict(state, pure)
+        raise ValueError(f"{where}: merged parameter {sorted(merged)[0]!r} has no place in the base model")
+    nnx.replace_by_pure_dict(params, pure)
     out = copy.copy(base)
-    out.state = state
     out._scheduler = None  # pylint: disable=protected-access
     out.last_stats, out.total_stats = GenerationStats(), GenerationStats()
+    out.update_model(nnx.merge(graphdef, params, rest))  # raises if the structure is not the base sampler's
     return out
 
 

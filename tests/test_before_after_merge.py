@@ -12,7 +12,7 @@ from iopo_jax.models import LoRAConfig, load_model
 from iopo_jax.sampling import Sampler, SamplingParams
 from iopo_jax.tools.make_tiny_model import make_tiny_model
 
-PROMPTS = [[11, 22, 33, 44, 55], [7] * 17, [101, 5, 9000, 77, 3, 3, 250, 12000, 8, 64, 1234]]
+PROMPTS = [[11, 22, 33, 44, 55], [7] * 17, [101, 5, 900, 77, 3, 3, 250, 1200, 8, 64, 1234]]
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +66,32 @@ def test_merged_adapter_answers_like_the_adapter_without_compiling(base_and_adap
     np.testing.assert_allclose(w_merged, w_base + 2.0 * (b @ a), rtol=1e-5, atol=1e-5)
 
 
-def test_provided_samplers_serve_the_evaluations(base_and_adapter, tmp_path):
-    base_dir, adapter = base_and_adapter
-    s = ba._Samplers(_job(), base_dir, adapter)  # pylint: disable=protected-access
+def test_provided_samplers_serve_the_evaluations(tmp_path, monkeypatch):
+    """evaluation.generate answers (model_dir, lora) from the provided factory, made on first use only."""
+    import types
+
+    made = []
+
+    class FakeSampler:
+        def generate(self, batch, params, seeds=None):
+            return [types.SimpleNamespace(text=f"{len(made)}:{m[0]['content']}") for m in batch]
+
+    def factory():
+        made.append(FakeSampler())
+        return made[-1]
+
+    jobs = ba._Samplers(_job(), str(tmp_path), "adapter")  # pylint: disable=protected-access
+    monkeypatch.setattr(jobs, "get_after", factory)
+    generate.provide_sampler(str(tmp_path), "adapter", lambda: jobs.get_after())
     try:
-        conv = [[{"role": "user", "content": "Say hi."}]]
-        kw = dict(temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0, ids=["x"])
-        a = generate.jax_sampler_generate(base_dir, conv, **kw)
-        assert s.base is not None and s.after is None
-        n = dict(s.base.trace_counts)
-        b = generate.jax_sampler_generate(base_dir, conv, lora=adapter, **kw)
-        assert s.after is not None and s.after.trace_counts == n
-        assert isinstance(a[0], str) and isinstance(b[0], str)
+        kw = dict(temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0, ids=["x"], lora="adapter")
+        conv = [[{"role": "user", "content": "hi"}]]
+        assert generate.jax_sampler_generate(str(tmp_path), conv, **kw) == ["1:hi"]
+        assert jobs.base is None  # the base sampler was not needed
     finally:
-        s.close()
-    assert (base_dir, "") not in generate._PROVIDED  # pylint: disable=protected-access
+        jobs.close()
+    assert (str(tmp_path), "adapter") not in generate._PROVIDED  # pylint: disable=protected-access
+    assert (str(tmp_path), "") not in generate._PROVIDED  # pylint: disable=protected-access
 
 
 def test_base_sampler_bucket_errors(base_and_adapter):
