@@ -159,6 +159,104 @@ def _peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
 
 
+def _buckets(text: str, where: str) -> list[int]:
+    try:
+        out = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError as e:
+        raise ValueError(f"{where}={text!r}: not a comma list of integers ({e})") from None
+    if not out or out[0] < 1:
+        raise ValueError(f"{where}={text!r}: needs at least one positive length")
+    return out
+
+
+def base_sampler(job, model_dir: str):
+    """The base model's sampler for both evaluations, shaped so that few programs compile: batches of exactly
+    ``job.eval_batch_size`` rows (a smaller last batch is padded), the prompt buckets ``job.eval_prompt_buckets``
+    (plus the model's context length, used only by a longer prompt), one new-token bucket, and static batches
+    unless ``job.eval_continuous``."""
+    from iopo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
+
+    b = int(job.eval_batch_size)
+    n = int(job.eval_max_new_tokens)
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        ctx = int(json.load(f).get("max_position_embeddings") or 2048)
+    prompts = [p for p in _buckets(job.get("eval_prompt_buckets", "256"), "job.eval_prompt_buckets") if p + n <= ctx]
+    if not prompts or prompts[-1] + n < ctx:
+        prompts.append(ctx - n)
+    return Sampler.from_pretrained(model_dir, max_batch_size=b, batch_buckets=(b,), prompt_buckets=prompts,
+                                   new_token_buckets=(n,), continuous=bool(job.get("eval_continuous", False)))
+
+
+def merged_sampler(base, model_dir: str, adapter: str):
+    """A sampler for base + the PEFT adapter in ``adapter`` that runs ``base``'s compiled programs: the adapter is
+    folded into the weights (W + (alpha/r) B A, float32) of a plain base-structured model whose weights replace
+    those of a shallow copy of ``base`` (``update_model``), so nothing compiles again (an unmerged LoRA model is a
+    different program). ``base`` keeps its own weights."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from iopo_jax.models.lora import load_model_with_adapter, merged_params  # pylint: disable=import-outside-toplevel
+    from iopo_jax.models.weights import abstract_model  # pylint: disable=import-outside-toplevel
+    from iopo_jax.sampling.sampler import GenerationStats  # pylint: disable=import-outside-toplevel
+    from iopo_jax.sharding import path_str  # pylint: disable=import-outside-toplevel
+
+    model, _ = load_model_with_adapter(model_dir, adapter, mesh=base.mesh, dtype=base.cfg.dtype,
+                                       param_dtype=base.cfg.param_dtype)
+    cfg = model.config.replace(lora=None)
+    merged = merged_params(model)
+    del model
+    where = os.path.join(adapter, "adapter_model.safetensors")
+
+    def pick(p, leaf):
+        k = path_str(p)
+        if k not in merged:
+            raise ValueError(f"{where}: the base model's parameter {k!r} is missing from base + adapter")
+        v = merged.pop(k)
+        if tuple(v.shape) != tuple(leaf.shape) or v.dtype != leaf.dtype:
+            raise ValueError(f"{where}: parameter {k!r} is {v.dtype}{tuple(v.shape)} after merging, the base "
+                             f"model's is {leaf.dtype}{tuple(leaf.shape)}")
+        return v
+
+    graphdef, params, rest = abstract_model(cfg)
+    pure = jax.tree_util.tree_map_with_path(pick, nnx.to_pure_dict(params))
+    if merged:
+        raise ValueError(f"{where}: merged parameter {sorted(merged)[0]!r} has no place in the base model")
+    nnx.replace_by_pure_dict(params, pure)
+    out = copy.copy(base)
+    out._scheduler = None  # pylint: disable=protected-access
+    out.last_stats, out.total_stats = GenerationStats(), GenerationStats()
+    out.update_model(nnx.merge(graphdef, params, rest))  # raises if the structure is not the base sampler's
+    return out
+
+
+class _Samplers:
+    """Made on first use, kept for the whole job: the base sampler (base evaluation) and its merged copy
+    (evaluation with the adapter), registered with :func:`evaluation.generate.provide_sampler`."""
+
+    def __init__(self, job, model_dir: str, adapter: str):
+        from evaluation import generate  # pylint: disable=import-outside-toplevel
+
+        self.job, self.model_dir, self.adapter, self.generate = job, model_dir, adapter, generate
+        self.base = self.after = None
+        generate.provide_sampler(model_dir, "", self.get_base)
+        generate.provide_sampler(model_dir, adapter, self.get_after)
+
+    def get_base(self):
+        if self.base is None:
+            self.base = base_sampler(self.job, self.model_dir)
+        return self.base
+
+    def get_after(self):
+        if self.after is None:
+            self.after = merged_sampler(self.get_base(), self.model_dir, self.adapter)
+        return self.after
+
+    def close(self):
+        self.generate.provide_sampler(self.model_dir, "", None)
+        self.generate.provide_sampler(self.model_dir, self.adapter, None)
+        self.base = self.after = None
+
+
 def evaluate_or_reuse(config) -> tuple[dict, bool]:
     """Metrics of one evaluation, and whether it ran now (False: a finished one in ``config.workdir`` reused)."""
     import gc  # pylint: disable=import-outside-toplevel
@@ -180,6 +278,26 @@ def evaluate_or_reuse(config) -> tuple[dict, bool]:
         gc.collect()
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_COMPILE = {"s": 0.0, "n": 0}
+
+
+def _on_duration(event: str, duration: float, **_):
+    if event in _COMPILE_EVENTS:
+        _COMPILE["s"] += float(duration)
+        _COMPILE["n"] += event == _COMPILE_EVENTS[-1]
+
+
+def _watch_compiles():
+    """Count JAX's tracing + lowering + XLA compile (or persistent-cache load) seconds from here on (once)."""
+    if not _COMPILE.get("on"):
+        import jax  # pylint: disable=import-outside-toplevel
+
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _COMPILE["on"] = True
+
+
 class _Phase:
     """Wall and CPU seconds and peak RSS of one phase, kept in ``<phase dir>/job_times.json`` so that a rerun that
     reuses the phase still reports what it cost when it ran."""
@@ -188,13 +306,18 @@ class _Phase:
         self.times, self.key, self.path = times, key, os.path.join(phase_dir, "job_times.json")
 
     def __enter__(self):
-        self.t, self.c = time.time(), _cpu_s()
+        _watch_compiles()
+        self.t, self.c, self.k, self.kn = time.time(), _cpu_s(), _COMPILE["s"], _COMPILE["n"]
         return self
 
     def done(self, ran: bool):
         if ran or not os.path.isfile(self.path):
             rec = {f"{self.key}_s": round(time.time() - self.t, 1), f"{self.key}_cpu_s": round(_cpu_s() - self.c, 1),
-                   f"{self.key}_peak_rss_gb": _peak_rss_gb()}
+                   f"{self.key}_compile_s": round(_COMPILE["s"] - self.k, 1),
+                   f"{self.key}_programs": _COMPILE["n"] - self.kn, f"{self.key}_peak_rss_gb": _peak_rss_gb()}
+            print(f"  {self.key}: {rec[f'{self.key}_s']} s wall, {rec[f'{self.key}_cpu_s']} CPU-s, "
+                  f"{rec[f'{self.key}_compile_s']} s tracing + compiling {rec[f'{self.key}_programs']} programs "
+                  "(or loading them from the compilation cache)", flush=True)
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "w", encoding="utf-8") as f:
                 json.dump(rec, f)
@@ -261,29 +384,13 @@ def plot(cmp: dict, path: str, title: str) -> str:
     return path
 
 
-def run_job(cfg, workdir: str, progress: bool = True) -> dict:
-    """Fetch, evaluate, train, evaluate; returns the comparison dict (also written to ``workdir``)."""
-    job = cfg.job
-    t0, c0 = time.time(), _cpu_s()
-    os.makedirs(workdir, exist_ok=True)
-    model_dir = cfg.model.path
-    if not model_dir:
-        from iopo_jax.tools.fetch_model import fetch_model  # pylint: disable=import-outside-toplevel
-
-        model_dir = os.path.expanduser(job.model_dir)
-        print(f"[1/4] fetching {job.model} into {model_dir} (cached)", flush=True)
-        fetch_model(job.model, model_dir, quiet=not progress)
-    times = {"fetch_s": round(time.time() - t0, 1), "fetch_cpu_s": round(_cpu_s() - c0, 1)}
-    prompts = _eval_prompts(job, workdir)
-
+def _run_phases(cfg, job, model_dir, workdir, prompts, train_dir, adapter, times, progress):
     print(f"[2/4] evaluating the base model on {prompts}", flush=True)
     d = os.path.join(workdir, "eval_before")
     with _Phase(times, "eval_before", d) as ph:
         before, ran = evaluate_or_reuse(eval_config(job, model_dir, "", d, prompts, progress))
         ph.done(ran)
 
-    train_dir = os.path.join(workdir, "train")
-    adapter = os.path.join(train_dir, "export", "adapter")
     tc = copy.deepcopy(cfg)
     with tc.unlocked():
         del tc["job"]
@@ -306,6 +413,31 @@ def run_job(cfg, workdir: str, progress: bool = True) -> dict:
     with _Phase(times, "eval_after", d) as ph:
         after, ran = evaluate_or_reuse(eval_config(job, model_dir, adapter, d, prompts, progress))
         ph.done(ran)
+    return before, after, tc
+
+
+def run_job(cfg, workdir: str, progress: bool = True) -> dict:
+    """Fetch, evaluate, train, evaluate; returns the comparison dict (also written to ``workdir``)."""
+    job = cfg.job
+    t0, c0 = time.time(), _cpu_s()
+    os.makedirs(workdir, exist_ok=True)
+    model_dir = cfg.model.path
+    if not model_dir:
+        from iopo_jax.tools.fetch_model import fetch_model  # pylint: disable=import-outside-toplevel
+
+        model_dir = os.path.expanduser(job.model_dir)
+        print(f"[1/4] fetching {job.model} into {model_dir} (cached)", flush=True)
+        fetch_model(job.model, model_dir, quiet=not progress)
+    times = {"fetch_s": round(time.time() - t0, 1), "fetch_cpu_s": round(_cpu_s() - c0, 1)}
+    prompts = _eval_prompts(job, workdir)
+
+    train_dir = os.path.join(workdir, "train")
+    adapter = os.path.join(train_dir, "export", "adapter")
+    samplers = _Samplers(job, model_dir, adapter)
+    try:
+        before, after, tc = _run_phases(cfg, job, model_dir, workdir, prompts, train_dir, adapter, times, progress)
+    finally:
+        samplers.close()
     times["total_s"] = round(sum(times[f"{k}_s"] for k in ("fetch", "eval_before", "train", "eval_after")), 1)
     times["total_cpu_s"] = round(sum(times[f"{k}_cpu_s"] for k in ("fetch", "eval_before", "train", "eval_after")), 1)
     times["peak_rss_gb"] = max(times[f"{k}_peak_rss_gb"] for k in ("eval_before", "train", "eval_after"))

@@ -117,6 +117,18 @@ class ChatAPIGenerator:
         self.client.close()
 
 
+_PROVIDED: dict = {}
+
+
+def provide_sampler(model_dir: str, lora: str, factory) -> None:
+    """Answer generation for ``(model_dir, lora)`` with the Sampler ``factory()`` returns (called on first use;
+    the caller owns it, e.g. to reuse one compiled sampler for two evaluations); ``factory=None`` removes it."""
+    if factory is None:
+        _PROVIDED.pop((model_dir, lora or ""), None)
+    else:
+        _PROVIDED[(model_dir, lora or "")] = factory
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_sampler(model_dir: str, lora: str):
     try:
@@ -149,7 +161,8 @@ def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], 
         raise SamplerUnavailableError(
             f"model directory not found: {model_dir!r}; pass --model_dir=CHECKPOINT, or generate with "
             "--predictions=FILE or --gen_base_url=URL instead")
-    sampler = _cached_sampler(model_dir, lora)
+    factory = _PROVIDED.get((model_dir, lora or ""))
+    sampler = factory() if factory is not None else _cached_sampler(model_dir, lora)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     if ids is None:
         return [c.text for c in sampler.chat(list(batch), params)]
