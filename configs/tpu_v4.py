@@ -22,6 +22,7 @@ def get_config():
     c.model.param_dtype = "bfloat16"  # frozen base weights; LoRA factors and optimizer state stay fp32
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    c.model.scan_layers = True  # one compiled layer body (lax.scan): compile time independent of depth
     c.model.attention_impl = "auto"  # splash on TPU, cudnn on GPU, xla (dense) elsewhere
     c.model.attention_block = 1024
     c.model.finetune = "lora"

@@ -190,7 +190,7 @@ def model_config(cfg, model_config_path: str = ""):
     src, where = hf_architecture(m.path, model_config_path, tiny)
     mcfg = ModelConfig.from_hf(src, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
                                attention_impl=m.attention_impl, attention_block=m.attention_block,
-                               lora=lora_config(cfg))
+                               scan_layers=m.get("scan_layers", False), lora=lora_config(cfg))
     return mcfg, where
 
 
@@ -424,7 +424,7 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
         f"{hbm_fraction:.0%} = {usable_gib(target, hbm_fraction):.2f} GiB")
     out(f"mesh {dict(mesh.shape)}; model {mcfg.model_type} {mcfg.num_params / 1e9:.2f}B params "
         f"({where}), param_dtype {mcfg.param_dtype}, dtype {mcfg.dtype}, remat {mcfg.remat}, "
-        f"attention {mcfg.attention_impl}, LoRA {'r=%d' % mcfg.lora.rank if mcfg.lora else 'off'}")
+        f"attention {mcfg.attention_impl}, scan_layers {mcfg.scan_layers}, LoRA {'r=%d' % mcfg.lora.rank if mcfg.lora else 'off'}")
     with use_mesh(mesh):
         programs = rl_programs(cfg, mcfg, mesh) if "rl" in cfg else offline_programs(cfg, mcfg, mesh)
     names = [p.name for p in programs]
