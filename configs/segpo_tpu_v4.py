@@ -6,7 +6,7 @@
         --config.rl.prompts_files=/data/eifbench_style_train.json \
         --config.rl.judge.base_url=https://api.openai.com/v1 --config.rl.judge.model=gpt-4o
 
-Recipe (SPEC section 6): groups of G=16 answers, KL coefficient 0.001 (k3, to the base with LoRA off),
+The SegPO recipe: groups of G=16 answers, KL coefficient 0.001 (k3, to the base with LoRA off),
 prompts up to 6,144 tokens, answers up to 2,048, clipped surrogate with eps 0.2, token-mean loss.
 Prompts are EIFBench records (``input`` + ``sub_instructions``; bring your own training split: the
 public EIFBench files are evaluation data), rendered with the EIFBench answer prompt; the judge answers
@@ -25,6 +25,7 @@ def get_config():
     c.model.param_dtype = "bfloat16"  # frozen base weights; LoRA factors and optimizer state stay fp32
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    c.model.scan_layers = True  # one compiled layer body (lax.scan): compile time independent of depth
     c.model.attention_impl = "auto"  # splash on TPU, cudnn on GPU, xla (dense) elsewhere
     c.model.attention_block = 1024
     c.model.finetune = "lora"

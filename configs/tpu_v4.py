@@ -4,7 +4,7 @@
     python -m iopo_jax.train --config=configs/tpu_v4.py --workdir=gs://BUCKET/iopo_qwen2_7b \
         --config.data.train_files=/data/trace_iopo_train.json
 
-Paper settings (SPEC section 3): LR 5e-6, beta 0.1, 3 epochs, cutoff 6000, warmup 0.1, cosine,
+Settings of the IOPO paper: LR 5e-6, beta 0.1, 3 epochs, cutoff 6000, warmup 0.1, cosine,
 LoRA on all linear layers (r=8, alpha=16, dropout 0), 10% held out and evaluated every 500 steps,
 an effective batch of 256 groups (here 8 groups per micro-batch x 32 accumulation steps), bf16 compute.
 Micro-batches of 8 groups (32 sequences, two per chip) because 16 groups need 35.4 GB of temporaries
@@ -22,6 +22,7 @@ def get_config():
     c.model.param_dtype = "bfloat16"  # frozen base weights; LoRA factors and optimizer state stay fp32
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    c.model.scan_layers = True  # one compiled layer body (lax.scan): compile time independent of depth
     c.model.attention_impl = "auto"  # splash on TPU, cudnn on GPU, xla (dense) elsewhere
     c.model.attention_block = 1024
     c.model.finetune = "lora"

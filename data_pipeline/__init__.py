@@ -31,7 +31,7 @@ from data_pipeline import verifiers
 from data_pipeline.batching import BatchIterator, bucket_for, make_buckets, pack_rows
 from data_pipeline.dataset import TokenizedDataset, tokenizer_fingerprint
 from data_pipeline.errors import InvalidReport, RecordError
-from data_pipeline.pipeline import DataBundle, DataConfig, build_data, fresh_val_iterator, shard_indices, split_validation
+from data_pipeline.pipeline import DataBundle, DataConfig, build_data, column_shard, fresh_val_iterator, shard_indices, split_validation
 from data_pipeline.readers import KINDS, detect_kind, load_records
 from data_pipeline.templates import LLAMA3, QWEN, ChatTemplate, get_template
 from data_pipeline.tokenization import (
@@ -51,6 +51,6 @@ __all__ = [
     "BatchIterator", "ChatTemplate", "DataBundle", "DataConfig", "DEMO_DATA_DIR", "IGNORE_INDEX", "InvalidReport",
     "KINDS", "LLAMA3", "QWEN", "RecordError", "SEQUENCE_NAMES", "TokenizedDataset", "bucket_for", "build_data",
     "detect_kind", "fresh_val_iterator", "get_template", "infer_seqlen", "load_records", "make_buckets",
-    "pack_rows", "shard_indices", "split_validation", "tokenize_dpo_pair", "tokenize_iopo_group",
+    "pack_rows", "column_shard", "shard_indices", "split_validation", "tokenize_dpo_pair", "tokenize_iopo_group",
     "tokenize_record", "tokenize_sft", "tokenizer_fingerprint", "verifiers",
 ]

@@ -36,6 +36,13 @@ Order: every epoch is a permutation of the records drawn from ``(seed, epoch)``;
 uninterrupted iterator yields. With several hosts each iterator holds only its host's shard
 (see :func:`data_pipeline.pipeline.build_data`) and ``allgather`` makes every host agree on the number of
 batches and on each batch's length bucket (one collective per epoch).
+
+Column order (``columns`` / ``column_ids``, what :func:`~data_pipeline.pipeline.build_data` uses for
+unpacked training data): the records are dealt once into as many *columns* as a global batch has units
+(groups / pairs / conversations); every epoch each column is shuffled on its own, drawn from
+``(seed, epoch, column)``, and batch b takes the b-th record of every column, in column order. A host owns a
+contiguous range of columns, so the global batch (the hosts' batches concatenated in process order) is the
+same for any number of hosts, row for row.
 """
 from __future__ import annotations
 
@@ -177,6 +184,11 @@ class BatchIterator:
         (e.g. ``jax.experimental.multihost_utils.process_allgather``); None on one host.
       state_key: identifies the data in :meth:`get_state` (default: this shard's fingerprint); give the
         same key on every host (``build_data`` does) so that a state saved on one host restores on all.
+      columns: column order (see the module docstring): the global column of every record of ``dataset``
+        (records of one column in the same relative order on any number of hosts).
+      column_ids: this host's columns, in row order (``batch_size`` of them); with ``columns``.
+      batches_per_epoch: with ``columns``: batches per epoch, the same on every host (``drop_last``: the
+        shortest column over all hosts; else the longest, shorter columns yield filler units).
     """
 
     def __init__(
@@ -195,6 +207,9 @@ class BatchIterator:
         allgather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
         state_key: Optional[str] = None,
         share_prompt: bool = False,
+        columns: Optional[Sequence[int]] = None,
+        column_ids: Optional[Sequence[int]] = None,
+        batches_per_epoch: Optional[int] = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -223,6 +238,26 @@ class BatchIterator:
         self.buckets = make_buckets(max_len, bucket_step, buckets)
         if len(self._lengths):
             bucket_for(self._lengths.max(), self.buckets)  # fail fast on a too-long sequence
+        self._members = None  # column order: this host's record indices per column, in row order
+        if columns is not None or column_ids is not None:
+            if columns is None or column_ids is None or batches_per_epoch is None:
+                raise ValueError("column order needs columns, column_ids and batches_per_epoch together")
+            if pack:
+                raise ValueError("column order is not available for packed rows; set pack=False or columns=None")
+            columns = np.asarray(columns, dtype=np.int64)
+            if columns.shape != (len(dataset),):
+                raise ValueError(f"columns has {columns.shape[0] if columns.ndim else 0} entries for "
+                                 f"{len(dataset)} records")
+            self.column_ids = [int(c) for c in column_ids]
+            if len(self.column_ids) != self.batch_size:
+                raise ValueError(f"column_ids lists {len(self.column_ids)} columns for batch_size {self.batch_size}")
+            stray = sorted(set(columns.tolist()) - set(self.column_ids))
+            if stray:
+                raise ValueError(f"records of columns {stray[:5]} are not in column_ids {self.column_ids}")
+            if batches_per_epoch < 0:
+                raise ValueError(f"batches_per_epoch must be >= 0, got {batches_per_epoch}")
+            self._members = [np.flatnonzero(columns == c) for c in self.column_ids]
+            self._column_batches = int(batches_per_epoch)
         self._epoch = 0
         self._step = 0
         self._plan: Optional[_Plan] = None
@@ -234,9 +269,28 @@ class BatchIterator:
             return np.arange(n, dtype=np.int64)
         return np.random.default_rng([self.seed, epoch]).permutation(n).astype(np.int64)
 
+    def _column_batches_for(self, epoch: int) -> list:
+        nb = self._column_batches
+        cols = []
+        for c, members in zip(self.column_ids, self._members):
+            if self.shuffle:
+                members = members[np.random.default_rng([self.seed, epoch, c]).permutation(len(members))]
+            cols.append(members)
+        return [[[int(m[b])] if b < len(m) else [] for m in cols] for b in range(nb)]
+
     def _make_plan(self, epoch: int) -> _Plan:
-        order = self._order(epoch)
         B = self.batch_size
+        if self._members is not None:
+            batches = self._column_batches_for(epoch)
+            nb = len(batches)
+            lengths = np.empty(nb, dtype=np.int64)
+            for b, chunk in enumerate(batches):
+                idx = [u[0] for u in chunk if u]
+                lengths[b] = bucket_for(self._lengths[idx].max(), self.buckets) if idx else self.buckets[0]
+            if self.allgather is not None and nb:
+                lengths = np.asarray(self.allgather(lengths)).reshape(-1, nb).max(axis=0)
+            return _Plan(epoch, batches, lengths)
+        order = self._order(epoch)
         if self.pack:
             rows = pack_rows(self._lengths, order, int(self.buckets[-1]), self.pack_window)
             units = rows
@@ -373,6 +427,7 @@ class BatchIterator:
             "fingerprint": self.state_key,
             "pack": self.pack,
             "share_prompt": self.share_prompt,
+            **({"order": "columns"} if self._members is not None else {}),
         }
 
     def set_state(self, state: dict) -> None:
@@ -380,11 +435,12 @@ class BatchIterator:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not an iterator state of version {STATE_VERSION}: {state!r}")
         mine = self.get_state()
-        for key in ("seed", "batch_size", "num_records", "fingerprint", "pack", "share_prompt"):
-            if state.get(key, False if key == "share_prompt" else None) != mine[key]:
+        for key in ("seed", "batch_size", "num_records", "fingerprint", "pack", "share_prompt", "order"):
+            default = {"share_prompt": False, "order": "permutation"}.get(key)
+            if state.get(key, default) != mine.get(key, default):
                 raise ValueError(
-                    f"iterator state does not match this data pipeline: {key} is {state.get(key)!r} in the "
-                    f"state but {mine[key]!r} here (different data, tokenizer, cutoff or batch settings?)")
+                    f"iterator state does not match this data pipeline: {key} is {state.get(key, default)!r} in "
+                    f"the state but {mine.get(key, default)!r} here (different data, tokenizer, cutoff or batch settings?)")
         epoch, step = int(state["epoch"]), int(state["step"])
         if epoch < 0 or step < 0:
             raise ValueError(f"bad iterator position epoch={epoch} step={step}")

@@ -7,10 +7,17 @@
     print(data.summary_text())
 
 Steps: read + validate (``skip_invalid`` counts bad records instead of raising) -> hold out a
-validation split (by fraction or count, seeded) -> keep this host's shard when
-``jax.process_count() > 1`` (record i goes to host ``i % process_count``; training shards are cut to
-equal size) -> tokenise and truncate (cached on disk) -> :class:`~data_pipeline.batching.BatchIterator`.
-``batch_size`` is global (groups per step over all hosts); each host yields ``batch_size / process_count``.
+validation split (by fraction or count, seeded) -> keep this host's shard -> tokenise and truncate
+(cached on disk) -> :class:`~data_pipeline.batching.BatchIterator`. ``batch_size`` is global (groups per
+step over all hosts); each host yields ``batch_size / process_count``.
+
+Every host reads the files (to split them identically) but tokenises only its shard. Training records
+(unpacked) are dealt, in a seeded order, into ``batch_size`` columns; host h owns columns
+``[h * batch_size / P, (h + 1) * batch_size / P)``, and every epoch each column is shuffled on its own (see
+the column order of :mod:`data_pipeline.batching`). The global batch of every step is therefore the same,
+row for row, on 1, 2 or 8 hosts; each epoch leaves out ``N mod batch_size`` records, a different draw
+per epoch. Packed SFT rows and validation records go to host ``i % process_count`` (packed training shards
+are cut to equal size); their order depends on the number of hosts.
 """
 from __future__ import annotations
 
@@ -115,6 +122,31 @@ def shard_indices(n: int, process_index: int, process_count: int, equal: bool) -
     return idx
 
 
+def column_shard(n: int, batch_size: int, process_index: int, process_count: int, seed: int = 0,
+                 drop_last: bool = True):
+    """Host ``process_index``'s training records under the column order (see the module docstring).
+
+    The ``n`` records are dealt in a seeded order (record i has rank ``perm[i]``) into ``batch_size``
+    columns (column = rank mod batch_size); this host owns a contiguous block of ``batch_size /
+    process_count`` columns. Returns ``(indices, columns, column_ids, batches_per_epoch)``: this host's
+    record indices (sorted by column, then rank: the same relative order on any number of hosts), the
+    column of each of them, this host's column ids, and the batches per epoch (the shortest column with
+    ``drop_last``, else the longest).
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+    per = batch_size // process_count
+    rank = np.random.default_rng([int(seed), 104729]).permutation(n).astype(np.int64)
+    column = rank % batch_size
+    mine = np.flatnonzero(column // per == process_index)
+    mine = mine[np.lexsort((rank[mine], column[mine]))]
+    nb = n // batch_size if drop_last else -(-n // batch_size)
+    column_ids = list(range(process_index * per, (process_index + 1) * per))
+    return mine.astype(np.int64), column[mine], column_ids, nb
+
+
 @dataclasses.dataclass
 class DataBundle:
     train: BatchIterator
@@ -192,15 +224,23 @@ def build_data(
         h.update(json.dumps({k: v for k, v in r.items() if k != "id"}, sort_keys=True, ensure_ascii=False).encode())
     state_key = h.hexdigest()
 
-    t_idx = shard_indices(len(train_records), process_index, process_count, equal=True)
-    dropped = len(train_records) - len(t_idx) * process_count
+    local_bs = cfg.batch_size // process_count
+    column_kw = {}
+    if cfg.pack:
+        t_idx = shard_indices(len(train_records), process_index, process_count, equal=True)
+        dropped = len(train_records) - len(t_idx) * process_count
+    else:
+        t_idx, columns, column_ids, nb = column_shard(len(train_records), cfg.batch_size, process_index,
+                                                      process_count, cfg.seed, cfg.drop_last)
+        column_kw = dict(columns=columns, column_ids=column_ids, batches_per_epoch=nb)
+        dropped = 0
     common = dict(tok=tokenizer, kind=cfg.kind, cutoff_len=cfg.cutoff_len, template=cfg.template,
                   default_system=cfg.system, cache_dir=cfg.cache_dir, num_proc=cfg.num_proc)
     train_ds = TokenizedDataset.build([train_records[i] for i in t_idx], source_index=train_index[t_idx], **common)
-    local_bs = cfg.batch_size // process_count
     train_it = BatchIterator(train_ds, local_bs, seed=cfg.seed, shuffle=True, num_epochs=cfg.num_epochs,
                              drop_last=cfg.drop_last, buckets=cfg.buckets, bucket_step=cfg.bucket_step,
-                             pack=cfg.pack, allgather=allgather, state_key=state_key, share_prompt=cfg.share_prompt)
+                             pack=cfg.pack, allgather=allgather, state_key=state_key, share_prompt=cfg.share_prompt,
+                             **column_kw)
     val_ds = val_it = None
     if val_records:
         v_idx = shard_indices(len(val_records), process_index, process_count, equal=False)

@@ -32,7 +32,7 @@ def model_from_run(workdir: str, step: int | None = None):
     from iopo_jax.checkpoint import Checkpointer
     from iopo_jax.models.weights import load_model
     from iopo_jax.sharding import make_mesh, use_mesh
-    from iopo_jax.trainer import lora_config, make_optimizer, split_model
+    from iopo_jax.trainer import abstract_opt_state, lora_config, make_optimizer, split_model
 
     from iopo_jax.paths import workdir_path
 
@@ -46,7 +46,9 @@ def model_from_run(workdir: str, step: int | None = None):
                               lora=lora_config(cfg))
     parts, trainable = split_model(model, lora=cfg.model.finetune == "lora")
     tx = make_optimizer(cfg.optimizer, 1, trainable)
-    opt_state = jax.eval_shape(tx.init, trainable)
+    # shardings of this process's mesh: a checkpoint saved by another topology (e.g. 2 processes) restores
+    # into them (orbax refuses to guess them from the saved metadata)
+    opt_state = abstract_opt_state(tx, trainable)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     arrays, meta = ckpt.restore({"params": trainable, "opt_state": opt_state}, step=step)
     if arrays is None:

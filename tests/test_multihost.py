@@ -65,12 +65,37 @@ def test_one_host_tools_refuse_several_processes(calls, monkeypatch, tmp_path):
     require_single_process("python -m iopo_jax.generate")  # one process: nothing happens
 
 
-@pytest.mark.parametrize("cmd", [["-m", "iopo_jax.generate", "--model_dir=x", "--input=x", "--output=x"],
-                                 ["-m", "evaluation.run", "--config=configs/eval_demo.py"]])
-def test_generation_and_evaluation_clis_stop_at_once_under_srun(cmd, tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path),
-           "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_NODELIST": "node1",
-           "SLURM_LOCALID": "0"}
-    r = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert "runs on one host" in r.stderr and "one of 2" in r.stderr, r.stderr[-2000:]
+CLUSTERS = {  # what srun -n 2 / mpirun -n 2 put in each process's environment (rank {i})
+    "slurm": {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "{i}", "SLURM_STEP_NODELIST": "node1",
+              "SLURM_LOCALID": "{i}"},
+    "openmpi": {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://127.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "2",
+                "OMPI_COMM_WORLD_RANK": "{i}", "OMPI_COMM_WORLD_LOCAL_RANK": "{i}"},
+}
+
+
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
+@pytest.mark.parametrize("tool", ["generate", "evaluation"])
+def test_generation_and_evaluation_clis_stop_at_once_as_two_processes(tool, cluster, tmp_path):
+    """Both ranks of a 2-process job (srun -n 2 / mpirun -n 2) stop at once with the message, write nothing,
+    and neither waits for the other (each has a deadline; a hang fails the test)."""
+    out = tmp_path / "out.jsonl"
+    cmd = {"generate": ["-m", "iopo_jax.generate", f"--model_dir={tmp_path}", f"--input={tmp_path / 'in.jsonl'}",
+                        f"--output={out}"],
+           "evaluation": ["-m", "evaluation.run", "--config=configs/eval_demo.py",
+                          "--config.generation.backend=reference", f"--workdir={tmp_path / 'eval'}"]}[tool]
+    ps = []
+    for i in range(2):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)}
+        env.update({k: v.format(i=i) for k, v in CLUSTERS[cluster].items()})
+        ps.append(subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=300) for p in ps]
+    finally:
+        for p in ps:
+            p.kill()
+            p.wait()
+    for p, (_, err) in zip(ps, results):
+        assert p.returncode != 0
+        assert "runs on one host" in err and "one of 2" in err, err[-2000:]
+    assert not out.exists() and not (tmp_path / "eval").exists()

@@ -4,13 +4,15 @@ the same number of devices. Every process is started with a timeout and killed i
 may hang. All slow (each run compiles the tiny model's steps in every process)."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
 import procs
-from conftest import DEMO_DIR
+from conftest import DEMO_DIR, REPO
 
 
 def _args(model_dir, data_file, workdir):
@@ -20,7 +22,7 @@ def _args(model_dir, data_file, workdir):
             "--config.model.dtype=float32", "--config.optimizer.lr=1e-2", "--config.optimizer.grad_accum=1",
             "--config.train.eval_every=0", "--config.train.logprob_chunk=32", "--config.checkpoint.every=1",
             "--config.train.plot=False", "--config.objective.reference=precompute",
-            "--config.checkpoint.async_save=False"]
+            "--config.checkpoint.async_save=False", "--config.export.merged=True", "--config.export.dtype=float32"]
 
 
 def launch(args, processes: int, devices: int, workdir):
@@ -60,14 +62,22 @@ def two_process_run(tiny_model_dir, data_file, tmp_path_factory):
     return wd
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, data_file, tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("mp") / "one")
+    t0 = time.time()
+    run(_args(tiny_model_dir, data_file, wd), 1, 4, wd)
+    print(f"1 process x 4 devices: {time.time() - t0:.0f} s")
+    return wd
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
-def test_iopo_two_processes_equal_one_process(two_process_run, tiny_model_dir, data_file, tmp_path):
+def test_iopo_two_processes_equal_one_process(two_process_run, one_process_run):
     """2 processes x 2 devices vs 1 process x 4 devices: the global batch of every step holds the same 8 groups
-    (data.batch_size = the whole training set; each host tokenizes only its 4), so per-step losses and the
-    final adapter agree to float rounding (measured: losses within 8e-7)."""
-    wd = str(tmp_path / "one")
-    run(_args(tiny_model_dir, data_file, wd), 1, 4, wd)
+    (the data pipeline's global batches do not depend on the number of processes; each host tokenizes only its
+    4), so per-step losses and the final adapter agree to float rounding (measured: losses within 8e-7)."""
+    wd = one_process_run
     a, b = train_losses(two_process_run), train_losses(wd)
     assert len(a) == len(b) == 3
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
@@ -129,6 +139,20 @@ def rl_history(workdir):
     return [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if r["split"] == "train"]
 
 
+def _logits_hf(model_dir, ids, adapter_dir=None):
+    """Logits of a HF checkpoint (with a PEFT adapter on top when given) through transformers / peft, float32."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    with torch.no_grad():
+        return model.eval()(torch.tensor(ids)).logits[0].numpy()
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_segpo_two_processes_equal_one_process(tiny_model_dir, tmp_path):
@@ -158,3 +182,44 @@ def test_segpo_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     for k in ta:
         np.testing.assert_allclose(ta[k], tb[k], rtol=2e-4, atol=1e-5, err_msg=k)
     assert any(not np.allclose(v, 0) for k, v in ta.items() if "lora_B" in k), "the adapter was not trained"
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_exports_of_two_processes_load_with_the_one_process_logits(two_process_run, one_process_run, tiny_model_dir,
+                                                                   tmp_path):
+    """The PEFT adapter and the merged checkpoint that the training CLI exports at the end of a 2-process run
+    (every process gathers, process 0 writes) load in peft / transformers and give the logits of the 1-process
+    run's exports (same 4 devices in all); the export tool, run as one process on the 2-process run's last
+    checkpoint, writes the same merged weights."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    ids = np.array([[151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198, 9707, 11, 1879, 0, 17]])
+    logits = {}
+    for name, wd in (("two", two_process_run), ("one", one_process_run)):
+        exp = os.path.join(wd, "export")
+        assert os.path.isfile(os.path.join(exp, "merged", "config.json")), os.listdir(exp)
+        logits[name, "peft"] = _logits_hf(tiny_model_dir, ids, os.path.join(exp, "adapter"))
+        logits[name, "merged"] = _logits_hf(os.path.join(exp, "merged"), ids)
+    base = _logits_hf(tiny_model_dir, ids)
+    scale = float(np.abs(logits["one", "merged"]).max())
+    # training moved the logits (else the comparison below would prove nothing about the adapters)
+    assert np.abs(logits["one", "merged"] - base).max() > 1e-3 * scale
+    for kind in ("peft", "merged"):
+        diff = float(np.abs(logits["two", kind] - logits["one", kind]).max())
+        assert diff <= 1e-5 * scale, (kind, diff, scale)
+    # within one run the two export formats agree (merging in float32 only reorders the sums)
+    assert float(np.abs(logits["two", "peft"] - logits["two", "merged"]).max()) <= 1e-5 * scale
+    # the export tool (one process) restores the 2-process run's checkpoint and merges the same weights
+    out = str(tmp_path / "merged_by_tool")
+    r = subprocess.run([sys.executable, "-m", "iopo_jax.export", f"--workdir={two_process_run}",
+                        f"--merged_out={out}", "--dtype=float32"], cwd=REPO, env=procs.cli_env(),
+                       capture_output=True, text=True, timeout=procs.TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(os.path.join(two_process_run, "export", "merged", "model.safetensors"))
+    b = load_file(os.path.join(out, "model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -190,7 +190,7 @@ def model_config(cfg, model_config_path: str = ""):
     src, where = hf_architecture(m.path, model_config_path, tiny)
     mcfg = ModelConfig.from_hf(src, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
                                attention_impl=m.attention_impl, attention_block=m.attention_block,
-                               lora=lora_config(cfg))
+                               scan_layers=m.get("scan_layers", False), lora=lora_config(cfg))
     return mcfg, where
 
 
@@ -276,7 +276,55 @@ def _flops(compiled) -> float:
 
 
 def _compile(spec):
-    return lambda: spec.lower().compile()
+    def compile_():
+        return spec.lower().compile()
+
+    compile_.lower = spec.lower  # the FLOP count of a scan-free variant needs only the lowering
+    return compile_
+
+
+def _lowered_flops(lowered, num_devices: int) -> float:
+    """FLOPs per chip of a lowered (not compiled) program: XLA's cost analysis of its HLO, which is the
+    whole (unpartitioned) program, divided by the number of chips. The TPU compile-only client reports
+    nothing for a lowering, so the HLO module is analysed by the CPU client (the count does not depend on it;
+    custom kernels such as splash attention count 0, as in the compiled analysis)."""
+    try:
+        ca = lowered.cost_analysis()
+        if isinstance(ca, (list, tuple)):
+            ca = ca[0] if ca else None
+        if ca and "flops" in ca:
+            return float(ca["flops"]) / num_devices
+        import jax
+        from jax._src.lib import xla_client
+
+        module = lowered.compiler_ir("hlo").as_hlo_module()
+        ca = xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+        return float(ca["flops"]) / num_devices
+    except Exception:  # noqa: BLE001 - private API moved or no count: the compiled count stays
+        return float("nan")
+
+
+def unrolled_flops(cfg, mcfg, mesh, names) -> dict:
+    """{program: FLOPs per chip per call} of the programs ``names`` lowered with ``scan_layers=False``
+    (programs whose count is unavailable are left out: their compiled count stays).
+
+    XLA's cost analysis counts a loop body once, so a ``lax.scan`` over the layers reports the FLOPs of one
+    layer; the same program with the layers unrolled (only lowered, not compiled: seconds) counts them all.
+    Programs without a lowering of their own (the sampler's prefill / decode use the layer loop anyway) are
+    left out."""
+    from iopo_jax.sharding import use_mesh
+
+    flat = mcfg.replace(scan_layers=False)
+    with use_mesh(mesh):
+        programs = rl_programs(cfg, flat, mesh) if "rl" in cfg else offline_programs(cfg, flat, mesh)
+        out = {}
+        for p in programs:
+            lower = getattr(p.compile, "lower", None)
+            if p.name in names and lower is not None:
+                flops = _lowered_flops(lower(), mesh.size)
+                if math.isfinite(flops):
+                    out[p.name] = flops
+    return out
 
 
 def offline_lengths(cfg) -> tuple[int, int]:
@@ -425,7 +473,7 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
         f"{hbm_fraction:.0%} = {usable_gib(target, hbm_fraction):.2f} GiB")
     out(f"mesh {dict(mesh.shape)}; model {mcfg.model_type} {mcfg.num_params / 1e9:.2f}B params "
         f"({where}), param_dtype {mcfg.param_dtype}, dtype {mcfg.dtype}, remat {mcfg.remat}, "
-        f"attention {mcfg.attention_impl}, LoRA {'r=%d' % mcfg.lora.rank if mcfg.lora else 'off'}")
+        f"attention {mcfg.attention_impl}, scan_layers {mcfg.scan_layers}, LoRA {'r=%d' % mcfg.lora.rank if mcfg.lora else 'off'}")
     with use_mesh(mesh):
         programs = rl_programs(cfg, mcfg, mesh) if "rl" in cfg else offline_programs(cfg, mcfg, mesh)
     names = [p.name for p in programs]
@@ -466,6 +514,13 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
         results.append(res)
         out(f"  {res.name}: {fmt_gib(res.total)} GiB per chip, {res.flops / 1e12:.4g} TFLOP per chip per call, "
             f"compiled in {dt:.0f} s")
+    if mcfg.scan_layers and results:  # the compiled count holds one layer of the scan: count them all
+        counts = unrolled_flops(cfg, mcfg, mesh, {r.name for r in results})
+        for r in results:
+            if r.name in counts:
+                r.flops = counts[r.name]
+        out(f"  FLOPs of {sorted(counts)} from the unrolled lowering, whole program / {mesh.size} chips "
+            "(scan_layers: XLA counts a loop body once)")
     ok = all(r.total <= usable and not r.note for r in results)
     flops_step = sum(r.flops * r.per_step for r in results if math.isfinite(r.flops))
     summary = {"target": target.name, "topology": target.topology_name, "devices": len(devices),
