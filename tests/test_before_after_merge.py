@@ -56,8 +56,8 @@ def test_merged_adapter_answers_like_the_adapter_without_compiling(base_and_adap
     assert _ids(base) == base_answers  # the base sampler keeps its own weights
     # the merged weights are base + (alpha / r) B A
     path = "layers.0.self_attn.q_proj.weight"
-    w_merged = np.asarray(nnx.to_pure_dict(merged.state)["layers"][0]["self_attn"]["q_proj"]["weight"])
-    w_base = np.asarray(nnx.to_pure_dict(base.state)["layers"][0]["self_attn"]["q_proj"]["weight"])
+    w_merged, w_base = (np.asarray(nnx.to_pure_dict(s.state.layers)["self_attn"]["q_proj"]["weight"][0])
+                        for s in (merged, base))  # the sampler holds the layers stacked: [layers, ...]
     model, _ = load_model(base_dir, lora=LoRAConfig(rank=4, alpha=8.0))
     from iopo_jax.models.lora import load_adapter_into, lora_params
 
