@@ -140,6 +140,12 @@ def _cached_sampler(model_dir: str, lora: str):
     return Sampler.from_pretrained(model_dir, lora=lora or None)
 
 
+def _sampler_for(model_dir: str, lora: str):
+    """The provided sampler of ``(model_dir, lora)`` (:func:`provide_sampler`) or the cached one."""
+    factory = _PROVIDED.get((model_dir, lora or ""))
+    return factory() if factory is not None else _cached_sampler(model_dir, lora)
+
+
 def unit_seed(seed: int, request_id: str) -> int:
     """A 63-bit sampling seed from the run seed and a request id (``<unit id>#<part>``): the same for a
     unit whatever its position in its batch, so a resumed evaluation samples what an uninterrupted one does."""
@@ -161,8 +167,7 @@ def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], 
         raise SamplerUnavailableError(
             f"model directory not found: {model_dir!r}; pass --model_dir=CHECKPOINT, or generate with "
             "--predictions=FILE or --gen_base_url=URL instead")
-    factory = _PROVIDED.get((model_dir, lora or ""))
-    sampler = factory() if factory is not None else _cached_sampler(model_dir, lora)
+    sampler = _sampler_for(model_dir, lora)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     if ids is None:
         return [c.text for c in sampler.chat(list(batch), params)]
@@ -192,8 +197,15 @@ def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, st
         raise ValueError(f"jax_sampler_stream: {len(ids)} ids for {len(conversations)} conversations")
     if window < 1:
         raise ValueError(f"jax_sampler_stream: window must be >= 1, got {window}")
-    sampler = _cached_sampler(model_dir, lora)
+    sampler = _sampler_for(model_dir, lora)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    if not sampler.continuous:  # a provided batch-level sampler: ``window`` conversations per call
+        for start in range(0, len(conversations), window):
+            idx = range(start, min(start + window, len(conversations)))
+            done = sampler.generate([conversations[i] for i in idx], params,
+                                    seeds=[unit_seed(seed, ids[i]) for i in idx])
+            yield from zip(idx, done)
+        return
     todo = list(range(len(conversations)))[::-1]  # popped from the end: file order
     running: list[Any] = []
 

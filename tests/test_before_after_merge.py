@@ -73,8 +73,11 @@ def test_provided_samplers_serve_the_evaluations(tmp_path, monkeypatch):
     made = []
 
     class FakeSampler:
+        continuous = False  # batch-level, as the main job's shared sampler
+
         def generate(self, batch, params, seeds=None):
-            return [types.SimpleNamespace(text=f"{len(made)}:{m[0]['content']}") for m in batch]
+            return [types.SimpleNamespace(text=f"{len(made)}:{m[0]['content']}", finish_reason="stop",
+                                          token_ids=[1]) for m in batch]
 
     def factory():
         made.append(FakeSampler())
@@ -87,6 +90,11 @@ def test_provided_samplers_serve_the_evaluations(tmp_path, monkeypatch):
         kw = dict(temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0, ids=["x"], lora="adapter")
         conv = [[{"role": "user", "content": "hi"}]]
         assert generate.jax_sampler_generate(str(tmp_path), conv, **kw) == ["1:hi"]
+        # the evaluation runner's generator (what before_after's evaluations call) answers from it too
+        gen = generate.JaxSamplerGenerator(str(tmp_path), temperature=0.0, top_p=1.0, max_new_tokens=8,
+                                           batch_size=2, lora="adapter")
+        reqs = [types.SimpleNamespace(id=f"u{i}", messages=[{"role": "user", "content": f"q{i}"}]) for i in range(3)]
+        assert [(r.id, r.text) for r in gen.generate(reqs)] == [("u0", "2:q0"), ("u1", "2:q1"), ("u2", "2:q2")]
         assert jobs.base is None  # the base sampler was not needed
     finally:
         jobs.close()
