@@ -199,7 +199,7 @@ def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, st
         raise ValueError(f"jax_sampler_stream: window must be >= 1, got {window}")
     sampler = _sampler_for(model_dir, lora)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    if not sampler.continuous:  # a provided batch-level sampler: ``window`` conversations per call
+    if not getattr(sampler, "continuous", True):  # a batch-level sampler: a window per call
         for start in range(0, len(conversations), window):
             idx = range(start, min(start + window, len(conversations)))
             done = sampler.generate([conversations[i] for i in idx], params,

@@ -5,8 +5,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -78,3 +80,35 @@ def wait_all(procs, log_prefix, timeout=TIMEOUT, check: bool = True):
         for i, p in enumerate(procs):
             assert p.returncode == 0, open(f"{log_prefix}.out{i}").read()[-3000:]
     return [p.returncode for p in procs]
+
+
+def simulated_hosts(P: int, fn, timeout: float = 120):
+    """``[fn(p, allgather) for p in range(P)]`` with one thread per simulated host and a barrier-based
+    ``allgather`` (stacks every host's array), as ``jax.experimental.multihost_utils.process_allgather``
+    would on P processes. The first error of any host is raised; a host stuck in allgather fails the test."""
+    barrier = threading.Barrier(P)
+    slots, results, errors = [None] * P, [None] * P, []
+
+    def allgather_for(p):
+        def ag(x):
+            slots[p] = np.asarray(x)
+            barrier.wait()
+            out = np.stack(slots)
+            barrier.wait()
+            return out
+        return ag
+
+    def run(p):
+        try:
+            results[p] = fn(p, allgather_for(p))
+        except Exception as e:  # noqa: BLE001 - raised below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(P)]
+    [t.start() for t in threads]
+    [t.join(timeout) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a simulated host is stuck in allgather"
+    if errors:
+        raise errors[0]
+    return results

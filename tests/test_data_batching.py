@@ -3,7 +3,6 @@ import itertools
 import json
 import os
 import random
-import threading
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from data_pipeline import (DEMO_DATA_DIR, BatchIterator, DataConfig, TokenizedDa
 from data_pipeline.batching import pack_rows
 from data_pipeline.pipeline import fresh_val_iterator, shard_indices
 
+import procs
 from test_data_tokenization import CharTok
 
 
@@ -177,27 +177,7 @@ def test_pack_rows_first_fit():
 # ---- several hosts ---------------------------------------------------------------------------------------
 def _run_hosts(build, P=2):
     """Run one iterator per simulated host in threads with a barrier-based allgather."""
-    barrier = threading.Barrier(P)
-    slots = [None] * P
-    results = [None] * P
-
-    def allgather_for(p):
-        def ag(x):
-            slots[p] = np.asarray(x)
-            barrier.wait()
-            out = np.stack(slots)
-            barrier.wait()
-            return out
-        return ag
-
-    def run(p):
-        results[p] = _collect(build(p, allgather_for(p)))
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in range(P)]
-    [t.start() for t in threads]
-    [t.join(60) for t in threads]
-    assert not any(t.is_alive() for t in threads), "a simulated host is stuck in allgather"
-    return results
+    return procs.simulated_hosts(P, lambda p, ag: _collect(build(p, ag)), timeout=60)
 
 
 def test_hosts_agree_on_shapes_and_split_the_data():

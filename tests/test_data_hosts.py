@@ -2,44 +2,23 @@
 depend on the number of hosts (simulated in-process: one thread per host, a barrier-based allgather)."""
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
+
+import procs
 
 from data_pipeline import DEMO_DATA_DIR, DataConfig, build_data, column_shard
 
 
 def _hosts(cfg, tokenizer, P):
     """build_data on P simulated hosts; returns (bundles, batches per host)."""
-    barrier = threading.Barrier(P)
-    slots, bundles, batches, errors = [None] * P, [None] * P, [None] * P, []
+    def host(p, ag):
+        bundle = build_data(cfg, tokenizer, process_index=p, process_count=P, allgather=ag if P > 1 else None)
+        return bundle, list(bundle.train)
 
-    def ag_for(p):
-        def ag(x):
-            slots[p] = np.asarray(x)
-            barrier.wait()
-            out = np.stack(slots)
-            barrier.wait()
-            return out
-        return ag
-
-    def run(p):
-        try:
-            bundles[p] = build_data(cfg, tokenizer, process_index=p, process_count=P,
-                                    allgather=ag_for(p) if P > 1 else None)
-            batches[p] = list(bundles[p].train)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in range(P)]
-    [t.start() for t in threads]
-    [t.join(120) for t in threads]
-    assert not any(t.is_alive() for t in threads), "a simulated host is stuck in allgather"
-    if errors:
-        raise errors[0]
-    return bundles, batches
+    out = procs.simulated_hosts(P, host)
+    return [o[0] for o in out], [o[1] for o in out]
 
 
 def _global(batches):
