@@ -282,14 +282,7 @@ class BatchIterator:
         B = self.batch_size
         if self._members is not None:
             batches = self._column_batches_for(epoch)
-            nb = len(batches)
-            lengths = np.empty(nb, dtype=np.int64)
-            for b, chunk in enumerate(batches):
-                idx = [u[0] for u in chunk if u]
-                lengths[b] = bucket_for(self._lengths[idx].max(), self.buckets) if idx else self.buckets[0]
-            if self.allgather is not None and nb:
-                lengths = np.asarray(self.allgather(lengths)).reshape(-1, nb).max(axis=0)
-            return _Plan(epoch, batches, lengths)
+            return _Plan(epoch, batches, self._bucket_lengths(batches))
         order = self._order(epoch)
         if self.pack:
             rows = pack_rows(self._lengths, order, int(self.buckets[-1]), self.pack_window)
@@ -308,13 +301,19 @@ class BatchIterator:
         if self.pack:
             lengths = np.full(nb, int(self.buckets[-1]), dtype=np.int64)
         else:
-            lengths = np.empty(nb, dtype=np.int64)
-            for b, chunk in enumerate(batches):
-                idx = [u[0] for u in chunk if u]
-                lengths[b] = bucket_for(self._lengths[idx].max(), self.buckets) if idx else self.buckets[0]
-            if self.allgather is not None and nb:
-                lengths = np.asarray(self.allgather(lengths)).reshape(-1, nb).max(axis=0)
+            lengths = self._bucket_lengths(batches)
         return _Plan(epoch, batches, lengths)
+
+    def _bucket_lengths(self, batches) -> np.ndarray:
+        """The length bucket of each batch (unpacked rows), the largest over all hosts when there are several."""
+        nb = len(batches)
+        lengths = np.empty(nb, dtype=np.int64)
+        for b, chunk in enumerate(batches):
+            idx = [u[0] for u in chunk if u]
+            lengths[b] = bucket_for(self._lengths[idx].max(), self.buckets) if idx else self.buckets[0]
+        if self.allgather is not None and nb:
+            lengths = np.asarray(self.allgather(lengths)).reshape(-1, nb).max(axis=0)
+        return lengths
 
     def _plan_for(self, epoch: int) -> _Plan:
         if self._plan is None or self._plan.epoch != epoch:
