@@ -21,9 +21,9 @@ from flax import nnx
 
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
 from iopo_jax.models.transformer import Transformer
-from iopo_jax.models.weights import (CheckpointError, SafetensorsFile, _host, base_params, export_hf,
+from iopo_jax.models.weights import (CheckpointError, SafetensorsFile, base_params, export_hf,
                                      load_model, load_tensor, write_safetensors)
-from iopo_jax.sharding import param_spec, path_str
+from iopo_jax.sharding import host_value, param_spec, path_str
 
 PEFT_PREFIX = "base_model.model."
 
@@ -73,7 +73,7 @@ def export_peft(model: Transformer, out_dir: str, base_model_name_or_path: str =
     if cfg.lora is None:
         raise ValueError("export_peft: the model has no LoRA adapter (config.lora is None)")
     lora = lora_params(model)
-    items = [(_peft_key(p), tuple(a.shape), np.dtype(np.float32), (lambda a=a: _host(a))) for p, a in sorted(lora.items())]
+    items = [(_peft_key(p), tuple(a.shape), np.dtype(np.float32), (lambda a=a: host_value(a))) for p, a in sorted(lora.items())]
     if jax.process_index() != 0:
         for *_, produce in items:
             produce()

@@ -34,7 +34,7 @@ from flax import nnx
 
 from iopo_jax.models.config import ModelConfig
 from iopo_jax.models.transformer import Transformer
-from iopo_jax.sharding import param_spec, path_str
+from iopo_jax.sharding import host_value, param_spec, path_str
 
 # ----------------------------------------------------------------------------- safetensors I/O
 ST_DTYPES = {
@@ -505,13 +505,6 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- export
-def _host(arr) -> np.ndarray:
-    if jax.process_count() > 1 and not arr.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
-    return np.asarray(jax.device_get(arr))
-
 
 def base_params(model: Transformer) -> dict[str, jax.Array]:
     """{our path: array} of the base (non-LoRA) parameters."""
@@ -536,7 +529,7 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str | None = None, max
     for ours, (hf_key, rule) in wanted.items():
         arr = params[ours]
         to_hf = rule.to_hf or (lambda a: a)
-        items.append((hf_key, tuple(arr.shape), dt, (lambda a=arr, f=to_hf: f(_host(a)))))
+        items.append((hf_key, tuple(arr.shape), dt, (lambda a=arr, f=to_hf: f(host_value(a)))))
     if jax.process_index() != 0:
         for *_, produce in items:  # every process must take part in the gathers
             produce()

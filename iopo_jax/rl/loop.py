@@ -42,7 +42,7 @@ from iopo_jax.rl.advantages import RewardWeights, clipped_policy_loss, grpo_toke
 from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, reward_metrics
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
-from iopo_jax.sharding import batch_sharding, use_mesh
+from iopo_jax.sharding import batch_sharding, host_value, use_mesh
 from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, _png, abstract_like,
                                  check_common_config, config_error, frozen_keys, make_apply_step,
                                  reference_trainable)
@@ -301,14 +301,6 @@ class RLTrainer(TrainLoop):
         sh = batch_sharding(self.mesh, x.ndim, x.shape)
         return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
-    @staticmethod
-    def _host(x) -> np.ndarray:
-        if jax.process_count() == 1:
-            return np.asarray(jax.device_get(x))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
     def _micro_rows(self) -> int:
         r = self.rl
         mb = r.prompts_per_step * r.group_size // r.mini_batches
@@ -321,7 +313,7 @@ class RLTrainer(TrainLoop):
         outs = []
         with use_mesh(self.mesh):
             for s in range(0, n, mu):
-                outs.append(self._host(fn(self.trainable, {k: self._put(packed[k][s:s + mu]) for k in keys})))
+                outs.append(host_value(fn(self.trainable, {k: self._put(packed[k][s:s + mu]) for k in keys})))
         return np.concatenate(outs, axis=0)
 
     # -- rewards (judge on process 0, broadcast)
