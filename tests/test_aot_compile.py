@@ -2,6 +2,7 @@
 tool itself compiling a tiny model for a 4-chip v4 slice (needs libtpu: pip install "jax[tpu]")."""
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,7 +101,6 @@ def test_aot_no_fit_exits_nonzero(tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_aot_compile_fits_and_does_not_fit(tmp_path):
     p, res = _run_tool(tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -135,7 +135,10 @@ def test_aot_compile_rl_config(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     progs = {r["name"]: r for r in res["programs"]}
     assert set(progs) == {"grad_step", "prefill", "decode"}
-    assert all(r["flops"] > 0 and r["argument"] > 0 for r in progs.values())
+    assert all(r["argument"] > 0 for r in progs.values()) and progs["grad_step"]["flops"] > 0
+    # the sampler's loops (chunks, tokens, layers) are counted once by XLA: no FLOPs claimed for them
+    assert all(math.isnan(progs[k]["flops"]) for k in ("prefill", "decode"))
+    assert "FLOPs of ['prefill', 'decode'] not given" in p.stdout + p.stderr
     assert progs["decode"]["alias"] > 0  # the decode state (KV cache) is donated and updated in place
 
 

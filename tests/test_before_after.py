@@ -192,7 +192,6 @@ def test_notebook_defaults_are_the_readme_job():
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 @pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes_on_cpu_with_small_parameters(nb_path, tmp_path):
     nbformat = pytest.importorskip("nbformat")

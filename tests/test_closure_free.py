@@ -72,7 +72,6 @@ def test_trainer_steps_capture_no_arrays(tiny_model_dir, small_iopo_file, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_rl_steps_capture_no_arrays(tiny_model_dir, prompts_file, tmp_path):  # noqa: F811
     cfg = rl_config(tiny_model_dir, prompts_file)
     tr = RLTrainer(cfg, str(tmp_path / "rl"), devices=jax.devices()[:2], progress=False).setup()

@@ -72,7 +72,6 @@ def one_process_run(tiny_model_dir, data_file, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_iopo_two_processes_equal_one_process(two_process_run, one_process_run):
     """2 processes x 2 devices vs 1 process x 4 devices: the global batch of every step holds the same 8 groups
     (the data pipeline's global batches do not depend on the number of processes; each host tokenizes only its
@@ -93,7 +92,6 @@ def test_iopo_two_processes_equal_one_process(two_process_run, one_process_run):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_kill9_one_process_then_rerun_all_is_bitwise_equal(two_process_run, tiny_model_dir, data_file, tmp_path):
     """kill -9 one of the 2 processes after the first step (its checkpoint is saved every step), stop the
     other (its collectives would wait for the dead peer), rerun both: the final adapter equals the
@@ -119,6 +117,49 @@ def test_kill9_one_process_then_rerun_all_is_bitwise_equal(two_process_run, tiny
     print(f"rerun after kill -9: {time.time() - t0:.0f} s")
     log0 = open(f"{wd}.out0").read()
     assert "resumed from step" in log0, log0[-3000:]
+    a, b = adapter(two_process_run), adapter(wd)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_step_then_resumes_exactly(two_process_run, tiny_model_dir,
+                                                                           data_file, tmp_path):
+    """Preemption of a pod: SIGTERM reaches ONE of the 2 processes (here process 1, not the coordinator) while
+    step 2 runs; the flag is all-gathered at the step boundary, so both save the same checkpoint and exit 0
+    (no hang, no half-saved step); rerunning both resumes and ends with the uninterrupted run's adapter bit
+    for bit. Checkpoints are otherwise off (every=100), so the only one is the one the signal asked for."""
+    import signal
+
+    wd = str(tmp_path / "term")
+    args = _args(tiny_model_dir, data_file, wd) + ["--config.checkpoint.every=100"]
+    ps = launch(args, 2, 2, wd)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + procs.TIMEOUT
+    try:
+        while time.time() < deadline and all(p.poll() is None for p in ps):
+            if os.path.isfile(metrics) and '"train"' in open(metrics).read():  # step 1 done and logged
+                break
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in ps), "a process ended before the signal: " + open(f"{wd}.out0").read()[-3000:]
+        ps[1].send_signal(signal.SIGTERM)
+        procs.wait_all(ps, wd)  # both must exit 0, within the timeout
+    finally:
+        for p in ps:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = [open(f"{wd}.out{i}").read() for i in range(2)]
+    assert "SIGTERM received" in logs[1], logs[1][-2000:]  # only process 1 got the signal ...
+    assert "SIGTERM received" not in logs[0], logs[0][-2000:]
+    assert "preempted (SIGTERM) after step" in logs[0], logs[0][-2000:]  # ... and process 0 stopped with it
+    saved = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+    assert saved and saved[-1] < 3, saved  # 3 steps in all: the run stopped early
+    assert not os.path.exists(os.path.join(wd, "export"))
+    run(args, 2, 2, wd)
+    log0 = open(f"{wd}.out0").read()
+    assert f"resumed from step {saved[-1]}" in log0, log0[-3000:]
     a, b = adapter(two_process_run), adapter(wd)
     assert a.keys() == b.keys()
     for k in a:
@@ -154,7 +195,6 @@ def _logits_hf(model_dir, ids, adapter_dir=None):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_segpo_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     """SegPO through the RL CLI, 2 processes x 2 devices vs 1 process x 4 devices: every process samples
     the same rollouts (keys from the seed, the iteration and the row), so the rollout rewards match
@@ -185,7 +225,6 @@ def test_segpo_two_processes_equal_one_process(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_exports_of_two_processes_load_with_the_one_process_logits(two_process_run, one_process_run, tiny_model_dir,
                                                                    tmp_path):
     """The PEFT adapter and the merged checkpoint that the training CLI exports at the end of a 2-process run
