@@ -304,14 +304,16 @@ def _lowered_flops(lowered, num_devices: int) -> float:
         return float("nan")
 
 
+SAMPLER_LOOPS = ("prefill", "decode")  # the sampler's programs: loops over chunks / tokens and the layers
+
+
 def unrolled_flops(cfg, mcfg, mesh, names) -> dict:
     """{program: FLOPs per chip per call} of the programs ``names`` lowered with ``scan_layers=False``
     (programs whose count is unavailable are left out: their compiled count stays).
 
     XLA's cost analysis counts a loop body once, so a ``lax.scan`` over the layers reports the FLOPs of one
     layer; the same program with the layers unrolled (only lowered, not compiled: seconds) counts them all.
-    Programs without a lowering of their own (the sampler's prefill / decode use the layer loop anyway) are
-    left out."""
+    Programs without a lowering of their own (the sampler's prefill / decode) are left out."""
     from iopo_jax.sharding import use_mesh
 
     flat = mcfg.replace(scan_layers=False)
@@ -512,8 +514,8 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
                      ma.alias_size_in_bytes, ma.temp_size_in_bytes, ma.generated_code_size_in_bytes, prog.resident,
                      _flops(compiled), prog.per_step, dt)
         results.append(res)
-        out(f"  {res.name}: {fmt_gib(res.total)} GiB per chip, {res.flops / 1e12:.4g} TFLOP per chip per call, "
-            f"compiled in {dt:.0f} s")
+        flops = "" if res.name in SAMPLER_LOOPS else f"{res.flops / 1e12:.4g} TFLOP per chip per call, "
+        out(f"  {res.name}: {fmt_gib(res.total)} GiB per chip, {flops}compiled in {dt:.0f} s")
     if mcfg.scan_layers and results:  # the compiled count holds one layer of the scan: count them all
         counts = unrolled_flops(cfg, mcfg, mesh, {r.name for r in results})
         for r in results:
@@ -521,6 +523,12 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
                 r.flops = counts[r.name]
         out(f"  FLOPs of {sorted(counts)} from the unrolled lowering, whole program / {mesh.size} chips "
             "(scan_layers: XLA counts a loop body once)")
+    loops = [r for r in results if r.name in SAMPLER_LOOPS]
+    for r in loops:  # prefill chunks, decode tokens and the layer scan are loops: XLA's count is one pass
+        r.flops = float("nan")
+    if loops:
+        out(f"  FLOPs of {[r.name for r in loops]} not given: their chunk / token / layer loops are counted "
+            "once by XLA (about 2 x parameters x tokens)")
     ok = all(r.total <= usable and not r.note for r in results)
     flops_step = sum(r.flops * r.per_step for r in results if math.isfinite(r.flops))
     summary = {"target": target.name, "topology": target.topology_name, "devices": len(devices),
