@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -48,8 +49,6 @@ def check_sha256(path, name: str) -> None:
 
 def probe(url: str, timeout: float = 10.0) -> None:
     """Raise (quickly) if ``url`` cannot be reached."""
-    import urllib.request
-
     req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "iopo-jax"})
     with urllib.request.urlopen(req, timeout=timeout):
         pass

@@ -33,14 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipeline import DataConfig, build_data
+from data_pipeline.batching import BatchIterator
+from data_pipeline.pipeline import fresh_val_iterator
 from iopo_jax import paths
+from iopo_jax.models.config import ModelConfig
+from iopo_jax.models.weights import abstract_model
 from iopo_jax.logprobs import scored_sequence_logprobs, sequence_logprobs
 from iopo_jax.objectives import ObjectiveConfig, get_objective
 from iopo_jax.objectives.losses import CHOSEN_COLUMNS
-from iopo_jax.sharding import batch_sharding, path_str, use_mesh
+from iopo_jax.sharding import batch_sharding, param_spec, path_str, use_mesh
 # the shared skeleton and model/optimizer plumbing (re-exported here for the existing importers)
 from iopo_jax.train_loop import (BoundStep, MetricsLogger, ModelParts, PreemptionGuard, StepSpec,  # noqa: F401
-                                 TrainingDiverged, TrainLoop, _csv, _png, abstract_like, check_common_config,
+                                 TrainingDiverged, TrainLoop, _csv, abstract_like, check_common_config,
                                  config_error, decays, export_model, frozen_keys, lora_config, make_apply_step,
                                  make_optimizer, make_schedule, reference_trainable, resolve_model_dir,
                                  split_model)
@@ -80,8 +85,6 @@ def objective_hparams(cfg) -> dict:
 
 
 def data_config(cfg, workdir: str):
-    from data_pipeline import DataConfig
-
     d = cfg.data
     buckets = [int(x) for x in _csv(d.buckets)] or None
     return DataConfig(
@@ -252,8 +255,6 @@ def _abstract_leaf(path, x, mesh):
     """ShapeDtypeStruct of a parameter/state leaf sharded by :data:`PARAM_RULES` (replicated when no rule)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from iopo_jax.sharding import param_spec
-
     if mesh is None:
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
     try:
@@ -287,8 +288,6 @@ def abstract_model_parts(model_cfg, mesh, lora: bool) -> tuple[ModelParts, dict]
     """:class:`ModelParts` and trainable leaves whose arrays are all ``jax.ShapeDtypeStruct`` sharded over
     ``mesh`` as loading would shard them; nothing is allocated (``mesh`` may hold devices of a TPU
     topology this machine does not have)."""
-    from iopo_jax.models.weights import abstract_model
-
     graphdef, params, rest = abstract_model(model_cfg)
     parts, trainable = split_model(nnx.merge(graphdef, params, rest), lora=lora)
     trainable = {k: _abstract_leaf(k, v, mesh) for k, v in trainable.items()}
@@ -340,8 +339,6 @@ def abstract_train_specs(cfg, mesh, model_cfg=None, rows: int | None = None, seq
     ``cfg.model.path`` with the config's dtypes, remat and LoRA; ``rows`` defaults to the global micro-batch
     (``data.batch_size`` x group size), ``seq_len`` to ``data.cutoff_len``.
     """
-    from iopo_jax.models.config import ModelConfig
-
     check_config(cfg)
     if cfg.data.get("share_prompt", False):
         raise ValueError("abstract_train_specs: data.share_prompt=True batches (shared-prompt rows with score "
@@ -438,8 +435,6 @@ class Trainer(TrainLoop):
 
     # -- setup (see TrainLoop.setup)
     def setup_data(self):
-        from data_pipeline import build_data
-
         self.data = build_data(data_config(self.cfg, self.workdir), self.tokenizer)
         log.info("%s", self.data.summary_text())
 
@@ -474,8 +469,6 @@ class Trainer(TrainLoop):
 
     # -- reference log-probs, once per dataset
     def _precompute_reference(self) -> dict:
-        from data_pipeline.batching import BatchIterator
-
         tables = {}
         for split, ds in (("train", self.data.train_dataset), ("val", self.data.val_dataset)):
             if ds is None:
@@ -515,8 +508,6 @@ class Trainer(TrainLoop):
 
     # -- evaluation
     def evaluate(self) -> dict:
-        from data_pipeline.pipeline import fresh_val_iterator
-
         it = fresh_val_iterator(self.data)
         if it is None:
             return {}
@@ -656,7 +647,7 @@ def plot_curves(history: dict, path: str) -> str:
     if keys:
         axes[1].legend()
     fig.tight_layout()
-    paths.write_bytes(path, _png(fig))
+    paths.write_png(path, fig)
     plt.close(fig)
     return path
 

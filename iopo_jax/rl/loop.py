@@ -37,13 +37,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.templates import get_template
 from iopo_jax import paths
-from iopo_jax.rl.advantages import RewardWeights, clipped_policy_loss, grpo_token_advantages, k3_kl, segpo_advantages
+from iopo_jax.io_utils import read_jsonl
+from iopo_jax.rl.advantages import RewardWeights, grpo_token_advantages, segpo_advantages
+from iopo_jax.rl.policy_loss import clipped_policy_loss, k3_kl
 from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, reward_metrics
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
+from iopo_jax.sampling import SamplingParams
+from iopo_jax.sampling.sampler import Sampler, read_eos_ids
 from iopo_jax.sharding import batch_sharding, host_value, use_mesh
-from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, _png, abstract_like,
+from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, abstract_like,
                                  check_common_config, config_error, frozen_keys, make_apply_step,
                                  reference_trainable)
 
@@ -236,10 +241,6 @@ class RLTrainer(TrainLoop):
             frozen=frozen_keys(cfg.optimizer, self.trainable))
 
     def setup_extra(self):
-        from data_pipeline.templates import get_template
-        from iopo_jax.sampling import SamplingParams
-        from iopo_jax.sampling.sampler import Sampler, read_eos_ids
-
         cfg, r, model_dir = self.cfg, self.rl, self.model_dir
         self.logp_fn, self.ref_fn, self.grad_step = map(self.bound, ("logps", "ref_logps", "grad_step"))
         eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
@@ -514,8 +515,6 @@ class RLTrainer(TrainLoop):
 def read_history(path: str) -> list[tuple[int, dict]]:
     """``[(iteration, metrics)]`` from metrics.jsonl, the last record of each iteration (resumed runs
     repeat the iterations after their last checkpoint)."""
-    from iopo_jax.io_utils import read_jsonl
-
     by_step = {}
     for rec in read_jsonl(path):
         if rec.get("split") == "train":
@@ -580,7 +579,7 @@ def plot_rl(hist: list[tuple[int, dict]], path: str) -> str:
     for a in axes:
         a.set_xlabel("iteration")
     fig.tight_layout()
-    paths.write_bytes(path, _png(fig))
+    paths.write_png(path, fig)
     plt.close(fig)
     return path
 

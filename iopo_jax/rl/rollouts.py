@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.templates import get_template
+from data_pipeline.tokenization import encode
 from iopo_jax.logprobs import IGNORE_INDEX, token_logprobs
 from iopo_jax.rl.segments import hf_token_bytes, offsets_from_token_bytes, segment_response
 
@@ -38,9 +40,6 @@ from iopo_jax.rl.segments import hf_token_bytes, offsets_from_token_bytes, segme
 def encode_prompts(tokenizer, users: Sequence[str], template: str = "qwen", system: Optional[str] = None
                    ) -> list[list[int]]:
     """Token ids of the chat prompt (system + user + assistant header) of each user message."""
-    from data_pipeline.templates import get_template
-    from data_pipeline.tokenization import encode
-
     tpl = get_template(template)
     return [encode(tokenizer, tpl.prompt(u, system)) for u in users]
 

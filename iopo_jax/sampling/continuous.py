@@ -47,7 +47,7 @@ import numpy as np
 
 from iopo_jax.models.transformer import KVCache
 from iopo_jax.sampling.engine import LENGTH, RUNNING, STOPPED, RowParams, _is_stop, constrain_cache
-from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, GenerationStats
+from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, GenerationStats, Row, SamplingParams
 from iopo_jax.sharding import host_value, use_mesh
 
 logger = logging.getLogger(__name__)
@@ -277,13 +277,10 @@ class Scheduler:
         bucket, a prefill chunk and ``admit`` into each lane batch. Runs on empty caches (decode with no
         active row runs no step; admissions are dropped). ``params`` (default greedy) sets the stop-id
         width of the row parameters. Returns the compilations it caused by kind."""
-        from iopo_jax.sampling.params import SamplingParams
-        from iopo_jax.sampling.sampler import Row
-
         with use_mesh(self.s.mesh):
-            return self._warmup(shapes, params or SamplingParams(), Row)
+            return self._warmup(shapes, params or SamplingParams())
 
-    def _warmup(self, shapes, params, Row) -> dict:
+    def _warmup(self, shapes, params) -> dict:
         s = self.s
         before = collections.Counter(self.engine.trace_counts)
         lanes: dict[int, set] = collections.defaultdict(set)

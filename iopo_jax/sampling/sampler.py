@@ -36,9 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipeline.tokenizer import load_tokenizer
+from iopo_jax.models.lora import load_model_with_adapter
+from iopo_jax.models.weights import load_model
+from iopo_jax.sampling.continuous import Scheduler
 from iopo_jax.sampling.engine import STOPPED, DecodeState, Engine, RowParams
 from iopo_jax.sampling.params import (FINISH_LENGTH, FINISH_STOP, Completion, GenerationStats, Prompt,
-                                      SamplingParams)
+                                      Row, SamplingParams)
 from iopo_jax.sharding import batch_sharding, host_value, use_mesh
 
 logger = logging.getLogger(__name__)
@@ -88,39 +92,6 @@ def read_eos_ids(model_dir: str) -> tuple[int, ...]:
             if isinstance(t, int) and t not in ids:
                 ids.append(t)
     return tuple(ids)
-
-
-@dataclasses.dataclass(eq=False)
-class Row:
-    """One sequence to generate (low-level unit used by :meth:`Sampler.run_rows` and the server).
-
-    ``on_update(row, delta_text, finished)`` (optional) is called from the sampler's thread after
-    every decode chunk with the new stable text; set ``row.cancelled = True`` from any thread to
-    stop the row at the next chunk boundary.
-    """
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    seed: int
-    prompt_index: int = 0
-    sample_index: int = 0
-    key_index: Optional[int] = None  # folded into the PRNG key with seed and sample_index; default prompt_index
-    on_update: Optional[Callable[["Row", str, bool], None]] = None
-    cancelled: bool = False
-    # results
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    text: str = ""
-    finish_reason: Optional[str] = None
-    stop_reason: Any = None
-    finished: bool = False
-    _emitted: int = 0  # characters of text already passed to on_update
-
-    def completion(self) -> Completion:
-        return Completion(index=self.prompt_index, sample_index=self.sample_index,
-                          prompt_token_ids=list(self.prompt_ids), token_ids=list(self.token_ids), text=self.text,
-                          finish_reason=self.finish_reason or FINISH_LENGTH, stop_reason=self.stop_reason,
-                          logprobs=list(self.logprobs) if self.params.logprobs else None)
 
 
 class Sampler:
@@ -219,15 +190,8 @@ class Sampler:
         EOS ids come from generation_config.json / config.json / the tokenizer (all of them).
         ``kw`` go to :class:`Sampler`.
         """
-        from iopo_jax.models.weights import load_model
-        from iopo_jax.tokenizer import load_tokenizer
-
         overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
         if lora:
-            try:
-                from iopo_jax.models.lora import load_model_with_adapter
-            except ImportError as e:
-                raise RuntimeError(f"LoRA adapters need iopo_jax.models.lora.load_model_with_adapter ({e})") from e
             model, _ = load_model_with_adapter(model_dir, lora, mesh=mesh, **overrides)
         else:
             model, _ = load_model(model_dir, mesh=mesh, **overrides)
@@ -355,8 +319,6 @@ class Sampler:
     def scheduler(self):
         """The continuous-batching scheduler (created on first use)."""
         if self._scheduler is None:
-            from iopo_jax.sampling.continuous import Scheduler
-
             self._scheduler = Scheduler(self)
         return self._scheduler
 
