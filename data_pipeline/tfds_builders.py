@@ -34,14 +34,14 @@ import urllib.request
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_pipeline.hashing import sha256_file
 from data_pipeline.readers import load_records
-from data_pipeline.sources import (EIFBENCH_FILE, EIFBENCH_SPLITS, EIFBENCH_URL, SHA256, TRACE_FILE, TRACE_URL,
-                                   sha256_of)
+from data_pipeline.sources import EIFBENCH_FILE, EIFBENCH_SPLITS, EIFBENCH_URL, SHA256, TRACE_FILE, TRACE_URL
 
 def check_sha256(path, name: str) -> None:
     want = SHA256.get(name)
     if want is not None:
-        got = sha256_of(path)
+        got = sha256_file(path)
         if got != want:
             raise ValueError(f"{path}: sha256 {got} does not match the known {want} of {name}; "
                              "the file is corrupt or a different version")

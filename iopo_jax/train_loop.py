@@ -24,7 +24,6 @@ log line, progress-bar figures, summary and plot.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data_pipeline.hashing import sha256_int
 from data_pipeline.tokenizer import load_tokenizer
 from iopo_jax import paths
 from iopo_jax.checkpoint import Checkpointer
@@ -252,7 +252,7 @@ def _reseed(state, key):
     """Replace every PRNG key leaf of an nnx state by a key derived from ``key`` and the leaf's path."""
     def one(path, x):
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            salt = int.from_bytes(hashlib.sha256(path_str(path).encode()).digest()[:3], "little")
+            salt = sha256_int(path_str(path), 3)
             return jax.random.fold_in(key, salt)
         return x
 

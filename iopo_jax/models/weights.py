@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from data_pipeline.hashing import sha256_int
 from iopo_jax.models.config import ModelConfig
 from iopo_jax.models.safetensors_io import (Box, Checkpoint, CheckpointError, SafetensorsFile, aligned_empty,
                                           index_box, write_safetensors)
@@ -99,7 +99,7 @@ def _lora_init(path: str, shape, dtype, seed: int):
     """Deterministic LoRA init per parameter path (A uniform like PEFT, B zeros)."""
     if path.endswith("lora_b"):
         return np.zeros(shape, dtype)
-    digest = int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "little")
+    digest = sha256_int(path, 4)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), digest)
     bound = 1.0 / math.sqrt(shape[1])
     return np.asarray(jax.random.uniform(key, shape, jnp.float32, -bound, bound), dtype)

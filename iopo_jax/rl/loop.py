@@ -47,7 +47,7 @@ from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed,
                                   sample_groups, scatter_response, segment_rollouts)
 from iopo_jax.sampling import SamplingParams
 from iopo_jax.sampling.sampler import Sampler, read_eos_ids
-from iopo_jax.sharding import batch_sharding, host_value, use_mesh
+from iopo_jax.sharding import batch_sharding, host_value, put_global, use_mesh
 from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, abstract_like,
                                  check_common_config, config_error, frozen_keys, make_apply_step,
                                  reference_trainable)
@@ -295,13 +295,6 @@ class RLTrainer(TrainLoop):
                         len(keep_p), r.prompts_per_step)
         return keep_p, keep_i
 
-    # -- host <-> device
-    def _put(self, x: np.ndarray):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        sh = batch_sharding(self.mesh, x.ndim, x.shape)
-        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
     def _micro_rows(self) -> int:
         r = self.rl
         mb = r.prompts_per_step * r.group_size // r.mini_batches
@@ -314,7 +307,7 @@ class RLTrainer(TrainLoop):
         outs = []
         with use_mesh(self.mesh):
             for s in range(0, n, mu):
-                outs.append(host_value(fn(self.trainable, {k: self._put(packed[k][s:s + mu]) for k in keys})))
+                outs.append(host_value(fn(self.trainable, {k: put_global(packed[k][s:s + mu], self.mesh) for k in keys})))
         return np.concatenate(outs, axis=0)
 
     # -- rewards (judge on process 0, broadcast)
@@ -433,9 +426,9 @@ class RLTrainer(TrainLoop):
                     loss = pg = 0.0
                     for s in range(0, mb_rows, mu):
                         rr = rows[s:s + mu]
-                        mb = {k: self._put(packed[k][rr]) for k in keys}
-                        mb.update(mask=self._put(mask[rr]), old_logp=self._put(old[rr]), ref_logp=self._put(ref[rr]),
-                                  advantages=self._put(adv[rr]))
+                        mb = {k: put_global(packed[k][rr], self.mesh) for k in keys}
+                        mb.update(mask=put_global(mask[rr], self.mesh), old_logp=put_global(old[rr], self.mesh), ref_logp=put_global(ref[rr], self.mesh),
+                                  advantages=put_global(adv[rr], self.mesh))
                         acc, m = self.grad_step(self.trainable, acc, mb, jnp.float32(max(norm, 1.0)))
                         m = {k: float(v) for k, v in jax.device_get(m).items()}
                         t = m["tokens"]

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -60,6 +59,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from data_pipeline.hashing import sha256_hex
 from data_pipeline.readers import detect_kind_of_paths, iter_raw, load_records
 from data_pipeline.verifiers import verify_constraints
 from iopo_jax import judge as judge_lib
@@ -403,7 +403,7 @@ def judge_cache_path(workdir: str) -> str:
     ``~/.cache/iopo_jax/judge_cache/``."""
     if "://" not in str(workdir):
         return os.path.join(workdir, "judge_cache.jsonl")
-    key = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+    key = sha256_hex(str(workdir))[:16]
     return os.path.join(os.path.expanduser("~/.cache/iopo_jax/judge_cache"), f"{key}.jsonl")
 
 

@@ -43,7 +43,7 @@ from iopo_jax.sampling.continuous import Scheduler
 from iopo_jax.sampling.engine import STOPPED, DecodeState, Engine, RowParams
 from iopo_jax.sampling.params import (FINISH_LENGTH, FINISH_STOP, Completion, GenerationStats, Prompt,
                                       Row, SamplingParams)
-from iopo_jax.sharding import batch_sharding, host_value, use_mesh
+from iopo_jax.sharding import batch_sharding, host_value, put_global, use_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -371,11 +371,6 @@ class Sampler:
         return stats
 
     # ------------------------------------------------------------------ one device batch
-    def _put(self, x: np.ndarray):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, batch_sharding(self.mesh, x.ndim, x.shape))
-
     def _stop_ids(self, r: Row) -> list[int]:
         ids = [] if r.params.ignore_eos else list(self.eos_token_ids)
         return ids + [t for t in r.params.stop_token_ids if t not in ids]
@@ -395,16 +390,16 @@ class Sampler:
 
         seeds = [r.seed & (2 ** 64 - 1) for r in rows] + [0] * pad
         return RowParams(
-            temperature=self._put(col(lambda r: r.params.temperature, np.float32, 0.0)),
-            top_p=self._put(col(lambda r: r.params.top_p, np.float32, 1.0)),
-            top_k=self._put(col(lambda r: r.params.top_k, np.int32, 0)),
-            max_new=self._put(col(lambda r: r.params.max_new_tokens, np.int32, 1)),
-            stop_ids=self._put(stop),
-            seed_hi=self._put(np.asarray([s >> 32 for s in seeds], np.uint32)),
-            seed_lo=self._put(np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32)),
-            prompt_index=self._put(col(lambda r: (r.prompt_index if r.key_index is None else r.key_index)
-                                       & 0xFFFFFFFF, np.uint32, 0)),
-            sample_index=self._put(col(lambda r: r.sample_index & 0xFFFFFFFF, np.uint32, 0)),
+            temperature=put_global(col(lambda r: r.params.temperature, np.float32, 0.0), self.mesh),
+            top_p=put_global(col(lambda r: r.params.top_p, np.float32, 1.0), self.mesh),
+            top_k=put_global(col(lambda r: r.params.top_k, np.int32, 0), self.mesh),
+            max_new=put_global(col(lambda r: r.params.max_new_tokens, np.int32, 1), self.mesh),
+            stop_ids=put_global(stop, self.mesh),
+            seed_hi=put_global(np.asarray([s >> 32 for s in seeds], np.uint32), self.mesh),
+            seed_lo=put_global(np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32), self.mesh),
+            prompt_index=put_global(col(lambda r: (r.prompt_index if r.key_index is None else r.key_index)
+                                        & 0xFFFFFFFF, np.uint32, 0), self.mesh),
+            sample_index=put_global(col(lambda r: r.sample_index & 0xFFFFFFFF, np.uint32, 0), self.mesh),
         )
 
     def _run_batch(self, rows: list[Row], stats: GenerationStats):
@@ -424,7 +419,7 @@ class Sampler:
         state = self.state
 
         t0 = time.perf_counter()
-        pre = self.engine.prefill(state, self._put(ids), self._put(mask), rp)
+        pre = self.engine.prefill(state, put_global(ids, self.mesh), put_global(mask, self.mesh), rp)
         ds = self.engine.start(pre, rp, num_new=n)
         done, step = host_value(ds.done), int(host_value(ds.step))
         t1 = time.perf_counter()
