@@ -14,7 +14,6 @@ packages and check that each rule fails on them.
 from __future__ import annotations
 
 import ast
-import os
 import pathlib
 import sys
 

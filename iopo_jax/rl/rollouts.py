@@ -27,7 +27,6 @@ import dataclasses
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline.hashing import seed63

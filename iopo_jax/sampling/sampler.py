@@ -29,10 +29,9 @@ import os
 import secrets
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -43,7 +42,7 @@ from iopo_jax.sampling.continuous import Scheduler
 from iopo_jax.sampling.engine import STOPPED, DecodeState, Engine, RowParams
 from iopo_jax.sampling.params import (FINISH_LENGTH, FINISH_STOP, Completion, GenerationStats, Prompt,
                                       Row, SamplingParams)
-from iopo_jax.sharding import batch_sharding, host_value, put_global, use_mesh
+from iopo_jax.sharding import host_value, put_global, use_mesh
 
 logger = logging.getLogger(__name__)
 
