@@ -45,7 +45,7 @@ REQUIRED = {
     "ml_collections": ("ml-collections", "configs (configs/base.py: train steps, rl)"),
     "absl": ("absl-py", "flags of bench/sampling.py and bench/rl_step.py"),
     "transformers": ("transformers", "the transformers + peft side of train; tokenizer; config.json reading"),
-    "tokenizers": ("tokenizers", "iopo_jax.tokenizer (rl: the tiny model's tokenizer)"),
+    "tokenizers": ("tokenizers", "data_pipeline.tokenizer (rl: the tiny model's tokenizer)"),
     "huggingface_hub": ("huggingface_hub", "iopo_jax.models.weights (reading safetensors shards)"),
     "safetensors": ("safetensors", "checkpoints in HF format (load, rl)"),
     "torch": ("torch", "the transformers + peft side of train"),

@@ -211,7 +211,7 @@ def main(argv):
         from flax import nnx
 
         from iopo_jax.models import ModelConfig, Transformer
-        from iopo_jax.tokenizer import build_qwen2_tokenizer, load_tokenizer
+        from data_pipeline.tokenizer import build_qwen2_tokenizer, load_tokenizer
 
         cfg = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                           num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True)

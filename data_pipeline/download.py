@@ -20,9 +20,9 @@ import sys
 import urllib.error
 import urllib.request
 
+from data_pipeline.hashing import sha256_file
 from data_pipeline.readers import load_records
-from data_pipeline.sources import (EIFBENCH_COUNTS, EIFBENCH_SPLITS, EIFBENCH_URL, IFEVAL_URL, SHA256, TRACE_URL,
-                                   sha256_of)
+from data_pipeline.sources import EIFBENCH_COUNTS, EIFBENCH_SPLITS, EIFBENCH_URL, IFEVAL_URL, SHA256, TRACE_URL
 
 
 def targets(dataset: str, splits=None) -> list[dict]:
@@ -67,7 +67,7 @@ def fetch(url: str, dest: str, timeout: float = 60.0) -> None:
 def check_file(path: str, kind: str, count=None) -> tuple[str, int]:
     """sha256 check (where known) and validation of every record. Returns (sha256, number of records)."""
     name = os.path.basename(path)
-    got = sha256_of(path)
+    got = sha256_file(path)
     want = SHA256.get(name)
     if want is not None and got != want:
         raise ValueError(f"{path}: sha256 {got} does not match the known {want}; delete it and download again")

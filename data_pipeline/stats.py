@@ -28,7 +28,8 @@ import numpy as np
 
 from data_pipeline.readers import TRAIN_KINDS, KINDS, detect_kind_of_paths, load_records
 from data_pipeline.templates import get_template
-from data_pipeline.tokenization import truncated_lengths
+from data_pipeline.tokenization import record_texts, truncated_lengths
+from data_pipeline.tokenizer import build_qwen2_tokenizer, load_tokenizer
 
 _NUMBERED = re.compile(r"^\s*\d+\s*[.、．)）]", re.MULTILINE)
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -69,8 +70,6 @@ def eval_prompt_text(kind: str, r: dict) -> str:
 def _load_tokenizer(spec: Optional[str]):
     if spec == "chars":
         return None
-    from iopo_jax.tokenizer import build_qwen2_tokenizer, load_tokenizer
-
     if spec in (None, "qwen2"):
         cache = os.path.join(os.path.expanduser("~"), ".cache", "iopo_jax", "qwen2_tokenizer")
         if not os.path.isfile(os.path.join(cache, "tokenizer.json")):
@@ -91,8 +90,6 @@ def _lengths(tok, texts: list[str]) -> np.ndarray:
 def compute_stats(paths, kind: Optional[str] = None, tok=None, template: str = "qwen",
                   cutoff_len: int = 2048, skip_invalid: bool = False) -> dict:
     """Everything the CLI prints, as a dict (``lengths`` holds one length per record)."""
-    from data_pipeline.tokenization import record_texts
-
     kind = kind or detect_kind_of_paths(paths)
     records, report = load_records(kind, paths, skip_invalid=skip_invalid)
     tpl = get_template(template)

@@ -60,6 +60,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from data_pipeline import verifiers as V
+from data_pipeline.readers import load_records
 
 logger = logging.getLogger("data_pipeline.synthesize")
 
@@ -976,8 +977,6 @@ def _do_write(args, report: dict) -> None:
     records = [to_iopo(it, args.lang) for it in items]
     _write_atomic(out, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
     # The trainer's reader must accept the file unchanged.
-    from data_pipeline.readers import load_records  # pylint: disable=import-outside-toplevel
-
     if records:
         load_records("iopo", out)
     report["output"], report["groups"] = out, len(records)

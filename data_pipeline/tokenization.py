@@ -38,7 +38,9 @@ LAYOUTS = {
     "dpo": ((0, 1), (0, 2)),
     "sft": None,
 }
-NUM_SEQUENCES = {"iopo": 4, "dpo": 2, "sft": 1}
+# The group size K of each kind (rows per group in a batch): the one definition the trainer and the
+# objectives derive theirs from.
+NUM_SEQUENCES = {kind: len(names) for kind, names in SEQUENCE_NAMES.items()}
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:

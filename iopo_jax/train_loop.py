@@ -24,7 +24,6 @@ log line, progress-bar figures, summary and plot.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -41,11 +40,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data_pipeline.hashing import sha256_int
+from data_pipeline.tokenizer import load_tokenizer
 from iopo_jax import paths
 from iopo_jax.checkpoint import Checkpointer
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
-from iopo_jax.models.weights import load_model
+from iopo_jax.models.lora import export_merged, export_peft
+from iopo_jax.models.weights import copy_tokenizer, load_model
 from iopo_jax.sharding import make_mesh, path_str, use_mesh
+from iopo_jax.tools.make_tiny_model import make_tiny_model
 
 log = logging.getLogger("iopo_jax.train")
 
@@ -104,8 +107,6 @@ def resolve_model_dir(cfg) -> str:
     """``cfg.model.path``; creates the tiny random Qwen2 there first when asked (demo configs)."""
     m = cfg.model
     if not os.path.isdir(m.path) and m.make_tiny_if_missing:
-        from iopo_jax.tools.make_tiny_model import make_tiny_model
-
         if jax.process_index() == 0:
             log.info("creating a tiny random Qwen2 model at %s", m.path)
             make_tiny_model(m.path, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
@@ -251,7 +252,7 @@ def _reseed(state, key):
     """Replace every PRNG key leaf of an nnx state by a key derived from ``key`` and the leaf's path."""
     def one(path, x):
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            salt = int.from_bytes(hashlib.sha256(path_str(path).encode()).digest()[:3], "little")
+            salt = sha256_int(path_str(path), 3)
             return jax.random.fold_in(key, salt)
         return x
 
@@ -349,14 +350,6 @@ class MetricsLogger:
             self.tb.close()
 
 
-def _png(fig) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------- exports
 def export_model(cfg, model, model_dir: str, workdir: str) -> dict:
     """The PEFT adapter (LoRA runs) and/or the merged HF checkpoint under ``workdir/export``, as
@@ -364,17 +357,12 @@ def export_model(cfg, model, model_dir: str, workdir: str) -> dict:
     process 0 writes. Returns ``{"adapter": dir, "merged": dir}`` (those written)."""
     exports = {}
     if cfg.model.finetune == "lora" and cfg.export.peft:
-        from iopo_jax.models.lora import export_peft
-
         base = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir
         out = os.path.join(workdir, "export", "adapter")
         with paths.local_dir_for(out) as local:
             export_peft(model, local, base_model_name_or_path=base)
         exports["adapter"] = out
     if cfg.export.merged:
-        from iopo_jax.models.lora import export_merged
-        from iopo_jax.models.weights import copy_tokenizer
-
         out = os.path.join(workdir, "export", "merged")
         with paths.local_dir_for(out) as local:
             export_merged(model, local, dtype=cfg.export.dtype)
@@ -474,8 +462,6 @@ class TrainLoop:
     # -- setup
     def setup(self):
         """Model, data, optimizer, compiled steps and checkpointer; returns ``self``."""
-        from iopo_jax.tokenizer import load_tokenizer
-
         cfg = self.cfg
         self.model_dir = resolve_model_dir(cfg)  # creates the tiny demo model when asked
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or self.model_dir)

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from iopo_jax.tokenizer import QWEN2_SPECIAL_TOKENS, load_tokenizer
+from data_pipeline.tokenizer import QWEN2_SPECIAL_TOKENS, load_tokenizer
 
 HF_ENGLISH = (
     "Transformers (formerly known as pytorch-transformers and pytorch-pretrained-bert) provides "

@@ -40,13 +40,16 @@ import math
 import jax
 import jax.numpy as jnp
 
+from data_pipeline.tokenization import SEQUENCE_NAMES
 from iopo_jax.objectives.config import ObjectiveConfig
 
+# Column names per group size K, from the data pipeline's sequence order (data_pipeline.tokenization):
+# K=4 IOPO, K=2 DPO, K=3 IOPO without chosen_v2 (iopo_star), K=1 the chosen sequence alone (SFT).
 COLUMN_NAMES = {
     1: ("chosen",),
-    2: ("chosen", "rejected"),
-    3: ("chosen_v1", "rejected_v1", "rejected_v2"),
-    4: ("chosen_v1", "rejected_v1", "chosen_v2", "rejected_v2"),
+    2: SEQUENCE_NAMES["dpo"],
+    3: tuple(n for n in SEQUENCE_NAMES["iopo"] if n != "chosen_v2"),
+    4: SEQUENCE_NAMES["iopo"],
 }
 # (metric suffix, better column, worse column) per group layout.
 METRIC_PAIRS = {

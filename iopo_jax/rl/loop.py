@@ -37,13 +37,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.templates import get_template
 from iopo_jax import paths
-from iopo_jax.rl.advantages import RewardWeights, clipped_policy_loss, grpo_token_advantages, k3_kl, segpo_advantages
+from iopo_jax.io_utils import read_jsonl
+from iopo_jax.rl.advantages import RewardWeights, grpo_token_advantages, segpo_advantages
+from iopo_jax.rl.policy_loss import clipped_policy_loss, k3_kl
 from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, reward_metrics
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
-from iopo_jax.sharding import batch_sharding, host_value, use_mesh
-from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, _png, abstract_like,
+from iopo_jax.sampling import SamplingParams
+from iopo_jax.sampling.sampler import Sampler, read_eos_ids
+from iopo_jax.sharding import batch_sharding, host_value, put_global, use_mesh
+from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, abstract_like,
                                  check_common_config, config_error, frozen_keys, make_apply_step,
                                  reference_trainable)
 
@@ -236,10 +241,6 @@ class RLTrainer(TrainLoop):
             frozen=frozen_keys(cfg.optimizer, self.trainable))
 
     def setup_extra(self):
-        from data_pipeline.templates import get_template
-        from iopo_jax.sampling import SamplingParams
-        from iopo_jax.sampling.sampler import Sampler, read_eos_ids
-
         cfg, r, model_dir = self.cfg, self.rl, self.model_dir
         self.logp_fn, self.ref_fn, self.grad_step = map(self.bound, ("logps", "ref_logps", "grad_step"))
         eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
@@ -294,13 +295,6 @@ class RLTrainer(TrainLoop):
                         len(keep_p), r.prompts_per_step)
         return keep_p, keep_i
 
-    # -- host <-> device
-    def _put(self, x: np.ndarray):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        sh = batch_sharding(self.mesh, x.ndim, x.shape)
-        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
     def _micro_rows(self) -> int:
         r = self.rl
         mb = r.prompts_per_step * r.group_size // r.mini_batches
@@ -313,7 +307,7 @@ class RLTrainer(TrainLoop):
         outs = []
         with use_mesh(self.mesh):
             for s in range(0, n, mu):
-                outs.append(host_value(fn(self.trainable, {k: self._put(packed[k][s:s + mu]) for k in keys})))
+                outs.append(host_value(fn(self.trainable, {k: put_global(packed[k][s:s + mu], self.mesh) for k in keys})))
         return np.concatenate(outs, axis=0)
 
     # -- rewards (judge on process 0, broadcast)
@@ -432,9 +426,9 @@ class RLTrainer(TrainLoop):
                     loss = pg = 0.0
                     for s in range(0, mb_rows, mu):
                         rr = rows[s:s + mu]
-                        mb = {k: self._put(packed[k][rr]) for k in keys}
-                        mb.update(mask=self._put(mask[rr]), old_logp=self._put(old[rr]), ref_logp=self._put(ref[rr]),
-                                  advantages=self._put(adv[rr]))
+                        mb = {k: put_global(packed[k][rr], self.mesh) for k in keys}
+                        mb.update(mask=put_global(mask[rr], self.mesh), old_logp=put_global(old[rr], self.mesh), ref_logp=put_global(ref[rr], self.mesh),
+                                  advantages=put_global(adv[rr], self.mesh))
                         acc, m = self.grad_step(self.trainable, acc, mb, jnp.float32(max(norm, 1.0)))
                         m = {k: float(v) for k, v in jax.device_get(m).items()}
                         t = m["tokens"]
@@ -514,8 +508,6 @@ class RLTrainer(TrainLoop):
 def read_history(path: str) -> list[tuple[int, dict]]:
     """``[(iteration, metrics)]`` from metrics.jsonl, the last record of each iteration (resumed runs
     repeat the iterations after their last checkpoint)."""
-    from iopo_jax.io_utils import read_jsonl
-
     by_step = {}
     for rec in read_jsonl(path):
         if rec.get("split") == "train":
@@ -580,7 +572,7 @@ def plot_rl(hist: list[tuple[int, dict]], path: str) -> str:
     for a in axes:
         a.set_xlabel("iteration")
     fig.tight_layout()
-    paths.write_bytes(path, _png(fig))
+    paths.write_png(path, fig)
     plt.close(fig)
     return path
 

@@ -59,6 +59,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from data_pipeline.hashing import sha256_hex
+from data_pipeline.readers import detect_kind_of_paths, iter_raw, load_records
+from data_pipeline.verifiers import verify_constraints
 from iopo_jax import judge as judge_lib
 from iopo_jax.rl.advantages import RewardWeights, rewards_from_verdicts
 from iopo_jax.rl.segments import expected_ids_from_keys, segment_text
@@ -104,8 +107,6 @@ class RLPrompt:
 
 
 def _detect_kind(paths: Sequence[str]) -> str:
-    from data_pipeline.readers import detect_kind_of_paths
-
     kind = detect_kind_of_paths(paths)
     if kind not in PROMPT_KINDS:
         raise ValueError(f"{', '.join(paths)}: records look like {kind!r}; RL prompts must be "
@@ -125,8 +126,6 @@ def load_prompts(paths: Sequence[str], kind: str = "auto", *, categories: Sequen
 
     ``categories``: keep only records whose ``category`` field is one of these (empty = all).
     """
-    from data_pipeline.readers import iter_raw, load_records
-
     paths = list(paths)
     if not paths:
         raise ValueError("no prompt files given (rl.prompts_files)")
@@ -222,8 +221,6 @@ class RuleReward(RewardModel):
                                      "rl.reward='rules' needs demo_eval records (use 'judge' or 'python')")
 
     def score(self, prompts, texts):
-        from data_pipeline.verifiers import verify_constraints
-
         out = []
         for p, text in zip(prompts, texts):
             bodies = section_bodies(p, text)
@@ -406,9 +403,7 @@ def judge_cache_path(workdir: str) -> str:
     ``~/.cache/iopo_jax/judge_cache/``."""
     if "://" not in str(workdir):
         return os.path.join(workdir, "judge_cache.jsonl")
-    import hashlib
-
-    key = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+    key = sha256_hex(str(workdir))[:16]
     return os.path.join(os.path.expanduser("~/.cache/iopo_jax/judge_cache"), f"{key}.jsonl")
 
 

@@ -30,13 +30,23 @@ else from a small built-in table of the hub ids the shipped configs use.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import re
 import sys
 import time
+
+import numpy as np
+
+from data_pipeline.batching import make_buckets
+from data_pipeline.tokenization import NUM_SEQUENCES
+
+# jax, flax and the iopo_jax modules (which import jax) are imported inside the functions: main() sets
+# JAX_PLATFORMS and the libtpu variables first, and they must be set before jax is imported.
 
 GiB = 1 << 30
 
@@ -127,8 +137,6 @@ def topology_devices(target: Target) -> list:
 
 
 def libtpu_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("libtpu") is not None
 
 
@@ -205,7 +213,6 @@ def with_shardings(shapes, shardings):
 def per_chip_bytes(tree) -> int:
     """Bytes one chip holds of an abstract tree (the per-device shard of every leaf)."""
     import jax
-    import numpy as np
 
     total = 0
     for x in jax.tree_util.tree_leaves(tree):
@@ -331,12 +338,11 @@ def unrolled_flops(cfg, mcfg, mesh, names) -> dict:
 
 def offline_lengths(cfg) -> tuple[int, int]:
     """(global rows, tokens) of the largest micro-batch the data pipeline can yield."""
-    from data_pipeline.batching import make_buckets
-    from iopo_jax.trainer import K_OF_KIND, _csv
+    from iopo_jax.trainer import _csv
 
     d = cfg.data
     length = int(make_buckets(d.cutoff_len, d.bucket_step, [int(x) for x in _csv(d.buckets)] or None)[-1])
-    return d.batch_size * (1 if d.pack else K_OF_KIND[d.kind]), length
+    return d.batch_size * (1 if d.pack else NUM_SEQUENCES[d.kind]), length
 
 
 def offline_programs(cfg, mcfg, mesh) -> list[Program]:
@@ -632,9 +638,6 @@ def main(argv=None) -> int:
 
 def load_config(path: str, overrides: list[str]):
     """``get_config()`` of a config file, with ``FIELD=VALUE`` overrides (errors name the field)."""
-    import ast
-    import importlib.util
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config={path}: no such file")
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))

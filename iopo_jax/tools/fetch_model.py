@@ -31,6 +31,8 @@ import zipfile
 
 import numpy as np
 
+from iopo_jax.models.safetensors_io import write_safetensors
+
 
 @dataclasses.dataclass(frozen=True)
 class KnownModel:
@@ -296,8 +298,6 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32", source
     """Write a HF directory (config, safetensors, tokenizer, generation config) from a llama/qwen2 GGUF."""
     import gguf
     from tqdm import tqdm
-
-    from iopo_jax.models.weights import write_safetensors
 
     np_dtype = {"float32": np.float32, "bfloat16": __import__("ml_dtypes").bfloat16, "float16": np.float16}[dtype]
     reader = gguf.GGUFReader(gguf_path)

