@@ -14,7 +14,7 @@ Example::
 
     python -m iopo_jax.tools.make_tiny_model --out /tmp/tiny
     printf '{"id": 1, "prompt": "Hello"}\\n' > /tmp/prompts.jsonl
-    python -m iopo_jax.generate --model_dir=/tmp/tiny --input=/tmp/prompts.jsonl --output=/tmp/out.jsonl \\
+    python -m iopo_jax.sampling.generate --model_dir=/tmp/tiny --input=/tmp/prompts.jsonl --output=/tmp/out.jsonl \\
         --max_new_tokens=32 --temperature=0.7 --top_p=0.9
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ class InputError(ValueError):
 
 @dataclasses.dataclass
 class GenerateArgs:
-    """Everything ``python -m iopo_jax.generate`` needs (the flags, as a dataclass for Python callers)."""
+    """Everything ``python -m iopo_jax.sampling.generate`` needs (the flags, as a dataclass for Python callers)."""
 
     model_dir: str
     input: str
@@ -341,7 +341,7 @@ def main(argv):
     F = flags.FLAGS
     from iopo_jax.multihost import require_single_process
 
-    require_single_process("python -m iopo_jax.generate")
+    require_single_process("python -m iopo_jax.sampling.generate")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if F.compilation_cache_dir:
         from iopo_jax.compile_cache import enable_compilation_cache
