@@ -86,8 +86,8 @@ def test_synthesize_against_our_server_then_train(model_dir, tmp_path):
         t0 = time.time()
         r = subprocess.run([sys.executable, "-m", "data_pipeline.synthesize", f"--input={inp}", f"--workdir={wd}",
                             f"--gen_base_url={served_model}", "--gen_model=m", "--gen_max_tokens=32",
-                            "--judge_mode=rules", "--edit_with=rules", "--edit_mix=revise:1", "--no-coherence_check",
-                            "--concurrency=8", "--timeout_s=1200", "--no-progress"], cwd=REPO, env=cli_env(),
+                            "--judge_mode=rules", "--edit_with=rules", "--edit_mix=revise:1", "--nocoherence_check",
+                            "--concurrency=8", "--timeout_s=1200", "--noprogress"], cwd=REPO, env=cli_env(),
                            capture_output=True, text=True, timeout=1800)
         minutes = (time.time() - t0) / 60
     assert r.returncode == 0, r.stderr[-3000:]
