@@ -7,7 +7,7 @@ Examples::
         --data_path=data/trace/202409_trace_evaluation.jsonl --predictions=preds.jsonl \
         --judge_base_url=https://api.openai.com/v1 --workdir=runs/trace_qwen2_iopo
 
-    # EIFBench, answers from any OpenAI-compatible server (e.g. vLLM or `python -m iopo_jax.sampling.serve`):
+    # EIFBench, answers from any OpenAI-compatible server (e.g. vLLM or `python -m iopo_jax.serve`):
     python -m evaluation.run --config=configs/eval_eifbench.py --data_path=data/eifbench/sorted_party100.json \
         --gen_base_url=http://127.0.0.1:8000/v1 --gen_model=qwen2-7b-iopo \
         --judge_base_url=https://api.openai.com/v1 --workdir=runs/eif_qwen2_iopo

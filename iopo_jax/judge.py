@@ -1,7 +1,7 @@
 """OpenAI-compatible chat client for LLM judges (and API generation), standard library only.
 
 Works with any server speaking ``POST {base_url}/chat/completions`` (OpenAI, DashScope compatible
-mode, vLLM, ``iopo_jax.sampling.serve``). Features:
+mode, vLLM, ``iopo_jax.serve``). Features:
 
 * **Secrets.** The API key is read from the environment variable *named* by
   ``ClientConfig.api_key_env``; the key itself is never part of a config, a log line, an error message
