@@ -61,10 +61,10 @@ OPTIONAL = {
     "matplotlib": ("matplotlib", "trainer / rl loop: curve plots at the end of a run"),
     "datasets": ("datasets", "data_pipeline readers of HF datasets (not the suite's random batches)"),
     "gguf": ("gguf", "iopo_jax.tools.fetch_model: GGUF checkpoints (not used by the suite)"),
-    "fastapi": ("fastapi", "iopo_jax.serve (not used by the suite)"),
-    "uvicorn": ("uvicorn", "iopo_jax.serve (not used by the suite)"),
-    "starlette": ("starlette", "iopo_jax.serve (not used by the suite)"),
-    "pydantic": ("pydantic", "iopo_jax.serve (not used by the suite)"),
+    "fastapi": ("fastapi", "iopo_jax.sampling.serve (not used by the suite)"),
+    "uvicorn": ("uvicorn", "iopo_jax.sampling.serve (not used by the suite)"),
+    "starlette": ("starlette", "iopo_jax.sampling.serve (not used by the suite)"),
+    "pydantic": ("pydantic", "iopo_jax.sampling.serve (not used by the suite)"),
     "tensorflow_datasets": ("tensorflow-datasets", "data_pipeline.tfds_builders (not used by the suite)"),
 }
 # What the suite's steps import (their worker code included); imported by the check after the look-up.

@@ -120,7 +120,7 @@ def summarize(mode, rate, results, wall):
 def run_server(sampler, reqs, timeout_s):
     import openai
 
-    from iopo_jax.serve import OpenAIServer
+    from iopo_jax.sampling.serve import OpenAIServer
 
     srv = OpenAIServer(sampler, model_name="m", host="127.0.0.1", port=0, max_batch_size=F.max_batch_size)
     srv.start()

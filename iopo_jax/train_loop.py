@@ -41,6 +41,7 @@ import optax
 from flax import nnx
 
 from data_pipeline.hashing import sha256_int
+from data_pipeline.schema import parse_list
 from data_pipeline.tokenizer import load_tokenizer
 from iopo_jax import paths
 from iopo_jax.checkpoint import Checkpointer
@@ -58,12 +59,6 @@ class TrainingDiverged(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------- config
-def _csv(s) -> list[str]:
-    if isinstance(s, (list, tuple)):
-        return [str(x) for x in s if str(x)]
-    return [x.strip() for x in str(s or "").split(",") if x.strip()]
-
-
 def config_error(field: str, value, why: str) -> ValueError:
     return ValueError(f"config.{field}={value!r}: {why}")
 
@@ -84,10 +79,10 @@ def check_common_config(cfg) -> None:
         bad("optimizer.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
     if not o.lr > 0:
         bad("optimizer.lr", o.lr, "must be > 0")
-    targets = _csv(cfg.model.lora_targets)
-    if targets != ["all"] and any(t not in LORA_TARGETS_ALL for t in targets):
+    targets = parse_list(cfg.model.lora_targets, name="config.model.lora_targets")
+    if targets != ("all",) and any(t not in LORA_TARGETS_ALL for t in targets):
         bad("model.lora_targets", cfg.model.lora_targets, f"names must be in {LORA_TARGETS_ALL} (or 'all')")
-    for p in _csv(o.freeze_patterns):
+    for p in parse_list(o.freeze_patterns, name="config.optimizer.freeze_patterns"):
         try:
             re.compile(p)
         except re.error as e:
@@ -97,8 +92,8 @@ def check_common_config(cfg) -> None:
 def lora_config(cfg) -> LoRAConfig | None:
     if cfg.model.finetune != "lora":
         return None
-    targets = _csv(cfg.model.lora_targets)
-    targets = LORA_TARGETS_ALL if targets == ["all"] else tuple(targets)
+    targets = parse_list(cfg.model.lora_targets, name="config.model.lora_targets")
+    targets = LORA_TARGETS_ALL if targets == ("all",) else targets
     return LoRAConfig(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
                       targets=targets)
 
@@ -130,7 +125,7 @@ def make_schedule(opt, total_steps: int):
 
 def frozen_keys(opt, trainable: dict) -> frozenset:
     """Paths of the trainable tree matching ``optimizer.freeze_patterns`` (never updated, not clipped)."""
-    patterns = [re.compile(p) for p in _csv(opt.freeze_patterns)]
+    patterns = [re.compile(p) for p in parse_list(opt.freeze_patterns, name="config.optimizer.freeze_patterns")]
     return frozenset(k for k in trainable if any(p.search(k) for p in patterns))
 
 

@@ -47,7 +47,7 @@ from iopo_jax.objectives.losses import CHOSEN_COLUMNS
 from iopo_jax.sharding import batch_sharding, host_local_rows, param_spec, path_str, put_local_rows, use_mesh
 # the shared skeleton and model/optimizer plumbing (re-exported here for the existing importers)
 from iopo_jax.train_loop import (BoundStep, MetricsLogger, ModelParts, PreemptionGuard, StepSpec,  # noqa: F401
-                                 TrainingDiverged, TrainLoop, _csv, abstract_like, check_common_config,
+                                 TrainingDiverged, TrainLoop, abstract_like, check_common_config,
                                  config_error, decays, export_model, frozen_keys, lora_config, make_apply_step,
                                  make_optimizer, make_schedule, reference_trainable, resolve_model_dir,
                                  split_model)
@@ -71,29 +71,16 @@ def check_config(cfg) -> None:
             f"needs groups of {obj.group_sizes} sequences but data.kind={cfg.data.kind!r} gives {k}")
     if cfg.data.get("share_prompt", False) and k == 1:
         bad("data.share_prompt", True, "shares a prompt between the answers of IOPO groups or DPO pairs, not SFT")
-    if cfg.objective.reference not in ("online", "precompute"):
-        bad("objective.reference", cfg.objective.reference, "must be 'online' or 'precompute'")
     if cfg.optimizer.grad_accum < 1:
         bad("optimizer.grad_accum", cfg.optimizer.grad_accum, "must be >= 1")
-    ObjectiveConfig.from_mapping(objective_hparams(cfg))
-
-
-def objective_hparams(cfg) -> dict:
-    o = cfg.objective
-    return dict(beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing, pref_ftx=o.pref_ftx,
-                simpo_gamma=o.simpo_gamma, orpo_lambda=o.orpo_lambda, sft_reduction=o.sft_reduction)
+    ObjectiveConfig.from_mapping(cfg.objective)  # the other objective values, naming the field
 
 
 def data_config(cfg, workdir: str):
-    d = cfg.data
-    buckets = [int(x) for x in _csv(d.buckets)] or None
-    return DataConfig(
-        kind=d.kind, train_files=_csv(d.train_files), val_files=_csv(d.val_files),
-        val_fraction=0.0 if d.val_files else d.val_fraction, val_count=0 if d.val_files else d.val_count,
-        skip_invalid=d.skip_invalid, template=d.template, system=d.system, cutoff_len=d.cutoff_len,
-        batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, seed=d.seed, num_epochs=d.num_epochs,
-        buckets=buckets, bucket_step=d.bucket_step, pack=d.pack, share_prompt=d.get("share_prompt", False),
-        cache_dir=d.cache_dir or os.path.join(workdir, "data_cache"), num_proc=d.num_proc)
+    """The ``data`` section as a :class:`data_pipeline.DataConfig`; the tokenisation cache defaults to
+    ``<workdir>/data_cache``."""
+    d = DataConfig.from_mapping(cfg.data)
+    return dataclasses.replace(d, cache_dir=d.cache_dir or os.path.join(workdir, "data_cache"))
 
 
 # ----------------------------------------------------------------------------- reference cache, step count
@@ -352,7 +339,7 @@ def abstract_train_specs(cfg, mesh, model_cfg=None, rows: int | None = None, seq
     k = NUM_SEQUENCES[cfg.data.kind]
     objective = get_objective(cfg.objective.name)
     tx = make_optimizer(cfg.optimizer, max(cfg.train.max_steps, 1), trainable)
-    fns = make_step_fns(parts, objective, ObjectiveConfig.from_mapping(objective_hparams(cfg)), k,
+    fns = make_step_fns(parts, objective, ObjectiveConfig.from_mapping(cfg.objective), k,
                         cfg.train.logprob_chunk, tx, cfg.train.seed, dropout=lcfg is not None and lcfg.dropout > 0,
                         remat=cfg.train.logprob_remat, pack_batch=cfg.train.logprob_pack_batch,
                         frozen=frozen_keys(cfg.optimizer, trainable))
@@ -407,7 +394,7 @@ class Trainer(TrainLoop):
         super().__init__(cfg, workdir, devices, progress)
         self.k = NUM_SEQUENCES[cfg.data.kind]
         self.objective = get_objective(cfg.objective.name)
-        self.ocfg = ObjectiveConfig.from_mapping(objective_hparams(cfg))
+        self.ocfg = ObjectiveConfig.from_mapping(cfg.objective)
         self.history = {"train": [], "eval": []}
 
     # -- setup (see TrainLoop.setup)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.schema import parse_list
 from data_pipeline.templates import get_template
 from iopo_jax import paths
 from iopo_jax.io_utils import read_jsonl
@@ -48,7 +49,7 @@ from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed,
 from iopo_jax.sampling import SamplingParams
 from iopo_jax.sampling.sampler import Sampler, read_eos_ids
 from iopo_jax.sharding import batch_sharding, host_value, put_global, use_mesh
-from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, abstract_like,
+from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, abstract_like,
                                  check_common_config, config_error, frozen_keys, make_apply_step,
                                  reference_trainable)
 
@@ -71,7 +72,7 @@ def check_rl_config(cfg) -> None:
     check_common_config(cfg)
     if cfg.model.finetune == "lora" and cfg.model.lora_dropout > 0:
         bad("model.lora_dropout", cfg.model.lora_dropout, "must be 0 for RL (the ratio needs a deterministic policy)")
-    if not _csv(r.prompts_files):
+    if not parse_list(r.prompts_files):
         bad("rl.prompts_files", r.prompts_files, "give the RL prompt files (demo_eval JSONL or EIFBench JSON)")
     choices = {"prompts_kind": ("auto", "demo_eval", "eifbench"), "long_prompts": ("error", "skip"),
                "reward": ("rules", "judge", "python"), "format_reward": ("headings", "none"),
@@ -248,7 +249,7 @@ class RLTrainer(TrainLoop):
         for t in (self.tokenizer.eos_token_id, stop_tok):
             if isinstance(t, int) and t >= 0 and t not in eos:
                 eos.append(t)
-        buckets = [int(x) for x in _csv(r.prompt_buckets)] or None
+        buckets = list(parse_list(r.prompt_buckets, int, name="config.rl.prompt_buckets")) or None
         if buckets and max(buckets) < r.max_prompt_tokens:
             buckets.append(r.max_prompt_tokens)
         self.sampler = Sampler(self.parts.merge(self.trainable), self.tokenizer, mesh=self.mesh,
@@ -274,7 +275,7 @@ class RLTrainer(TrainLoop):
             with open(r.answer_template, encoding="utf-8") as f:
                 template, name = f.read(), r.answer_template
             kw = dict(answer_template=template, answer_template_name=name)
-        prompts = load_prompts(_csv(r.prompts_files), r.prompts_kind, categories=_csv(r.categories), **kw)
+        prompts = load_prompts(parse_list(r.prompts_files), r.prompts_kind, categories=parse_list(r.categories), **kw)
         ids = encode_prompts(self.tokenizer, [p.user for p in prompts], cfg.data.template, cfg.data.system)
         keep_p, keep_i, skipped = [], [], 0
         for p, x in zip(prompts, ids):

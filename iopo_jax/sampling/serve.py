@@ -24,7 +24,7 @@ it was generating (500). The server binds 127.0.0.1 unless ``--host`` says other
 
 Example::
 
-    python -m iopo_jax.serve --model_dir=/ckpt/Qwen2-7B-Instruct --dtype=bfloat16 --port=8000
+    python -m iopo_jax.sampling.serve --model_dir=/ckpt/Qwen2-7B-Instruct --dtype=bfloat16 --port=8000
     python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x'); \\
         print(c.chat.completions.create(model='Qwen2-7B-Instruct', messages=[{'role': 'user', \\
         'content': 'Hi'}]).choices[0].message.content)"
@@ -879,7 +879,7 @@ def _define_flags():
 def main(argv):
     from absl import flags
 
-    from iopo_jax.generate import parse_mesh
+    from iopo_jax.sampling.generate import parse_mesh
     from iopo_jax.sampling import Sampler
 
     del argv
