@@ -23,7 +23,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from evaluation import driver
-from evaluation import io_utils
+from iopo_jax import io_utils
 
 logger = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ import os
 import re
 from typing import Any, Optional, Sequence
 
+from data_pipeline.protocols import eifbench as eif_protocol
 from evaluation import driver
-from iopo_jax import judge as judge_lib
 
-# The protocol texts and the verdict parser are shared with the RL judge reward (iopo_jax.judge).
-SYSTEM_PROMPT = judge_lib.EIF_SYSTEM_PROMPT
+# The protocol texts and the verdict parser are shared with the RL judge reward (data_pipeline.protocols.eifbench).
+SYSTEM_PROMPT = eif_protocol.EIF_SYSTEM_PROMPT
 MAX_CHARS = 8192
-DEFAULT_ANSWER_TEMPLATE = judge_lib.EIF_ANSWER_TEMPLATE
-DEFAULT_JUDGE_TEMPLATE = judge_lib.YES_NO_JUDGE_TEMPLATE
-VERDICT_RE = judge_lib.YES_NO_RE
+DEFAULT_ANSWER_TEMPLATE = eif_protocol.EIF_ANSWER_TEMPLATE
+DEFAULT_JUDGE_TEMPLATE = eif_protocol.YES_NO_JUDGE_TEMPLATE
+VERDICT_RE = eif_protocol.YES_NO_RE
 
 
 @dataclasses.dataclass
@@ -117,17 +117,17 @@ def load_eifbench(path: str, split: Optional[str] = None, limit: int = 0) -> lis
 
 
 def format_sub(sub: SubInstruction) -> str:
-    return judge_lib.format_sub_instruction(sub.key, sub.instruction, sub.constraints)
+    return eif_protocol.format_sub_instruction(sub.key, sub.instruction, sub.constraints)
 
 
 def input_texts(inst: EifInstance, max_chars: int = MAX_CHARS) -> list[str]:
     """The generation input text(s): one, or two halves when the full text exceeds ``max_chars``."""
     blocks = [format_sub(s) for s in inst.subs]
-    full = judge_lib.eif_input_text(inst.input, blocks)
+    full = eif_protocol.eif_input_text(inst.input, blocks)
     if len(full) <= max_chars or len(blocks) < 2:
         return [full]
     mid = len(blocks) // 2
-    return [judge_lib.eif_input_text(inst.input, blocks[:mid]), judge_lib.eif_input_text(inst.input, blocks[mid:])]
+    return [eif_protocol.eif_input_text(inst.input, blocks[:mid]), eif_protocol.eif_input_text(inst.input, blocks[mid:])]
 
 
 @dataclasses.dataclass
@@ -191,7 +191,7 @@ def judge_units(spec: EifSpec, instances: Sequence[EifInstance], predictions: di
 
 def parse_verdict(text: str) -> driver.Parsed:
     """The yes/no rule of SPEC section 5 (see module docstring)."""
-    parsed = judge_lib.parse_yes_no(text)
+    parsed = eif_protocol.parse_yes_no(text)
     if parsed is None:
         return driver.Parsed(False, reason="empty reply")
     return driver.Parsed(True, {"verdict": parsed[0], "rule": parsed[1]})

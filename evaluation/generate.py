@@ -6,7 +6,7 @@
   is evaluated. The keys ``output``, ``generated``, ``prediction`` and ``answer`` are accepted in place
   of ``response``.
 * :class:`ChatAPIGenerator` - any OpenAI-compatible chat model, through the same client as the judge
-  (:class:`evaluation.judge.ChatClient`, with its own response store, so an interrupted generation
+  (:class:`iopo_jax.chat_client.ChatClient`, with its own response store, so an interrupted generation
   pass resumes without re-sending).
 * :class:`JaxSamplerGenerator` - our own JAX sampler (``iopo_jax.sampling``) through
   :func:`jax_sampler_stream` (continuous batching; each answer as soon as it finishes).
@@ -24,8 +24,8 @@ import logging
 from typing import Any, Iterator, Optional, Sequence
 
 from evaluation import driver
-from evaluation import io_utils
-from evaluation import judge as judge_lib
+from iopo_jax import io_utils
+from iopo_jax import chat_client
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ class PredictionsFileGenerator:
 class ChatAPIGenerator:
     """Answers from an OpenAI-compatible chat endpoint, ``concurrency`` requests at a time."""
 
-    def __init__(self, config: judge_lib.ClientConfig):
-        self.client = judge_lib.ChatClient(config)
+    def __init__(self, config: chat_client.ClientConfig):
+        self.client = chat_client.ChatClient(config)
         self.name = f"api:{config.model}"
         self.concurrency = config.concurrency
 
@@ -96,7 +96,7 @@ class ChatAPIGenerator:
         def one(r: driver.GenRequest) -> driver.GenResult:
             try:
                 return driver.GenResult(r.id, self.client.complete(r.messages).text)
-            except judge_lib.ChatError as e:
+            except chat_client.ChatError as e:
                 return driver.GenResult(r.id, None, str(e))
 
         pool = cf.ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="gen")

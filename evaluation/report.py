@@ -294,7 +294,7 @@ def _ifeval_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
 
 def write_report(workdir: str, metrics: dict[str, Any], run_info: dict[str, Any], charts: bool = True) -> str:
     """Writes ``report.md`` (and charts) into ``workdir``; returns the report path."""
-    from evaluation import io_utils  # pylint: disable=import-outside-toplevel
+    from iopo_jax import io_utils  # pylint: disable=import-outside-toplevel
     s = f"# Evaluation report: {run_info.get('model', '?')}\n\n"
     s += table(["field", "value"], [[k, f"`{v}`"] for k, v in run_info.items()])
     s += "\n"

@@ -38,7 +38,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from evaluation import judge as judge_lib
+from iopo_jax import chat_client
 from evaluation.generate import SamplerUnavailableError
 from evaluation.ifeval import IFEvalUnavailableError
 from evaluation.runner import evaluate
@@ -103,7 +103,7 @@ def main(argv) -> None:
     enable_compilation_cache(_CACHE.value)
     try:
         evaluate(config)
-    except (ValueError, FileNotFoundError, judge_lib.ChatError, SamplerUnavailableError,
+    except (ValueError, FileNotFoundError, chat_client.ChatError, SamplerUnavailableError,
             IFEvalUnavailableError) as e:
         logging.getLogger("evaluation.run").error("%s", e)
         sys.exit(f"error: {e}")

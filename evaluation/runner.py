@@ -13,8 +13,8 @@ import time
 from typing import Any, Optional
 
 from evaluation import driver
-from evaluation import io_utils
-from evaluation import judge as judge_lib
+from iopo_jax import io_utils
+from iopo_jax import chat_client
 
 logger = logging.getLogger("evaluation.run")
 
@@ -76,7 +76,7 @@ def make_generator(config, backend: str, workdir: str):
     if backend == "predictions":
         return generate.PredictionsFileGenerator(g.predictions)
     if backend == "api":
-        return generate.ChatAPIGenerator(judge_lib.ClientConfig(
+        return generate.ChatAPIGenerator(chat_client.ClientConfig(
             base_url=g.base_url, model=g.model, api_key_env=g.api_key_env, temperature=g.temperature,
             top_p=g.top_p, max_tokens=g.max_new_tokens, timeout_s=g.timeout_s, concurrency=g.concurrency,
             max_retries=g.max_retries, request_budget=g.request_budget,
@@ -86,11 +86,11 @@ def make_generator(config, backend: str, workdir: str):
                                         lora=config.lora)
 
 
-def make_judge_client(config, workdir: str) -> judge_lib.ChatClient:
+def make_judge_client(config, workdir: str) -> chat_client.ChatClient:
     j = config.judge
     if not j.base_url:
         raise ValueError("no judge: pass --judge_base_url=URL (an OpenAI-compatible server) and --judge_model=NAME")
-    return judge_lib.ChatClient(judge_lib.ClientConfig(
+    return chat_client.ChatClient(chat_client.ClientConfig(
         base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=j.temperature, top_p=j.top_p,
         max_tokens=j.max_tokens, timeout_s=j.timeout_s, concurrency=j.concurrency, max_retries=j.max_retries,
         backoff_base_s=j.backoff_base_s, backoff_max_s=j.backoff_max_s, request_budget=j.request_budget,

@@ -10,7 +10,7 @@ import pytest
 from configs import eval_demo
 from evaluation import demo
 from evaluation import generate
-from evaluation import io_utils
+from iopo_jax import io_utils
 from evaluation import runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ pytest.importorskip("punkt", reason="IFEval needs the ifeval extra (nltk-punkt-t
 
 from configs import eval_ifeval  # noqa: E402
 from evaluation import ifeval  # noqa: E402
-from evaluation import io_utils  # noqa: E402
+from iopo_jax import io_utils  # noqa: E402
 from evaluation import runner  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 
 from evaluation import compare as compare_lib
 from evaluation import driver
-from evaluation import io_utils
+from iopo_jax import io_utils
 from tests.fake_judge import FakeJudge
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -213,9 +213,9 @@ def test_judgments_file_with_torn_tail_resumes(tmp_path):
         f.write(json.dumps({"id": "0", "status": "ok", "x": 1}) + "\n")
         f.write(json.dumps({"id": "1", "status": "error"}) + "\n")
         f.write('{"id": "2", "status": "o')  # torn by SIGKILL
-    from evaluation import judge as judge_lib
+    from iopo_jax import chat_client
     with FakeJudge(reply_fn=lambda b: "fine") as fj:
-        client = judge_lib.ChatClient(judge_lib.ClientConfig(base_url=fj.base_url, model="m"))
+        client = chat_client.ChatClient(chat_client.ClientConfig(base_url=fj.base_url, model="m"))
         res = driver.run_judging(units, client, lambda u, t: driver.Parsed(True, {"x": 2}), path, progress=False)
         assert len(fj.requests) == 5  # "0" was final already
     assert res["0"]["x"] == 1 and all(res[str(i)]["x"] == 2 for i in range(1, 6))
