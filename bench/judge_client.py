@@ -112,7 +112,7 @@ def bench_pass(base_url: str, items: list, concurrency: int, latency_s: float, t
                                  store_path=os.path.join(tmp, "pass_store.jsonl"), timeout_s=30 + 2 * latency_s)
     client = chat_client.ChatClient(cfg)
     t0 = time.perf_counter()
-    res = driver.run_judging(units, client, trace.make_parse_fn(), os.path.join(tmp, "judgments.jsonl"),
+    res = driver.run_judging(units, client, trace.TraceBenchmark().parse, os.path.join(tmp, "judgments.jsonl"),
                              concurrency=concurrency, progress=False)
     wall = time.perf_counter() - t0
     client.close()

@@ -78,7 +78,7 @@ class Parsed:
 ParseFn = Callable[[JudgeUnit, str], Parsed]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     return tqdm(total=total, desc=desc, unit="it", disable=not enabled, dynamic_ncols=True, leave=True)
 
@@ -138,7 +138,7 @@ def run_generation(units: Sequence[GenUnit], generator: Generator, path: str, *,
     failed: set[str] = set()
     seen: set[str] = set()
     metas: dict[str, dict[str, Any]] = {}
-    bar = _progress(len(pending), f"generating ({generator.name})", progress)
+    bar = progress_bar(len(pending), f"generating ({generator.name})", progress)
     with io_utils.JsonlAppender(path) as app:
         for res in generator.generate(requests):
             uid, _, p = res.id.rpartition("#")
@@ -215,7 +215,7 @@ def run_judging(units: Sequence[JudgeUnit], client: chat_client.ChatClient, pars
         return rec
 
     errors: dict[str, dict[str, Any]] = {}
-    bar = _progress(len(pending), "judging", progress)
+    bar = progress_bar(len(pending), "judging", progress)
     pool = cf.ThreadPoolExecutor(max_workers=max(1, int(concurrency)), thread_name_prefix="judge")
     try:
         with io_utils.JsonlAppender(path) as app:
