@@ -6,7 +6,7 @@ the item's ``constraints`` and the answer, scores every constraint 0-10, prints 
 scores as JSON and ends with ``Constraints Overall Score: [[x]]``.
 
 Judge prompt. :data:`DEFAULT_JUDGE_TEMPLATE` is our own wording of that protocol. Any template file
-can be used instead (``judge_template``); it is rendered with Python ``str.format`` and the fields
+can be used instead (``--config.judge.template=FILE``); it is rendered with Python ``str.format`` and the fields
 
 * ``description`` - the query (see above; named like the official template's field),
 * ``constraints`` - the item's ``constraints`` text (numbered lines),
