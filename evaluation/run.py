@@ -30,7 +30,7 @@ with a different benchmark file, model/answers, judge or template (use a new ``-
 
 One CLI style, as ``python -m iopo_jax.train``: ``--config=configs/eval_*.py`` plus
 ``--config.<field>=value`` overrides of any field (every field is documented in
-``evaluation/config_defaults.py``; ``--helpfull`` lists them with their values). The only other flags
+``evaluation/config_defaults.py``; a run's resolved config is its ``config.json``). The only other flags
 are ``--workdir`` (as in every command of the project; it sets ``config.workdir``) and
 ``--compilation_cache_dir``. The common fields: ``config.model_dir`` / ``config.lora`` (JAX sampler),
 ``config.data.path`` / ``config.data.limit``, ``config.generation.predictions``,
