@@ -22,7 +22,7 @@ Every stage reads the output of the nearest earlier stage found in ``--workdir``
 ``--input``), writes ``<workdir>/<NN>_<stage>.jsonl`` (kept items) and ``<NN>_<stage>.dropped.jsonl`` (each
 dropped item with its reason) atomically when it finishes, and adds its counts to ``report.json`` /
 ``report.md`` (kept and dropped per stage and reason, requests, cache hits, tokens, cost, time, examples).
-All LLM calls go through :class:`iopo_jax.judge.ChatClient` with its response stores in the workdir
+All LLM calls go through :class:`iopo_jax.chat_client.ChatClient` with its response stores in the workdir
 (``generator_store.jsonl``, ``judge_store.jsonl``): a run killed at any point (even ``kill -9``) is resumed
 by running the same command again; every answer already received is read from the store, never paid twice.
 
@@ -394,7 +394,7 @@ class Pending(Exception):
 
 def make_client(prefix: str, args, store_path: str):
     """A ChatClient for ``--{prefix}_*`` (imported here: data_pipeline does not depend on iopo_jax)."""
-    from iopo_jax.judge import ChatClient, ClientConfig  # pylint: disable=import-outside-toplevel
+    from iopo_jax.chat_client import ChatClient, ClientConfig  # pylint: disable=import-outside-toplevel
 
     g = lambda k: getattr(args, f"{prefix}_{k}")  # noqa: E731
     cfg = ClientConfig(base_url=g("base_url"), model=g("model"), api_key_env=g("api_key_env") or "",
@@ -428,7 +428,7 @@ class Ctx:
         return random.Random(f"{self.args.seed}:{stage}:{uid}")
 
     def call(self, client, messages, stage: str, attempt: int = 0) -> str:
-        from iopo_jax.judge import BudgetExhaustedError, ChatError  # pylint: disable=import-outside-toplevel
+        from iopo_jax.chat_client import BudgetExhaustedError, ChatError  # pylint: disable=import-outside-toplevel
 
         if client is None:
             raise Drop(f"{stage}_no_endpoint", "this item needs an LLM but no endpoint is configured")

@@ -22,8 +22,8 @@ import dataclasses
 import logging
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
-from evaluation import io_utils
-from evaluation import judge as judge_lib
+from iopo_jax import io_utils
+from iopo_jax import chat_client
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Parsed:
 ParseFn = Callable[[JudgeUnit, str], Parsed]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     return tqdm(total=total, desc=desc, unit="it", disable=not enabled, dynamic_ncols=True, leave=True)
 
@@ -138,7 +138,7 @@ def run_generation(units: Sequence[GenUnit], generator: Generator, path: str, *,
     failed: set[str] = set()
     seen: set[str] = set()
     metas: dict[str, dict[str, Any]] = {}
-    bar = _progress(len(pending), f"generating ({generator.name})", progress)
+    bar = progress_bar(len(pending), f"generating ({generator.name})", progress)
     with io_utils.JsonlAppender(path) as app:
         for res in generator.generate(requests):
             uid, _, p = res.id.rpartition("#")
@@ -176,7 +176,7 @@ def run_generation(units: Sequence[GenUnit], generator: Generator, path: str, *,
     return {u.id: out[u.id] for u in units if u.id in out}, stats
 
 
-def run_judging(units: Sequence[JudgeUnit], client: judge_lib.ChatClient, parse_fn: ParseFn, path: str, *,
+def run_judging(units: Sequence[JudgeUnit], client: chat_client.ChatClient, parse_fn: ParseFn, path: str, *,
                 max_parse_retries: int = 2, concurrency: int = 8, progress: bool = True
                 ) -> dict[str, dict[str, Any]]:
     """Judges every unit (see module docstring) and returns ``{unit id: judgment record}``."""
@@ -196,7 +196,7 @@ def run_judging(units: Sequence[JudgeUnit], client: judge_lib.ChatClient, parse_
         for attempt in range(max_parse_retries + 1):
             try:
                 res = client.complete(unit.messages, attempt=attempt)
-            except judge_lib.ChatError as e:
+            except chat_client.ChatError as e:
                 rec.update(status="error", attempts=attempt + 1, error=str(e))
                 return rec
             last_text = res.text
@@ -215,7 +215,7 @@ def run_judging(units: Sequence[JudgeUnit], client: judge_lib.ChatClient, parse_
         return rec
 
     errors: dict[str, dict[str, Any]] = {}
-    bar = _progress(len(pending), "judging", progress)
+    bar = progress_bar(len(pending), "judging", progress)
     pool = cf.ThreadPoolExecutor(max_workers=max(1, int(concurrency)), thread_name_prefix="judge")
     try:
         with io_utils.JsonlAppender(path) as app:

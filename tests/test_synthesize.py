@@ -300,7 +300,7 @@ def _store_keys(path):
 
 
 def test_resume_after_kill9_no_lost_duplicated_or_repaid(tmp_path):
-    from iopo_jax.judge import request_key
+    from iopo_jax.chat_client import request_key
 
     seeds = [{"id": f"s{i}", "instruction": f"Describe animal {i}.",
               "constraints": [KW("legs"), "Mention the word FUR."]} for i in range(24)]
