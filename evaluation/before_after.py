@@ -31,6 +31,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from data_pipeline.schema import parse_list
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config (e.g. configs/smollm2_demo.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: eval_before/, train/, eval_after/, the table "
                                                 "and the plot. Rerun with the same folder to resume.")
@@ -88,17 +90,17 @@ def _eval_prompts(job, workdir: str) -> str:
     return out
 
 
-def _train_files(job, train_files: str, workdir: str) -> str:
+def _train_files(job, train_files, workdir: str) -> tuple:
     """The training files, kept to the groups whose ``meta.lang`` is in ``job.train_langs`` and to the first
     ``job.train_limit`` of those when these are set (written to ``<workdir>/train_data.json``)."""
     langs = [s.strip() for s in job.get("train_langs", "").split(",") if s.strip()]
     limit = int(job.get("train_limit", 0))
     if not langs and not limit:
-        return train_files
+        return parse_list(train_files)
     from data_pipeline.readers import iter_raw  # pylint: disable=import-outside-toplevel
 
     keep, seen = [], 0
-    for raw in iter_raw([p for p in train_files.split(",") if p.strip()]):
+    for raw in iter_raw(list(parse_list(train_files))):
         where = f"{raw.path}:{raw.line}" if raw.line else f"{raw.path}: record {raw.index}"
         if raw.error is not None:
             raise raw.error
@@ -124,7 +126,7 @@ def _train_files(job, train_files: str, workdir: str) -> str:
     os.replace(out + ".tmp", out)
     print(f"training data: {len(keep)} of {seen} records (job.train_langs={job.get('train_langs', '')!r}, "
           f"job.train_limit={limit})", flush=True)
-    return out
+    return (out,)
 
 
 def _train_summary(train_dir: str) -> dict:
