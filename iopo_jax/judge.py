@@ -456,7 +456,7 @@ class ChatClient:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The EIFBench protocol texts (SPEC section 5), shared by the evaluation (evaluation.eifbench) and the
+# The EIFBench protocol texts (docs/metrics.md), shared by the evaluation (evaluation.eifbench) and the
 # RL judge reward (iopo_jax.rl.rewards): the answer prompt, one yes/no judge call per (sub-instruction,
 # constraint), and the verdict parser. The templates are our own wording; template files can replace them.
 
