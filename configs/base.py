@@ -45,7 +45,7 @@ def get_config():
     d.skip_invalid = False  # skip malformed records (counted in the summary) instead of stopping
     d.template = "qwen"  # chat template: qwen | llama3
     d.system = ml_collections.config_dict.placeholder(str)  # system prompt; None = template default
-    d.cutoff_len = 6000  # joint truncation length of a group (SPEC section 3)
+    d.cutoff_len = 6000  # joint truncation length of a group (docs/truncation.md)
     d.batch_size = 8  # groups per micro-batch over all hosts
     d.eval_batch_size = ml_collections.config_dict.placeholder(int)  # None = batch_size
     d.seed = 0  # shuffling and split seed

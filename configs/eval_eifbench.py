@@ -1,4 +1,4 @@
-"""EIFBench evaluation (multi-task, multi-constraint instances; SPEC section 5).
+"""EIFBench evaluation (multi-task, multi-constraint instances; docs/metrics.md).
 
     python -m evaluation.run --config=configs/eval_eifbench.py \
         --config.data.path=/path/to/sorted_party100.json[,/path/to/sorted_single450.json,...] \

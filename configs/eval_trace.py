@@ -1,4 +1,4 @@
-"""TRACE evaluation (1,042 judged instructions; SPEC section 5).
+"""TRACE evaluation (1,042 judged instructions; docs/metrics.md).
 
     python -m evaluation.run --config=configs/eval_trace.py \
         --config.data.path=/path/to/202409_trace_evaluation.jsonl \

@@ -54,7 +54,7 @@ def get_config():
     r.reward = "rules"  # rules (demo_eval constraint specs) | judge (LLM, yes/no per constraint) | python
     r.reward_fn = ""  # python: "package.module:function" or "file.py:function" -> verdicts, a number or a dict
     r.format_reward = "headings"  # headings: 1 iff one SUB_INSTRUCTION_k heading per sub-instruction in order | none
-    r.weight_ila = 1.0  # r_o = w_ila*ILA + w_cla*CLA + w_all_pass*all_pass + w_format*r_f (SPEC: all 1)
+    r.weight_ila = 1.0  # r_o = w_ila*ILA + w_cla*CLA + w_all_pass*all_pass + w_format*r_f (docs/rl.md; all 1)
     r.weight_cla = 1.0
     r.weight_all_pass = 1.0
     r.weight_format = 1.0

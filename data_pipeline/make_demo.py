@@ -10,7 +10,7 @@ machine-readable spec checked by :mod:`data_pipeline.verifiers`.
 
 Files written to ``--out``:
 
-- ``iopo_train.json``: IOPO groups in the sharegpt "ranking" layout (SPEC section 4):
+- ``iopo_train.json``: IOPO groups in the sharegpt "ranking" layout (data_pipeline/README.md):
   ``{"conversations": [{"from": "human", "value": x1}, {"from": "human", "value": x2}],
   "chosen": {"from": "gpt", "value": y1}, "rejected": {"from": "gpt", "value": y2}, "meta": {...}}``.
   ``meta`` = ``{"id", "lang", "edit": "ADD"|"DELETE"|"REVISE", "edit_detail", "x1_constraints": [spec],

@@ -46,7 +46,7 @@ class DataConfig:
       training records are held out (the paper holds out 10%); when given, those two are not used.
     skip_invalid: skip bad records (counted in the summary) instead of raising.
     template: chat template, ``qwen`` or ``llama3``. system: overrides the template's default system prompt.
-    cutoff_len: joint truncation length (SPEC section 3).
+    cutoff_len: joint truncation length (docs/truncation.md).
     batch_size: global groups per step. eval_batch_size: defaults to batch_size.
     seed: shuffling and split seed. num_epochs: None = forever.
     buckets / bucket_step: length buckets (default: multiples of bucket_step up to cutoff_len).

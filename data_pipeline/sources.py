@@ -1,4 +1,4 @@
-"""Upstream locations and known sha256 of the official evaluation files (SPEC section 4)."""
+"""Upstream locations and known sha256 of the official evaluation files (docs/metrics.md)."""
 from __future__ import annotations
 
 TRACE_FILE = "202409_trace_evaluation.jsonl"

@@ -20,7 +20,7 @@ from absl import flags
 
 from data_pipeline import cli
 
-# Qwen2 facts (SPEC section 3).
+# Qwen2 facts (docs/truncation.md, "The Qwen2 tokenizer").
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -1,4 +1,4 @@
-"""EIFBench evaluation: input building, long-instance split, yes/no judging and metrics (SPEC section 5).
+"""EIFBench evaluation: input building, long-instance split, yes/no judging and metrics (docs/metrics.md).
 
 Generation. Each instance's input text is ``"Instruction:\\n{input}\\n\\n"`` followed by its
 sub-instructions (in numeric key order), each written ``"{key}:\\n{instruction}\\nconstraints:\\n"`` plus
@@ -192,7 +192,7 @@ def judge_units(spec: EifSpec, instances: Sequence[EifInstance], predictions: di
 
 
 def parse_verdict(text: str) -> driver.Parsed:
-    """The yes/no rule of SPEC section 5 (see module docstring)."""
+    """The yes/no rule (docs/metrics.md; see module docstring)."""
     parsed = eif_protocol.parse_yes_no(text)
     if parsed is None:
         return driver.Parsed(False, reason="empty reply")

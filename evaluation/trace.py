@@ -1,4 +1,4 @@
-"""TRACE evaluation: data loading, judge prompt, reply parsing and metrics (SPEC section 5).
+"""TRACE evaluation: data loading, judge prompt, reply parsing and metrics (docs/metrics.md).
 
 The model answers each item's chat messages (system + user). The judge sees the query (the full user
 message; the item's ``description`` only when the message contains ``NULL``, as in the public code),

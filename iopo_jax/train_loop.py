@@ -162,7 +162,7 @@ def make_apply_step(tx, frozen: frozenset = frozenset()):
 
     def apply_step(trainable, opt_state, grads_acc, n_micro):
         grads = jax.tree_util.tree_map(lambda g: g / n_micro, grads_acc)
-        gnorm = optax.global_norm({k: v for k, v in grads.items() if k not in frozen})
+        gnorm = optax.tree.norm({k: v for k, v in grads.items() if k not in frozen})
         updates, new_opt = tx.update(grads, opt_state, trainable)
         new_params = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(gnorm) & jnp.all(

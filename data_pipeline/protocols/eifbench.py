@@ -1,5 +1,5 @@
 """The EIFBench protocol texts: the answer prompt, the yes/no judge prompt (one judge call per
-(sub-instruction, constraint)) and the verdict parser.
+(sub-instruction, constraint)) and the verdict parser (docs/metrics.md).
 
 They are shared by the evaluation (:mod:`evaluation.eifbench`) and the RL judge reward
 (:mod:`iopo_jax.rl.rewards`); they live in the data pipeline, the lowest layer, so that both can

@@ -23,7 +23,7 @@ class ObjectiveConfig:
       beta: temperature of the implicit reward ``beta * (log pi - log pi_ref)`` (DPO/IOPO family), the
         scale of SimPO's margin, and the reward scale logged by ORPO/SimPO. Paper value 0.1.
       loss_type: how the preference logit ``l`` becomes a loss, for dpo/iopo/iopo_star/iopo_no_*:
-        ``sigmoid`` | ``robust`` | ``exo_pair`` | ``hinge`` | ``ipo`` (SPEC section 3). ``ipo`` uses
+        ``sigmoid`` | ``robust`` | ``exo_pair`` | ``hinge`` | ``ipo`` (docs/objectives.md). ``ipo`` uses
         length-averaged log-probs (policy and reference) instead of sums.
       label_smoothing: ``eps`` of sigmoid/robust/exo_pair (ignored by hinge/ipo). ``exo_pair`` uses 1e-3
         when it is 0. Must be in [0, 0.5).

@@ -1,4 +1,4 @@
-"""Offline objectives as pure functions of per-sequence log-prob sums (SPEC section 3).
+"""Offline objectives as pure functions of per-sequence log-prob sums (docs/objectives.md).
 
 Every objective has the signature::
 
@@ -101,7 +101,7 @@ def log1mexp(x: jax.Array) -> jax.Array:
 
 
 def preference_loss(logits: jax.Array, cfg: ObjectiveConfig) -> jax.Array:
-    """Elementwise loss of an (unscaled) preference logit ``l`` for ``cfg.loss_type`` (SPEC section 3)."""
+    """Elementwise loss of an (unscaled) preference logit ``l`` for ``cfg.loss_type`` (docs/objectives.md)."""
     b, eps = cfg.beta, cfg.label_smoothing
     z = b * logits
     if cfg.loss_type == "sigmoid":

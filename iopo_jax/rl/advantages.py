@@ -1,4 +1,4 @@
-"""GRPO / SegPO advantages and verdict-based rewards (SPEC section 6); the clipped policy loss that
+"""GRPO / SegPO advantages and verdict-based rewards (docs/rl.md); the clipped policy loss that
 consumes the advantages is :mod:`iopo_jax.rl.policy_loss`.
 
 Pure ``jnp`` functions with static shapes, for a batch of ``P`` prompts x ``G`` rollouts, ``J``
@@ -150,7 +150,7 @@ def segpo_advantages(r_o, r_phi, segment_valid, token_segment, response_mask, *,
 
 @dataclasses.dataclass(frozen=True)
 class RewardWeights:
-    """Weights of the terms of ``r_o = w_ila*ILA + w_cla*CLA + w_all*all_pass + w_format*r_f`` (SPEC: all 1)."""
+    """Weights of the terms of ``r_o = w_ila*ILA + w_cla*CLA + w_all*all_pass + w_format*r_f`` (docs/rl.md: all 1)."""
 
     ila: float = 1.0
     cla: float = 1.0
@@ -161,7 +161,7 @@ class RewardWeights:
 @functools.partial(jax.jit, static_argnames=("weights",))
 def rewards_from_verdicts(verdicts, constraint_mask, sub_mask=None, format_reward=None, *,
                           weights: RewardWeights = RewardWeights()) -> dict[str, jax.Array]:
-    """Rewards of each rollout from verdicts ``S_ijk`` (SPEC sections 5 and 6).
+    """Rewards of each rollout from verdicts ``S_ijk`` (docs/rl.md, docs/metrics.md).
 
     Args:
       verdicts: ``[..., J, K]`` 0/1 (or bool) verdict of constraint k of sub-instruction j.

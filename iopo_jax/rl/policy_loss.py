@@ -1,4 +1,4 @@
-"""The GRPO / SegPO clipped policy loss with a k3 KL penalty.
+"""The GRPO / SegPO clipped policy loss with a k3 KL penalty (docs/rl.md).
 
 Pure ``jnp`` functions over token arrays ``[..., T]``: the log-probs of the policy being trained, of the
 policy that sampled the rollouts and of the reference model, the per-token advantages of

@@ -1,4 +1,4 @@
-"""RL prompts, reward models and verdict-based rewards for GRPO / SegPO (SPEC sections 5 and 6).
+"""RL prompts, reward models and verdict-based rewards for GRPO / SegPO (docs/rl.md, docs/metrics.md).
 
 A prompt (:class:`RLPrompt`) has *slots* ``j``: one per sub-instruction answered under its own
 ``SUB_INSTRUCTION_k`` heading (``segment=True``), then, when the record also has constraints on the
