@@ -32,7 +32,7 @@ Example::
 
 Used by the LLM judges of the evaluation (:mod:`evaluation.driver`), API generation
 (:mod:`evaluation.generate`), the RL judge reward (:mod:`iopo_jax.rl.rewards`) and data synthesis
-(:mod:`data_pipeline.synthesize`). The EIFBench protocol texts live in :mod:`data_pipeline.protocols.eifbench`.
+(:mod:`iopo_jax.tools.synthesize`). The EIFBench protocol texts live in :mod:`data_pipeline.protocols.eifbench`.
 """
 from __future__ import annotations
 

@@ -42,12 +42,6 @@ LAZY_ANYTHING_ALLOWED = {
 # test_pending_modules fails on an entry that has nothing left to report.
 PENDING = {
     "evaluation": "the evaluation protocol rework (demo <-> runner cycle, lazy imports)",
-    "iopo_jax.generate": "the sampling CLIs move into iopo_jax/sampling/",
-    "iopo_jax.serve": "the sampling CLIs move into iopo_jax/sampling/",
-    "data_pipeline.complex_if": "builds an iopo_jax Sampler (best-of-n answers): its sampling CLI part belongs "
-                                "above data_pipeline",
-    "data_pipeline.synthesize": "builds the iopo_jax chat client (being split out of iopo_jax/judge.py): its "
-                                "CLI part belongs above data_pipeline",
 }
 
 
