@@ -24,8 +24,10 @@ packing, resumable iterator), :mod:`~data_pipeline.pipeline` (config -> iterator
 host sharding), :mod:`~data_pipeline.verifiers` (rule verifiers), :mod:`~data_pipeline.make_demo` (demo
 set generator), :mod:`~data_pipeline.tfds_builders` (TFDS builders ``trace_eval`` and ``eifbench``),
 and the CLIs ``python -m data_pipeline.download``, ``python -m data_pipeline.stats``,
-``python -m data_pipeline.synthesize`` (IOPO group synthesis over an OpenAI-compatible LLM),
 ``python -m data_pipeline.make_demo``, ``python -m data_pipeline.tokenizer`` (each has ``--help``).
+:mod:`~data_pipeline.synthesize` (IOPO group synthesis over an OpenAI-compatible LLM) and
+:mod:`~data_pipeline.complex_if` (complex-instruction data) are driven by commands of the layer above, which
+give them the model: ``python -m iopo_jax.tools.synthesize`` and ``python -m iopo_jax.tools.complex_if``.
 """
 import os as _os
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional, Sequence
 
-from absl import flags
+from absl import app, flags
 
 Define = Callable[[flags.FlagValues], None]
 Body = Callable[[flags.FlagValues, list], Optional[int]]
@@ -74,6 +74,4 @@ def _own_parser(argv: list) -> list:
 def run(main: Callable[[Optional[Sequence[str]]], int]) -> None:
     """Run ``main`` as an absl app (absl's start-up, then ``main`` on the command line; its code is the exit
     status)."""
-    from absl import app
-
     app.run(lambda argv: main(argv[1:]), flags_parser=_own_parser)

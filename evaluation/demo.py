@@ -21,6 +21,8 @@ import logging
 import os
 from typing import Any, Sequence
 
+import data_pipeline
+from data_pipeline import verifiers
 from evaluation import benchmark
 from evaluation import driver
 from evaluation import report
@@ -29,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 
 def default_demo_path() -> str:
-    import data_pipeline  # pylint: disable=import-outside-toplevel
     return os.path.join(data_pipeline.DEMO_DATA_DIR, "eval_prompts.jsonl")
 
 
@@ -58,7 +59,6 @@ class ReferenceGenerator:
 
 def judge_record(record: dict[str, Any], response: str) -> dict[str, Any]:
     """One judgment line: the verifier results for a prompt and its answer."""
-    from data_pipeline import verifiers  # pylint: disable=import-outside-toplevel
     res = verifiers.verify_record(record, response)
     types = [s["type"] for s in record.get("constraints") or []]
     for s in record.get("sub_instructions") or []:

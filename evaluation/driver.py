@@ -22,6 +22,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
+from data_pipeline import load_records
 from iopo_jax import io_utils
 from iopo_jax import chat_client
 
@@ -248,7 +249,6 @@ def iter_batches(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
 def load_with_ids(kind: str, path: str, id_field: str, limit: int = 0) -> list[dict[str, Any]]:
     """Records of ``kind`` read (and validated) by ``data_pipeline.load_records``, each given a string ``id``
     taken from ``id_field``; the first ``limit`` of them when ``limit`` > 0."""
-    from data_pipeline import load_records  # pylint: disable=import-outside-toplevel
     records, _ = load_records(kind, path)
     for r in records:
         r["id"] = str(r[id_field])

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 
 import concurrent.futures as cf
@@ -23,9 +22,11 @@ import json
 import logging
 from typing import Any, Iterator, Optional, Sequence
 
+from data_pipeline.hashing import seed63
 from evaluation import driver
 from iopo_jax import io_utils
 from iopo_jax import chat_client
+from iopo_jax.sampling import Row, Sampler, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ RESPONSE_KEYS = ("response", "output", "generated", "prediction", "answer")
 
 
 class SamplerUnavailableError(RuntimeError):
-    """The JAX sampler cannot be used (not installed yet, or the adapter is not wired)."""
+    """The JAX sampler cannot be used (its model directory is missing)."""
 
 
 def load_predictions_file(path: str) -> dict[str, str]:
@@ -131,12 +132,6 @@ def provide_sampler(model_dir: str, lora: str, factory) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _cached_sampler(model_dir: str, lora: str):
-    try:
-        from iopo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise SamplerUnavailableError(
-            f"the JAX sampler (iopo_jax.sampling) is not available ({e}); generate with --config.generation.predictions=FILE "
-            "or --config.generation.base_url=URL --config.generation.model=NAME instead") from None
     return Sampler.from_pretrained(model_dir, lora=lora or None)
 
 
@@ -149,7 +144,7 @@ def _sampler_for(model_dir: str, lora: str):
 def unit_seed(seed: int, request_id: str) -> int:
     """A 63-bit sampling seed from the run seed and a request id (``<unit id>#<part>``): the same for a
     unit whatever its position in its batch, so a resumed evaluation samples what an uninterrupted one does."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\x00{request_id}".encode()).digest()[:8], "little") >> 1
+    return seed63(f"{seed}\x00{request_id}")
 
 
 def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], *, temperature: float,
@@ -161,8 +156,6 @@ def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], 
     kept; the tokenizer's chat template is applied with the generation prompt. With ``ids`` (one per
     conversation) each conversation samples with :func:`unit_seed` of its id, independent of the batch.
     """
-    from iopo_jax.sampling import SamplingParams  # pylint: disable=import-outside-toplevel
-
     if not os.path.isdir(model_dir):
         raise SamplerUnavailableError(
             f"model directory not found: {model_dir!r}; pass --config.model_dir=CHECKPOINT, or generate with "
@@ -187,8 +180,6 @@ def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, st
     with :func:`unit_seed` of its id (the key :meth:`Sampler.generate` uses with ``seeds``), so the
     answers do not depend on the window or on the order of completion.
     """
-    from iopo_jax.sampling import Row, SamplingParams  # pylint: disable=import-outside-toplevel
-
     if not os.path.isdir(model_dir):
         raise SamplerUnavailableError(
             f"model directory not found: {model_dir!r}; pass --config.model_dir=CHECKPOINT, or generate with "

@@ -52,6 +52,8 @@ from evaluation.generate import SamplerUnavailableError
 from evaluation.ifeval import IFEvalUnavailableError
 from evaluation.runner import evaluate
 from iopo_jax import chat_client
+from iopo_jax.compile_cache import enable_compilation_cache
+from iopo_jax.multihost import require_single_process
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Evaluation config file (configs/eval_trace.py, eval_eifbench.py, eval_ifeval.py, eval_demo.py); "
@@ -66,16 +68,12 @@ _CACHE = flags.DEFINE_string("compilation_cache_dir", "auto",
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from iopo_jax.multihost import require_single_process
-
     require_single_process("python -m evaluation.run")
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("pass --config=configs/eval_trace.py (or eval_eifbench.py, eval_ifeval.py, eval_demo.py)")
     if _WORKDIR.value is not None:
         config.workdir = _WORKDIR.value
-    from iopo_jax.compile_cache import enable_compilation_cache
-
     enable_compilation_cache(_CACHE.value)
     try:
         evaluate(config)

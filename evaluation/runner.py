@@ -7,14 +7,13 @@ and print the summary, resuming whatever an earlier run in ``config.workdir`` le
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
 from typing import Any, Optional
 
-from data_pipeline.sources import sha256_of
+from data_pipeline.hashing import sha256_file, sha256_hex
 from evaluation import benchmark as benchmark_lib
 from evaluation import demo, driver, eifbench, generate, ifeval, report, trace  # noqa: F401  (registers the benchmarks)
 from iopo_jax import chat_client
@@ -41,19 +40,15 @@ def make_judge_client(config, workdir: str) -> chat_client.ChatClient:
     return chat_client.ChatClient(judge_client_config(config, workdir))
 
 
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def make_fingerprint(config, backend: str, data_files: list[str], templates: dict[str, Optional[str]],
                      extra: dict[str, Any], llm_judge: bool) -> dict[str, Any]:
     """What identifies a run: a workdir resumes only a run with the same fingerprint."""
     g, j = config.generation, config.judge
     fp: dict[str, Any] = {"benchmark": config.benchmark,
-                          "data": {os.path.basename(p): sha256_of(p) for p in data_files},
+                          "data": {os.path.basename(p): sha256_file(p) for p in data_files},
                           "generation_backend": backend}
     if backend == "predictions":
-        fp["predictions_sha256"] = sha256_of(g.predictions)
+        fp["predictions_sha256"] = sha256_file(g.predictions)
     elif backend == "api":
         fp["generation"] = {"model": g.model, "temperature": g.temperature, "top_p": g.top_p,
                             "max_new_tokens": g.max_new_tokens}
@@ -63,7 +58,7 @@ def make_fingerprint(config, backend: str, data_files: list[str], templates: dic
     if llm_judge:
         fp["judge"] = {"model": j.model, "temperature": j.temperature, "top_p": j.top_p, "max_tokens": j.max_tokens,
                        "system_prompt": j.system_prompt, "format_str": j.format_str}
-    fp["templates"] = {k: (_sha256_text(v) if v is not None else "default") for k, v in templates.items()}
+    fp["templates"] = {k: (sha256_hex(v) if v is not None else "default") for k, v in templates.items()}
     fp.update(extra)
     return fp
 

@@ -32,13 +32,12 @@ Example::
 
 Used by the LLM judges of the evaluation (:mod:`evaluation.driver`), API generation
 (:mod:`evaluation.generate`), the RL judge reward (:mod:`iopo_jax.rl.rewards`) and data synthesis
-(:mod:`data_pipeline.synthesize`). The EIFBench protocol texts live in :mod:`data_pipeline.protocols.eifbench`.
+(:mod:`iopo_jax.tools.synthesize`). The EIFBench protocol texts live in :mod:`data_pipeline.protocols.eifbench`.
 """
 from __future__ import annotations
 
 import dataclasses
 import email.utils
-import hashlib
 import http.client
 import json
 import logging
@@ -51,6 +50,7 @@ import time
 import urllib.parse
 from typing import Any, Mapping, Optional, Sequence
 
+from data_pipeline.hashing import sha256_hex
 from iopo_jax import io_utils
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def request_key(model: str, messages: Messages, params: dict[str, Any], attempt:
     if attempt:
         payload["attempt"] = int(attempt)
     blob = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return sha256_hex(blob)
 
 
 def parse_retry_after(value: Optional[str]) -> Optional[float]:

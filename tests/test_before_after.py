@@ -87,7 +87,6 @@ def test_main_job_cli_on_smollm2_with_tiny_budget(smollm2_dir, tmp_path):
 
 def test_run_job_phases_and_resume(tmp_path, monkeypatch, capsys):
     """run_job's order, outputs and resume accounting, with the evaluations and the trainer faked (fast)."""
-    import iopo_jax.trainer as trainer_mod
     from configs.smollm2_demo import get_config
 
     calls = []
@@ -114,7 +113,7 @@ def test_run_job_phases_and_resume(tmp_path, monkeypatch, capsys):
                       open(os.path.join(self.workdir, "summary.json"), "w"))
 
     monkeypatch.setattr(ba, "evaluate_or_reuse", fake_evaluate)
-    monkeypatch.setattr(trainer_mod, "Trainer", FakeTrainer)
+    monkeypatch.setattr(ba, "Trainer", FakeTrainer)
     cfg = get_config()
     cfg.model.path = str(tmp_path / "model")  # skips the fetch
     wd = str(tmp_path / "job")

@@ -8,8 +8,8 @@ from absl import flags
 from data_pipeline import cli
 
 COMMANDS = ["data_pipeline.tokenizer", "iopo_jax.tools.make_tiny_model", "iopo_jax.tools.fetch_model",
-            "iopo_jax.tools.aot_compile", "data_pipeline.stats", "data_pipeline.synthesize",
-            "data_pipeline.make_demo", "data_pipeline.complex_if", "data_pipeline.download", "experiments.run"]
+            "iopo_jax.tools.aot_compile", "data_pipeline.stats", "iopo_jax.tools.synthesize",
+            "data_pipeline.make_demo", "iopo_jax.tools.complex_if", "data_pipeline.download", "experiments.run"]
 
 
 def _flag_names(mod) -> list:

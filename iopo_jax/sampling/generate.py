@@ -20,14 +20,21 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import time
 from typing import Any, Optional, Sequence
 
+import jax
+from absl import flags
+
+from data_pipeline.hashing import seed63
 from data_pipeline.schema import field_defaults, from_mapping, parse_list
+from iopo_jax.compile_cache import enable_compilation_cache
+from iopo_jax.multihost import require_single_process
+from iopo_jax.sampling import GenerationStats, Row, Sampler, SamplingParams
+from iopo_jax.sharding import make_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +75,6 @@ class GenerateArgs:
 
 def parse_mesh(spec: str):
     """``"fsdp=-1,tensor=2"`` -> a mesh; ``""`` -> None on one device, else fsdp over all devices."""
-    import jax
-
-    from iopo_jax.sharding import make_mesh
-
     spec = (spec or "").strip()
     if not spec:
         return None if jax.device_count() == 1 else make_mesh({"fsdp": -1})
@@ -90,7 +93,7 @@ def parse_mesh(spec: str):
 
 def record_seed(seed: int, rid: str) -> int:
     """A 63-bit seed from the run seed and a record id (stable across runs and orderings)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\x00{rid}".encode()).digest()[:8], "little") >> 1
+    return seed63(f"{seed}\x00{rid}")
 
 
 def read_input(path: str) -> list[dict]:
@@ -178,8 +181,6 @@ def _conversation(rec: dict, args: GenerateArgs):
 
 def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
     """Generate for every input id not yet in the output. Returns a summary dict."""
-    from iopo_jax.sampling import Sampler, SamplingParams
-
     records = read_input(args.input)
     done = read_done_ids(args.output)
     pending = [r for r in records if r["id"] not in done]
@@ -251,8 +252,6 @@ def _stream_continuous(sampler, pending: list[dict], params, args: GenerateArgs,
     """Continuous batching over the whole file: rows are fed to the scheduler a window at a time (longest
     prompts first, so that their chunked prefill overlaps the decoding of the short ones) and every record
     is written as soon as its ``n`` samples are done, not at the end of a batch."""
-    from iopo_jax.sampling import GenerationStats, Row
-
     sch = sampler.scheduler
     before = dataclasses.replace(sch.stats)
     todo = sorted(pending, key=lambda r: -len(r["ids"]))
@@ -301,8 +300,6 @@ def _output_record(rec: dict, comps, args: GenerateArgs) -> dict:
 # ----------------------------------------------------------------------------- command line
 def _define_flags(fv=None):
     """One flag per :class:`GenerateArgs` field (same name, same default), plus ``--compilation_cache_dir``."""
-    from absl import flags
-
     f, d = flags, field_defaults(GenerateArgs)
     fv = flags.FLAGS if fv is None else fv
     f.DEFINE_string("model_dir", None, "HF checkpoint directory (config.json + safetensors + tokenizer)",
@@ -358,17 +355,11 @@ def args_from_flags(flag_values) -> GenerateArgs:
 
 
 def main(argv):
-    from absl import flags
-
     del argv
     F = flags.FLAGS
-    from iopo_jax.multihost import require_single_process
-
     require_single_process("python -m iopo_jax.sampling.generate")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if F.compilation_cache_dir:
-        from iopo_jax.compile_cache import enable_compilation_cache
-
         enable_compilation_cache(F.compilation_cache_dir)
     try:
         args = args_from_flags(F)
