@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 CORE = [
     "jax>=0.7",
     "flax>=0.11",
-    "optax>=0.2.4",
+    "optax>=0.2.5",  # optax.tree.norm
     "orbax-checkpoint>=0.11",
     "transformers>=4.50",
     "datasets>=3.0",

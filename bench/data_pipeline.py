@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the results as one JSON line too")
     args = ap.parse_args(argv)
 
-    from iopo_jax.tokenizer import build_qwen2_tokenizer, load_tokenizer
+    from data_pipeline.tokenizer import build_qwen2_tokenizer, load_tokenizer
 
     work = tempfile.mkdtemp(prefix="bench_data_")
     try:

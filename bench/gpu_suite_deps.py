@@ -45,7 +45,7 @@ REQUIRED = {
     "ml_collections": ("ml-collections", "configs (configs/base.py: train steps, rl)"),
     "absl": ("absl-py", "flags of bench/sampling.py and bench/rl_step.py"),
     "transformers": ("transformers", "the transformers + peft side of train; tokenizer; config.json reading"),
-    "tokenizers": ("tokenizers", "iopo_jax.tokenizer (rl: the tiny model's tokenizer)"),
+    "tokenizers": ("tokenizers", "data_pipeline.tokenizer (rl: the tiny model's tokenizer)"),
     "huggingface_hub": ("huggingface_hub", "iopo_jax.models.weights (reading safetensors shards)"),
     "safetensors": ("safetensors", "checkpoints in HF format (load, rl)"),
     "torch": ("torch", "the transformers + peft side of train"),
@@ -61,10 +61,10 @@ OPTIONAL = {
     "matplotlib": ("matplotlib", "trainer / rl loop: curve plots at the end of a run"),
     "datasets": ("datasets", "data_pipeline readers of HF datasets (not the suite's random batches)"),
     "gguf": ("gguf", "iopo_jax.tools.fetch_model: GGUF checkpoints (not used by the suite)"),
-    "fastapi": ("fastapi", "iopo_jax.serve (not used by the suite)"),
-    "uvicorn": ("uvicorn", "iopo_jax.serve (not used by the suite)"),
-    "starlette": ("starlette", "iopo_jax.serve (not used by the suite)"),
-    "pydantic": ("pydantic", "iopo_jax.serve (not used by the suite)"),
+    "fastapi": ("fastapi", "iopo_jax.sampling.serve (not used by the suite)"),
+    "uvicorn": ("uvicorn", "iopo_jax.sampling.serve (not used by the suite)"),
+    "starlette": ("starlette", "iopo_jax.sampling.serve (not used by the suite)"),
+    "pydantic": ("pydantic", "iopo_jax.sampling.serve (not used by the suite)"),
     "tensorflow_datasets": ("tensorflow-datasets", "data_pipeline.tfds_builders (not used by the suite)"),
 }
 # What the suite's steps import (their worker code included); imported by the check after the look-up.

@@ -1,4 +1,4 @@
-r"""Benchmark of the judge client (evaluation/judge.py) against the local fake judge (tests/fake_judge.py).
+r"""Benchmark of the judge client (iopo_jax/chat_client.py) against the local fake judge (tests/fake_judge.py).
 
     python bench/judge_client.py                       # defaults below (~1 minute)
     python bench/judge_client.py --n=500 --concurrency=1,8,64 --pass_items=256 --pass_latency_s=0.2
@@ -34,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evaluation import driver  # noqa: E402
-from evaluation import judge as judge_lib  # noqa: E402
+from iopo_jax import chat_client  # noqa: E402
 from evaluation import trace  # noqa: E402
 
 FAKE_JUDGE = REPO / "tests" / "fake_judge.py"
@@ -71,9 +71,9 @@ class Server:
 
 def bench_overhead(base_url: str, concurrency: int, n: int, tmp: str) -> dict:
     store = os.path.join(tmp, f"store_c{concurrency}.jsonl")
-    cfg = judge_lib.ClientConfig(base_url=base_url, model="bench", concurrency=concurrency, store_path=store,
+    cfg = chat_client.ClientConfig(base_url=base_url, model="bench", concurrency=concurrency, store_path=store,
                                  timeout_s=30)
-    client = judge_lib.ChatClient(cfg)
+    client = chat_client.ChatClient(cfg)
     msgs = [[{"role": "user", "content": f"warm-up {i}"}] for i in range(min(n, 2 * concurrency))]
     with cf.ThreadPoolExecutor(concurrency) as ex:  # open the keep-alive connections first
         list(ex.map(client.complete, msgs))
@@ -108,11 +108,11 @@ def bench_pass(base_url: str, items: list, concurrency: int, latency_s: float, t
     spec = trace.TraceJudgeSpec()
     preds = {it.id: f"answer {it.id}" for it in items}
     units = trace.judge_units(spec, items, preds)
-    cfg = judge_lib.ClientConfig(base_url=base_url, model="bench", concurrency=concurrency,
+    cfg = chat_client.ClientConfig(base_url=base_url, model="bench", concurrency=concurrency,
                                  store_path=os.path.join(tmp, "pass_store.jsonl"), timeout_s=30 + 2 * latency_s)
-    client = judge_lib.ChatClient(cfg)
+    client = chat_client.ChatClient(cfg)
     t0 = time.perf_counter()
-    res = driver.run_judging(units, client, trace.make_parse_fn(), os.path.join(tmp, "judgments.jsonl"),
+    res = driver.run_judging(units, client, trace.TraceBenchmark().parse, os.path.join(tmp, "judgments.jsonl"),
                              concurrency=concurrency, progress=False)
     wall = time.perf_counter() - t0
     client.close()

@@ -165,9 +165,9 @@ def _print_profile(prof, total: float) -> None:
     def cum(pred):
         return max((v[3] for k, v in raw.items() if pred(k)), default=0.0)
 
-    alloc = own(lambda k: k[2] == "_aligned_empty")
+    alloc = own(lambda k: k[2] == "aligned_empty")
     pread = own(lambda k: k[2] == "<built-in method posix.preadv>")
-    scatter = own(lambda k: k[2] == "read" and k[0].endswith("weights.py"))
+    scatter = own(lambda k: k[2] == "read" and k[0].endswith("safetensors_io.py"))
     abstract = cum(lambda k: k[2] == "abstract_model")
     place = cum(lambda k: k[2] == "place_shards")
     header = find(lambda k: k[2] == "__init__" and k[0].endswith("weights.py"), 3)

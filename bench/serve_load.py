@@ -120,7 +120,7 @@ def summarize(mode, rate, results, wall):
 def run_server(sampler, reqs, timeout_s):
     import openai
 
-    from iopo_jax.serve import OpenAIServer
+    from iopo_jax.sampling.serve import OpenAIServer
 
     srv = OpenAIServer(sampler, model_name="m", host="127.0.0.1", port=0, max_batch_size=F.max_batch_size)
     srv.start()
@@ -211,7 +211,7 @@ def main(argv):
         from flax import nnx
 
         from iopo_jax.models import ModelConfig, Transformer
-        from iopo_jax.tokenizer import build_qwen2_tokenizer, load_tokenizer
+        from data_pipeline.tokenizer import build_qwen2_tokenizer, load_tokenizer
 
         cfg = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                           num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True)

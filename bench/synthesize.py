@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from data_pipeline import synthesize as S  # noqa: E402
 from fake_judge import FakeJudge  # noqa: E402
 from fake_synth_llm import oracle_reply  # noqa: E402
+from iopo_jax.tools import synthesize as synthesize_cli  # noqa: E402
 
 
 def seeds(n: int) -> list[dict]:
@@ -55,8 +56,8 @@ def main(argv=None) -> None:
             wd = pathlib.Path(tmp) / f"c{c}"
             with FakeJudge(reply_fn=oracle_reply, latency_s=args.latency_s, record_bodies=False) as fj:
                 t0 = time.perf_counter()
-                rc = S.main([f"--input={inp}", f"--workdir={wd}", f"--gen_base_url={fj.base_url}",
-                             "--gen_model=fake", f"--concurrency={c}", "--no-progress"])
+                rc = synthesize_cli.main([f"--input={inp}", f"--workdir={wd}", f"--gen_base_url={fj.base_url}",
+                                          "--gen_model=fake", f"--concurrency={c}", "--noprogress"])
                 wall = time.perf_counter() - t0
                 n_req = fj.count()
             assert rc == 0, rc

@@ -1,9 +1,9 @@
-"""Write the first ``--limit`` TRACE evaluation prompts as a ``python -m iopo_jax.generate`` input file.
+"""Write the first ``--limit`` TRACE evaluation prompts as a ``python -m iopo_jax.sampling.generate`` input file.
 
 Used for the generation timing of the TRACE case (16 prompts, 200 new tokens, greedy, batch 16)::
 
     python bench/trace_prompts.py --trace=/path/202409_trace_evaluation.jsonl --limit=16 --out=/tmp/trace16.jsonl
-    python -m iopo_jax.generate --model_dir=... --input=/tmp/trace16.jsonl --output=/tmp/out.jsonl \\
+    python -m iopo_jax.sampling.generate --model_dir=... --input=/tmp/trace16.jsonl --output=/tmp/out.jsonl \\
         --max_new_tokens=200 --batch_size=16 --batching=continuous
 """
 from __future__ import annotations

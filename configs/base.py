@@ -3,6 +3,12 @@
 Every shipped config starts from :func:`get_config` and changes what it needs. Override any field on
 the command line: ``--config.optimizer.lr=1e-5``. A misspelt field name fails (ConfigDict is locked);
 a wrong value fails when the run starts, naming the field.
+
+List fields are tuples. On the command line give a Python tuple (``--config.data.buckets="(512, 1024)"``)
+or a comma list (``--config.model.lora_targets=q_proj,v_proj``, ``--config.data.train_files=a.json,b.json``):
+both mean the same tuple (:func:`data_pipeline.schema.parse_list`). Each section is read through one
+dataclass with the same fields and defaults (``data`` -> ``data_pipeline.DataConfig``, ``objective`` ->
+``iopo_jax.objectives.ObjectiveConfig``), built by :func:`data_pipeline.schema.from_mapping`.
 """
 import ml_collections
 
@@ -27,25 +33,26 @@ def get_config():
     m.lora_rank = 8  # LoRA rank r (reference setup: 8)
     m.lora_alpha = 16.0  # LoRA alpha; the update is scaled by alpha / r (reference setup: 16)
     m.lora_dropout = 0.0  # dropout on the LoRA input (reference setup: 0)
-    m.lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma list, or "all"
+    m.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # or ("all",)
 
     # ------------------------------------------------------------------ data (see data_pipeline.DataConfig)
     c.data = d = ml_collections.ConfigDict()
     d.kind = "iopo"  # iopo | dpo | sft (file format and sequences per group: 4 | 2 | 1)
-    d.train_files = ""  # comma-separated files, directories, globs or hf:owner/name ids
-    d.val_files = ""  # explicit validation files; "" = hold out val_fraction / val_count of train
+    d.train_files = ()  # files, directories, globs or hf:owner/name ids
+    d.val_files = ()  # explicit validation files; () = hold out val_fraction / val_count of train
     d.val_fraction = 0.1  # held-out share of the training records (paper: 10%)
     d.val_count = 0  # or an exact number of held-out records (then set val_fraction to 0)
     d.skip_invalid = False  # skip malformed records (counted in the summary) instead of stopping
     d.template = "qwen"  # chat template: qwen | llama3
     d.system = ml_collections.config_dict.placeholder(str)  # system prompt; None = template default
-    d.cutoff_len = 6000  # joint truncation length of a group (SPEC section 3)
+    d.cutoff_len = 6000  # joint truncation length of a group (docs/truncation.md)
     d.batch_size = 8  # groups per micro-batch over all hosts
     d.eval_batch_size = ml_collections.config_dict.placeholder(int)  # None = batch_size
     d.seed = 0  # shuffling and split seed
     d.num_epochs = 3  # passes over the training set (paper: 3)
     d.bucket_step = 128  # length buckets are multiples of this up to cutoff_len
-    d.buckets = ""  # or an explicit comma list of bucket lengths
+    d.buckets = ()  # or explicit bucket lengths, e.g. (512, 1024)
+    d.drop_last = True  # training leaves out the last partial batch of each epoch
     d.pack = False  # SFT only: pack conversations into full rows with segment ids
     d.share_prompt = False  # IOPO/DPO: each prompt once with both answers in a row [x | y_a | y_b] (fewer tokens)
     d.cache_dir = ""  # tokenisation cache; "" = <workdir>/data_cache
@@ -74,7 +81,7 @@ def get_config():
     opt.eps = 1e-8
     opt.max_grad_norm = 1.0  # global-norm gradient clipping (0 = off)
     opt.grad_accum = 8  # micro-batches per optimizer step (paper: 8)
-    opt.freeze_patterns = ""  # comma list of regexes over parameter paths kept frozen (masked updates)
+    opt.freeze_patterns = ()  # regexes over parameter paths kept frozen (masked updates)
 
     # ------------------------------------------------------------------ loop
     c.train = t = ml_collections.ConfigDict()

@@ -23,7 +23,7 @@ def get_config():
     c.model.lora_rank = 16
     c.model.lora_alpha = 32.0
     c.data.kind = "iopo"
-    c.data.train_files = os.path.join(_REPO, "data_pipeline", "demo_data", "iopo_train.json")
+    c.data.train_files = (os.path.join(_REPO, "data_pipeline", "demo_data", "iopo_train.json"),)
     c.data.val_fraction = 0.1
     c.data.cutoff_len = 512
     c.data.batch_size = 4

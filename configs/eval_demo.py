@@ -1,7 +1,7 @@
 """Offline evaluation on the bundled demo set: rule verifiers are the judge (no network, no API key).
 
-    python -m evaluation.run --config=configs/eval_demo.py --model_dir=CKPT --workdir=runs/demo
-    python -m evaluation.run --config=configs/eval_demo.py --predictions=preds.jsonl --workdir=runs/demo
+    python -m evaluation.run --config=configs/eval_demo.py --config.model_dir=CKPT --workdir=runs/demo
+    python -m evaluation.run --config=configs/eval_demo.py --config.generation.predictions=preds.jsonl --workdir=runs/demo
     # pipeline check with the bundled reference answers (every metric is 100%):
     python -m evaluation.run --config=configs/eval_demo.py --config.generation.backend=reference --workdir=runs/demo_ref
 

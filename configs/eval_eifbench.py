@@ -1,9 +1,9 @@
-"""EIFBench evaluation (multi-task, multi-constraint instances; SPEC section 5).
+"""EIFBench evaluation (multi-task, multi-constraint instances; docs/metrics.md).
 
     python -m evaluation.run --config=configs/eval_eifbench.py \
-        --data_path=/path/to/sorted_party100.json[,/path/to/sorted_single450.json,...] \
-        --predictions=preds.jsonl  (or --model_dir=CKPT, or --gen_base_url=URL --gen_model=NAME) \
-        --judge_base_url=https://api.openai.com/v1 --judge_model=gpt-4o --workdir=runs/eif_x
+        --config.data.path=/path/to/sorted_party100.json[,/path/to/sorted_single450.json,...] \
+        --config.generation.predictions=preds.jsonl  (or --config.model_dir=CKPT, or --config.generation.base_url=URL --config.generation.model=NAME) \
+        --config.judge.base_url=https://api.openai.com/v1 --config.judge.model=gpt-4o --workdir=runs/eif_x
 
 All fields are documented in evaluation/config_defaults.py.
 """

@@ -1,10 +1,10 @@
 """IFEval (541 prompts with verifiable instructions): lm-eval's instruction checkers are the judge (offline).
 
     python -m data_pipeline.download ifeval --out data/
-    python -m evaluation.run --config=configs/eval_ifeval.py --model_dir=CKPT \
-        --data_path=data/ifeval/input_data.jsonl --workdir=runs/ifeval
-    python -m evaluation.run --config=configs/eval_ifeval.py --predictions=preds.jsonl \
-        --data_path=data/ifeval/input_data.jsonl --workdir=runs/ifeval   # ids: the IFEval "key"
+    python -m evaluation.run --config=configs/eval_ifeval.py --config.model_dir=CKPT \
+        --config.data.path=data/ifeval/input_data.jsonl --workdir=runs/ifeval
+    python -m evaluation.run --config=configs/eval_ifeval.py --config.generation.predictions=preds.jsonl \
+        --config.data.path=data/ifeval/input_data.jsonl --workdir=runs/ifeval   # ids: the IFEval "key"
 
 Needs the ``ifeval`` extra (pip install -e ".[ifeval]"). All fields are documented in
 evaluation/config_defaults.py; generation follows lm-eval's ifeval task (greedy, 1280 new tokens).

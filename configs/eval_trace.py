@@ -1,9 +1,9 @@
-"""TRACE evaluation (1,042 judged instructions; SPEC section 5).
+"""TRACE evaluation (1,042 judged instructions; docs/metrics.md).
 
     python -m evaluation.run --config=configs/eval_trace.py \
-        --data_path=/path/to/202409_trace_evaluation.jsonl \
-        --predictions=preds.jsonl  (or --model_dir=CKPT, or --gen_base_url=URL --gen_model=NAME) \
-        --judge_base_url=https://api.openai.com/v1 --judge_model=gpt-4o --workdir=runs/trace_x
+        --config.data.path=/path/to/202409_trace_evaluation.jsonl \
+        --config.generation.predictions=preds.jsonl  (or --config.model_dir=CKPT, or --config.generation.base_url=URL --config.generation.model=NAME) \
+        --config.judge.base_url=https://api.openai.com/v1 --config.judge.model=gpt-4o --workdir=runs/trace_x
 
 All fields are documented in evaluation/config_defaults.py.
 """

@@ -31,9 +31,9 @@ def get_config():
 
     c.rl = r = ml_collections.ConfigDict()
     # ---------------------------------------------------------------- prompts
-    r.prompts_files = ""  # comma list of prompt files (demo_eval JSONL or EIFBench JSON), dirs or globs
+    r.prompts_files = ()  # prompt files (demo_eval JSONL or EIFBench JSON), dirs or globs
     r.prompts_kind = "auto"  # auto | demo_eval | eifbench
-    r.categories = ""  # comma list: keep only records whose `category` is one of these ("" = all)
+    r.categories = ()  # keep only records whose `category` is one of these (() = all)
     r.answer_template = ""  # eifbench prompts: answer-prompt template file with {input_text}; "" = our wording
     r.long_prompts = "error"  # prompts longer than max_prompt_tokens: error (naming the record) | skip
     r.prompts_per_step = 4  # P: prompts per iteration
@@ -46,7 +46,7 @@ def get_config():
     r.top_p = 1.0  # nucleus mass of the sampler (1 = off; the loss still uses the full tempered distribution)
     r.top_k = 0  # top-k of the sampler (0 = off)
     r.sampler_batch_size = 64  # rows per sampler device batch
-    r.prompt_buckets = ""  # comma list of sampler prompt lengths; "" = powers of two up to max_prompt_tokens
+    r.prompt_buckets = ()  # sampler prompt lengths; () = powers of two up to max_prompt_tokens
     r.length_step = 256  # learner rows are padded to a multiple of this (0 = always prompt + response maximum)
     r.check_sampler_logprobs = True  # temperature 1: log max |sampler - teacher-forced| log-prob of the rollouts
 
@@ -54,7 +54,7 @@ def get_config():
     r.reward = "rules"  # rules (demo_eval constraint specs) | judge (LLM, yes/no per constraint) | python
     r.reward_fn = ""  # python: "package.module:function" or "file.py:function" -> verdicts, a number or a dict
     r.format_reward = "headings"  # headings: 1 iff one SUB_INSTRUCTION_k heading per sub-instruction in order | none
-    r.weight_ila = 1.0  # r_o = w_ila*ILA + w_cla*CLA + w_all_pass*all_pass + w_format*r_f (SPEC: all 1)
+    r.weight_ila = 1.0  # r_o = w_ila*ILA + w_cla*CLA + w_all_pass*all_pass + w_format*r_f (docs/rl.md; all 1)
     r.weight_cla = 1.0
     r.weight_all_pass = 1.0
     r.weight_format = 1.0

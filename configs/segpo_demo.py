@@ -70,7 +70,7 @@ def get_config():
     c.model.dtype = "float32"  # CPUs have no fast bf16
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
-    c.rl.prompts_files = demo_prompts_file()
+    c.rl.prompts_files = (demo_prompts_file(),)
     c.rl.reward = "rules"
     c.rl.prompts_per_step = 8
     c.rl.group_size = 8
@@ -78,7 +78,7 @@ def get_config():
     c.rl.max_response_tokens = 4  # a few words: short answers make the credit of each token clear
     c.rl.temperature = 0.05
     c.rl.sampler_batch_size = 32
-    c.rl.prompt_buckets = "128"
+    c.rl.prompt_buckets = (128,)
     c.rl.length_step = 0  # one learner shape for the whole run (one compilation)
     c.rl.ppo_epochs = 1
     c.rl.mini_batches = 2

@@ -29,9 +29,9 @@ def get_config():
     c.model.attention_impl = "auto"  # splash on TPU, cudnn on GPU, xla (dense) elsewhere
     c.model.attention_block = 1024
     c.model.finetune = "lora"
-    c.model.lora_targets = "all"
+    c.model.lora_targets = ("all",)
     c.data.template = "qwen"
-    c.rl.prompts_files = "data/eifbench_style_train.json"  # EIFBench-format records (bring your own)
+    c.rl.prompts_files = ("data/eifbench_style_train.json",)  # EIFBench-format records (bring your own)
     c.rl.prompts_kind = "eifbench"
     c.rl.long_prompts = "skip"
     c.rl.reward = "judge"

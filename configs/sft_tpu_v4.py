@@ -12,7 +12,7 @@ from configs.tpu_v4 import get_config as tpu_config
 def get_config():
     c = tpu_config()
     c.data.kind = "sft"
-    c.data.train_files = "data/trace_sft.jsonl"
+    c.data.train_files = ("data/trace_sft.jsonl",)
     c.data.pack = True
     c.objective.name = "sft"
     c.objective.reference = "online"  # SFT has no reference

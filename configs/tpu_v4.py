@@ -27,7 +27,7 @@ def get_config():
     c.model.attention_block = 1024
     c.model.finetune = "lora"
     c.data.kind = "iopo"
-    c.data.train_files = "data/trace_iopo_train.json"  # bring your own IOPO groups (the TRACE set is not public)
+    c.data.train_files = ("data/trace_iopo_train.json",)  # bring your own IOPO groups (the TRACE set is not public)
     c.data.val_fraction = 0.1
     c.data.cutoff_len = 6000
     c.data.bucket_step = 512

@@ -15,15 +15,19 @@ Public API (everything the trainer and the evaluation need)::
     batch = next(data.train)  # input_ids/labels/segment_ids/attention_mask/positions [B*K, L], valid, example_index
     state = data.train.get_state(); data.train.set_state(state)
 
-Modules: :mod:`~data_pipeline.readers` (formats and validators), :mod:`~data_pipeline.templates`
-(Qwen / Llama-3 chat templates), :mod:`~data_pipeline.tokenization` (encoding and joint truncation),
+Modules: :mod:`~data_pipeline.readers` (formats and validators), :mod:`~data_pipeline.tokenizer` (HF
+tokenizers; the real Qwen2 tokenizer built offline), :mod:`~data_pipeline.templates` (Qwen / Llama-3
+chat templates), :mod:`~data_pipeline.tokenization` (encoding and joint truncation, the sequence order
+of each kind), :mod:`~data_pipeline.hashing` (sha256 digests and seeds),
 :mod:`~data_pipeline.dataset` (flat arrays + on-disk cache), :mod:`~data_pipeline.batching` (buckets,
 packing, resumable iterator), :mod:`~data_pipeline.pipeline` (config -> iterators, validation split,
 host sharding), :mod:`~data_pipeline.verifiers` (rule verifiers), :mod:`~data_pipeline.make_demo` (demo
 set generator), :mod:`~data_pipeline.tfds_builders` (TFDS builders ``trace_eval`` and ``eifbench``),
 and the CLIs ``python -m data_pipeline.download``, ``python -m data_pipeline.stats``,
-``python -m data_pipeline.synthesize`` (IOPO group synthesis over an OpenAI-compatible LLM),
-``python -m data_pipeline.make_demo`` (each has ``--help``).
+``python -m data_pipeline.make_demo``, ``python -m data_pipeline.tokenizer`` (each has ``--help``).
+:mod:`~data_pipeline.synthesize` (IOPO group synthesis over an OpenAI-compatible LLM) and
+:mod:`~data_pipeline.complex_if` (complex-instruction data) are driven by commands of the layer above, which
+give them the model: ``python -m iopo_jax.tools.synthesize`` and ``python -m iopo_jax.tools.complex_if``.
 """
 import os as _os
 

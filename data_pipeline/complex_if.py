@@ -1,7 +1,7 @@
 r"""Generate a rule-verifiable complex-instruction set for the IOPO experiments (``experiments/``).
 
-    python -m data_pipeline.complex_if --out data/complex_if --seed 2026                  # templated answers
-    python -m data_pipeline.complex_if --out data/complex_if --best_of 4 --sample_groups 500 \
+    python -m iopo_jax.tools.complex_if --out data/complex_if --seed 2026                 # templated answers
+    python -m iopo_jax.tools.complex_if --out data/complex_if --best_of 4 --sample_groups 500 \
         --sample_model ~/.cache/iopo_jax/models/smollm2-135m-instruct   # best-of-n from a model
 
 Built on the bundled demo generator (:mod:`data_pipeline.make_demo`: the :class:`~data_pipeline.make_demo.Prompt`
@@ -52,13 +52,10 @@ TRACE constraint dimensions (the ``levels2`` labels of the TRACE evaluation file
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import random
-import sys
-import time
 from typing import Callable, Optional, Sequence
 
 from data_pipeline import make_demo as D
@@ -236,30 +233,9 @@ def pair_ok(c1, c2, y1, y2, strict: bool) -> bool:
 
 
 # ---- best-of-n answers from a model -------------------------------------------------------------------
-SampleFn = Callable[[Sequence[str], Sequence[int]], list]  # (prompts, seeds) -> [[n texts] per prompt]
-
-
-def make_sample_fn(model_dir: str, n: int, temperature: float, max_new_tokens: int, batch_size: int,
-                   progress: bool = True) -> SampleFn:
-    """A function answering user prompts ``n`` times each with our JAX sampler (chat template of the model)."""
-    from iopo_jax.sampling import Sampler, SamplingParams  # pylint: disable=import-outside-toplevel
-
-    sampler = Sampler.from_pretrained(os.path.expanduser(model_dir), max_batch_size=batch_size)
-    params = SamplingParams(temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens, n=n, seed=0)
-
-    def fn(prompts: Sequence[str], seeds: Sequence[int]) -> list:
-        from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
-        out = []
-        chunk = max(1, batch_size // n) * 4
-        for i in tqdm(range(0, len(prompts), chunk), desc=f"best-of-{n} sampling", disable=not progress,
-                      unit="chunk"):
-            convs = [[{"role": "user", "content": x}] for x in prompts[i:i + chunk]]
-            comps = sampler.generate(convs, params, seeds=list(seeds[i:i + chunk]))
-            out += [[c.text for c in comps[j * n:(j + 1) * n]] for j in range(len(convs))]
-        return out
-
-    return fn
+# (prompts, seeds) -> [[n texts] per prompt]; the command (iopo_jax.tools.complex_if) builds one on the JAX
+# sampler, so that this module does not depend on iopo_jax.
+SampleFn = Callable[[Sequence[str], Sequence[int]], list]
 
 
 def apply_samples(groups: Sequence[Group], sample_fn: SampleFn, seed: int, strict: bool) -> None:
@@ -477,72 +453,3 @@ def write(data: dict, out: str) -> dict:
         f.write(stats_markdown(data["stats"]))
     paths["stats_md"] = os.path.join(out, "STATS.md")
     return paths
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.complex_if",
-        description="Generate rule-verifiable complex-instruction data: IOPO groups (x2 from x1 by ADD / DELETE / "
-                    "REVISE), SFT and DPO views, held-out IF-S/IF-M-like prompts on unseen topics and constraint "
-                    "combinations, and sectioned (SUB_INSTRUCTION_k) prompts for GRPO/SegPO. Deterministic from "
-                    "--seed (with --sample_model: for a given model and sampler).")
-    ap.add_argument("--out", required=True, help="output directory (files listed in the module doc)")
-    ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
-    ap.add_argument("--groups", type=int, default=DEFAULT_GROUPS, help=f"IOPO groups (default {DEFAULT_GROUPS})")
-    ap.add_argument("--langs", default="en", help="comma list of languages, en and/or zh (default en)")
-    ap.add_argument("--max_constraints", type=int, default=DEFAULT_MAX_CONSTRAINTS,
-                    help="most constraints of x1 and of a held-out prompt, 1..9 (x2 may have one more with "
-                         "--no_strict; default 9)")
-    ap.add_argument("--eval_single", type=int, default=DEFAULT_EVAL_SINGLE,
-                    help=f"held-out test prompts with one constraint (default {DEFAULT_EVAL_SINGLE})")
-    ap.add_argument("--eval_multi", type=int, default=DEFAULT_EVAL_MULTI,
-                    help=f"held-out test prompts with 2+ constraints (default {DEFAULT_EVAL_MULTI})")
-    ap.add_argument("--dev", type=int, default=DEFAULT_DEV,
-                    help=f"held-out dev prompts for the learning-rate search (default {DEFAULT_DEV})")
-    ap.add_argument("--sectioned_train", type=int, default=DEFAULT_SECTIONED_TRAIN,
-                    help=f"sectioned prompts on training topics (default {DEFAULT_SECTIONED_TRAIN})")
-    ap.add_argument("--sectioned_eval", type=int, default=DEFAULT_SECTIONED_EVAL,
-                    help=f"sectioned prompts on held-out topics (default {DEFAULT_SECTIONED_EVAL})")
-    ap.add_argument("--no_strict", action="store_true",
-                    help="allow whole-constraint ADD edits, whose y2 necessarily also passes x1 (default: strict, "
-                         "y2 must fail x1)")
-    ap.add_argument("--sample_model", default="",
-                    help="HF model directory to answer x1/x2 with (best-of-n, verifiers as judge); '' = templated "
-                         "answers only")
-    ap.add_argument("--best_of", type=int, default=4, help="samples per prompt with --sample_model (default 4)")
-    ap.add_argument("--sample_groups", type=int, default=-1,
-                    help="offer only the first N groups to the sampler (-1 = all), to bound the sampling time")
-    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    ap.add_argument("--max_new_tokens", type=int, default=160, help="answer length cap in tokens (default 160)")
-    ap.add_argument("--sample_batch", type=int, default=32, help="rows per sampler batch (default 32)")
-    ap.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    return ap
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    t0 = time.time()
-    sample_fn = None
-    if args.sample_model:
-        if args.best_of < 1:
-            raise SystemExit("--best_of must be >= 1")
-        sample_fn = make_sample_fn(args.sample_model, args.best_of, args.temperature, args.max_new_tokens,
-                                   args.sample_batch, progress=not args.no_progress)
-    data = generate(args.seed, args.groups, [s.strip() for s in args.langs.split(",") if s.strip()],
-                    args.max_constraints, args.eval_single, args.eval_multi, args.dev, args.sectioned_train,
-                    args.sectioned_eval, strict=not args.no_strict, sample_fn=sample_fn,
-                    sample_groups=args.sample_groups, progress=not args.no_progress)
-    if args.sample_model:
-        data["stats"]["params"].update(sample_model=args.sample_model, best_of=args.best_of,
-                                       temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    data["stats"]["wall_time_s"] = round(time.time() - t0, 1)
-    paths = write(data, args.out)
-    for key, path in paths.items():
-        n = len(data[key]) if key in data and isinstance(data[key], list) else ""
-        print(f"{n!s:>6} {key:16s} -> {path}")
-    print(stats_markdown(data["stats"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from data_pipeline.hashing import sha256_hex
 from data_pipeline.templates import ChatTemplate, get_template
 from data_pipeline.tokenization import (
     IGNORE_INDEX,
@@ -222,8 +223,7 @@ class TokenizedDataset:
             "seq_lens": np.asarray(self.seq_lens[idx]),
             "truncated": np.asarray(self.truncated[idx]),
         }
-        meta = dict(self.meta, fingerprint=hashlib.sha256(
-            (self.fingerprint + ":" + ",".join(map(str, idx.tolist()))).encode()).hexdigest(),
+        meta = dict(self.meta, fingerprint=sha256_hex(self.fingerprint + ":" + ",".join(map(str, idx.tolist()))),
             num_records=len(idx))
         return TokenizedDataset(self.kind, arrays, meta, [self.ids[i] for i in idx], self.source_index[idx])
 

@@ -13,16 +13,18 @@ place is checked and not downloaded again. Without network the command explains 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import urllib.error
 import urllib.request
 
+from absl import flags
+
+from data_pipeline import cli
+from data_pipeline.hashing import sha256_file
 from data_pipeline.readers import load_records
-from data_pipeline.sources import (EIFBENCH_COUNTS, EIFBENCH_SPLITS, EIFBENCH_URL, IFEVAL_URL, SHA256, TRACE_URL,
-                                   sha256_of)
+from data_pipeline.sources import EIFBENCH_COUNTS, EIFBENCH_SPLITS, EIFBENCH_URL, IFEVAL_URL, SHA256, TRACE_URL
 
 
 def targets(dataset: str, splits=None) -> list[dict]:
@@ -67,7 +69,7 @@ def fetch(url: str, dest: str, timeout: float = 60.0) -> None:
 def check_file(path: str, kind: str, count=None) -> tuple[str, int]:
     """sha256 check (where known) and validation of every record. Returns (sha256, number of records)."""
     name = os.path.basename(path)
-    got = sha256_of(path)
+    got = sha256_file(path)
     want = SHA256.get(name)
     if want is not None and got != want:
         raise ValueError(f"{path}: sha256 {got} does not match the known {want}; delete it and download again")
@@ -96,22 +98,31 @@ def download(dataset: str, out: str, splits=None, mirror=None, timeout: float = 
     return paths
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.download",
-        description="Download the official TRACE / EIFBench / IFEval files, check sha256 where known, and "
-                    "validate every record. Without network it says where to put the file.")
-    ap.add_argument("dataset", choices=["trace_eval", "eifbench", "ifeval"], help="which benchmark")
-    ap.add_argument("--out", required=True, help="output directory (files go to OUT/trace, OUT/eifbench, OUT/ifeval)")
-    ap.add_argument("--splits", default=None,
-                    help=f"EIFBench splits, comma separated (default: all of {','.join(EIFBENCH_SPLITS)})")
-    ap.add_argument("--mirror", default=None, help="fetch MIRROR/<file name> instead of the upstream URL")
-    ap.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
-    ap.add_argument("--force", action="store_true", help="download again even if the file is present")
-    args = ap.parse_args(argv)
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+PROG = "python -m data_pipeline.download"
+DESCRIPTION = """Download the official TRACE / EIFBench / IFEval files, check sha256 where known, and validate
+every record. Without network it says where to put the file.
+
+    python -m data_pipeline.download DATASET --out=DIR [flags]     DATASET: trace_eval | eifbench | ifeval"""
+DATASETS = ("trace_eval", "eifbench", "ifeval")
+
+
+def define_flags(fv) -> None:
+    f = flags
+    f.DEFINE_string("out", None, "output directory (files go to OUT/trace, OUT/eifbench, OUT/ifeval)", flag_values=fv)
+    f.DEFINE_list("splits", None, f"EIFBench splits, comma separated (default: all of {','.join(EIFBENCH_SPLITS)})",
+                  flag_values=fv)
+    f.DEFINE_string("mirror", None, "fetch MIRROR/<file name> instead of the upstream URL", flag_values=fv)
+    f.DEFINE_float("timeout", 60.0, "network timeout in seconds", flag_values=fv)
+    f.DEFINE_bool("force", False, "download again even if the file is present", flag_values=fv)
+    f.mark_flag_as_required("out", flag_values=fv)
+
+
+def _main(fv, positional) -> int:
+    if len(positional) != 1 or positional[0] not in DATASETS:
+        raise cli.usage_error(PROG, f"give one DATASET, one of {', '.join(DATASETS)} (got {positional})")
+    splits = [s.strip() for s in fv.splits if s.strip()] if fv.splits else None
     try:
-        download(args.dataset, args.out, splits, args.mirror, args.timeout, args.force)
+        download(positional[0], fv.out, splits, fv.mirror, fv.timeout, fv.force)
     except OfflineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -121,5 +132,7 @@ def main(argv=None) -> int:
     return 0
 
 
+main = cli.command(PROG, DESCRIPTION, define_flags, _main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

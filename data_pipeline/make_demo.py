@@ -10,7 +10,7 @@ machine-readable spec checked by :mod:`data_pipeline.verifiers`.
 
 Files written to ``--out``:
 
-- ``iopo_train.json``: IOPO groups in the sharegpt "ranking" layout (SPEC section 4):
+- ``iopo_train.json``: IOPO groups in the sharegpt "ranking" layout (data_pipeline/README.md):
   ``{"conversations": [{"from": "human", "value": x1}, {"from": "human", "value": x2}],
   "chosen": {"from": "gpt", "value": y1}, "rejected": {"from": "gpt", "value": y2}, "meta": {...}}``.
   ``meta`` = ``{"id", "lang", "edit": "ADD"|"DELETE"|"REVISE", "edit_detail", "x1_constraints": [spec],
@@ -37,13 +37,15 @@ Files written to ``--out``:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import random
 from typing import Optional
 
+from absl import flags
+
+from data_pipeline import cli
 from data_pipeline import verifiers as V
 
 DEFAULT_SEED = 1234
@@ -539,22 +541,31 @@ def write(data: dict, out: str, files: dict | None = None) -> dict:
     return paths
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.make_demo",
-        description="Generate the demo set (IOPO groups, SFT/DPO pairs, evaluation prompts with rule-checkable "
-                    "constraints, English and Chinese) with a fixed seed.")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data"),
-                    help="output directory (default: data_pipeline/demo_data)")
-    ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
-    ap.add_argument("--groups", type=int, default=DEFAULT_GROUPS, help=f"IOPO groups (default {DEFAULT_GROUPS})")
-    ap.add_argument("--eval", type=int, default=DEFAULT_EVAL, help=f"evaluation prompts (default {DEFAULT_EVAL})")
-    args = ap.parse_args(argv)
-    data = generate(args.seed, args.groups, args.eval)
-    paths = write(data, args.out)
+DESCRIPTION = ("Generate the demo set (IOPO groups, SFT/DPO pairs, evaluation prompts with rule-checkable "
+               "constraints, English and Chinese) with a fixed seed.")
+
+
+def define_flags(fv) -> None:
+    f = flags
+    f.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data"),
+                    "output directory (default: data_pipeline/demo_data)", flag_values=fv)
+    f.DEFINE_integer("seed", DEFAULT_SEED, "random seed", flag_values=fv)
+    f.DEFINE_integer("groups", DEFAULT_GROUPS, "IOPO groups", flag_values=fv)
+    f.DEFINE_integer("eval", DEFAULT_EVAL, "evaluation prompts", flag_values=fv)
+
+
+def _main(fv, positional) -> int:
+    if positional:
+        raise cli.usage_error(PROG, f"unexpected arguments {positional}")
+    data = generate(fv.seed, fv.groups, fv.eval)
+    paths = write(data, fv.out)
     for key, path in paths.items():
         print(f"{len(data[key]):5d} {key:5s} records -> {path}")
+    return 0
 
+
+PROG = "python -m data_pipeline.make_demo"
+main = cli.command(PROG, DESCRIPTION, define_flags, _main)
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -32,61 +32,60 @@ from data_pipeline.batching import BatchIterator
 from data_pipeline.dataset import TokenizedDataset, tokenizer_fingerprint
 from data_pipeline.errors import InvalidReport
 from data_pipeline.readers import TRAIN_KINDS, load_records
+from data_pipeline.schema import from_mapping, parse_list
 
 
 @dataclasses.dataclass
 class DataConfig:
-    """Data settings (mirrors the ``data`` block of the training configs).
+    """Data settings: the ``data`` section of the training configs, field for field, with the same defaults
+    (``configs/base.py`` documents each field).
 
     kind: iopo | dpo | sft.
     train_files: files, directories, globs or ``hf:owner/name`` ids.
     val_files: explicit validation files; when empty, ``val_fraction`` / ``val_count`` of the
-      training records are held out (the paper holds out 10%).
+      training records are held out (the paper holds out 10%); when given, those two are not used.
     skip_invalid: skip bad records (counted in the summary) instead of raising.
     template: chat template, ``qwen`` or ``llama3``. system: overrides the template's default system prompt.
-    cutoff_len: joint truncation length (SPEC section 3).
+    cutoff_len: joint truncation length (docs/truncation.md).
     batch_size: global groups per step. eval_batch_size: defaults to batch_size.
     seed: shuffling and split seed. num_epochs: None = forever.
-    buckets / bucket_step: length buckets (default multiples of 128 up to cutoff_len).
+    buckets / bucket_step: length buckets (default: multiples of bucket_step up to cutoff_len).
     pack: pack SFT conversations into full rows (segment ids). drop_last: for training.
     share_prompt: IOPO / DPO: each prompt once with both answers in one row (see data_pipeline.batching).
-    cache_dir: tokenisation cache (None = no cache). num_proc: processes for tokenising.
+    cache_dir: tokenisation cache ("" = none here; training runs put it under <workdir>/data_cache).
+    num_proc: processes for tokenising.
     """
 
     kind: str = "iopo"
     train_files: Sequence[str] = ()
     val_files: Sequence[str] = ()
-    val_fraction: float = 0.0
+    val_fraction: float = 0.1
     val_count: int = 0
     skip_invalid: bool = False
     template: str = "qwen"
     system: Optional[str] = None
-    cutoff_len: int = 1024
+    cutoff_len: int = 6000
     batch_size: int = 8
     eval_batch_size: Optional[int] = None
     seed: int = 0
-    num_epochs: Optional[int] = 1
-    buckets: Optional[Sequence[int]] = None
+    num_epochs: Optional[int] = 3
     bucket_step: int = 128
+    buckets: Sequence[int] = ()
     pack: bool = False
     share_prompt: bool = False
     drop_last: bool = True
-    cache_dir: Optional[str] = None
+    cache_dir: str = ""
     num_proc: int = 1
+
+    def __post_init__(self):
+        self.train_files = parse_list(self.train_files, name="config.data.train_files")
+        self.val_files = parse_list(self.val_files, name="config.data.val_files")
+        self.buckets = parse_list(self.buckets, int, name="config.data.buckets")
 
     @classmethod
     def from_mapping(cls, m: Any) -> "DataConfig":
-        """From a dict or an ml_collections ConfigDict (unknown keys raise, naming them)."""
-        d = dict(m.to_dict() if hasattr(m, "to_dict") else m)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown data config keys {unknown}; known: {sorted(names)}")
-        if isinstance(d.get("train_files"), str):
-            d["train_files"] = [d["train_files"]]
-        if isinstance(d.get("val_files"), str):
-            d["val_files"] = [d["val_files"]]
-        return cls(**d)
+        """From a dict or the ``data`` section of a config (unknown keys raise, naming them)."""
+        return from_mapping(cls, m, "data")
 
 
 def split_validation(records: Sequence, fraction: float = 0.0, count: int = 0, seed: int = 0):
@@ -202,9 +201,7 @@ def build_data(
         allgather = multihost_utils.process_allgather
 
     records, report = load_records(cfg.kind, cfg.train_files, skip_invalid=cfg.skip_invalid)
-    if cfg.val_files:
-        if cfg.val_fraction or cfg.val_count:
-            raise ValueError("give val_files or val_fraction/val_count, not both")
+    if cfg.val_files:  # then val_fraction / val_count are not used
         val_records, val_report = load_records(cfg.kind, cfg.val_files, skip_invalid=cfg.skip_invalid)
         report.merge(val_report)
         train_records = records

@@ -34,6 +34,7 @@ import os
 import re
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
+from data_pipeline import verifiers
 from data_pipeline.errors import InvalidReport, RecordError
 
 KINDS = ("iopo", "dpo", "sft", "trace", "eifbench", "ifeval", "demo_eval")
@@ -509,8 +510,6 @@ def validate_ifeval(rec: dict) -> dict:
 
 
 def validate_demo_eval(rec: dict) -> dict:
-    from data_pipeline import verifiers
-
     if not isinstance(rec, dict):
         raise _err("(record)", f"expected an object, got {type(rec).__name__}", "wrong_type")
     _get(rec, "id", (str, int))

@@ -1,7 +1,5 @@
-"""Upstream locations and known sha256 of the official evaluation files (SPEC section 4)."""
+"""Upstream locations and known sha256 of the official evaluation files (docs/metrics.md)."""
 from __future__ import annotations
-
-import hashlib
 
 TRACE_FILE = "202409_trace_evaluation.jsonl"
 TRACE_URL = "https://raw.githubusercontent.com/Tongyi-CCAI/Complex-IF/main/TRACE/TRACE/" + TRACE_FILE
@@ -16,11 +14,3 @@ SHA256 = {
     TRACE_FILE: "ca9e7577ee0732021db49ba7cb6ad3632eadb8398b1129fe54d104ded41b78f4",
     "sorted_party100.json": "6113c65701b8a8fd5c5a03e0abb00728a2f865121c919c929d05c9871c5e53f0",
 }
-
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

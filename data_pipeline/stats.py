@@ -2,8 +2,10 @@
 
     python -m data_pipeline.stats ../shared/data/trace/202409_trace_evaluation.jsonl
     python -m data_pipeline.stats data_pipeline/demo_data/iopo_train.json --cutoff_len 128 --png /tmp/len.png
+    python -m data_pipeline.stats data/train.json --out=/tmp/report    # -> /tmp/report/train.json.lengths.png
     python -m data_pipeline.stats train.json --kind dpo --tokenizer /path/to/tokenizer --template llama3
 
+The histogram goes to ``--png``, else into ``--out`` (a folder), else next to the first input.
 The kind is detected from the first record unless ``--kind`` is given. Token lengths use ``--tokenizer``
 (a HF tokenizer directory or hub id); by default the Qwen2 tokenizer is built offline once into
 ``~/.cache/iopo_jax/qwen2_tokenizer``; ``--tokenizer chars`` counts characters instead. For training
@@ -16,7 +18,6 @@ and for training files the numbered lines (``1.``, ``2、`` ...) of each prompt.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -25,10 +26,13 @@ import sys
 from typing import Optional
 
 import numpy as np
+from absl import flags
 
+from data_pipeline import cli
 from data_pipeline.readers import TRAIN_KINDS, KINDS, detect_kind_of_paths, load_records
 from data_pipeline.templates import get_template
-from data_pipeline.tokenization import truncated_lengths
+from data_pipeline.tokenization import record_texts, truncated_lengths
+from data_pipeline.tokenizer import build_qwen2_tokenizer, load_tokenizer
 
 _NUMBERED = re.compile(r"^\s*\d+\s*[.、．)）]", re.MULTILINE)
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -69,8 +73,6 @@ def eval_prompt_text(kind: str, r: dict) -> str:
 def _load_tokenizer(spec: Optional[str]):
     if spec == "chars":
         return None
-    from iopo_jax.tokenizer import build_qwen2_tokenizer, load_tokenizer
-
     if spec in (None, "qwen2"):
         cache = os.path.join(os.path.expanduser("~"), ".cache", "iopo_jax", "qwen2_tokenizer")
         if not os.path.isfile(os.path.join(cache, "tokenizer.json")):
@@ -91,8 +93,6 @@ def _lengths(tok, texts: list[str]) -> np.ndarray:
 def compute_stats(paths, kind: Optional[str] = None, tok=None, template: str = "qwen",
                   cutoff_len: int = 2048, skip_invalid: bool = False) -> dict:
     """Everything the CLI prints, as a dict (``lengths`` holds one length per record)."""
-    from data_pipeline.tokenization import record_texts
-
     kind = kind or detect_kind_of_paths(paths)
     records, report = load_records(kind, paths, skip_invalid=skip_invalid)
     tpl = get_template(template)
@@ -166,31 +166,53 @@ def format_stats(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m data_pipeline.stats",
-        description="Record counts, constraint-count distribution, token-length percentiles, truncation counts "
-                    "and a length histogram PNG for a data file (any format of data_pipeline.readers).")
-    ap.add_argument("paths", nargs="+", help="files, directories or globs")
-    ap.add_argument("--kind", choices=KINDS, default=None, help="record kind (default: detected)")
-    ap.add_argument("--tokenizer", default=None,
-                    help="HF tokenizer dir or hub id; 'qwen2' (default) builds Qwen2 offline; 'chars' counts characters")
-    ap.add_argument("--template", default="qwen", help="chat template: qwen (default) or llama3")
-    ap.add_argument("--cutoff_len", type=int, default=2048, help="truncation length to count against (default 2048)")
-    ap.add_argument("--png", default=None, help="histogram path (default: ./<first file name>.lengths.png)")
-    ap.add_argument("--skip_invalid", action="store_true", help="count bad records instead of stopping at the first")
-    ap.add_argument("--json", action="store_true", help="also print the statistics as one JSON object")
-    args = ap.parse_args(argv)
-    tok = _load_tokenizer(args.tokenizer)
-    s = compute_stats(args.paths, args.kind, tok, args.template, args.cutoff_len, args.skip_invalid)
+def default_png(paths, out: Optional[str] = None) -> str:
+    """Where the histogram goes without ``--png``: ``<name of the first input>.lengths.png`` in ``out`` when
+    given, else next to that input (in the folder that holds it)."""
+    first = os.path.normpath(paths[0])
+    name = re.sub(r"[*?\[\]]", "_", os.path.basename(first)) + ".lengths.png"
+    return os.path.join(out if out else os.path.dirname(first), name)
+
+
+PROG = "python -m data_pipeline.stats"
+DESCRIPTION = """Record counts, constraint-count distribution, token-length percentiles, truncation counts and a
+length histogram PNG for a data file (any format of data_pipeline.readers).
+
+    python -m data_pipeline.stats PATH [PATH ...] [flags]     PATH: files, directories or globs"""
+
+
+def define_flags(fv) -> None:
+    f = flags
+    f.DEFINE_enum("kind", None, list(KINDS), "record kind (default: detected)", flag_values=fv)
+    f.DEFINE_string("tokenizer", None, "HF tokenizer dir or hub id; 'qwen2' (default) builds Qwen2 offline; "
+                    "'chars' counts characters", flag_values=fv)
+    f.DEFINE_string("template", "qwen", "chat template: qwen or llama3", flag_values=fv)
+    f.DEFINE_integer("cutoff_len", 2048, "truncation length to count against", flag_values=fv)
+    f.DEFINE_string("png", None, "histogram path (default: <first input>.lengths.png in --out, else next to that "
+                    "input)", flag_values=fv)
+    f.DEFINE_string("out", None, "folder of the histogram when --png is not given (default: the folder of the first "
+                    "input)", flag_values=fv)
+    f.DEFINE_bool("skip_invalid", False, "count bad records instead of stopping at the first", flag_values=fv)
+    f.DEFINE_bool("json", False, "also print the statistics as one JSON object", flag_values=fv)
+
+
+def _main(fv, paths) -> int:
+    if not paths:
+        raise cli.usage_error(PROG, "give at least one PATH (files, directories or globs)")
+    tok = _load_tokenizer(fv.tokenizer)
+    s = compute_stats(paths, fv.kind, tok, fv.template, fv.cutoff_len, fv.skip_invalid)
     print(format_stats(s))
-    png = args.png or os.path.basename(os.path.normpath(args.paths[0])) + ".lengths.png"
-    write_histogram(s, png, f"{os.path.basename(os.path.normpath(args.paths[0]))} ({s['kind']}, {s['records']} records)")
+    png = fv.png or default_png(paths, fv.out)
+    if os.path.dirname(png):
+        os.makedirs(os.path.dirname(png), exist_ok=True)
+    write_histogram(s, png, f"{os.path.basename(os.path.normpath(paths[0]))} ({s['kind']}, {s['records']} records)")
     print(f"histogram: {png}")
-    if args.json:
+    if fv.json:
         print(json.dumps({k: v for k, v in s.items() if k != "lengths"}, ensure_ascii=False))
     return 0
 
 
+main = cli.command(PROG, DESCRIPTION, define_flags, _main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

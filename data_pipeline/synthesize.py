@@ -22,7 +22,7 @@ Every stage reads the output of the nearest earlier stage found in ``--workdir``
 ``--input``), writes ``<workdir>/<NN>_<stage>.jsonl`` (kept items) and ``<NN>_<stage>.dropped.jsonl`` (each
 dropped item with its reason) atomically when it finishes, and adds its counts to ``report.json`` /
 ``report.md`` (kept and dropped per stage and reason, requests, cache hits, tokens, cost, time, examples).
-All LLM calls go through :class:`iopo_jax.judge.ChatClient` with its response stores in the workdir
+All LLM calls go through :class:`iopo_jax.chat_client.ChatClient` with its response stores in the workdir
 (``generator_store.jsonl``, ``judge_store.jsonl``): a run killed at any point (even ``kill -9``) is resumed
 by running the same command again; every answer already received is read from the store, never paid twice.
 
@@ -35,18 +35,17 @@ Input (``--input``): JSONL, a JSON list, or a ``.txt`` file with one task per li
 ``instruction`` (or ``task``; required), ``constraints`` (optional list of strings and/or spec objects
 ``{"type": ..., ...}``), ``output`` (or ``y1``; optional answer) and ``id`` (optional).
 
-Layering: :mod:`data_pipeline` does not import :mod:`iopo_jax`; this CLI sits on top of both and imports
-the chat client inside :func:`make_client` only, so ``import data_pipeline`` stays free of it.
+Layering: :mod:`data_pipeline` does not import :mod:`iopo_jax`; the command, :mod:`iopo_jax.tools.synthesize`,
+sits on top of both and hands the chat client to :func:`run` as a :class:`Connector`.
 
 Example (two endpoints, an API model as judge)::
 
-    python -m data_pipeline.synthesize --input=seeds.jsonl --workdir=/tmp/synth --expand_k=3 \\
+    python -m iopo_jax.tools.synthesize --input=seeds.jsonl --workdir=/tmp/synth --expand_k=3 \\
         --gen_base_url=http://127.0.0.1:8000/v1 --gen_model=SmolLM2-135M-Instruct \\
         --judge_base_url=https://api.openai.com/v1 --judge_model=gpt-4o --judge_api_key_env=OPENAI_API_KEY
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures as cf
 import dataclasses
@@ -55,11 +54,11 @@ import logging
 import os
 import random
 import re
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
 from data_pipeline import verifiers as V
+from data_pipeline.readers import load_records
 
 logger = logging.getLogger("data_pipeline.synthesize")
 
@@ -388,19 +387,16 @@ class Pending(Exception):
     """The request budget is spent: the stage stops, its output is not written; rerun to continue."""
 
 
-def make_client(prefix: str, args, store_path: str):
-    """A ChatClient for ``--{prefix}_*`` (imported here: data_pipeline does not depend on iopo_jax)."""
-    from iopo_jax.judge import ChatClient, ClientConfig  # pylint: disable=import-outside-toplevel
+@dataclasses.dataclass(frozen=True)
+class Connector:
+    """How the pipeline reaches an LLM, given by the command above ``data_pipeline`` (this module does not
+    depend on ``iopo_jax``): ``make(prefix, args, store_path)`` returns a client for the ``--{prefix}_*``
+    settings (``complete(messages, attempt=...).text``, ``usage()``, ``close()``); its calls raise
+    ``budget_error`` when the request budget is spent and ``request_error`` when a request fails."""
 
-    g = lambda k: getattr(args, f"{prefix}_{k}")  # noqa: E731
-    cfg = ClientConfig(base_url=g("base_url"), model=g("model"), api_key_env=g("api_key_env") or "",
-                       temperature=g("temperature"), top_p=g("top_p"), max_tokens=g("max_tokens"),
-                       timeout_s=args.timeout_s, concurrency=args.concurrency, max_retries=args.max_retries,
-                       backoff_base_s=args.backoff_base_s, request_budget=args.request_budget,
-                       price_prompt_per_1k=g("price_prompt_per_1k"),
-                       price_completion_per_1k=g("price_completion_per_1k"),
-                       store_path=store_path, store_prompts=True, name=prefix)
-    return ChatClient(cfg)
+    make: Callable[[str, Any, str], Any]
+    budget_error: type
+    request_error: type
 
 
 class Drop(Exception):
@@ -413,8 +409,9 @@ class Drop(Exception):
 class Ctx:
     args: Any
     templates: dict
-    gen: Any  # ChatClient or None
-    judge: Any  # ChatClient or None
+    gen: Any  # a client of ``connector`` or None
+    judge: Any  # a client of ``connector`` or None
+    connector: Optional[Connector] = None
 
     @property
     def lang(self) -> str:
@@ -424,15 +421,13 @@ class Ctx:
         return random.Random(f"{self.args.seed}:{stage}:{uid}")
 
     def call(self, client, messages, stage: str, attempt: int = 0) -> str:
-        from iopo_jax.judge import BudgetExhaustedError, ChatError  # pylint: disable=import-outside-toplevel
-
         if client is None:
             raise Drop(f"{stage}_no_endpoint", "this item needs an LLM but no endpoint is configured")
         try:
             return client.complete(messages, attempt=attempt).text
-        except BudgetExhaustedError as e:
+        except self.connector.budget_error as e:
             raise Pending(str(e)) from None
-        except ChatError as e:
+        except self.connector.request_error as e:
             raise Drop(f"{stage}_request_failed", str(e)[:300]) from None
 
 
@@ -805,83 +800,9 @@ def parse_mix(text: str) -> list[tuple[str, float]]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.synthesize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="seed instructions: .jsonl, .json (list) or .txt (one task per line)")
-    p.add_argument("--workdir", required=True, help="directory for stage files, response stores and the report")
-    p.add_argument("--output", help="IOPO file written by the 'write' stage (default: <workdir>/iopo.json)")
-    p.add_argument("--stages", default="all",
-                   help=f"comma-separated stages to run ({', '.join(STAGES)}) or 'all' (expand runs only with "
-                        "--expand_k > 0)")
-    p.add_argument("--force", action="store_true", help="rerun stages whose output file already exists (the "
-                   "outputs of later stages are then removed, they were computed from the old output)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (dimensions, edit ops, "
-                   "rule parameters); per item, so results do not depend on --concurrency")
-    p.add_argument("--lang", choices=("en", "zh"), default="en", help="language of rule-constraint wording "
-                   "and of the constraints the generator is asked to write")
-    p.add_argument("--expand_k", type=int, default=0, help="constraints added to each seed by 'expand' (0 = no expand)")
-    p.add_argument("--rule_fraction", type=float, default=0.5,
-                   help="expand: probability that a dimension with a rule template gets a rule-verifiable constraint "
-                        "(1 = always; others are written by the generator)")
-    p.add_argument("--expand_rule_only", action="store_true",
-                   help="expand: draw only dimensions that have rule templates (with --rule_fraction=1 no LLM is "
-                        "needed for expand, judge, edit)")
-    p.add_argument("--edit_mix", default="add:1,delete:1,revise:1",
-                   help="relative weights of the edit operations, e.g. 'add:2,revise:1' (0 disables one)")
-    p.add_argument("--edit_with", choices=("auto", "rules", "llm"), default="auto",
-                   help="auto: rule edits when every constraint is a rule spec and one applies, else the generator; "
-                        "rules: rule edits only; llm: always the generator")
-    p.add_argument("--judge_mode", choices=("auto", "rules", "llm"), default="auto",
-                   help="rules: rule verifiers only (free-text constraints -> dropped as unverifiable); "
-                        "llm: the LLM judges every constraint; auto: rules where possible, LLM for the rest")
-    p.add_argument("--coherence_check", action=argparse.BooleanOptionalAction, default=True,
-                   help="check: ask the judge LLM whether the four pairings are coherent (needs a judge endpoint; "
-                        "--no-coherence_check skips it)")
-    p.add_argument("--strict_pairs", action="store_true",
-                   help="check: also require that y2 fails x1 (drops every ADD group, whose y2 meets x1 too)")
-    p.add_argument("--parse_retries", type=int, default=1,
-                   help="fresh judge/check answers asked for when a reply cannot be parsed")
-    p.add_argument("--templates_dir", help="directory of <name>.txt files replacing prompt templates "
-                   f"({', '.join(DEFAULT_TEMPLATES)})")
-    for prefix, what in (("gen", "generator (answers, expand, edit)"), ("judge", "judge (verdicts, check)")):
-        dflt = " (default: the generator's)" if prefix == "judge" else ""
-        p.add_argument(f"--{prefix}_base_url", help=f"{what}: OpenAI-compatible base URL, e.g. "
-                       f"http://127.0.0.1:8000/v1{dflt}")
-        p.add_argument(f"--{prefix}_model", help=f"{what}: model name{dflt}")
-        p.add_argument(f"--{prefix}_api_key_env", help=f"{what}: NAME of the env var holding the API key "
-                       f"(the key is never logged){dflt}")
-        p.add_argument(f"--{prefix}_temperature", type=float, default=0.7 if prefix == "gen" else 0.0,
-                       help=f"{what}: sampling temperature")
-        p.add_argument(f"--{prefix}_top_p", type=float, default=1.0, help=f"{what}: top_p")
-        p.add_argument(f"--{prefix}_max_tokens", type=int, default=1024 if prefix == "gen" else 512,
-                       help=f"{what}: completion token cap (0 = the server's default)")
-        p.add_argument(f"--{prefix}_price_prompt_per_1k", type=float, default=0.0,
-                       help=f"{what}: price per 1K prompt tokens (for the cost report)")
-        p.add_argument(f"--{prefix}_price_completion_per_1k", type=float, default=0.0,
-                       help=f"{what}: price per 1K completion tokens")
-    p.add_argument("--concurrency", type=int, default=8, help="items processed (and requests in flight per client) at once")
-    p.add_argument("--timeout_s", type=float, default=120.0, help="socket timeout per request, seconds")
-    p.add_argument("--max_retries", type=int, default=6, help="retries per request (timeouts, 429, 5xx, bad bodies)")
-    p.add_argument("--backoff_base_s", type=float, default=1.0, help="first retry delay (doubles per retry)")
-    p.add_argument("--request_budget", type=int, default=0,
-                   help="max HTTP requests per client in this run (0 = no cap); when spent the run stops with "
-                        "exit code 3 and a rerun continues")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars on stderr")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return _main(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(args) -> int:
+def run(args, connector: Connector) -> int:
+    """Run the stages the flags of ``python -m iopo_jax.tools.synthesize`` (``args``, a namespace) ask for;
+    the exit status: 0, or 3 when the request budget is spent (a rerun continues)."""
     if args.stages == "all":
         stages = [s for s in STAGES if s != "expand" or args.expand_k > 0]
     else:
@@ -903,15 +824,16 @@ def _main(args) -> int:
                 setattr(args, f"judge_{k}", getattr(args, f"gen_{k}"))
     os.makedirs(args.workdir, exist_ok=True)
     templates = load_templates(args.templates_dir)
-    gen = make_client("gen", args, os.path.join(args.workdir, "generator_store.jsonl")) if args.gen_base_url else None
-    judge = (make_client("judge", args, os.path.join(args.workdir, "judge_store.jsonl"))
+    gen = (connector.make("gen", args, os.path.join(args.workdir, "generator_store.jsonl"))
+           if args.gen_base_url else None)
+    judge = (connector.make("judge", args, os.path.join(args.workdir, "judge_store.jsonl"))
              if args.judge_base_url else None)
     if gen is None:
         logger.info("no --gen_base_url: only rule-based work is possible (items needing the generator are dropped)")
     if args.coherence_check and judge is None:
         logger.info("no judge endpoint: the LLM coherence check is skipped")
         args.coherence_check = False
-    ctx = Ctx(args=args, templates=templates, gen=gen, judge=judge)
+    ctx = Ctx(args=args, templates=templates, gen=gen, judge=judge, connector=connector)
     rpath = os.path.join(args.workdir, "report.json")
     report = json.load(open(rpath, encoding="utf-8")) if os.path.exists(rpath) else {"stages": {}}
     report.setdefault("stages", {})
@@ -976,8 +898,6 @@ def _do_write(args, report: dict) -> None:
     records = [to_iopo(it, args.lang) for it in items]
     _write_atomic(out, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
     # The trainer's reader must accept the file unchanged.
-    from data_pipeline.readers import load_records  # pylint: disable=import-outside-toplevel
-
     if records:
         load_records("iopo", out)
     report["output"], report["groups"] = out, len(records)
@@ -985,6 +905,3 @@ def _do_write(args, report: dict) -> None:
     report["groups_by_edit_op"] = dict(ops)
     logger.info("wrote %d IOPO groups to %s (edit ops: %s)", len(records), out, dict(ops))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

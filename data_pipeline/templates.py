@@ -1,4 +1,4 @@
-"""Chat templates as plain strings, exactly as the reference pipeline renders them (SPEC section 3).
+"""Chat templates as plain strings, exactly as the reference pipeline renders them (docs/truncation.md).
 
 A sequence is encoded as separate text pieces (prompt, response, next prompt, ...), each with
 ``tok.encode(text, add_special_tokens=False)`` (special tokens in the text are parsed), and the

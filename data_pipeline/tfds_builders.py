@@ -29,18 +29,19 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_pipeline.hashing import sha256_file
 from data_pipeline.readers import load_records
-from data_pipeline.sources import (EIFBENCH_FILE, EIFBENCH_SPLITS, EIFBENCH_URL, SHA256, TRACE_FILE, TRACE_URL,
-                                   sha256_of)
+from data_pipeline.sources import EIFBENCH_FILE, EIFBENCH_SPLITS, EIFBENCH_URL, SHA256, TRACE_FILE, TRACE_URL
 
 def check_sha256(path, name: str) -> None:
     want = SHA256.get(name)
     if want is not None:
-        got = sha256_of(path)
+        got = sha256_file(path)
         if got != want:
             raise ValueError(f"{path}: sha256 {got} does not match the known {want} of {name}; "
                              "the file is corrupt or a different version")
@@ -48,8 +49,6 @@ def check_sha256(path, name: str) -> None:
 
 def probe(url: str, timeout: float = 10.0) -> None:
     """Raise (quickly) if ``url`` cannot be reached."""
-    import urllib.request
-
     req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "iopo-jax"})
     with urllib.request.urlopen(req, timeout=timeout):
         pass

@@ -1,4 +1,4 @@
-"""Tokenisation and joint truncation, token for token as the reference pipeline (SPEC section 3).
+"""Tokenisation and joint truncation, token for token as the reference pipeline (docs/truncation.md).
 
 Each record is rendered into text *pieces* (prompts and responses, see :mod:`data_pipeline.templates`),
 every piece is encoded separately with ``tok.encode(text, add_special_tokens=False)`` and the pieces are
@@ -38,11 +38,13 @@ LAYOUTS = {
     "dpo": ((0, 1), (0, 2)),
     "sft": None,
 }
-NUM_SEQUENCES = {"iopo": 4, "dpo": 2, "sft": 1}
+# The group size K of each kind (rows per group in a batch): the one definition the trainer and the
+# objectives derive theirs from.
+NUM_SEQUENCES = {kind: len(names) for kind, names in SEQUENCE_NAMES.items()}
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
-    """Joint truncation (SPEC section 3): new (prompt, response) lengths for a cutoff."""
+    """Joint truncation (docs/truncation.md): new (prompt, response) lengths for a cutoff."""
     if target_len * 2 < cutoff_len:  # only the source may need cutting
         max_target_len = cutoff_len
     elif source_len * 2 < cutoff_len:  # only the target

@@ -21,15 +21,35 @@ section documented in ``configs/smollm2_demo.py``. Override any field as ``--con
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import os
+import resource
 import sys
 import time
 
+import jax
+import numpy as np
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
+from flax import nnx
 from ml_collections import config_flags
+
+from data_pipeline.readers import iter_raw
+from data_pipeline.schema import parse_list
+from evaluation import generate
+from evaluation.config_defaults import base_config
+from evaluation.demo import default_demo_path
+from evaluation.runner import evaluate
+from iopo_jax.compile_cache import enable_compilation_cache
+from iopo_jax.models.lora import load_model_with_adapter, merged_params
+from iopo_jax.models.weights import abstract_model
+from iopo_jax.sampling import GenerationStats, Sampler
+from iopo_jax.sharding import path_str
+from iopo_jax.tools.fetch_model import fetch_model
+from iopo_jax.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config (e.g. configs/smollm2_demo.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: eval_before/, train/, eval_after/, the table "
@@ -39,8 +59,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def eval_config(job, model_dir: str, lora: str, workdir: str, data_path: str, progress: bool):
-    from evaluation.config_defaults import base_config  # pylint: disable=import-outside-toplevel
-
     c = base_config("demo")
     c.workdir = workdir
     c.model_dir = model_dir
@@ -59,8 +77,6 @@ def eval_config(job, model_dir: str, lora: str, workdir: str, data_path: str, pr
 
 def _eval_prompts(job, workdir: str) -> str:
     """The held-out prompts file, filtered to ``job.eval_langs`` / ``job.eval_limit`` when they are set."""
-    from evaluation.demo import default_demo_path  # pylint: disable=import-outside-toplevel
-
     src = job.eval_path or default_demo_path()
     langs = [s.strip() for s in job.eval_langs.split(",") if s.strip()]
     if not langs and not job.eval_limit:
@@ -88,17 +104,15 @@ def _eval_prompts(job, workdir: str) -> str:
     return out
 
 
-def _train_files(job, train_files: str, workdir: str) -> str:
+def _train_files(job, train_files, workdir: str) -> tuple:
     """The training files, kept to the groups whose ``meta.lang`` is in ``job.train_langs`` and to the first
     ``job.train_limit`` of those when these are set (written to ``<workdir>/train_data.json``)."""
     langs = [s.strip() for s in job.get("train_langs", "").split(",") if s.strip()]
     limit = int(job.get("train_limit", 0))
     if not langs and not limit:
-        return train_files
-    from data_pipeline.readers import iter_raw  # pylint: disable=import-outside-toplevel
-
+        return parse_list(train_files)
     keep, seen = [], 0
-    for raw in iter_raw([p for p in train_files.split(",") if p.strip()]):
+    for raw in iter_raw(list(parse_list(train_files))):
         where = f"{raw.path}:{raw.line}" if raw.line else f"{raw.path}: record {raw.index}"
         if raw.error is not None:
             raise raw.error
@@ -124,7 +138,7 @@ def _train_files(job, train_files: str, workdir: str) -> str:
     os.replace(out + ".tmp", out)
     print(f"training data: {len(keep)} of {seen} records (job.train_langs={job.get('train_langs', '')!r}, "
           f"job.train_limit={limit})", flush=True)
-    return out
+    return (out,)
 
 
 def _train_summary(train_dir: str) -> dict:
@@ -147,15 +161,11 @@ def _train_summary(train_dir: str) -> dict:
 
 def _cpu_s() -> float:
     """CPU seconds (user + system) this process has used so far, over all its threads."""
-    import resource  # pylint: disable=import-outside-toplevel
-
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
 
 def _peak_rss_gb() -> float:
-    import resource  # pylint: disable=import-outside-toplevel
-
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
 
 
@@ -174,8 +184,6 @@ def base_sampler(job, model_dir: str):
     ``job.eval_batch_size`` rows (a smaller last batch is padded), the prompt buckets ``job.eval_prompt_buckets``
     (plus the model's context length, used only by a longer prompt), one new-token bucket, and static batches
     unless ``job.eval_continuous``."""
-    from iopo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
-
     b = int(job.eval_batch_size)
     n = int(job.eval_max_new_tokens)
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
@@ -192,14 +200,6 @@ def merged_sampler(base, model_dir: str, adapter: str):
     folded into the weights (W + (alpha/r) B A, float32) of a plain base-structured model whose weights replace
     those of a shallow copy of ``base`` (``update_model``), so nothing compiles again (an unmerged LoRA model is a
     different program). ``base`` keeps its own weights."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    from iopo_jax.models.lora import load_model_with_adapter, merged_params  # pylint: disable=import-outside-toplevel
-    from iopo_jax.models.weights import abstract_model  # pylint: disable=import-outside-toplevel
-    from iopo_jax.sampling.sampler import GenerationStats  # pylint: disable=import-outside-toplevel
-    from iopo_jax.sharding import path_str  # pylint: disable=import-outside-toplevel
-
     model, _ = load_model_with_adapter(model_dir, adapter, mesh=base.mesh, dtype=base.cfg.dtype,
                                        param_dtype=base.cfg.param_dtype)
     cfg = model.config.replace(lora=None)
@@ -234,8 +234,6 @@ class _Samplers:
     (evaluation with the adapter), registered with :func:`evaluation.generate.provide_sampler`."""
 
     def __init__(self, job, model_dir: str, adapter: str):
-        from evaluation import generate  # pylint: disable=import-outside-toplevel
-
         self.job, self.model_dir, self.adapter, self.generate = job, model_dir, adapter, generate
         self.base = self.after = None
         generate.provide_sampler(model_dir, "", self.get_base)
@@ -259,11 +257,6 @@ class _Samplers:
 
 def evaluate_or_reuse(config) -> tuple[dict, bool]:
     """Metrics of one evaluation, and whether it ran now (False: a finished one in ``config.workdir`` reused)."""
-    import gc  # pylint: disable=import-outside-toplevel
-
-    from evaluation import generate  # pylint: disable=import-outside-toplevel
-    from evaluation.runner import evaluate  # pylint: disable=import-outside-toplevel
-
     done = os.path.join(config.workdir, "metrics.json")
     if os.path.isfile(done):
         with open(done, encoding="utf-8") as f:
@@ -292,8 +285,6 @@ def _on_duration(event: str, duration: float, **_):
 def _watch_compiles():
     """Count JAX's tracing + lowering + XLA compile (or persistent-cache load) seconds from here on (once)."""
     if not _COMPILE.get("on"):
-        import jax  # pylint: disable=import-outside-toplevel
-
         jax.monitoring.register_event_duration_secs_listener(_on_duration)
         _COMPILE["on"] = True
 
@@ -365,7 +356,6 @@ def plot(cmp: dict, path: str, title: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
 
     rows = [r for r in cmp["rows"] if r["before"] is not None and r["after"] is not None]
     y = np.arange(len(rows))
@@ -400,8 +390,6 @@ def _run_phases(cfg, job, model_dir, workdir, prompts, train_dir, adapter, times
         ran = not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
         if ran:
             print(f"[3/4] training ({tc.objective.name} + LoRA) into {train_dir}", flush=True)
-            from iopo_jax.trainer import Trainer  # pylint: disable=import-outside-toplevel
-
             os.makedirs(train_dir, exist_ok=True)
             with open(os.path.join(train_dir, "config.json"), "w") as f:
                 f.write(tc.to_json_best_effort(indent=2))
@@ -423,8 +411,6 @@ def run_job(cfg, workdir: str, progress: bool = True) -> dict:
     os.makedirs(workdir, exist_ok=True)
     model_dir = cfg.model.path
     if not model_dir:
-        from iopo_jax.tools.fetch_model import fetch_model  # pylint: disable=import-outside-toplevel
-
         model_dir = os.path.expanduser(job.model_dir)
         print(f"[1/4] fetching {job.model} into {model_dir} (cached)", flush=True)
         fetch_model(job.model, model_dir, quiet=not progress)
@@ -465,15 +451,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-
     absl_logging.set_verbosity(absl_logging.WARNING)
     cfg = _CONFIG.value
     if "job" not in cfg:
         raise app.UsageError(f"{flags.FLAGS['config'].value}: the config has no `job` section "
                              "(see configs/smollm2_demo.py)")
-    from iopo_jax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
-
     enable_compilation_cache(cfg.train.get("compilation_cache_dir", "auto"))  # both evaluations and the training
     run_job(cfg, _WORKDIR.value, progress=not _NO_PROGRESS.value)
 

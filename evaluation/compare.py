@@ -18,7 +18,7 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
-from evaluation import io_utils
+from iopo_jax import io_utils
 from evaluation.report import gloss, table
 
 _OUT = flags.DEFINE_string("out", None, "Markdown output file (default RUN_B/compare_vs_<RUN_A>.md).")

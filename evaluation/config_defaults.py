@@ -2,9 +2,10 @@
 
 The files ``configs/eval_trace.py``, ``configs/eval_eifbench.py`` and ``configs/eval_demo.py`` call
 :func:`base_config` and change the few fields that differ. Any field can be overridden on the command
-line (``--config.judge.concurrency=32``); the most common ones also have short flags (see
-``evaluation/run.py``). No field holds a secret: API keys are read from the environment variables
-*named* by ``*.api_key_env``.
+line (``--config.judge.concurrency=32``; ``--workdir`` sets ``workdir``). No field holds a secret: API
+keys are read from the environment variables *named* by ``*.api_key_env``. The ``judge`` section holds
+every field of :class:`iopo_jax.chat_client.ClientConfig` (but ``store_path`` and ``name``, set by the
+runner) plus the protocol fields ``template``, ``format_str``, ``system_prompt`` and ``max_parse_retries``.
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     # Which evaluation to run: "trace", "eifbench", "ifeval" or "demo".
     c.benchmark = benchmark
     # Output folder (predictions.jsonl, judgments.jsonl, metrics.json, report.md, charts, caches, eval.log).
-    # Usually given as --workdir. Rerunning with the same workdir resumes the run.
+    # Given as --workdir (or --config.workdir). Rerunning with the same workdir resumes the run.
     c.workdir = ""
     # Model to generate with when generation.backend is "jax" (a checkpoint/export folder). Also used as
-    # the model's name in the report. Usually given as --model_dir.
+    # the model's name in the report.
     c.model_dir = ""
     # PEFT LoRA adapter directory applied on top of model_dir by the JAX sampler (e.g. a training run's
-    # export/adapter). Usually given as --lora.
+    # export/adapter).
     c.lora = ""
     # Show tqdm progress bars (on stderr).
     c.progress = True
@@ -32,28 +33,28 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     # Benchmark data. trace: the 202409_trace_evaluation.jsonl file; eifbench: one or more split files
     # (sorted_party100.json, ...), comma-separated; ifeval: input_data.jsonl; demo: "" = the bundled demo
-    # set. Given as --data_path.
+    # set.
     c.data.path = ""
-    # Evaluate only the first N items (per split for EIFBench); 0 = all. Given as --limit.
+    # Evaluate only the first N items (per split for EIFBench); 0 = all.
     c.data.limit = 0
 
     c.generation = ml_collections.ConfigDict()
     # "auto" (predictions file if given, else API if base_url is set, else JAX sampler), "predictions",
     # "api" (OpenAI-compatible server) or "jax" (our sampler, from model_dir).
     c.generation.backend = "auto"
-    # JSONL file of {"id", "response"} answers to evaluate instead of generating (--predictions).
+    # JSONL file of {"id", "response"} answers to evaluate instead of generating.
     c.generation.predictions = ""
-    # OpenAI-compatible server to generate with (--gen_base_url), e.g. http://127.0.0.1:8000/v1.
+    # OpenAI-compatible server to generate with, e.g. http://127.0.0.1:8000/v1.
     c.generation.base_url = ""
-    # Model name sent to that server (--gen_model).
+    # Model name sent to that server.
     c.generation.model = ""
-    # Name of the env var holding that server's API key; "" = no key (--gen_api_key_env).
+    # Name of the env var holding that server's API key; "" = no key.
     c.generation.api_key_env = ""
-    # Sampling temperature (--temperature). TRACE protocol: 0.1.
+    # Sampling temperature. TRACE protocol: 0.1.
     c.generation.temperature = 0.1
-    # Nucleus sampling mass (--top_p).
+    # Nucleus sampling mass.
     c.generation.top_p = 1.0
-    # Max new tokens per answer (--max_new_tokens); sent as max_tokens to an API server.
+    # Max new tokens per answer; sent as max_tokens to an API server.
     c.generation.max_new_tokens = 2048
     # Prompts in the JAX sampler at once (jax backend, continuous batching): each answer is written to
     # predictions.jsonl (with its finish_reason and new_tokens) as soon as it finishes, and the next
@@ -73,11 +74,11 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     c.generation.max_chars = 8192
 
     c.judge = ml_collections.ConfigDict()
-    # OpenAI-compatible judge server (--judge_base_url), e.g. https://api.openai.com/v1.
+    # OpenAI-compatible judge server, e.g. https://api.openai.com/v1.
     c.judge.base_url = ""
-    # Judge model name (--judge_model). The protocols use GPT-4o.
+    # Judge model name. The protocols use GPT-4o.
     c.judge.model = "gpt-4o"
-    # Name of the env var holding the judge's API key (--judge_api_key_env); "" = no key.
+    # Name of the env var holding the judge's API key; "" = no key.
     c.judge.api_key_env = "OPENAI_API_KEY"
     # Judge sampling. TRACE protocol: temperature 0, top_p 0.8.
     c.judge.temperature = 0.0
@@ -86,20 +87,22 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     c.judge.max_tokens = 0
     # Per-request timeout, seconds.
     c.judge.timeout_s = 120.0
-    # Requests in flight (--concurrency).
+    # Requests in flight.
     c.judge.concurrency = 16
     # Retries per request on timeouts, connection errors, 429 and 5xx.
     c.judge.max_retries = 6
     # Backoff: first delay and cap, seconds (exponential with jitter; 429 Retry-After wins).
     c.judge.backoff_base_s = 1.0
     c.judge.backoff_max_s = 60.0
-    # Max judge HTTP requests in this run, retries included (--budget); 0 = no cap. Units left unjudged
+    # Cap on the wait a server asks for in a 429's Retry-After, seconds.
+    c.judge.max_retry_after_s = 300.0
+    # Max judge HTTP requests in this run, retries included; 0 = no cap. Units left unjudged
     # when it runs out are counted as judge errors; rerun to continue.
     c.judge.request_budget = 0
     # Prices per 1,000 prompt / completion tokens for the cost report (defaults: GPT-4o list price, USD).
     c.judge.price_prompt_per_1k = 0.0025
     c.judge.price_completion_per_1k = 0.01
-    # Judge prompt template file (--judge_template); "" = our own wording. TRACE fields: {format_str},
+    # Judge prompt template file; "" = our own wording. TRACE fields: {format_str},
     # {description}, {constraints}, {ans}; EIFBench fields: {input}, {output}, {sub_instruction}, {question}.
     c.judge.template = ""
     # TRACE only: the per-constraint JSON example given to the template as {format_str}; "" = automatic
@@ -112,6 +115,8 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     c.judge.max_parse_retries = 2
     # Keep the judge request messages in judge_cache.jsonl too (audit; large for EIFBench).
     c.judge.store_prompts = False
+    # fsync judge_cache.jsonl at most this often, seconds (every line is flushed at once).
+    c.judge.fsync_interval_s = 1.0
 
     c.metrics = ml_collections.ConfigDict()
     # EIFBench: "exclude_pair" (failed judgments are left out of their instance, like the public metric

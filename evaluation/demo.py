@@ -19,17 +19,18 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import time
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
+import data_pipeline
+from data_pipeline import verifiers
+from evaluation import benchmark
 from evaluation import driver
-from evaluation import io_utils
+from evaluation import report
 
 logger = logging.getLogger(__name__)
 
 
 def default_demo_path() -> str:
-    import data_pipeline  # pylint: disable=import-outside-toplevel
     return os.path.join(data_pipeline.DEMO_DATA_DIR, "eval_prompts.jsonl")
 
 
@@ -58,7 +59,6 @@ class ReferenceGenerator:
 
 def judge_record(record: dict[str, Any], response: str) -> dict[str, Any]:
     """One judgment line: the verifier results for a prompt and its answer."""
-    from data_pipeline import verifiers  # pylint: disable=import-outside-toplevel
     res = verifiers.verify_record(record, response)
     types = [s["type"] for s in record.get("constraints") or []]
     for s in record.get("sub_instructions") or []:
@@ -67,10 +67,6 @@ def judge_record(record: dict[str, Any], response: str) -> dict[str, Any]:
     return {"id": record["id"], "status": "ok", "all_pass": bool(res["all_pass"]), "checks": checks,
             "types": types, "format_ok": res["format_ok"], "ila": res["ila"], "cla": res["cla"],
             "sub_instructions": res["sub_instructions"]}
-
-
-def _rate(xs: Sequence[bool]) -> Optional[float]:
-    return (sum(xs) / len(xs)) if xs else None
 
 
 def compute_metrics(records: Sequence[dict[str, Any]], judgments: dict[str, dict[str, Any]],
@@ -89,8 +85,8 @@ def compute_metrics(records: Sequence[dict[str, Any]], judgments: dict[str, dict
             by_type[t].append(c)
 
     def group(js: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"n": len(js), "IF": _rate([j["all_pass"] for j in js]),
-                "constraint_accuracy": _rate([c for j in js for c in j["checks"]])}
+        return {"n": len(js), "IF": benchmark.rate([j["all_pass"] for j in js]),
+                "constraint_accuracy": benchmark.rate([c for j in js for c in j["checks"]])}
 
     seg = [j for r, j in rows if r.get("sub_instructions")]
     return {
@@ -99,61 +95,62 @@ def compute_metrics(records: Sequence[dict[str, Any]], judgments: dict[str, dict
         "n_scored": len(rows),
         "n_missing_predictions": n_missing_predictions,
         "n_constraints": len(all_checks),
-        "IF": _rate([j["all_pass"] for _, j in rows]),
-        "IF-S": _rate([j["all_pass"] for r, j in rows if int(r["constraints_num"]) == 1]),
-        "IF-M": _rate([j["all_pass"] for r, j in rows if int(r["constraints_num"]) >= 2]),
-        "constraint_accuracy": _rate(all_checks),
+        "IF": benchmark.rate([j["all_pass"] for _, j in rows]),
+        "IF-S": benchmark.rate([j["all_pass"] for r, j in rows if int(r["constraints_num"]) == 1]),
+        "IF-M": benchmark.rate([j["all_pass"] for r, j in rows if int(r["constraints_num"]) >= 2]),
+        "constraint_accuracy": benchmark.rate(all_checks),
         "mean_cla": (sum(j["cla"] for _, j in rows) / len(rows)) if rows else None,
         "by_constraint_count": {str(k): group(v) for k, v in sorted(by_count.items())},
         "by_category": {k: group(v) for k, v in sorted(by_cat.items())},
         "by_lang": {k: group(v) for k, v in sorted(by_lang.items())},
-        "by_dimension": {k: {"n_constraints": len(v), "constraint_accuracy": _rate(v)}
+        "by_dimension": {k: {"n_constraints": len(v), "constraint_accuracy": benchmark.rate(v)}
                          for k, v in sorted(by_type.items(), key=lambda kv: (-len(kv[1]), kv[0]))},
         "segpo": {"n": len(seg), "ILA": (sum(j["ila"] for j in seg) / len(seg)) if seg else None,
                   "CLA": (sum(j["cla"] for j in seg) / len(seg)) if seg else None,
-                  "format_ok": _rate([bool(j["format_ok"]) for j in seg])},
+                  "format_ok": benchmark.rate([bool(j["format_ok"]) for j in seg])},
     }
 
 
-def evaluate_demo(config) -> dict[str, Any]:
-    """The ``demo`` benchmark of ``python -m evaluation.run`` (see module docstring)."""
-    from evaluation import report  # pylint: disable=import-outside-toplevel
-    from evaluation import runner as run  # pylint: disable=import-outside-toplevel
-    workdir, g = config.workdir, config.generation
-    t0 = time.time()
-    path = config.data.path or default_demo_path()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"demo prompts not found: {path}")
-    records = load_demo(path, limit=config.data.limit)
-    if g.backend == "reference":
-        backend = "reference"
-        generator: Any = ReferenceGenerator(records)
-    else:
-        backend = run.resolve_backend(config)
-        generator = run.make_generator(config, backend, workdir)
-    fingerprint = run.make_fingerprint(config, backend, [path], {}, {})
-    run.check_workdir(workdir, config, fingerprint)
-    units = gen_units(records)
-    try:
-        preds, gen_stats = driver.run_generation(units, generator, os.path.join(workdir, "predictions.jsonl"),
-                                                 progress=config.progress)
-    finally:
-        if hasattr(generator, "close"):
-            generator.close()
-    judgments = {r["id"]: judge_record(r, preds[r["id"]]) for r in records if r["id"] in preds}
-    io_utils.write_jsonl_atomic(os.path.join(workdir, "judgments.jsonl"),
-                                [judgments[r["id"]] for r in records if r["id"] in judgments])
-    metrics = compute_metrics(records, judgments, n_missing_predictions=len(records) - len(preds))
-    usage = {"generation": generator.usage()} if hasattr(generator, "usage") else {}
-    model = "reference answers" if backend == "reference" else run.model_name(config, backend)
-    run_info = {"model": model, "benchmark": "demo", "data": os.path.basename(path), "limit": config.data.limit,
-                "answers": backend if backend != "predictions" else f"predictions file {os.path.basename(g.predictions)}",
-                "judge": "rule verifiers (data_pipeline.verifiers)",
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall time (s)": round(time.time() - t0, 1)}
-    metrics["usage"] = usage
-    metrics["generation_stats"] = gen_stats
-    metrics["run"] = run_info
-    io_utils.write_json_atomic(os.path.join(workdir, "metrics.json"), metrics)
-    report.write_report(workdir, metrics, run_info, charts=config.report.charts)
-    run.print_summary(metrics)
-    return metrics
+@benchmark.register
+class DemoBenchmark(benchmark.RuleJudgedBenchmark):
+    """The bundled demo set as a :class:`~evaluation.benchmark.Benchmark` (see module docstring); answers
+    may also come from the bundled references (``--config.generation.backend=reference``)."""
+
+    name = "demo"
+
+    def load(self, config) -> benchmark.Loaded:
+        path = config.data.path or default_demo_path()
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"demo prompts not found: {path}")
+        return benchmark.Loaded(items=load_demo(path, limit=config.data.limit), files=[path])
+
+    def resolve_backend(self, config) -> str:
+        return "reference" if config.generation.backend == "reference" else super().resolve_backend(config)
+
+    def make_generator(self, config, backend, loaded):
+        if backend == "reference":
+            return ReferenceGenerator(loaded.items)
+        return super().make_generator(config, backend, loaded)
+
+    def model_name(self, config, backend):
+        return "reference answers" if backend == "reference" else super().model_name(config, backend)
+
+    def gen_units(self, loaded):
+        return gen_units(loaded.items)
+
+    def judge_record(self, item, response):
+        return judge_record(item, response)
+
+    def metrics(self, config, loaded, judgments, n_missing_predictions):
+        return compute_metrics(loaded.items, judgments, n_missing_predictions=n_missing_predictions)
+
+    def run_info(self, config, backend):
+        return {"judge": "rule verifiers (data_pipeline.verifiers)"}
+
+    def report_section(self, metrics, workdir, charts):
+        return report.demo_section(metrics, workdir, charts)
+
+    def summary(self, m):
+        pct = report.pct
+        return (f"Demo  IF {pct(m['IF'])}  constraint accuracy {pct(m['constraint_accuracy'])}  "
+                f"(items {m['n_scored']}, constraints {m['n_constraints']})")

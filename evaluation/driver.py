@@ -22,8 +22,9 @@ import dataclasses
 import logging
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
-from evaluation import io_utils
-from evaluation import judge as judge_lib
+from data_pipeline import load_records
+from iopo_jax import io_utils
+from iopo_jax import chat_client
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Parsed:
 ParseFn = Callable[[JudgeUnit, str], Parsed]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     return tqdm(total=total, desc=desc, unit="it", disable=not enabled, dynamic_ncols=True, leave=True)
 
@@ -138,7 +139,7 @@ def run_generation(units: Sequence[GenUnit], generator: Generator, path: str, *,
     failed: set[str] = set()
     seen: set[str] = set()
     metas: dict[str, dict[str, Any]] = {}
-    bar = _progress(len(pending), f"generating ({generator.name})", progress)
+    bar = progress_bar(len(pending), f"generating ({generator.name})", progress)
     with io_utils.JsonlAppender(path) as app:
         for res in generator.generate(requests):
             uid, _, p = res.id.rpartition("#")
@@ -176,7 +177,7 @@ def run_generation(units: Sequence[GenUnit], generator: Generator, path: str, *,
     return {u.id: out[u.id] for u in units if u.id in out}, stats
 
 
-def run_judging(units: Sequence[JudgeUnit], client: judge_lib.ChatClient, parse_fn: ParseFn, path: str, *,
+def run_judging(units: Sequence[JudgeUnit], client: chat_client.ChatClient, parse_fn: ParseFn, path: str, *,
                 max_parse_retries: int = 2, concurrency: int = 8, progress: bool = True
                 ) -> dict[str, dict[str, Any]]:
     """Judges every unit (see module docstring) and returns ``{unit id: judgment record}``."""
@@ -196,7 +197,7 @@ def run_judging(units: Sequence[JudgeUnit], client: judge_lib.ChatClient, parse_
         for attempt in range(max_parse_retries + 1):
             try:
                 res = client.complete(unit.messages, attempt=attempt)
-            except judge_lib.ChatError as e:
+            except chat_client.ChatError as e:
                 rec.update(status="error", attempts=attempt + 1, error=str(e))
                 return rec
             last_text = res.text
@@ -215,7 +216,7 @@ def run_judging(units: Sequence[JudgeUnit], client: judge_lib.ChatClient, parse_
         return rec
 
     errors: dict[str, dict[str, Any]] = {}
-    bar = _progress(len(pending), "judging", progress)
+    bar = progress_bar(len(pending), "judging", progress)
     pool = cf.ThreadPoolExecutor(max_workers=max(1, int(concurrency)), thread_name_prefix="judge")
     try:
         with io_utils.JsonlAppender(path) as app:
@@ -248,7 +249,6 @@ def iter_batches(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
 def load_with_ids(kind: str, path: str, id_field: str, limit: int = 0) -> list[dict[str, Any]]:
     """Records of ``kind`` read (and validated) by ``data_pipeline.load_records``, each given a string ``id``
     taken from ``id_field``; the first ``limit`` of them when ``limit`` > 0."""
-    from data_pipeline import load_records  # pylint: disable=import-outside-toplevel
     records, _ = load_records(kind, path)
     for r in records:
         r["id"] = str(r[id_field])

@@ -1,4 +1,4 @@
-"""EIFBench evaluation: input building, long-instance split, yes/no judging and metrics (SPEC section 5).
+"""EIFBench evaluation: input building, long-instance split, yes/no judging and metrics (docs/metrics.md).
 
 Generation. Each instance's input text is ``"Instruction:\\n{input}\\n\\n"`` followed by its
 sub-instructions (in numeric key order), each written ``"{key}:\\n{instruction}\\nconstraints:\\n"`` plus
@@ -31,15 +31,17 @@ import os
 import re
 from typing import Any, Optional, Sequence
 
+from data_pipeline.protocols import eifbench as eif_protocol
+from evaluation import benchmark
 from evaluation import driver
-from iopo_jax import judge as judge_lib
+from evaluation import report
 
-# The protocol texts and the verdict parser are shared with the RL judge reward (iopo_jax.judge).
-SYSTEM_PROMPT = judge_lib.EIF_SYSTEM_PROMPT
+# The protocol texts and the verdict parser are shared with the RL judge reward (data_pipeline.protocols.eifbench).
+SYSTEM_PROMPT = eif_protocol.EIF_SYSTEM_PROMPT
 MAX_CHARS = 8192
-DEFAULT_ANSWER_TEMPLATE = judge_lib.EIF_ANSWER_TEMPLATE
-DEFAULT_JUDGE_TEMPLATE = judge_lib.YES_NO_JUDGE_TEMPLATE
-VERDICT_RE = judge_lib.YES_NO_RE
+DEFAULT_ANSWER_TEMPLATE = eif_protocol.EIF_ANSWER_TEMPLATE
+DEFAULT_JUDGE_TEMPLATE = eif_protocol.YES_NO_JUDGE_TEMPLATE
+VERDICT_RE = eif_protocol.YES_NO_RE
 
 
 @dataclasses.dataclass
@@ -117,17 +119,17 @@ def load_eifbench(path: str, split: Optional[str] = None, limit: int = 0) -> lis
 
 
 def format_sub(sub: SubInstruction) -> str:
-    return judge_lib.format_sub_instruction(sub.key, sub.instruction, sub.constraints)
+    return eif_protocol.format_sub_instruction(sub.key, sub.instruction, sub.constraints)
 
 
 def input_texts(inst: EifInstance, max_chars: int = MAX_CHARS) -> list[str]:
     """The generation input text(s): one, or two halves when the full text exceeds ``max_chars``."""
     blocks = [format_sub(s) for s in inst.subs]
-    full = judge_lib.eif_input_text(inst.input, blocks)
+    full = eif_protocol.eif_input_text(inst.input, blocks)
     if len(full) <= max_chars or len(blocks) < 2:
         return [full]
     mid = len(blocks) // 2
-    return [judge_lib.eif_input_text(inst.input, blocks[:mid]), judge_lib.eif_input_text(inst.input, blocks[mid:])]
+    return [eif_protocol.eif_input_text(inst.input, blocks[:mid]), eif_protocol.eif_input_text(inst.input, blocks[mid:])]
 
 
 @dataclasses.dataclass
@@ -190,15 +192,11 @@ def judge_units(spec: EifSpec, instances: Sequence[EifInstance], predictions: di
 
 
 def parse_verdict(text: str) -> driver.Parsed:
-    """The yes/no rule of SPEC section 5 (see module docstring)."""
-    parsed = judge_lib.parse_yes_no(text)
+    """The yes/no rule (docs/metrics.md; see module docstring)."""
+    parsed = eif_protocol.parse_yes_no(text)
     if parsed is None:
         return driver.Parsed(False, reason="empty reply")
     return driver.Parsed(True, {"verdict": parsed[0], "rule": parsed[1]})
-
-
-def make_parse_fn():
-    return lambda unit, text: parse_verdict(text)
 
 
 def _mean(xs: Sequence[float]) -> Optional[float]:
@@ -281,3 +279,57 @@ def compute_metrics(instances: Sequence[EifInstance], judgments: dict[str, dict[
         "by_num_sub_instructions": {str(k): _aggregate(v) for k, v in sorted(rows_by_nsub.items())},
         "by_task_type": {k: _aggregate(v) for k, v in sorted(rows_by_type.items(), key=lambda kv: -len(kv[1]))},
     }
+
+
+DATA_HINT = ("download: https://raw.githubusercontent.com/Tongyi-CCAI/Complex-IF/main/EIFBench/data/"
+             "sorted_{single450,dialogue450,party100}.json")
+
+
+@benchmark.register
+class EifBenchmark(benchmark.LLMJudgedBenchmark):
+    """EIFBench as a :class:`~evaluation.benchmark.Benchmark` (see module docstring); ``config.data.path``
+    holds one or more split files, comma-separated."""
+
+    name = "eifbench"
+
+    def load(self, config) -> benchmark.Loaded:
+        j, g = config.judge, config.generation
+        files = benchmark.data_files(config, DATA_HINT)
+        judge_template = benchmark.read_template(j.template, "judge")
+        answer_template = benchmark.read_template(g.answer_template, "answer")
+        instances = [inst for p in files for inst in load_eifbench(p, limit=config.data.limit)]
+        spec = EifSpec(
+            answer_template=answer_template if answer_template is not None else DEFAULT_ANSWER_TEMPLATE,
+            answer_template_name=g.answer_template or "<default EIFBench answer template>",
+            judge_template=judge_template if judge_template is not None else DEFAULT_JUDGE_TEMPLATE,
+            judge_template_name=j.template or "<default EIFBench judge template>",
+            system_prompt=SYSTEM_PROMPT if j.system_prompt == "default" else j.system_prompt,
+            max_chars=g.max_chars, error_policy=config.metrics.error_policy)
+        return benchmark.Loaded(items=instances, files=files,
+                                templates={"judge": judge_template, "answer": answer_template},
+                                fingerprint_extra={"max_chars": g.max_chars}, spec=spec)
+
+    def gen_units(self, loaded):
+        return gen_units(loaded.spec, loaded.items)
+
+    def judge_units(self, loaded, predictions):
+        return judge_units(loaded.spec, loaded.items, predictions)
+
+    def parse(self, unit, text):
+        return parse_verdict(text)
+
+    def metrics(self, config, loaded, judgments, n_missing_predictions):
+        return compute_metrics(loaded.items, judgments, error_policy=config.metrics.error_policy,
+                               n_missing_predictions=n_missing_predictions)
+
+    def report_section(self, metrics, workdir, charts):
+        return report.eifbench_section(metrics, workdir, charts)
+
+    def summary(self, m):
+        pct = report.pct
+        line = (f"EIFBench  task {pct(m['task_level'])}  ILA {pct(m['ILA'])}  CLA {pct(m['CLA'])}  "
+                f"(instances {m['n_scored_instances']}/{m['n_instances']}, pairs {m['n_pairs_scored']}/{m['n_pairs']}, "
+                f"unparseable {m['n_unparseable']}, judge errors {m['n_judge_errors']})")
+        for split, v in m["by_split"].items():
+            line += f"\n  {split}: task {pct(v['task_level'])}  ILA {pct(v['ILA'])}  CLA {pct(v['CLA'])}  (n={v['n']})"
+        return line

@@ -6,7 +6,7 @@
   is evaluated. The keys ``output``, ``generated``, ``prediction`` and ``answer`` are accepted in place
   of ``response``.
 * :class:`ChatAPIGenerator` - any OpenAI-compatible chat model, through the same client as the judge
-  (:class:`evaluation.judge.ChatClient`, with its own response store, so an interrupted generation
+  (:class:`iopo_jax.chat_client.ChatClient`, with its own response store, so an interrupted generation
   pass resumes without re-sending).
 * :class:`JaxSamplerGenerator` - our own JAX sampler (``iopo_jax.sampling``) through
   :func:`jax_sampler_stream` (continuous batching; each answer as soon as it finishes).
@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 
 import concurrent.futures as cf
@@ -23,9 +22,11 @@ import json
 import logging
 from typing import Any, Iterator, Optional, Sequence
 
+from data_pipeline.hashing import seed63
 from evaluation import driver
-from evaluation import io_utils
-from evaluation import judge as judge_lib
+from iopo_jax import io_utils
+from iopo_jax import chat_client
+from iopo_jax.sampling import Row, Sampler, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ RESPONSE_KEYS = ("response", "output", "generated", "prediction", "answer")
 
 
 class SamplerUnavailableError(RuntimeError):
-    """The JAX sampler cannot be used (not installed yet, or the adapter is not wired)."""
+    """The JAX sampler cannot be used (its model directory is missing)."""
 
 
 def load_predictions_file(path: str) -> dict[str, str]:
@@ -87,8 +88,8 @@ class PredictionsFileGenerator:
 class ChatAPIGenerator:
     """Answers from an OpenAI-compatible chat endpoint, ``concurrency`` requests at a time."""
 
-    def __init__(self, config: judge_lib.ClientConfig):
-        self.client = judge_lib.ChatClient(config)
+    def __init__(self, config: chat_client.ClientConfig):
+        self.client = chat_client.ChatClient(config)
         self.name = f"api:{config.model}"
         self.concurrency = config.concurrency
 
@@ -96,7 +97,7 @@ class ChatAPIGenerator:
         def one(r: driver.GenRequest) -> driver.GenResult:
             try:
                 return driver.GenResult(r.id, self.client.complete(r.messages).text)
-            except judge_lib.ChatError as e:
+            except chat_client.ChatError as e:
                 return driver.GenResult(r.id, None, str(e))
 
         pool = cf.ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="gen")
@@ -131,12 +132,6 @@ def provide_sampler(model_dir: str, lora: str, factory) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _cached_sampler(model_dir: str, lora: str):
-    try:
-        from iopo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise SamplerUnavailableError(
-            f"the JAX sampler (iopo_jax.sampling) is not available ({e}); generate with --predictions=FILE "
-            "or --gen_base_url=URL --gen_model=NAME instead") from None
     return Sampler.from_pretrained(model_dir, lora=lora or None)
 
 
@@ -149,7 +144,7 @@ def _sampler_for(model_dir: str, lora: str):
 def unit_seed(seed: int, request_id: str) -> int:
     """A 63-bit sampling seed from the run seed and a request id (``<unit id>#<part>``): the same for a
     unit whatever its position in its batch, so a resumed evaluation samples what an uninterrupted one does."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\x00{request_id}".encode()).digest()[:8], "little") >> 1
+    return seed63(f"{seed}\x00{request_id}")
 
 
 def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], *, temperature: float,
@@ -161,12 +156,10 @@ def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], 
     kept; the tokenizer's chat template is applied with the generation prompt. With ``ids`` (one per
     conversation) each conversation samples with :func:`unit_seed` of its id, independent of the batch.
     """
-    from iopo_jax.sampling import SamplingParams  # pylint: disable=import-outside-toplevel
-
     if not os.path.isdir(model_dir):
         raise SamplerUnavailableError(
-            f"model directory not found: {model_dir!r}; pass --model_dir=CHECKPOINT, or generate with "
-            "--predictions=FILE or --gen_base_url=URL instead")
+            f"model directory not found: {model_dir!r}; pass --config.model_dir=CHECKPOINT, or generate with "
+            "--config.generation.predictions=FILE or --config.generation.base_url=URL instead")
     sampler = _sampler_for(model_dir, lora)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     if ids is None:
@@ -187,12 +180,10 @@ def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, st
     with :func:`unit_seed` of its id (the key :meth:`Sampler.generate` uses with ``seeds``), so the
     answers do not depend on the window or on the order of completion.
     """
-    from iopo_jax.sampling import Row, SamplingParams  # pylint: disable=import-outside-toplevel
-
     if not os.path.isdir(model_dir):
         raise SamplerUnavailableError(
-            f"model directory not found: {model_dir!r}; pass --model_dir=CHECKPOINT, or generate with "
-            "--predictions=FILE or --gen_base_url=URL instead")
+            f"model directory not found: {model_dir!r}; pass --config.model_dir=CHECKPOINT, or generate with "
+            "--config.generation.predictions=FILE or --config.generation.base_url=URL instead")
     if len(ids) != len(conversations):
         raise ValueError(f"jax_sampler_stream: {len(ids)} ids for {len(conversations)} conversations")
     if window < 1:
@@ -256,3 +247,76 @@ class JaxSamplerGenerator:
                                        window=self.batch_size, **self.kw):
             yield driver.GenResult(requests[i].id, c.text,
                                    meta={"finish_reason": c.finish_reason, "new_tokens": len(c.token_ids)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend selection from an evaluation config (configs/eval_*.py, fields in evaluation/config_defaults.py).
+
+BACKENDS = ("predictions", "api", "jax")
+
+
+def resolve_backend(config) -> str:
+    """``config.generation.backend``, with "auto" resolved: predictions file, else API, else JAX sampler."""
+    g = config.generation
+    backend = g.backend
+    if backend == "auto":
+        if g.predictions:
+            backend = "predictions"
+        elif g.base_url:
+            backend = "api"
+        elif config.model_dir:
+            backend = "jax"
+        else:
+            raise ValueError("no way to get answers: pass --config.generation.predictions=FILE, "
+                             "--config.generation.base_url=URL --config.generation.model=NAME, "
+                             "or --config.model_dir=CHECKPOINT")
+    if backend not in BACKENDS:
+        raise ValueError(f"config.generation.backend must be auto|{'|'.join(BACKENDS)}, got {backend!r}")
+    if backend == "predictions" and not g.predictions:
+        raise ValueError("generation.backend=predictions needs --config.generation.predictions=FILE")
+    if backend == "api" and not (g.base_url and g.model):
+        raise ValueError("generation.backend=api needs --config.generation.base_url=URL and "
+                         "--config.generation.model=NAME")
+    if backend == "jax" and not config.model_dir:
+        raise ValueError("generation.backend=jax needs --config.model_dir=CHECKPOINT")
+    return backend
+
+
+def api_client_config(config, workdir: str) -> chat_client.ClientConfig:
+    """The chat client settings of the "api" backend (its response store: generation_cache.jsonl)."""
+    g = config.generation
+    return chat_client.ClientConfig(
+        base_url=g.base_url, model=g.model, api_key_env=g.api_key_env, temperature=g.temperature,
+        top_p=g.top_p, max_tokens=g.max_new_tokens, timeout_s=g.timeout_s, concurrency=g.concurrency,
+        max_retries=g.max_retries, request_budget=g.request_budget,
+        store_path=os.path.join(workdir, "generation_cache.jsonl"), name="generation")
+
+
+def make_generator(config, backend: str, workdir: str):
+    """The generator of a resolved ``backend`` (see :func:`resolve_backend`)."""
+    g = config.generation
+    if backend == "predictions":
+        return PredictionsFileGenerator(g.predictions)
+    if backend == "api":
+        return ChatAPIGenerator(api_client_config(config, workdir))
+    return JaxSamplerGenerator(config.model_dir, temperature=g.temperature, top_p=g.top_p,
+                               max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=config.seed,
+                               lora=config.lora)
+
+
+def model_name(config, backend: str) -> str:
+    """The name of the answering model in reports: model_dir's folder, the API model or the predictions file."""
+    if config.model_dir:
+        return os.path.basename(os.path.normpath(config.model_dir))
+    if backend == "api":
+        return config.generation.model
+    if backend == "predictions":
+        return os.path.basename(config.generation.predictions)
+    return "?"
+
+
+def answers_label(config, backend: str) -> str:
+    """The report's "answers" row: the backend, or the predictions file's name."""
+    if backend == "predictions":
+        return f"predictions file {os.path.basename(config.generation.predictions)}"
+    return backend

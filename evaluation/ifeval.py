@@ -38,16 +38,17 @@ import contextlib
 import logging
 import os
 import random
-import time
 from typing import Any, Optional, Sequence
 
+from evaluation import benchmark
 from evaluation import driver
-from evaluation import io_utils
+from evaluation import report
+from iopo_jax import io_utils
 
 logger = logging.getLogger(__name__)
 
 DOWNLOAD_HINT = ("python -m data_pipeline.download ifeval --out data/   "
-                 "(then --data_path=data/ifeval/input_data.jsonl)")
+                 "(then --config.data.path=data/ifeval/input_data.jsonl)")
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 # Instruction types whose checkers need the Punkt data / langdetect (see the module docstring).
 PUNKT_CHECKERS = ("length_constraints:number_sentences", "change_case:capital_word_frequency")
@@ -204,10 +205,6 @@ def load_ifeval(path: str, limit: int = 0) -> list[dict[str, Any]]:
 gen_units = driver.user_prompt_units
 
 
-def _rate(xs: Sequence[bool]) -> Optional[float]:
-    return (sum(xs) / len(xs)) if xs else None
-
-
 def _avg(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else (a + b) / 2
 
@@ -228,7 +225,7 @@ def compute_metrics(records: Sequence[dict[str, Any]], judgments: dict[str, dict
                 d[k]["loose"].append(l)
 
     def inst_group(d):
-        return {k: {"n": len(v["strict"]), "strict": _rate(v["strict"]), "loose": _rate(v["loose"])}
+        return {k: {"n": len(v["strict"]), "strict": benchmark.rate(v["strict"]), "loose": benchmark.rate(v["loose"])}
                 for k, v in sorted(d.items(), key=lambda kv: (-len(kv[1]["strict"]), kv[0]))}
 
     m = {
@@ -237,14 +234,14 @@ def compute_metrics(records: Sequence[dict[str, Any]], judgments: dict[str, dict
         "n_scored": len(rows),
         "n_missing_predictions": n_missing_predictions,
         "n_instructions": len(strict),
-        "prompt_level_strict": _rate([j["prompt_strict"] for j in rows]),
-        "inst_level_strict": _rate(strict),
-        "prompt_level_loose": _rate([j["prompt_loose"] for j in rows]),
-        "inst_level_loose": _rate(loose),
+        "prompt_level_strict": benchmark.rate([j["prompt_strict"] for j in rows]),
+        "inst_level_strict": benchmark.rate(strict),
+        "prompt_level_loose": benchmark.rate([j["prompt_loose"] for j in rows]),
+        "inst_level_loose": benchmark.rate(loose),
         "by_instruction": inst_group(by_type),
         "by_category": inst_group(by_cat),
-        "by_num_instructions": {str(k): {"n": len(v), "prompt_strict": _rate([j["prompt_strict"] for j in v]),
-                                         "prompt_loose": _rate([j["prompt_loose"] for j in v])}
+        "by_num_instructions": {str(k): {"n": len(v), "prompt_strict": benchmark.rate([j["prompt_strict"] for j in v]),
+                                         "prompt_loose": benchmark.rate([j["prompt_loose"] for j in v])}
                                 for k, v in sorted(by_n.items())},
     }
     m["avg_prompt_inst_strict"] = _avg(m["prompt_level_strict"], m["inst_level_strict"])
@@ -252,55 +249,41 @@ def compute_metrics(records: Sequence[dict[str, Any]], judgments: dict[str, dict
     return m
 
 
-def _data_path(config) -> str:
-    path = str(config.data.path or "").strip()
-    if not path:
-        raise ValueError(f"pass --data_path=FILE for ifeval (get it with: {DOWNLOAD_HINT})")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ifeval data file not found: {path} (get it with: {DOWNLOAD_HINT})")
-    return path
+@benchmark.register
+class IFEvalBenchmark(benchmark.RuleJudgedBenchmark):
+    """IFEval as a :class:`~evaluation.benchmark.Benchmark` (see module docstring)."""
 
+    name = "ifeval"
+    check_progress_desc = "ifeval checks"
 
-def evaluate_ifeval(config) -> dict[str, Any]:
-    """The ``ifeval`` benchmark of ``python -m evaluation.run`` (see module docstring)."""
-    from evaluation import report  # pylint: disable=import-outside-toplevel
-    from evaluation import runner as run  # pylint: disable=import-outside-toplevel
-    workdir, g = config.workdir, config.generation
-    t0 = time.time()
-    path = _data_path(config)
-    records = load_ifeval(path, limit=config.data.limit)
-    instruction_registry()  # fail on a missing dependency before any generation
-    backend = run.resolve_backend(config)
-    fingerprint = run.make_fingerprint(config, backend, [path], {}, {})
-    run.check_workdir(workdir, config, fingerprint)
-    generator = run.make_generator(config, backend, workdir)
-    try:
-        preds, gen_stats = driver.run_generation(gen_units(records), generator,
-                                                 os.path.join(workdir, "predictions.jsonl"), progress=config.progress)
-    finally:
-        if hasattr(generator, "close"):
-            generator.close()
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    judgments = {}
-    for r in tqdm([r for r in records if r["id"] in preds], desc="ifeval checks", unit="prompt",
-                  disable=not config.progress, dynamic_ncols=True):
-        judgments[r["id"]] = judge_record(r, preds[r["id"]])
-    io_utils.write_jsonl_atomic(os.path.join(workdir, "judgments.jsonl"),
-                                [judgments[r["id"]] for r in records if r["id"] in judgments])
-    metrics = compute_metrics(records, judgments, n_missing_predictions=len(records) - len(preds))
-    usage = {"generation": generator.usage()} if hasattr(generator, "usage") else {}
-    run_info = {"model": run.model_name(config, backend), "benchmark": "ifeval", "data": os.path.basename(path),
-                "limit": config.data.limit,
-                "answers": backend if backend != "predictions" else f"predictions file {os.path.basename(g.predictions)}",
-                # A predictions file's answers were not made with this config's generation settings.
-                "generation": ("as in the predictions file (not known here)" if backend == "predictions" else
+    def load(self, config) -> benchmark.Loaded:
+        files = benchmark.data_files(config, f"get it with: {DOWNLOAD_HINT}", single=True)
+        records = load_ifeval(files[0], limit=config.data.limit)
+        instruction_registry()  # fail on a missing dependency before any generation
+        return benchmark.Loaded(items=records, files=files)
+
+    def gen_units(self, loaded):
+        return gen_units(loaded.items)
+
+    def judge_record(self, item, response):
+        return judge_record(item, response)
+
+    def metrics(self, config, loaded, judgments, n_missing_predictions):
+        return compute_metrics(loaded.items, judgments, n_missing_predictions=n_missing_predictions)
+
+    def run_info(self, config, backend):
+        g = config.generation
+        # A predictions file's answers were not made with this config's generation settings.
+        return {"generation": ("as in the predictions file (not known here)" if backend == "predictions" else
                                f"temperature {g.temperature}, top_p {g.top_p}, max_new_tokens {g.max_new_tokens}"),
-                "judge": "instruction checkers of lm-eval (lm_eval.tasks.ifeval)",
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall time (s)": round(time.time() - t0, 1)}
-    metrics["usage"] = usage
-    metrics["generation_stats"] = gen_stats
-    metrics["run"] = run_info
-    io_utils.write_json_atomic(os.path.join(workdir, "metrics.json"), metrics)
-    report.write_report(workdir, metrics, run_info, charts=config.report.charts)
-    run.print_summary(metrics)
-    return metrics
+                "judge": "instruction checkers of lm-eval (lm_eval.tasks.ifeval)"}
+
+    def report_section(self, metrics, workdir, charts):
+        return report.ifeval_section(metrics, workdir, charts)
+
+    def summary(self, m):
+        pct = report.pct
+        return (f"IFEval  prompt-level strict {pct(m['prompt_level_strict'])}  inst-level strict "
+                f"{pct(m['inst_level_strict'])}  prompt-level loose {pct(m['prompt_level_loose'])}  inst-level loose "
+                f"{pct(m['inst_level_loose'])}  (prompts {m['n_scored']}/{m['n_items']}, instructions "
+                f"{m['n_instructions']}, missing predictions {m['n_missing_predictions']})")

@@ -19,6 +19,8 @@ import logging
 import os
 from typing import Any, Optional
 
+from iopo_jax import io_utils
+
 logger = logging.getLogger(__name__)
 
 # Our English glosses of the TRACE `levels2` dimension labels (for charts and tables).
@@ -145,7 +147,7 @@ def _usage_section(usage: dict[str, Any]) -> str:
          "cost", "cost (all runs)"], rows)
 
 
-def _trace_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
+def trace_section(m: dict[str, Any], workdir: str, charts: bool) -> str:
     s = "## TRACE\n\n"
     s += table(["IF-S", "IF-M", "IF (all)", "mean score", "scored", "unparseable", "judge errors", "missing preds"],
                [[pct(m["IF-S"]), pct(m["IF-M"]), pct(m["IF"]), num(m["mean_score"]), m["n_scored"], m["n_unparseable"],
@@ -188,7 +190,7 @@ def _eif_rows(d: dict[str, Any]) -> list[list[Any]]:
     return [[k, v["n"], pct(v["task_level"]), pct(v["ILA"]), pct(v["CLA"])] for k, v in d.items()]
 
 
-def _eif_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
+def eifbench_section(m: dict[str, Any], workdir: str, charts: bool) -> str:
     s = "## EIFBench\n\n"
     s += table(["split", "instances", "task level %", "ILA %", "CLA %"],
                _eif_rows(m["by_split"]) + [["**all**", m["n_scored_instances"], pct(m["task_level"]), pct(m["ILA"]),
@@ -217,7 +219,7 @@ def _eif_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
     return s
 
 
-def _demo_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
+def demo_section(m: dict[str, Any], workdir: str, charts: bool) -> str:
     s = "## Demo set (rule-based verifiers as judge)\n\n"
     s += table(["IF %", "IF-S %", "IF-M %", "constraint accuracy %", "items", "constraints", "missing preds"],
                [[pct(m["IF"]), pct(m.get("IF-S")), pct(m.get("IF-M")), pct(m["constraint_accuracy"]), m["n_scored"],
@@ -255,7 +257,7 @@ def _demo_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
     return s
 
 
-def _ifeval_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
+def ifeval_section(m: dict[str, Any], workdir: str, charts: bool) -> str:
     s = "## IFEval (lm-eval's instruction checkers)\n\n"
     s += table(["", "prompt level %", "instruction level %", "average %"],
                [["strict", pct(m["prompt_level_strict"]), pct(m["inst_level_strict"]), pct(m["avg_prompt_inst_strict"])],
@@ -292,21 +294,13 @@ def _ifeval_report(m: dict[str, Any], workdir: str, charts: bool) -> str:
     return s
 
 
-def write_report(workdir: str, metrics: dict[str, Any], run_info: dict[str, Any], charts: bool = True) -> str:
-    """Writes ``report.md`` (and charts) into ``workdir``; returns the report path."""
-    from evaluation import io_utils  # pylint: disable=import-outside-toplevel
+def write_report(workdir: str, metrics: dict[str, Any], run_info: dict[str, Any], section: str) -> str:
+    """Writes ``report.md`` into ``workdir``: the run table, the benchmark's ``section`` (see
+    :meth:`evaluation.benchmark.Benchmark.report_section`) and the usage; returns the report path."""
     s = f"# Evaluation report: {run_info.get('model', '?')}\n\n"
     s += table(["field", "value"], [[k, f"`{v}`"] for k, v in run_info.items()])
     s += "\n"
-    bench = metrics.get("benchmark")
-    if bench == "trace":
-        s += _trace_report(metrics, workdir, charts)
-    elif bench == "eifbench":
-        s += _eif_report(metrics, workdir, charts)
-    elif bench == "demo":
-        s += _demo_report(metrics, workdir, charts)
-    elif bench == "ifeval":
-        s += _ifeval_report(metrics, workdir, charts)
+    s += section
     s += _usage_section(metrics.get("usage", {}))
     path = os.path.join(workdir, "report.md")
     io_utils.write_text_atomic(path, s)

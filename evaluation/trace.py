@@ -1,4 +1,4 @@
-"""TRACE evaluation: data loading, judge prompt, reply parsing and metrics (SPEC section 5).
+"""TRACE evaluation: data loading, judge prompt, reply parsing and metrics (docs/metrics.md).
 
 The model answers each item's chat messages (system + user). The judge sees the query (the full user
 message; the item's ``description`` only when the message contains ``NULL``, as in the public code),
@@ -6,7 +6,7 @@ the item's ``constraints`` and the answer, scores every constraint 0-10, prints 
 scores as JSON and ends with ``Constraints Overall Score: [[x]]``.
 
 Judge prompt. :data:`DEFAULT_JUDGE_TEMPLATE` is our own wording of that protocol. Any template file
-can be used instead (``judge_template``); it is rendered with Python ``str.format`` and the fields
+can be used instead (``--config.judge.template=FILE``); it is rendered with Python ``str.format`` and the fields
 
 * ``description`` - the query (see above; named like the official template's field),
 * ``constraints`` - the item's ``constraints`` text (numbered lines),
@@ -39,7 +39,9 @@ import math
 import re
 from typing import Any, Optional, Sequence
 
+from evaluation import benchmark
 from evaluation import driver
+from evaluation import report
 
 # The per-constraint JSON example the official TRACE judge template expects as `format_str`
 # (documented with the shared data; it must match that template's worked example).
@@ -245,16 +247,6 @@ def parse_judgment(text: str, n_constraints: int) -> driver.Parsed:
     return driver.Parsed(True, {"score": score, "constraint_scores": parse_fine_grained(text, n_constraints)})
 
 
-def make_parse_fn():
-    def parse(unit: driver.JudgeUnit, text: str) -> driver.Parsed:
-        return parse_judgment(text, int(unit.meta["constraints_num"]))
-    return parse
-
-
-def _rate(xs: list[bool]) -> Optional[float]:
-    return (sum(xs) / len(xs)) if xs else None
-
-
 def compute_metrics(items: Sequence[TraceItem], judgments: dict[str, dict[str, Any]],
                     n_missing_predictions: int = 0) -> dict[str, Any]:
     """Metrics over the items with an ``ok`` judgment (see module docstring)."""
@@ -279,14 +271,14 @@ def compute_metrics(items: Sequence[TraceItem], judgments: dict[str, dict[str, A
         groups[it.constraints_num].append(s)
     for k in sorted(groups):
         ss = groups[k]
-        by_count[str(k)] = {"n": len(ss), "IF": _rate([s == 10.0 for s in ss]), "mean_score": sum(ss) / len(ss)}
+        by_count[str(k)] = {"n": len(ss), "IF": benchmark.rate([s == 10.0 for s in ss]), "mean_score": sum(ss) / len(ss)}
     by_cat: dict[str, Any] = {}
     cgroups: dict[str, list] = collections.defaultdict(list)
     for it, s, _ in scored:
         cgroups[it.category or "-"].append(s)
     for k in sorted(cgroups):
         ss = cgroups[k]
-        by_cat[k] = {"n": len(ss), "IF": _rate([s == 10.0 for s in ss]), "mean_score": sum(ss) / len(ss)}
+        by_cat[k] = {"n": len(ss), "IF": benchmark.rate([s == 10.0 for s in ss]), "mean_score": sum(ss) / len(ss)}
     dim_items: dict[str, list[bool]] = collections.defaultdict(list)
     dim_cons: dict[str, list[bool]] = collections.defaultdict(list)
     n_fine_missing = 0
@@ -300,9 +292,9 @@ def compute_metrics(items: Sequence[TraceItem], judgments: dict[str, dict[str, A
             dim_cons[label].append(c == 10.0)
     by_dim = {}
     for label in sorted(dim_items, key=lambda k: (-len(dim_items[k]), k)):
-        by_dim[label] = {"n_items": len(dim_items[label]), "IF": _rate(dim_items[label]),
+        by_dim[label] = {"n_items": len(dim_items[label]), "IF": benchmark.rate(dim_items[label]),
                          "n_constraints": len(dim_cons.get(label, [])),
-                         "constraint_accuracy": _rate(dim_cons.get(label, []))}
+                         "constraint_accuracy": benchmark.rate(dim_cons.get(label, []))}
     all_scores = [s for _, s, _ in scored]
     return {
         "benchmark": "trace",
@@ -313,9 +305,9 @@ def compute_metrics(items: Sequence[TraceItem], judgments: dict[str, dict[str, A
         "n_unjudged": n_unjudged,
         "n_missing_predictions": n_missing_predictions,
         "n_fine_grained_missing": n_fine_missing,
-        "IF": _rate([ok for _, ok in full]),
-        "IF-S": _rate(single),
-        "IF-M": _rate(multi),
+        "IF": benchmark.rate([ok for _, ok in full]),
+        "IF-S": benchmark.rate(single),
+        "IF-M": benchmark.rate(multi),
         "n_S": len(single),
         "n_M": len(multi),
         "mean_score": (sum(all_scores) / len(all_scores)) if all_scores else None,
@@ -323,3 +315,48 @@ def compute_metrics(items: Sequence[TraceItem], judgments: dict[str, dict[str, A
         "by_category": by_cat,
         "by_dimension": by_dim,
     }
+
+
+DATA_HINT = ("download: https://raw.githubusercontent.com/Tongyi-CCAI/Complex-IF/main/TRACE/TRACE/"
+             "202409_trace_evaluation.jsonl")
+
+
+@benchmark.register
+class TraceBenchmark(benchmark.LLMJudgedBenchmark):
+    """TRACE as a :class:`~evaluation.benchmark.Benchmark` (see module docstring)."""
+
+    name = "trace"
+
+    def load(self, config) -> benchmark.Loaded:
+        j = config.judge
+        files = benchmark.data_files(config, DATA_HINT, single=True)
+        judge_template = benchmark.read_template(j.template, "judge")
+        items = load_trace(files[0], limit=config.data.limit)
+        format_str = j.format_str or (OFFICIAL_FORMAT_STR if judge_template is not None else DEFAULT_FORMAT_STR)
+        spec = TraceJudgeSpec(
+            template=judge_template if judge_template is not None else DEFAULT_JUDGE_TEMPLATE,
+            template_name=j.template or "<default TRACE template>", format_str=format_str,
+            system_prompt="" if j.system_prompt == "default" else j.system_prompt)
+        return benchmark.Loaded(items=items, files=files, templates={"judge": judge_template}, spec=spec)
+
+    def gen_units(self, loaded):
+        return gen_units(loaded.items)
+
+    def judge_units(self, loaded, predictions):
+        return judge_units(loaded.spec, loaded.items, predictions)
+
+    def parse(self, unit, text):
+        return parse_judgment(text, int(unit.meta["constraints_num"]))
+
+    def metrics(self, config, loaded, judgments, n_missing_predictions):
+        return compute_metrics(loaded.items, judgments, n_missing_predictions=n_missing_predictions)
+
+    def report_section(self, metrics, workdir, charts):
+        return report.trace_section(metrics, workdir, charts)
+
+    def summary(self, m):
+        pct = report.pct
+        return (f"TRACE  IF-S {pct(m['IF-S'])}  IF-M {pct(m['IF-M'])}  IF {pct(m['IF'])}  "
+                f"mean score {m['mean_score'] if m['mean_score'] is None else round(m['mean_score'], 2)}  "
+                f"(scored {m['n_scored']}/{m['n_items']}, unparseable {m['n_unparseable']}, "
+                f"judge errors {m['n_judge_errors']}, missing predictions {m['n_missing_predictions']})")

@@ -25,7 +25,6 @@ and the share with a correct section format; IFEval prompt- and instruction-leve
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -34,8 +33,12 @@ import shutil
 import statistics
 import sys
 import time
+import types
 from typing import Optional, Sequence
 
+from absl import flags
+
+from data_pipeline import cli
 from experiments.configs import METHODS, PREFERENCE_METHODS, RL_METHODS, get_method_config
 from experiments.configs.common import BUDGETS, budget as make_budget
 
@@ -447,39 +450,42 @@ def run(args) -> dict:
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output folder (data, runs, evaluations, results); rerun to resume")
-    ap.add_argument("--quick", action="store_true",
-                    help="the quick budget: tiny random model, a pipeline check (~11 CPU-minutes)")
-    ap.add_argument("--budget", default="cpu", choices=sorted(BUDGETS),
-                    help="budget of experiments/configs/common.py when --quick is not given (default cpu)")
-    ap.add_argument("--methods", default="", help=f"comma list (default all: {','.join(METHODS)})")
-    ap.add_argument("--lrs", default="", help="comma list overriding the budget's learning-rate grid")
-    ap.add_argument("--seeds", default="", help="comma list overriding the budget's seeds")
-    ap.add_argument("--steps", type=int, default=0, help="override the budget's optimizer steps (0 = budget)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override any budget field (repeatable; VALUE is JSON or a string), e.g. --set eval_multi=20 "
-                         "--set rl_response_tokens=64; fields: experiments/configs/common.py")
-    ap.add_argument("--model_dir", default="", help="model directory ('' = the budget's model, fetched or made)")
-    ap.add_argument("--data_dir", default="", help="complex_if output to use ('' = generate into <out>/data)")
-    ap.add_argument("--ifeval", default="", help="IFEval input_data.jsonl: also evaluate out of domain ('' = skip)")
-    ap.add_argument("--ifeval_limit", type=int, default=0, help="first N IFEval prompts (0 = all)")
-    ap.add_argument("--results", default="", help="also write the report here (e.g. experiments/RESULTS.md) with "
-                                                   "its plot next to it")
-    ap.add_argument("--machine", default="", help="machine description written into the report")
-    ap.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    return ap
+PROG = "python -m experiments.run"
+
+
+def define_flags(fv) -> None:
+    f = flags
+    f.DEFINE_string("out", None, "output folder (data, runs, evaluations, results); rerun to resume", flag_values=fv)
+    f.DEFINE_bool("quick", False, "the quick budget: tiny random model, a pipeline check (~11 CPU-minutes)",
+                  flag_values=fv)
+    f.DEFINE_enum("budget", "cpu", sorted(BUDGETS), "budget of experiments/configs/common.py when --quick is not given",
+                  flag_values=fv)
+    f.DEFINE_string("methods", "", f"comma list (default all: {','.join(METHODS)})", flag_values=fv)
+    f.DEFINE_string("lrs", "", "comma list overriding the budget's learning-rate grid", flag_values=fv)
+    f.DEFINE_string("seeds", "", "comma list overriding the budget's seeds", flag_values=fv)
+    f.DEFINE_integer("steps", 0, "override the budget's optimizer steps (0 = budget)", flag_values=fv)
+    f.DEFINE_multi_string("set", [], "FIELD=VALUE: override any budget field (repeatable; VALUE is JSON or a string), "
+                          "e.g. --set eval_multi=20 --set rl_response_tokens=64; fields: experiments/configs/common.py",
+                          flag_values=fv)
+    f.DEFINE_string("model_dir", "", "model directory ('' = the budget's model, fetched or made)", flag_values=fv)
+    f.DEFINE_string("data_dir", "", "complex_if output to use ('' = generate into <out>/data)", flag_values=fv)
+    f.DEFINE_string("ifeval", "", "IFEval input_data.jsonl: also evaluate out of domain ('' = skip)", flag_values=fv)
+    f.DEFINE_integer("ifeval_limit", 0, "first N IFEval prompts (0 = all)", flag_values=fv)
+    f.DEFINE_string("results", "", "also write the report here (e.g. experiments/RESULTS.md) with its plot next to it",
+                    flag_values=fv)
+    f.DEFINE_string("machine", "", "machine description written into the report", flag_values=fv)
+    f.DEFINE_bool("no_progress", False, "hide progress bars", flag_values=fv)
+    f.mark_flag_as_required("out", flag_values=fv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    run(args)
+    fv, positional = cli.parse(PROG, __doc__, define_flags, argv)
+    if positional:
+        raise cli.usage_error(PROG, f"unexpected arguments {positional}")
+    run(types.SimpleNamespace(**fv.flag_values_dict(), argv=argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

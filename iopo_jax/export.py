@@ -13,7 +13,15 @@ from __future__ import annotations
 import json
 import os
 
+import ml_collections
 from absl import app, flags
+
+from iopo_jax.checkpoint import Checkpointer
+from iopo_jax.models.lora import export_merged, export_peft, load_model_with_adapter
+from iopo_jax.models.weights import copy_tokenizer, load_model
+from iopo_jax.paths import local_dir_for, workdir_path
+from iopo_jax.sharding import make_mesh, use_mesh
+from iopo_jax.trainer import abstract_opt_state, lora_config, make_optimizer, split_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (holds config.json and checkpoints/); local or gs://.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
@@ -26,16 +34,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16
 
 def model_from_run(workdir: str, step: int | None = None):
     """(model with trained weights, config, model_dir) from a training run directory."""
-    import jax
-    import ml_collections
-
-    from iopo_jax.checkpoint import Checkpointer
-    from iopo_jax.models.weights import load_model
-    from iopo_jax.sharding import make_mesh, use_mesh
-    from iopo_jax.trainer import abstract_opt_state, lora_config, make_optimizer, split_model
-
-    from iopo_jax.paths import workdir_path
-
     path = workdir_path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: --workdir must be a training run directory")
@@ -62,10 +60,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not (_PEFT_OUT.value or _MERGED_OUT.value):
         raise app.UsageError("give --peft_out and/or --merged_out")
-    from iopo_jax.models.lora import export_merged, export_peft, load_model_with_adapter
-    from iopo_jax.models.weights import copy_tokenizer
-    from iopo_jax.paths import local_dir_for
-
     if _WORKDIR.value:
         model, cfg, model_dir, step = model_from_run(_WORKDIR.value, _STEP.value)
         tok_dir = cfg.model.tokenizer or model_dir

@@ -75,6 +75,13 @@ def write_text(path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def write_png(path, fig, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG file, written atomically (see :func:`write_bytes`)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_bytes(path, buf.getvalue())
+
+
 def save_npz(path, **arrays) -> None:
     """``np.savez`` written atomically (see :func:`write_bytes`)."""
     buf = io.BytesIO()

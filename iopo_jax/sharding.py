@@ -6,7 +6,8 @@
 
 The batch is sharded over ``("data", "fsdp")``. Parameters follow :data:`PARAM_RULES`, one regex
 per parameter path. A mesh axis that does not divide a dimension is dropped for that dimension
-(the dimension is replicated instead), so every rule works for every model size.
+(the dimension is replicated instead, with a warning naming the parameter and the axis), so every
+rule works for every model size.
 
 Example::
 
@@ -17,16 +18,20 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+log = logging.getLogger(__name__)
 
 
 class MeshError(ValueError):
@@ -88,10 +93,23 @@ PARAM_RULES: list[tuple[str, tuple]] = [
 ]
 
 
-def _fit(spec: Sequence, shape: Sequence[int], mesh: Mesh | None) -> P:
-    """Drop mesh axes that do not divide their dimension (replicate that dimension instead)."""
+class ShardingError(ValueError):
+    """A mesh axis does not divide the parameter dimension it is meant to shard (strict mode)."""
+
+
+_REPLICATED_WARNED: set = set()  # (parameter path, axis) already logged
+
+
+def fit_spec(spec: Sequence, shape: Sequence[int], mesh: Mesh | None, *, param: str | None = None,
+             strict: bool = False) -> P:
+    """``spec`` for an array of ``shape`` on ``mesh``: a mesh axis that does not divide its dimension is
+    dropped and that dimension is replicated instead (so every rule works for every model size).
+
+    For a parameter (``param``: its path) such a drop is logged once per (path, axis), naming both, or
+    raises :class:`ShardingError` when ``strict``. Batch and activation specs (no ``param``) drop silently:
+    an uneven last batch is normal."""
     out = []
-    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for d, (dim, axis) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         if axis is None or mesh is None:
             out.append(axis if mesh is None else None)
             continue
@@ -100,16 +118,25 @@ def _fit(spec: Sequence, shape: Sequence[int], mesh: Mesh | None) -> P:
         size = math.prod(mesh.shape[n] for n in names)
         if names and dim % size == 0:
             out.append(names if len(names) > 1 else names[0])
-        else:
-            out.append(None)
+            continue
+        out.append(None)
+        if names and param is not None:
+            msg = (f"parameter '{param}' {tuple(shape)}: mesh axis {axis!r} (size {size}) does not divide "
+                   f"dimension {d} ({dim}); that dimension is replicated on every device of the axis")
+            if strict:
+                raise ShardingError(msg + " (strict sharding: choose a mesh whose axis sizes divide it)")
+            if (param, axis) not in _REPLICATED_WARNED:
+                _REPLICATED_WARNED.add((param, axis))
+                log.warning("%s", msg)
     return P(*out)
 
 
-def param_spec(path: str, shape: Sequence[int], mesh: Mesh | None = None) -> P:
-    """PartitionSpec of one parameter, from :data:`PARAM_RULES`. Unknown paths raise."""
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh | None = None, *, strict: bool = False) -> P:
+    """PartitionSpec of one parameter, from :data:`PARAM_RULES` (see :func:`fit_spec` for the axes that do
+    not divide a dimension; ``strict`` makes them an error). Unknown paths raise."""
     for pattern, spec in PARAM_RULES:
         if re.search(pattern, path):
-            return _fit(spec, shape, mesh)
+            return fit_spec(spec, shape, mesh, param=path, strict=strict)
     raise KeyError(f"no partition rule matches parameter '{path}'; add one to iopo_jax.sharding.PARAM_RULES")
 
 
@@ -142,8 +169,52 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None
     """Sharding of a batch array: leading dim over (data, fsdp), the rest replicated."""
     spec = (BATCH_AXES,) + (None,) * (ndim - 1)
     if shape is not None:
-        return NamedSharding(mesh, _fit(spec, shape, mesh))
+        return NamedSharding(mesh, fit_spec(spec, shape, mesh))
     return NamedSharding(mesh, P(*spec))
+
+
+# ----------------------------------------------------------------------------- host <-> device
+# Two ways in, because two kinds of host data exist in a multi-process run:
+# * put_local_rows: each process holds only ITS rows of a batch (the data pipeline shards the records over
+#   the processes); the global array is their concatenation in process order.
+# * put_global: every process holds the WHOLE value (rollouts, sampler inputs built from the same prompts);
+#   each device takes its slice of it.
+# Two ways out, their inverses: host_local_rows (this process's rows again) and host_value (the whole value).
+def put_local_rows(x, mesh: Mesh | None) -> jax.Array:
+    """This process's rows of a batch -> the global array sharded over (data, fsdp) along dim 0, whose rows
+    are those of every process in process order (``x.shape[0] * process_count`` rows). Every process must
+    call it with the same local shape. ``mesh=None``: a plain single-device array."""
+    x = np.asarray(x)
+    if mesh is None:
+        return jnp.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, global_shape), x, global_shape)
+
+
+def put_global(x, mesh: Mesh | None) -> jax.Array:
+    """A value that every process holds whole (the same on each) -> an array sharded over (data, fsdp)
+    along dim 0 (replicated where the axes do not divide it). Within one process this is ``device_put``;
+    across processes each device is filled from its slice of ``x`` (nothing is exchanged).
+    ``mesh=None``: a plain single-device array."""
+    x = np.asarray(x)
+    if mesh is None:
+        return jnp.asarray(x)
+    sharding = batch_sharding(mesh, x.ndim, x.shape)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def host_local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array: the inverse of :func:`put_local_rows` (no
+    exchange between processes; a fully addressable array comes back whole)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    shards = {}
+    for sh in x.addressable_shards:
+        start = sh.index[0].start or 0 if sh.index else 0
+        shards.setdefault(start, sh.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
 
 
 def host_value(x) -> np.ndarray:
@@ -171,7 +242,7 @@ def constrain(x, spec: Sequence):
     mesh = current_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
+    return jax.lax.with_sharding_constraint(x, fit_spec(spec, x.shape, mesh))
 
 
 @contextlib.contextmanager

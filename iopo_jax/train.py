@@ -15,10 +15,16 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from iopo_jax import paths
+from iopo_jax.compile_cache import enable_compilation_cache
 from iopo_jax.multihost import detected_cluster, maybe_init_distributed  # noqa: F401  (re-exported)
+from iopo_jax.rl.loop import RLTrainer
+from iopo_jax.trainer import Trainer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cpu_demo.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,27 +55,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _CONFIG.value
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     logging.getLogger("iopo_jax").setLevel(logging.INFO)
     maybe_init_distributed(cfg.get("distributed", "auto"), *_distributed_args(cfg))
-    import jax
-
-    from iopo_jax.compile_cache import enable_compilation_cache
 
     enable_compilation_cache(cfg.train.get("compilation_cache_dir", "auto"))
 
-    if cfg.objective.name in ("segpo", "grpo"):
-        from iopo_jax.rl.loop import RLTrainer as TrainerCls  # noqa: N813
-    else:
-        from iopo_jax.trainer import Trainer as TrainerCls  # noqa: N813
-    from iopo_jax import paths
-
+    trainer_cls = RLTrainer if cfg.objective.name in ("segpo", "grpo") else Trainer
     workdir = str(paths.makedirs(_WORKDIR.value))  # a local folder or a gs://bucket/run URI
     if jax.process_index() == 0:
         paths.write_text(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
-    trainer = TrainerCls(cfg, workdir, progress=not _NO_PROGRESS.value)
+    trainer = trainer_cls(cfg, workdir, progress=not _NO_PROGRESS.value)
     result = trainer.run()
     if jax.process_index() == 0:
         print(format_result(result))

@@ -24,7 +24,6 @@ log line, progress-bar figures, summary and plot.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -41,11 +40,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data_pipeline.hashing import sha256_int
+from data_pipeline.schema import parse_list
+from data_pipeline.tokenizer import load_tokenizer
 from iopo_jax import paths
 from iopo_jax.checkpoint import Checkpointer
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
-from iopo_jax.models.weights import load_model
+from iopo_jax.models.lora import export_merged, export_peft
+from iopo_jax.models.weights import copy_tokenizer, load_model
 from iopo_jax.sharding import make_mesh, path_str, use_mesh
+from iopo_jax.tools.make_tiny_model import make_tiny_model
 
 log = logging.getLogger("iopo_jax.train")
 
@@ -55,12 +59,6 @@ class TrainingDiverged(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------- config
-def _csv(s) -> list[str]:
-    if isinstance(s, (list, tuple)):
-        return [str(x) for x in s if str(x)]
-    return [x.strip() for x in str(s or "").split(",") if x.strip()]
-
-
 def config_error(field: str, value, why: str) -> ValueError:
     return ValueError(f"config.{field}={value!r}: {why}")
 
@@ -81,10 +79,10 @@ def check_common_config(cfg) -> None:
         bad("optimizer.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
     if not o.lr > 0:
         bad("optimizer.lr", o.lr, "must be > 0")
-    targets = _csv(cfg.model.lora_targets)
-    if targets != ["all"] and any(t not in LORA_TARGETS_ALL for t in targets):
+    targets = parse_list(cfg.model.lora_targets, name="config.model.lora_targets")
+    if targets != ("all",) and any(t not in LORA_TARGETS_ALL for t in targets):
         bad("model.lora_targets", cfg.model.lora_targets, f"names must be in {LORA_TARGETS_ALL} (or 'all')")
-    for p in _csv(o.freeze_patterns):
+    for p in parse_list(o.freeze_patterns, name="config.optimizer.freeze_patterns"):
         try:
             re.compile(p)
         except re.error as e:
@@ -94,8 +92,8 @@ def check_common_config(cfg) -> None:
 def lora_config(cfg) -> LoRAConfig | None:
     if cfg.model.finetune != "lora":
         return None
-    targets = _csv(cfg.model.lora_targets)
-    targets = LORA_TARGETS_ALL if targets == ["all"] else tuple(targets)
+    targets = parse_list(cfg.model.lora_targets, name="config.model.lora_targets")
+    targets = LORA_TARGETS_ALL if targets == ("all",) else targets
     return LoRAConfig(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
                       targets=targets)
 
@@ -104,8 +102,6 @@ def resolve_model_dir(cfg) -> str:
     """``cfg.model.path``; creates the tiny random Qwen2 there first when asked (demo configs)."""
     m = cfg.model
     if not os.path.isdir(m.path) and m.make_tiny_if_missing:
-        from iopo_jax.tools.make_tiny_model import make_tiny_model
-
         if jax.process_index() == 0:
             log.info("creating a tiny random Qwen2 model at %s", m.path)
             make_tiny_model(m.path, hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
@@ -129,7 +125,7 @@ def make_schedule(opt, total_steps: int):
 
 def frozen_keys(opt, trainable: dict) -> frozenset:
     """Paths of the trainable tree matching ``optimizer.freeze_patterns`` (never updated, not clipped)."""
-    patterns = [re.compile(p) for p in _csv(opt.freeze_patterns)]
+    patterns = [re.compile(p) for p in parse_list(opt.freeze_patterns, name="config.optimizer.freeze_patterns")]
     return frozenset(k for k in trainable if any(p.search(k) for p in patterns))
 
 
@@ -166,7 +162,7 @@ def make_apply_step(tx, frozen: frozenset = frozenset()):
 
     def apply_step(trainable, opt_state, grads_acc, n_micro):
         grads = jax.tree_util.tree_map(lambda g: g / n_micro, grads_acc)
-        gnorm = optax.global_norm({k: v for k, v in grads.items() if k not in frozen})
+        gnorm = optax.tree.norm({k: v for k, v in grads.items() if k not in frozen})
         updates, new_opt = tx.update(grads, opt_state, trainable)
         new_params = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(gnorm) & jnp.all(
@@ -251,7 +247,7 @@ def _reseed(state, key):
     """Replace every PRNG key leaf of an nnx state by a key derived from ``key`` and the leaf's path."""
     def one(path, x):
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            salt = int.from_bytes(hashlib.sha256(path_str(path).encode()).digest()[:3], "little")
+            salt = sha256_int(path_str(path), 3)
             return jax.random.fold_in(key, salt)
         return x
 
@@ -349,14 +345,6 @@ class MetricsLogger:
             self.tb.close()
 
 
-def _png(fig) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------- exports
 def export_model(cfg, model, model_dir: str, workdir: str) -> dict:
     """The PEFT adapter (LoRA runs) and/or the merged HF checkpoint under ``workdir/export``, as
@@ -364,17 +352,12 @@ def export_model(cfg, model, model_dir: str, workdir: str) -> dict:
     process 0 writes. Returns ``{"adapter": dir, "merged": dir}`` (those written)."""
     exports = {}
     if cfg.model.finetune == "lora" and cfg.export.peft:
-        from iopo_jax.models.lora import export_peft
-
         base = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir
         out = os.path.join(workdir, "export", "adapter")
         with paths.local_dir_for(out) as local:
             export_peft(model, local, base_model_name_or_path=base)
         exports["adapter"] = out
     if cfg.export.merged:
-        from iopo_jax.models.lora import export_merged
-        from iopo_jax.models.weights import copy_tokenizer
-
         out = os.path.join(workdir, "export", "merged")
         with paths.local_dir_for(out) as local:
             export_merged(model, local, dtype=cfg.export.dtype)
@@ -474,8 +457,6 @@ class TrainLoop:
     # -- setup
     def setup(self):
         """Model, data, optimizer, compiled steps and checkpointer; returns ``self``."""
-        from iopo_jax.tokenizer import load_tokenizer
-
         cfg = self.cfg
         self.model_dir = resolve_model_dir(cfg)  # creates the tiny demo model when asked
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or self.model_dir)

@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -33,21 +32,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipeline import DataConfig, build_data
+from data_pipeline.batching import BatchIterator
+from data_pipeline.pipeline import fresh_val_iterator
+from data_pipeline.hashing import sha256_hex
+from data_pipeline.tokenization import NUM_SEQUENCES
 from iopo_jax import paths
+from iopo_jax.models.config import ModelConfig
+from iopo_jax.models.transformer import lm_head_logits
+from iopo_jax.models.weights import abstract_model
 from iopo_jax.logprobs import scored_sequence_logprobs, sequence_logprobs
 from iopo_jax.objectives import ObjectiveConfig, get_objective
 from iopo_jax.objectives.losses import CHOSEN_COLUMNS
-from iopo_jax.sharding import batch_sharding, path_str, use_mesh
+from iopo_jax.sharding import batch_sharding, host_local_rows, param_spec, path_str, put_local_rows, use_mesh
 # the shared skeleton and model/optimizer plumbing (re-exported here for the existing importers)
 from iopo_jax.train_loop import (BoundStep, MetricsLogger, ModelParts, PreemptionGuard, StepSpec,  # noqa: F401
-                                 TrainingDiverged, TrainLoop, _csv, _png, abstract_like, check_common_config,
+                                 TrainingDiverged, TrainLoop, abstract_like, check_common_config,
                                  config_error, decays, export_model, frozen_keys, lora_config, make_apply_step,
                                  make_optimizer, make_schedule, reference_trainable, resolve_model_dir,
                                  split_model)
 
 log = logging.getLogger("iopo_jax.train")
-
-K_OF_KIND = {"iopo": 4, "dpo": 2, "sft": 1}
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -57,40 +62,25 @@ def check_config(cfg) -> None:
         raise config_error(field, value, why)
 
     check_common_config(cfg)
-    if cfg.data.kind not in K_OF_KIND:
-        bad("data.kind", cfg.data.kind, f"must be one of {sorted(K_OF_KIND)}")
+    if cfg.data.kind not in NUM_SEQUENCES:
+        bad("data.kind", cfg.data.kind, f"must be one of {sorted(NUM_SEQUENCES)}")
     obj = get_objective(cfg.objective.name)  # raises with the valid names
-    k = K_OF_KIND[cfg.data.kind]
+    k = NUM_SEQUENCES[cfg.data.kind]
     if k not in obj.group_sizes:
         bad("objective.name", cfg.objective.name,
             f"needs groups of {obj.group_sizes} sequences but data.kind={cfg.data.kind!r} gives {k}")
     if cfg.data.get("share_prompt", False) and k == 1:
         bad("data.share_prompt", True, "shares a prompt between the answers of IOPO groups or DPO pairs, not SFT")
-    if cfg.objective.reference not in ("online", "precompute"):
-        bad("objective.reference", cfg.objective.reference, "must be 'online' or 'precompute'")
     if cfg.optimizer.grad_accum < 1:
         bad("optimizer.grad_accum", cfg.optimizer.grad_accum, "must be >= 1")
-    ObjectiveConfig.from_mapping(objective_hparams(cfg))
-
-
-def objective_hparams(cfg) -> dict:
-    o = cfg.objective
-    return dict(beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing, pref_ftx=o.pref_ftx,
-                simpo_gamma=o.simpo_gamma, orpo_lambda=o.orpo_lambda, sft_reduction=o.sft_reduction)
+    ObjectiveConfig.from_mapping(cfg.objective)  # the other objective values, naming the field
 
 
 def data_config(cfg, workdir: str):
-    from data_pipeline import DataConfig
-
-    d = cfg.data
-    buckets = [int(x) for x in _csv(d.buckets)] or None
-    return DataConfig(
-        kind=d.kind, train_files=_csv(d.train_files), val_files=_csv(d.val_files),
-        val_fraction=0.0 if d.val_files else d.val_fraction, val_count=0 if d.val_files else d.val_count,
-        skip_invalid=d.skip_invalid, template=d.template, system=d.system, cutoff_len=d.cutoff_len,
-        batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, seed=d.seed, num_epochs=d.num_epochs,
-        buckets=buckets, bucket_step=d.bucket_step, pack=d.pack, share_prompt=d.get("share_prompt", False),
-        cache_dir=d.cache_dir or os.path.join(workdir, "data_cache"), num_proc=d.num_proc)
+    """The ``data`` section as a :class:`data_pipeline.DataConfig`; the tokenisation cache defaults to
+    ``<workdir>/data_cache``."""
+    d = DataConfig.from_mapping(cfg.data)
+    return dataclasses.replace(d, cache_dir=d.cache_dir or os.path.join(workdir, "data_cache"))
 
 
 # ----------------------------------------------------------------------------- reference cache, step count
@@ -106,7 +96,7 @@ def checkpoint_identity(model_dir: str) -> str:
         if os.path.isfile(full):
             st = os.stat(full)
             entries.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    return sha256_hex("\n".join(entries))
 
 
 def reference_cache_key(data_fingerprint: str, model_dir: str, cfg, k: int) -> str:
@@ -114,7 +104,7 @@ def reference_cache_key(data_fingerprint: str, model_dir: str, cfg, k: int) -> s
     parameter and compute dtypes and the group size."""
     parts = [data_fingerprint, os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir,
              checkpoint_identity(model_dir), cfg.model.param_dtype, cfg.model.dtype, str(k)]
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+    return sha256_hex("|".join(map(str, parts)))[:16]
 
 
 def optimizer_steps(train_it, num_epochs, grad_accum: int) -> int:
@@ -138,7 +128,7 @@ def forward_logps(model, batch, chunk: int, remat: bool = True, pack_batch: bool
     dt = hidden.dtype
 
     def head(h):
-        return jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        return lm_head_logits(h, w, dt)
 
     if shared:
         return scored_sequence_logprobs(hidden, head, batch["score_positions"], batch["score_targets"],
@@ -252,8 +242,6 @@ def _abstract_leaf(path, x, mesh):
     """ShapeDtypeStruct of a parameter/state leaf sharded by :data:`PARAM_RULES` (replicated when no rule)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from iopo_jax.sharding import param_spec
-
     if mesh is None:
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
     try:
@@ -287,8 +275,6 @@ def abstract_model_parts(model_cfg, mesh, lora: bool) -> tuple[ModelParts, dict]
     """:class:`ModelParts` and trainable leaves whose arrays are all ``jax.ShapeDtypeStruct`` sharded over
     ``mesh`` as loading would shard them; nothing is allocated (``mesh`` may hold devices of a TPU
     topology this machine does not have)."""
-    from iopo_jax.models.weights import abstract_model
-
     graphdef, params, rest = abstract_model(model_cfg)
     parts, trainable = split_model(nnx.merge(graphdef, params, rest), lora=lora)
     trainable = {k: _abstract_leaf(k, v, mesh) for k, v in trainable.items()}
@@ -340,8 +326,6 @@ def abstract_train_specs(cfg, mesh, model_cfg=None, rows: int | None = None, seq
     ``cfg.model.path`` with the config's dtypes, remat and LoRA; ``rows`` defaults to the global micro-batch
     (``data.batch_size`` x group size), ``seq_len`` to ``data.cutoff_len``.
     """
-    from iopo_jax.models.config import ModelConfig
-
     check_config(cfg)
     if cfg.data.get("share_prompt", False):
         raise ValueError("abstract_train_specs: data.share_prompt=True batches (shared-prompt rows with score "
@@ -352,10 +336,10 @@ def abstract_train_specs(cfg, mesh, model_cfg=None, rows: int | None = None, seq
                                         remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
                                         attention_block=cfg.model.attention_block, lora=lcfg)
     parts, trainable = abstract_model_parts(model_cfg, mesh, lora=lcfg is not None)
-    k = K_OF_KIND[cfg.data.kind]
+    k = NUM_SEQUENCES[cfg.data.kind]
     objective = get_objective(cfg.objective.name)
     tx = make_optimizer(cfg.optimizer, max(cfg.train.max_steps, 1), trainable)
-    fns = make_step_fns(parts, objective, ObjectiveConfig.from_mapping(objective_hparams(cfg)), k,
+    fns = make_step_fns(parts, objective, ObjectiveConfig.from_mapping(cfg.objective), k,
                         cfg.train.logprob_chunk, tx, cfg.train.seed, dropout=lcfg is not None and lcfg.dropout > 0,
                         remat=cfg.train.logprob_remat, pack_batch=cfg.train.logprob_pack_batch,
                         frozen=frozen_keys(cfg.optimizer, trainable))
@@ -373,33 +357,10 @@ BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions",
 
 def device_batch(batch: dict, mesh) -> dict:
     """numpy batch -> global arrays sharded over (data, fsdp) (each host passes its local rows)."""
-    out = {}
-    for key in BATCH_KEYS + ("valid", "ref_logps"):
-        if key not in batch:
-            continue
-        x = np.asarray(batch[key])
-        if mesh is None:
-            out[key] = jnp.asarray(x)
-        else:
-            global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-            sh = batch_sharding(mesh, x.ndim, global_shape)
-            out[key] = jax.make_array_from_process_local_data(sh, x, global_shape)
+    out = {key: put_local_rows(batch[key], mesh) for key in BATCH_KEYS + ("valid", "ref_logps") if key in batch}
     if "valid" not in out:
-        out["valid"] = jnp.ones((out["input_ids"].shape[0],), bool) if mesh is None else jax.make_array_from_process_local_data(
-            batch_sharding(mesh, 1, (batch["input_ids"].shape[0] * jax.process_count(),)),
-            np.ones((batch["input_ids"].shape[0],), bool))
+        out["valid"] = put_local_rows(np.ones((np.shape(batch["input_ids"])[0],), bool), mesh)
     return out
-
-
-def host_rows(x) -> np.ndarray:
-    """This process's rows of a batch-sharded global array (the rows it passed to :func:`device_batch`)."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    shards = {}
-    for sh in x.addressable_shards:
-        start = sh.index[0].start or 0 if sh.index else 0
-        shards.setdefault(start, sh.data)
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
 
 
 def mean_metrics(ms: list[dict]) -> dict:
@@ -431,15 +392,13 @@ class Trainer(TrainLoop):
     def __init__(self, cfg, workdir: str, devices=None, progress: bool = True):
         check_config(cfg)
         super().__init__(cfg, workdir, devices, progress)
-        self.k = K_OF_KIND[cfg.data.kind]
+        self.k = NUM_SEQUENCES[cfg.data.kind]
         self.objective = get_objective(cfg.objective.name)
-        self.ocfg = ObjectiveConfig.from_mapping(objective_hparams(cfg))
+        self.ocfg = ObjectiveConfig.from_mapping(cfg.objective)
         self.history = {"train": [], "eval": []}
 
     # -- setup (see TrainLoop.setup)
     def setup_data(self):
-        from data_pipeline import build_data
-
         self.data = build_data(data_config(self.cfg, self.workdir), self.tokenizer)
         log.info("%s", self.data.summary_text())
 
@@ -474,8 +433,6 @@ class Trainer(TrainLoop):
 
     # -- reference log-probs, once per dataset
     def _precompute_reference(self) -> dict:
-        from data_pipeline.batching import BatchIterator
-
         tables = {}
         for split, ds in (("train", self.data.train_dataset), ("val", self.data.val_dataset)):
             if ds is None:
@@ -491,7 +448,7 @@ class Trainer(TrainLoop):
             idx, vals = [], []
             with use_mesh(self.mesh):
                 for batch in it:
-                    lp = host_rows(self.ref_step(self.trainable, device_batch(batch, self.mesh)))
+                    lp = host_local_rows(self.ref_step(self.trainable, device_batch(batch, self.mesh)))
                     lp = lp.reshape(-1, self.k)
                     for j, ex in enumerate(np.asarray(batch["example_index"])):
                         if ex >= 0:
@@ -515,8 +472,6 @@ class Trainer(TrainLoop):
 
     # -- evaluation
     def evaluate(self) -> dict:
-        from data_pipeline.pipeline import fresh_val_iterator
-
         it = fresh_val_iterator(self.data)
         if it is None:
             return {}
@@ -656,7 +611,7 @@ def plot_curves(history: dict, path: str) -> str:
     if keys:
         axes[1].legend()
     fig.tight_layout()
-    paths.write_bytes(path, _png(fig))
+    paths.write_png(path, fig)
     plt.close(fig)
     return path
 

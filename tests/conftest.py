@@ -26,14 +26,14 @@ def shared_data():
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory):
     """A real Qwen2 tokenizer directory built offline once per test session."""
-    from iopo_jax.tokenizer import build_qwen2_tokenizer
+    from data_pipeline.tokenizer import build_qwen2_tokenizer
 
     return build_qwen2_tokenizer(str(tmp_path_factory.mktemp("qwen2_tokenizer")))
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer(qwen_tokenizer_dir):
-    from iopo_jax.tokenizer import load_tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
 
     return load_tokenizer(qwen_tokenizer_dir)
 

@@ -87,7 +87,6 @@ def test_main_job_cli_on_smollm2_with_tiny_budget(smollm2_dir, tmp_path):
 
 def test_run_job_phases_and_resume(tmp_path, monkeypatch, capsys):
     """run_job's order, outputs and resume accounting, with the evaluations and the trainer faked (fast)."""
-    import iopo_jax.trainer as trainer_mod
     from configs.smollm2_demo import get_config
 
     calls = []
@@ -114,12 +113,12 @@ def test_run_job_phases_and_resume(tmp_path, monkeypatch, capsys):
                       open(os.path.join(self.workdir, "summary.json"), "w"))
 
     monkeypatch.setattr(ba, "evaluate_or_reuse", fake_evaluate)
-    monkeypatch.setattr(trainer_mod, "Trainer", FakeTrainer)
+    monkeypatch.setattr(ba, "Trainer", FakeTrainer)
     cfg = get_config()
     cfg.model.path = str(tmp_path / "model")  # skips the fetch
     wd = str(tmp_path / "job")
     cmp = ba.run_job(cfg, wd, progress=False)
-    assert [c[0] for c in calls] == ["eval", "train", "eval"] and calls[1][1].endswith("train_data.json")
+    assert [c[0] for c in calls] == ["eval", "train", "eval"] and calls[1][1][0].endswith("train_data.json")
     assert cmp["rows"][0]["before"] == 0.25 and cmp["rows"][0]["after"] == 0.5
     assert cmp["train"] == {"steps": 3, "loss_first": 2.0, "loss_last": 1.5}
     out = capsys.readouterr().out
@@ -140,11 +139,11 @@ def test_train_data_filter(tmp_path):
 
     cfg = get_config()
     job = cfg.job
-    path = ba._train_files(job, cfg.data.train_files, str(tmp_path))
+    (path,) = ba._train_files(job, cfg.data.train_files, str(tmp_path))
     recs = json.load(open(path, encoding="utf-8"))
     assert len(recs) == 120 and {r["meta"]["lang"] for r in recs} == {"en"}
     job.train_langs, job.train_limit = "en,zh", 5
-    assert len(json.load(open(ba._train_files(job, cfg.data.train_files, str(tmp_path))))) == 5
+    assert len(json.load(open(ba._train_files(job, cfg.data.train_files, str(tmp_path))[0]))) == 5
     job.train_limit = 0
     job.train_langs = ""
     assert ba._train_files(job, cfg.data.train_files, str(tmp_path)) == cfg.data.train_files

@@ -7,6 +7,7 @@ import pytest
 from data_pipeline import complex_if as C
 from data_pipeline import verifiers as V
 from data_pipeline.readers import load_records
+from iopo_jax.tools import complex_if as complex_if_cli
 
 SMALL = dict(n_groups=36, n_single=6, n_multi=10, n_dev=6, n_sectioned_train=5, n_sectioned_eval=4)
 
@@ -119,9 +120,10 @@ def test_best_of_n_keeps_passing_samples_and_falls_back_to_templates():
 @pytest.mark.slow
 def test_cli_samples_with_the_tiny_model(tiny_model_dir, tmp_path):
     """Best-of-2 through our JAX sampler on the tiny random model: it runs, and its random answers fail."""
-    rc = C.main(["--out", str(tmp_path), "--seed", "1", "--groups", "3", "--eval_single", "1", "--eval_multi", "1",
-                 "--dev", "3", "--sectioned_train", "1", "--sectioned_eval", "1", "--sample_model", tiny_model_dir,
-                 "--best_of", "2", "--max_new_tokens", "6", "--sample_batch", "8", "--no_progress"])
+    rc = complex_if_cli.main(["--out", str(tmp_path), "--seed", "1", "--groups", "3", "--eval_single", "1",
+                              "--eval_multi", "1", "--dev", "3", "--sectioned_train", "1", "--sectioned_eval", "1",
+                              "--sample_model", tiny_model_dir, "--best_of", "2", "--max_new_tokens", "6",
+                              "--sample_batch", "8", "--no_progress"])
     assert rc == 0
     st = json.loads((tmp_path / "stats.json").read_text())
     assert st["answers"]["groups_offered_to_the_sampler"] == 3

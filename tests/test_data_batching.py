@@ -200,7 +200,7 @@ def test_hosts_agree_on_shapes_and_split_the_data():
 
 def test_build_data_on_two_simulated_hosts(qwen_tokenizer, tmp_path):
     cfg = DataConfig(kind="iopo", train_files=[os.path.join(DEMO_DATA_DIR, "iopo_train.json")], val_count=24,
-                     cutoff_len=256, batch_size=8, num_epochs=1, cache_dir=str(tmp_path))
+                     val_fraction=0.0, cutoff_len=256, batch_size=8, num_epochs=1, cache_dir=str(tmp_path))
     bundles = [None, None]
 
     def build(p, ag):
@@ -282,7 +282,7 @@ def test_build_data_demo_iopo(qwen_tokenizer, tmp_path):
     val = _collect(fresh_val_iterator(data))
     assert len(val) == 6 and sum(int(b["valid"].sum()) for b in val) == 24 * 4
     assert build_data(cfg, qwen_tokenizer, process_index=0, process_count=1).summary["cache_hit"] is True
-    with pytest.raises(ValueError, match="unknown data config keys"):
+    with pytest.raises(ValueError, match=r"config\.data: unknown field\(s\) 'lr'"):
         build_data(dict(cfg, lr=1.0), qwen_tokenizer)
 
 
@@ -293,7 +293,7 @@ def test_build_data_sft_packed_and_skip_invalid(qwen_tokenizer, tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = DataConfig(kind="sft", train_files=[str(path)], cutoff_len=256, batch_size=2, pack=True,
-                     skip_invalid=True, num_epochs=1)
+                     skip_invalid=True, num_epochs=1, val_fraction=0.0)
     data = build_data(cfg, qwen_tokenizer, process_index=0, process_count=1)
     assert data.report.counts == {"json_decode": 1} and data.summary["train_records"] == 60
     batches = _collect(data.train)

@@ -167,14 +167,17 @@ def test_stats_cli_writes_png(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "kind: demo_eval" in out and "records: 120 valid" in out and "length in characters" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path / "..")  # nothing is written into the current folder
     bad = tmp_path / "bad.jsonl"
     shutil.copy(path, bad)
     with open(bad, "a", encoding="utf-8") as f:
         f.write('{"id": "x", "lang": "en"\n')
     assert stats.main([str(bad), "--tokenizer", "chars", "--skip_invalid"]) == 0
     assert "invalid (skipped): 1 {'json_decode': 1}" in capsys.readouterr().out
-    assert (tmp_path / "bad.jsonl.lengths.png").exists()
+    assert (tmp_path / "bad.jsonl.lengths.png").exists()  # next to its input
+    assert not os.path.exists("bad.jsonl.lengths.png")
+    assert stats.main([str(bad), "--tokenizer=chars", "--skip_invalid", f"--out={tmp_path / 'report'}"]) == 0
+    assert (tmp_path / "report" / "bad.jsonl.lengths.png").exists()
 
 
 @pytest.mark.parametrize("mod", ["download", "stats", "make_demo"])

@@ -38,7 +38,7 @@ def data_file(tmp_path_factory):
 def test_hosts_tokenize_disjoint_shares_and_global_batches_do_not_depend_on_host_count(
         qwen_tokenizer, data_file, share_prompt):
     # 75 groups, 5 held out: 70 training groups, 8 per global batch -> 8 steps per epoch, 6 groups left out
-    cfg = DataConfig(kind="iopo", train_files=[data_file], val_count=5, cutoff_len=256, batch_size=8,
+    cfg = DataConfig(kind="iopo", train_files=[data_file], val_count=5, val_fraction=0.0, cutoff_len=256, batch_size=8,
                      num_epochs=2, bucket_step=64, share_prompt=share_prompt)
     (one,), (ref,) = _hosts(cfg, qwen_tokenizer, 1)
     assert len(ref) == 2 * (70 // 8)

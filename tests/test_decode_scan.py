@@ -9,7 +9,7 @@ from iopo_jax.models import ModelConfig, Transformer
 from iopo_jax.models import transformer as tlib
 from iopo_jax.sampling import Sampler, SamplingParams
 from iopo_jax.sampling.engine import DecodeState
-from iopo_jax.sampling.sampler import Row
+from iopo_jax.sampling.params import Row
 
 LAYERS = 4
 

@@ -10,7 +10,7 @@ import pytest
 from configs import eval_demo
 from evaluation import demo
 from evaluation import generate
-from evaluation import io_utils
+from iopo_jax import io_utils
 from evaluation import runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_demo_metrics_from_predictions_match_independent_computation(tmp_path):
 
 
 def test_jax_backend_missing_model_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(generate.SamplerUnavailableError, match="--predictions"):
+    with pytest.raises(generate.SamplerUnavailableError, match="--config.generation.predictions"):
         generate.jax_sampler_generate("/nonexistent", [[{"role": "user", "content": "hi"}]], temperature=0.0,
                                       top_p=1.0, max_new_tokens=8, seed=0)
 
@@ -87,7 +87,7 @@ def test_offline_demo_eval_with_our_sampler(tiny_model_dir, tmp_path):
     from conftest import REPO
 
     r = subprocess.run([sys.executable, "-m", "evaluation.run", "--config=configs/eval_demo.py",
-                        f"--model_dir={tiny_model_dir}", f"--workdir={tmp_path / 'run'}", "--limit=12",
+                        f"--config.model_dir={tiny_model_dir}", f"--workdir={tmp_path / 'run'}", "--config.data.limit=12",
                         "--config.generation.max_new_tokens=16", "--config.progress=False"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -8,7 +8,7 @@ import pytest
 
 from configs import eval_eifbench
 from evaluation import eifbench
-from evaluation import io_utils
+from iopo_jax import io_utils
 from evaluation import runner as run_lib
 from tests.fake_judge import FakeJudge
 

@@ -13,7 +13,7 @@ pytest.importorskip("punkt", reason="IFEval needs the ifeval extra (nltk-punkt-t
 
 from configs import eval_ifeval  # noqa: E402
 from evaluation import ifeval  # noqa: E402
-from evaluation import io_utils  # noqa: E402
+from iopo_jax import io_utils  # noqa: E402
 from evaluation import runner  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -225,8 +225,8 @@ def test_cli_end_to_end_on_a_tiny_model_offline(tiny_model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if "API_KEY" not in k}
     env.update(PYTHONPATH=str(REPO), IOPO_JAX_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     code = NO_NETWORK + "import runpy, sys\nrunpy.run_module('evaluation.run', run_name='__main__')\n"
-    r = subprocess.run([sys.executable, "-c", code, "--config=configs/eval_ifeval.py", f"--model_dir={tiny_model_dir}",
-                        f"--data_path={data}", f"--workdir={tmp_path / 'run'}", "--max_new_tokens=8",
+    r = subprocess.run([sys.executable, "-c", code, "--config=configs/eval_ifeval.py", f"--config.model_dir={tiny_model_dir}",
+                        f"--config.data.path={data}", f"--workdir={tmp_path / 'run'}", "--config.generation.max_new_tokens=8",
                         "--config.progress=False"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "IFEval  prompt-level strict" in r.stdout

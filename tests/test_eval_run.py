@@ -14,7 +14,7 @@ import pytest
 
 from evaluation import compare as compare_lib
 from evaluation import driver
-from evaluation import io_utils
+from iopo_jax import io_utils
 from tests.fake_judge import FakeJudge
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,8 +68,9 @@ def _cli(args, env_extra=None, popen=False):
 
 
 def _common(shared_data, preds, fj, workdir, *extra):
-    return [f"--data_path={shared_data / TRACE_FILE}", f"--predictions={preds}", f"--judge_base_url={fj.base_url}",
-            "--judge_api_key_env=IOPO_TEST_JUDGE_KEY", f"--workdir={workdir}", "--config.judge.backoff_base_s=0.01",
+    return [f"--config.data.path={shared_data / TRACE_FILE}", f"--config.generation.predictions={preds}",
+            f"--config.judge.base_url={fj.base_url}",
+            "--config.judge.api_key_env=IOPO_TEST_JUDGE_KEY", f"--workdir={workdir}", "--config.judge.backoff_base_s=0.01",
             "--config.judge.backoff_max_s=0.05", *extra]
 
 
@@ -85,7 +86,7 @@ def test_fault_injection_run_completes_and_never_rejudges(shared_data, tmp_path)
     wd = tmp_path / "run"
     with FakeJudge(reply_fn=_reply(), faults=faults, api_key=SECRET, echo_headers_in_errors=True,
                    timeout_sleep_s=1.5, retry_after_s=0.2) as fj:
-        r = _cli(_common(shared_data, preds, fj, wd, f"--limit={n}", "--concurrency=4",
+        r = _cli(_common(shared_data, preds, fj, wd, f"--config.data.limit={n}", "--config.judge.concurrency=4",
                          "--config.judge.timeout_s=0.6", "--config.judge.max_parse_retries=2"),
                  env_extra={"IOPO_TEST_JUDGE_KEY": SECRET})
         reqs = list(fj.requests)
@@ -134,7 +135,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(shared_data, tmp_p
     env = {"IOPO_TEST_JUDGE_KEY": SECRET}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     with FakeJudge(reply_fn=_reply(garbage=False), latency_s=0.04, api_key=SECRET) as fj:
-        args = _common(shared_data, preds, fj, killed, f"--limit={n}", "--concurrency=4")
+        args = _common(shared_data, preds, fj, killed, f"--config.data.limit={n}", "--config.judge.concurrency=4")
         p = _cli(args, env_extra=env, popen=True)
         jpath = killed / "judgments.jsonl"
         t0 = time.monotonic()
@@ -155,7 +156,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(shared_data, tmp_p
         r2 = _cli(args, env_extra=env)
         assert r2.returncode == 0, r2.stderr[-3000:]
         resumed_requests = fj.requests[sent_before:]
-        r3 = _cli(_common(shared_data, preds, fj, clean, f"--limit={n}", "--concurrency=4"), env_extra=env)
+        r3 = _cli(_common(shared_data, preds, fj, clean, f"--config.data.limit={n}", "--config.judge.concurrency=4"), env_extra=env)
         assert r3.returncode == 0, r3.stderr[-3000:]
     # No lost and no duplicated judgments.
     js = io_utils.read_jsonl(str(jpath))
@@ -213,9 +214,9 @@ def test_judgments_file_with_torn_tail_resumes(tmp_path):
         f.write(json.dumps({"id": "0", "status": "ok", "x": 1}) + "\n")
         f.write(json.dumps({"id": "1", "status": "error"}) + "\n")
         f.write('{"id": "2", "status": "o')  # torn by SIGKILL
-    from evaluation import judge as judge_lib
+    from iopo_jax import chat_client
     with FakeJudge(reply_fn=lambda b: "fine") as fj:
-        client = judge_lib.ChatClient(judge_lib.ClientConfig(base_url=fj.base_url, model="m"))
+        client = chat_client.ChatClient(chat_client.ClientConfig(base_url=fj.base_url, model="m"))
         res = driver.run_judging(units, client, lambda u, t: driver.Parsed(True, {"x": 2}), path, progress=False)
         assert len(fj.requests) == 5  # "0" was final already
     assert res["0"]["x"] == 1 and all(res[str(i)]["x"] == 2 for i in range(1, 6))

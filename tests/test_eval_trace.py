@@ -7,7 +7,7 @@ import re
 import pytest
 
 from configs import eval_trace
-from evaluation import io_utils
+from iopo_jax import io_utils
 from evaluation import runner as run_lib
 from evaluation import trace
 from tests.fake_judge import FakeJudge

@@ -24,7 +24,7 @@ def test_methods_share_lora_data_steps_and_differ_in_objective(tmp_path):
         assert c.train.seed == 1 and c.model.path == "/m"
     assert cfgs["sft"].data.batch_size == cfgs["dpo"].data.batch_size == 2 * cfgs["iopo"].data.batch_size
     assert cfgs["iopo_star"].data.kind == cfgs["iopo_no_input"].data.kind == "iopo"
-    assert cfgs["segpo"].rl.prompts_files.endswith("sectioned_train.jsonl")
+    assert cfgs["segpo"].rl.prompts_files[0].endswith("sectioned_train.jsonl")
     with pytest.raises(ValueError, match="does not exist"):
         budget("cpu", stepz=3)
 

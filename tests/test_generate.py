@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iopo_jax.generate import GenerateArgs, InputError, read_done_ids, read_input, record_seed, run
+from iopo_jax.sampling.generate import GenerateArgs, InputError, read_done_ids, read_input, record_seed, run
 from iopo_jax.models import LoRAConfig, load_model
 from iopo_jax.sampling import Sampler, SamplingParams
 from iopo_jax.tools.make_tiny_model import make_tiny_model
@@ -77,7 +77,7 @@ def test_read_input_errors(tmp_path):
 
 
 def test_parse_mesh():
-    from iopo_jax.generate import parse_mesh
+    from iopo_jax.sampling.generate import parse_mesh
 
     assert dict(parse_mesh("fsdp=4,tensor=2").shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     assert dict(parse_mesh("").shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
@@ -177,7 +177,7 @@ def test_real_command_line_with_lora(tmp_path, lora_setup):
     inp = _write_jsonl(tmp_path / "in.jsonl", RECORDS[:2])
     out = tmp_path / "out.jsonl"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    cmd = [sys.executable, "-m", "iopo_jax.generate", f"--model_dir={base}", f"--lora={adapter}", f"--input={inp}",
+    cmd = [sys.executable, "-m", "iopo_jax.sampling.generate", f"--model_dir={base}", f"--lora={adapter}", f"--input={inp}",
            f"--output={out}", "--max_new_tokens=6", "--batch_size=4", "--max_model_len=128", "--noprogress"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -189,7 +189,7 @@ def test_real_command_line_with_lora(tmp_path, lora_setup):
     bad = subprocess.run(cmd[:4] + [f"--input={tmp_path / 'nope.jsonl'}", f"--output={out}"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "nope.jsonl: input file not found" in bad.stderr
-    helptext = subprocess.run([sys.executable, "-m", "iopo_jax.generate", "--helpfull"], cwd=REPO, env=env,
+    helptext = subprocess.run([sys.executable, "-m", "iopo_jax.sampling.generate", "--helpfull"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=120).stdout
     for flag in ("--model_dir", "--input", "--output", "--lora", "--temperature", "--top_p", "--top_k", "--seed",
                  "--stop", "--max_new_tokens", "--batch_size"):

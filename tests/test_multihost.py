@@ -60,9 +60,9 @@ def test_slurm_detected_by_jax(calls, monkeypatch):
 def test_one_host_tools_refuse_several_processes(calls, monkeypatch, tmp_path):
     monkeypatch.setattr(multihost, "planned_process_count", lambda: 2)
     with pytest.raises(SystemExit, match="runs on one host.*one of 2"):
-        require_single_process("python -m iopo_jax.generate")
+        require_single_process("python -m iopo_jax.sampling.generate")
     monkeypatch.setattr(multihost, "planned_process_count", lambda: 1)
-    require_single_process("python -m iopo_jax.generate")  # one process: nothing happens
+    require_single_process("python -m iopo_jax.sampling.generate")  # one process: nothing happens
 
 
 CLUSTERS = {  # what srun -n 2 / mpirun -n 2 put in each process's environment (rank {i})
@@ -79,7 +79,7 @@ def test_generation_and_evaluation_clis_stop_at_once_as_two_processes(tool, clus
     """Both ranks of a 2-process job (srun -n 2 / mpirun -n 2) stop at once with the message, write nothing,
     and neither waits for the other (each has a deadline; a hang fails the test)."""
     out = tmp_path / "out.jsonl"
-    cmd = {"generate": ["-m", "iopo_jax.generate", f"--model_dir={tmp_path}", f"--input={tmp_path / 'in.jsonl'}",
+    cmd = {"generate": ["-m", "iopo_jax.sampling.generate", f"--model_dir={tmp_path}", f"--input={tmp_path / 'in.jsonl'}",
                         f"--output={out}"],
            "evaluation": ["-m", "evaluation.run", "--config=configs/eval_demo.py",
                           "--config.generation.backend=reference", f"--workdir={tmp_path / 'eval'}"]}[tool]

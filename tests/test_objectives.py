@@ -1,6 +1,6 @@
-"""Objectives vs an independent NumPy implementation of SPEC section 3, and gradients vs finite differences.
+"""Objectives vs an independent NumPy implementation of docs/objectives.md, and gradients vs finite differences.
 
-The NumPy reference below is written from the SPEC text (Pi1/Pi2 of the paper, the public code's logits
+The NumPy reference below is written from docs/objectives.md (Pi1/Pi2 of the paper, the public code's logits
 form and loss-type formulas), in float64, one group at a time, without sharing code with the library.
 """
 import zlib
@@ -26,7 +26,7 @@ def sig(x):
 
 
 def np_loss(l, beta, loss_type, eps):
-    """SPEC section 3 loss types applied to the unscaled logit l ("b*l" in the SPEC)."""
+    """The loss types of docs/objectives.md applied to the unscaled logit l (z = b*l there)."""
     bl = beta * l
     if loss_type == "sigmoid":
         return -logsig(bl) * (1 - eps) - logsig(-bl) * eps
@@ -43,7 +43,7 @@ def np_loss(l, beta, loss_type, eps):
 
 
 def np_reference(name, pol, ref, cnt, cfg):
-    """Loss of objective `name` for a batch [G, K] (float64), written from the SPEC text."""
+    """Loss of objective `name` for a batch [G, K] (float64), written from docs/objectives.md."""
     beta, lt, eps, ftx = cfg.get("beta", 0.1), cfg.get("loss_type", "sigmoid"), cfg.get("label_smoothing", 0.0), cfg.get("pref_ftx", 0.0)
     G, K = pol.shape
     avg = pol / cnt
@@ -218,7 +218,7 @@ def test_bad_input_messages():
         get_objective("ppo")
     with pytest.raises(ValueError, match="loss_type"):
         ObjectiveConfig(loss_type="kto")
-    with pytest.raises(ValueError, match=r"\['betta'\]"):
+    with pytest.raises(ValueError, match=r"config\.objective: unknown field\(s\) 'betta'"):
         get_objective("dpo")(pol, ref, cnt, {"betta": 0.1})
 
 

@@ -42,12 +42,12 @@ def rl_config(model_dir, prompts_file, **kw):
     c = rl_base_config()
     c.model.path = model_dir
     c.model.dtype = "float32"
-    c.rl.prompts_files = prompts_file
+    c.rl.prompts_files = (prompts_file,)
     c.rl.prompts_per_step = 1
     c.rl.group_size = 2
     c.rl.max_prompt_tokens = 128
     c.rl.max_response_tokens = 24
-    c.rl.prompt_buckets = "128"
+    c.rl.prompt_buckets = (128,)
     c.rl.length_step = 0
     c.rl.sampler_batch_size = 8
     c.optimizer.lr = 1e-3

@@ -1,4 +1,4 @@
-"""GRPO/SegPO advantages, clipped policy loss, verdict rewards (vs NumPy written from SPEC section 6)
+"""GRPO/SegPO advantages, clipped policy loss, verdict rewards (vs NumPy written from docs/rl.md)
 and response segmentation by SUB_INSTRUCTION headings (English and Chinese, every heading variant)."""
 import math
 

@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from iopo_jax import judge as judge_lib
+from data_pipeline.protocols import eifbench as eif_protocol
+from iopo_jax import chat_client
 from iopo_jax.rl.rewards import (JudgeReward, JudgeSettings, PythonReward, RolloutVerdicts, RuleReward,
                                  compute_rewards, load_prompts, reward_metrics, section_bodies)
 from tests.fake_judge import FakeJudge
@@ -47,7 +48,7 @@ def test_eifbench_prompts(shared_data):
     ps = load_prompts([str(shared_data / "eifbench" / "sorted_party100.json")])
     assert len(ps) == 100
     p = ps[0]
-    assert p.user.startswith(judge_lib.EIF_ANSWER_TEMPLATE.split("{")[0])
+    assert p.user.startswith(eif_protocol.EIF_ANSWER_TEMPLATE.split("{")[0])
     assert "Instruction:\n" in p.user and all(f"{s.key}:\n{s.instruction}\nconstraints:\n" in p.user for s in p.slots)
     assert all(s.segment and s.specs is None and s.constraints for s in p.slots)
     nums = [int(s.key.rsplit("_", 1)[1]) for s in p.slots]
@@ -153,7 +154,7 @@ def _client(fj, tmp_path, **kw):
     cfg = dict(base_url=fj.base_url, model="judge-m", timeout_s=0.5, backoff_base_s=0.01, backoff_max_s=0.05,
                max_retries=4, concurrency=8, store_path=str(tmp_path / "judge_cache.jsonl"))
     cfg.update(kw)
-    return judge_lib.ChatClient(judge_lib.ClientConfig(**cfg))
+    return chat_client.ChatClient(chat_client.ClientConfig(**cfg))
 
 
 def test_judge_reward_verdicts_dedupe_cache_faults(demo_prompts, tmp_path):
@@ -213,9 +214,9 @@ def test_judge_reward_error_policies(demo_prompts, tmp_path, policy):
 
 
 def test_verdict_parser():
-    assert judge_lib.parse_yes_no("分析……\n答案：是") == (True, "exact")
-    assert judge_lib.parse_yes_no("答案：否") == (False, "exact")
-    assert judge_lib.parse_yes_no("答案：是 答案：否 是") == (False, "fallback")
-    assert judge_lib.parse_yes_no("是的") == (True, "fallback")
-    assert judge_lib.parse_yes_no("  ") is None
+    assert eif_protocol.parse_yes_no("分析……\n答案：是") == (True, "exact")
+    assert eif_protocol.parse_yes_no("答案：否") == (False, "exact")
+    assert eif_protocol.parse_yes_no("答案：是 答案：否 是") == (False, "fallback")
+    assert eif_protocol.parse_yes_no("是的") == (True, "fallback")
+    assert eif_protocol.parse_yes_no("  ") is None
     assert RolloutVerdicts([[True]]).valid

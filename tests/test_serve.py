@@ -8,7 +8,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from iopo_jax.sampling import Sampler, SamplingParams
-from iopo_jax.serve import OpenAIServer
+from iopo_jax.sampling.serve import OpenAIServer
 from iopo_jax.tools.make_tiny_model import make_tiny_model
 
 KEY = "test-key-123"
@@ -243,7 +243,7 @@ def test_body_limits(server):
 
 
 def test_parse_warmup_flag():
-    from iopo_jax.serve import parse_warmup
+    from iopo_jax.sampling.serve import parse_warmup
 
     assert parse_warmup(["200:256", "2000:512"]) == [(200, 256), (2000, 512)]
     for bad in (["200"], ["a:5"], ["0:5"], ["5:"]):

@@ -1,4 +1,4 @@
-"""`python -m iopo_jax.serve --model_dir=DIR` on the real SmolLM2-135M-Instruct, through the CLI and the OpenAI
+"""`python -m iopo_jax.sampling.serve --model_dir=DIR` on the real SmolLM2-135M-Instruct, through the CLI and the OpenAI
 client only (plain and streaming chat completions). Slow: the model is fetched (cached) and compiled."""
 import os
 import re
@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def server_url(smollm2_dir):
-    cmd = [sys.executable, "-m", "iopo_jax.serve", f"--model_dir={smollm2_dir}", "--port=0", "--max_model_len=512",
+    cmd = [sys.executable, "-m", "iopo_jax.sampling.serve", f"--model_dir={smollm2_dir}", "--port=0", "--max_model_len=512",
            "--served_model_name=smollm2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     found, lines = {}, []

@@ -5,7 +5,7 @@ import pytest
 
 from evaluation import driver, generate
 from iopo_jax.models.lora import read_adapter_config
-from iopo_jax.models.weights import CheckpointError
+from iopo_jax.models.safetensors_io import CheckpointError
 
 
 def _adapter(tmp_path, **extra):

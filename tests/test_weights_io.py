@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
+import iopo_jax.models.safetensors_io as S
 import iopo_jax.models.weights as W
 from iopo_jax.models import ModelConfig, Transformer, export_hf, load_model
 from iopo_jax.models.config import LoRAConfig
@@ -29,7 +30,7 @@ def tensors_file(tmp_path):
         "empty": np.zeros((0, 5), np.float32),
     }
     path = str(tmp_path / "t.safetensors")
-    W.write_safetensors(path, [(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()])
+    S.write_safetensors(path, [(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()])
     return path, tensors
 
 
@@ -53,11 +54,11 @@ def test_read_boxes_equal_numpy_slices(tensors_file, monkeypatch, how):
     """Every box, in the file's dtype and cast, equals numpy slicing; fresh 64-byte aligned buffers.
     Also with reads split into 7-byte calls, and through the seek + readinto fallback (no preadv)."""
     if how == "short_reads":
-        monkeypatch.setattr(W, "_MAX_READ", 7)
+        monkeypatch.setattr(S, "_MAX_READ", 7)
     if how == "no_preadv":
         monkeypatch.delattr(os, "preadv", raising=False)
     path, tensors = tensors_file
-    st = W.SafetensorsFile(path)
+    st = S.SafetensorsFile(path)
     try:
         results = []
         for name, boxes in BOXES.items():
@@ -76,19 +77,19 @@ def test_read_boxes_equal_numpy_slices(tensors_file, monkeypatch, how):
 
 
 def test_index_box_normalises_jax_indices():
-    assert W.index_box((slice(None), slice(4, 8)), (10, 12)) == ((0, 10), (4, 8))
-    assert W.index_box((), (3, 2)) == ((0, 3), (0, 2))
-    assert W.index_box((slice(2, None),), (5,)) == ((2, 5),)
+    assert S.index_box((slice(None), slice(4, 8)), (10, 12)) == ((0, 10), (4, 8))
+    assert S.index_box((), (3, 2)) == ((0, 3), (0, 2))
+    assert S.index_box((slice(2, None),), (5,)) == ((2, 5),)
     with pytest.raises(ValueError, match="strided"):
-        W.index_box((slice(0, 10, 2),), (10,))
+        S.index_box((slice(0, 10, 2),), (10,))
 
 
 def test_read_of_a_file_truncated_after_opening_names_tensor(tensors_file):
     path, _ = tensors_file
-    st = W.SafetensorsFile(path)
+    st = S.SafetensorsFile(path)
     try:
         os.truncate(path, st.data_start + 16)  # only part of the first tensor remains
-        with pytest.raises(W.CheckpointError, match=r"t\.safetensors.*unexpected end of file.*tensor 'mat'"):
+        with pytest.raises(S.CheckpointError, match=r"t\.safetensors.*unexpected end of file.*tensor 'mat'"):
             st.read("mat", [((0, 37), (0, 12))], np.float32)
     finally:
         st.close()
@@ -143,7 +144,7 @@ def test_sharded_load_equals_file(small_ckpts, mesh_shape, file_dtype, param_dty
     d = small_ckpts[file_dtype]
     mesh = make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))]) if mesh_shape else None
     model, cfg = load_model(d, mesh=mesh, param_dtype=param_dtype)
-    ckpt = W.Checkpoint(d)
+    ckpt = S.Checkpoint(d)
     try:
         params = W.base_params(model)
         for ours, (hf_key, _) in W.expand_map(cfg).items():
@@ -165,7 +166,7 @@ def test_weight_rule_transform_is_applied(small_ckpts, monkeypatch):
     rules[i] = W.WeightRule(rules[i].hf, rules[i].ours, to_ours=lambda a: a[::-1] * 2)
     monkeypatch.setattr(W, "WEIGHT_MAP", rules)
     model, _ = load_model(d, mesh=make_mesh({"fsdp": 8}))
-    ckpt = W.Checkpoint(d)
+    ckpt = S.Checkpoint(d)
     try:
         np.testing.assert_array_equal(np.asarray(model.norm.scale[...]), ckpt.get("model.norm.weight")[::-1] * 2)
     finally:

@@ -74,7 +74,7 @@ def train_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, k
     c = _shared(b, model_dir, lr, seed, base_config())
     files = {"sft": "sft_train.jsonl", "dpo": "dpo_train.json", "iopo": "iopo_train.json"}
     c.data.kind = kind
-    c.data.train_files = os.path.join(data_dir, files[kind])
+    c.data.train_files = (os.path.join(data_dir, files[kind]),)
     c.data.template = "qwen" if b["model"] == "tiny" else "chatml"
     c.data.system = "" if b["model"] == "tiny" else SMOLLM2_SYSTEM
     c.data.val_fraction = 0.0
@@ -100,14 +100,14 @@ def rl_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, obje
     c = _shared(b, model_dir, lr, seed, rl_base())
     c.objective.name = objective
     r = c.rl
-    r.prompts_files = os.path.join(data_dir, "sectioned_train.jsonl")
+    r.prompts_files = (os.path.join(data_dir, "sectioned_train.jsonl"),)
     r.reward = "rules"
     r.prompts_per_step = b["rl_prompts"]
     r.group_size = b["rl_group"]
     r.max_prompt_tokens = b["rl_prompt_tokens"]
     r.max_response_tokens = b["rl_response_tokens"]
     r.sampler_batch_size = b["rl_prompts"] * b["rl_group"]
-    r.prompt_buckets = str(b["rl_prompt_tokens"])
+    r.prompt_buckets = (int(b["rl_prompt_tokens"]),)
     r.length_step = 0
     r.ppo_epochs = 1
     r.mini_batches = 1

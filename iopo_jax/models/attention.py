@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iopo_jax.sharding import BATCH_AXES, _fit, current_mesh
+from iopo_jax.sharding import BATCH_AXES, current_mesh, fit_spec
 
 
 @dataclasses.dataclass
@@ -135,8 +135,8 @@ def splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, interpret: bool 
         return local(q_btnh, k_btkh, v_btkh, segment_ids_bt)
     from jax.sharding import PartitionSpec as P
 
-    bspec = _fit((BATCH_AXES,), (b,), mesh)[0]
-    hspec = _fit(("tensor",), (kh,), mesh)[0]
+    bspec = fit_spec((BATCH_AXES,), (b,), mesh)[0]
+    hspec = fit_spec(("tensor",), (kh,), mesh)[0]
     qkv = P(bspec, None, hspec, None)
     fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(bspec, None)),
                        out_specs=P(bspec, None, hspec), check_vma=False)

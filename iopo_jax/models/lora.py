@@ -21,8 +21,8 @@ from flax import nnx
 
 from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
 from iopo_jax.models.transformer import Transformer
-from iopo_jax.models.weights import (CheckpointError, SafetensorsFile, base_params, export_hf,
-                                     load_model, load_tensor, write_safetensors)
+from iopo_jax.models.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from iopo_jax.models.weights import base_params, export_hf, load_model, load_tensor
 from iopo_jax.sharding import host_value, param_spec, path_str
 
 PEFT_PREFIX = "base_model.model."

@@ -531,9 +531,14 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden_btd) -> jnp.ndarray:
         """Float32 logits [.., v]. Materialises the vocabulary axis: use iopo_jax.logprobs for training."""
-        dt = _dt(self.config.dtype)
-        return jnp.einsum("...d,vd->...v", hidden_btd.astype(dt), self.lm_head_weight().astype(dt),
-                          preferred_element_type=jnp.float32)
+        return lm_head_logits(hidden_btd, self.lm_head_weight(), _dt(self.config.dtype))
+
+
+def lm_head_logits(hidden, weight_vd, dtype) -> jnp.ndarray:
+    """Float32 logits ``[..., v]`` of hidden states ``[..., d]`` under the ``[v, d]`` output projection, both
+    cast to the compute ``dtype`` (the one LM-head product of the model, the trainer and the RL learner)."""
+    return jnp.einsum("...d,vd->...v", hidden.astype(dtype), weight_vd.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def padding_inputs(attention_mask_bt):

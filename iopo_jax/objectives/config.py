@@ -1,22 +1,29 @@
-"""Hyper-parameters shared by the offline objectives (SFT, DPO, IOPO and variants, ORPO, SimPO)."""
+"""Hyper-parameters shared by the offline objectives (SFT, DPO, IOPO and variants, ORPO, SimPO): the
+``objective`` section of the training configs, field for field."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
 
+from data_pipeline.schema import from_mapping
+
 LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "hinge", "ipo")
 SFT_REDUCTIONS = ("token", "sequence")
+REFERENCES = ("online", "precompute")
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Frozen (hashable, so usable as a static jit argument) objective hyper-parameters.
+    """Frozen (hashable, so usable as a static jit argument) objective hyper-parameters: the ``objective``
+    section of ``configs/base.py``, with the same fields and defaults.
 
     Fields:
+      name: the objective (a key of ``iopo_jax.objectives.OBJECTIVES``; RL runs: ``segpo`` | ``grpo``).
+      reference: ``online`` (reference forward every step) | ``precompute`` (once per dataset, cached).
       beta: temperature of the implicit reward ``beta * (log pi - log pi_ref)`` (DPO/IOPO family), the
         scale of SimPO's margin, and the reward scale logged by ORPO/SimPO. Paper value 0.1.
       loss_type: how the preference logit ``l`` becomes a loss, for dpo/iopo/iopo_star/iopo_no_*:
-        ``sigmoid`` | ``robust`` | ``exo_pair`` | ``hinge`` | ``ipo`` (SPEC section 3). ``ipo`` uses
+        ``sigmoid`` | ``robust`` | ``exo_pair`` | ``hinge`` | ``ipo`` (docs/objectives.md). ``ipo`` uses
         length-averaged log-probs (policy and reference) instead of sums.
       label_smoothing: ``eps`` of sigmoid/robust/exo_pair (ignored by hinge/ipo). ``exo_pair`` uses 1e-3
         when it is 0. Must be in [0, 0.5).
@@ -28,6 +35,7 @@ class ObjectiveConfig:
         ``sequence`` (mean over sequences of the per-token mean NLL).
     """
 
+    name: str = "iopo"
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
@@ -35,6 +43,7 @@ class ObjectiveConfig:
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
     sft_reduction: str = "token"
+    reference: str = "online"
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -49,17 +58,10 @@ class ObjectiveConfig:
             raise ValueError(f"ObjectiveConfig.orpo_lambda={self.orpo_lambda!r} must be >= 0")
         if self.sft_reduction not in SFT_REDUCTIONS:
             raise ValueError(f"ObjectiveConfig.sft_reduction={self.sft_reduction!r} is not one of {SFT_REDUCTIONS}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"ObjectiveConfig.reference={self.reference!r} is not one of {REFERENCES}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | "ObjectiveConfig" | None) -> "ObjectiveConfig":
-        """Build from a dict / ml_collections ConfigDict; unknown keys fail with their name."""
-        if values is None:
-            return cls()
-        if isinstance(values, cls):
-            return values
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown objective config field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**values)
+        """Build from a dict / the ``objective`` section of a config; unknown keys fail with their name."""
+        return from_mapping(cls, values, "objective")

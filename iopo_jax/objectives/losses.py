@@ -1,4 +1,4 @@
-"""Offline objectives as pure functions of per-sequence log-prob sums (SPEC section 3).
+"""Offline objectives as pure functions of per-sequence log-prob sums (docs/objectives.md).
 
 Every objective has the signature::
 
@@ -40,13 +40,16 @@ import math
 import jax
 import jax.numpy as jnp
 
+from data_pipeline.tokenization import SEQUENCE_NAMES
 from iopo_jax.objectives.config import ObjectiveConfig
 
+# Column names per group size K, from the data pipeline's sequence order (data_pipeline.tokenization):
+# K=4 IOPO, K=2 DPO, K=3 IOPO without chosen_v2 (iopo_star), K=1 the chosen sequence alone (SFT).
 COLUMN_NAMES = {
     1: ("chosen",),
-    2: ("chosen", "rejected"),
-    3: ("chosen_v1", "rejected_v1", "rejected_v2"),
-    4: ("chosen_v1", "rejected_v1", "chosen_v2", "rejected_v2"),
+    2: SEQUENCE_NAMES["dpo"],
+    3: tuple(n for n in SEQUENCE_NAMES["iopo"] if n != "chosen_v2"),
+    4: SEQUENCE_NAMES["iopo"],
 }
 # (metric suffix, better column, worse column) per group layout.
 METRIC_PAIRS = {
@@ -98,7 +101,7 @@ def log1mexp(x: jax.Array) -> jax.Array:
 
 
 def preference_loss(logits: jax.Array, cfg: ObjectiveConfig) -> jax.Array:
-    """Elementwise loss of an (unscaled) preference logit ``l`` for ``cfg.loss_type`` (SPEC section 3)."""
+    """Elementwise loss of an (unscaled) preference logit ``l`` for ``cfg.loss_type`` (docs/objectives.md)."""
     b, eps = cfg.beta, cfg.label_smoothing
     z = b * logits
     if cfg.loss_type == "sigmoid":

@@ -2,14 +2,13 @@
 from iopo_jax.rl.advantages import (
     RewardWeights,
     SegPOAdvantages,
-    clipped_policy_loss,
     group_normalize,
     grpo_advantages,
     grpo_token_advantages,
-    k3_kl,
     rewards_from_verdicts,
     segpo_advantages,
 )
+from iopo_jax.rl.policy_loss import clipped_policy_loss, k3_kl
 from iopo_jax.rl.segments import (
     Segmentation,
     expected_ids_from_keys,

@@ -1,4 +1,5 @@
-"""GRPO / SegPO advantages, the clipped policy loss and verdict-based rewards (SPEC section 6).
+"""GRPO / SegPO advantages and verdict-based rewards (docs/rl.md); the clipped policy loss that
+consumes the advantages is :mod:`iopo_jax.rl.policy_loss`.
 
 Pure ``jnp`` functions with static shapes, for a batch of ``P`` prompts x ``G`` rollouts, ``J``
 sub-instruction slots (padded) and ``T`` response tokens.
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 _F32 = jnp.float32
 
 
-def _f(x) -> jax.Array:
+def as_float(x) -> jax.Array:
+    """``x`` as float32, or float64 when it already is (tests run the maths in x64)."""
     x = jnp.asarray(x)
     return x if x.dtype == jnp.float64 else x.astype(_F32)
 
@@ -50,7 +52,7 @@ def group_normalize(rewards, valid=None, *, axis: int = 1, eps: float = 1e-6, dd
     Returns 0 for invalid entries, for sets whose valid rewards are all equal, and for sets with at most
     ``ddof`` valid members.
     """
-    r = _f(rewards)
+    r = as_float(rewards)
     v = jnp.ones(r.shape, bool) if valid is None else jnp.broadcast_to(jnp.asarray(valid, bool), r.shape)
     n = jnp.sum(v, axis=axis, keepdims=True).astype(r.dtype)
     mean = jnp.sum(jnp.where(v, r, 0.0), axis=axis, keepdims=True) / jnp.maximum(n, 1.0)
@@ -67,7 +69,7 @@ def group_normalize(rewards, valid=None, *, axis: int = 1, eps: float = 1e-6, dd
 @functools.partial(jax.jit, static_argnames=("eps", "ddof"))
 def grpo_advantages(r_o, *, valid=None, eps: float = 1e-6, ddof: int = 1) -> jax.Array:
     """GRPO advantage per rollout, ``[P, G]`` -> ``[P, G]`` (``valid`` [P, G] masks padded rollouts)."""
-    r_o = _f(r_o)
+    r_o = as_float(r_o)
     if r_o.ndim != 2:
         raise ValueError(f"r_o must be [P, G], got shape {r_o.shape}")
     return group_normalize(r_o, valid, axis=1, eps=eps, ddof=ddof)
@@ -85,7 +87,7 @@ def _as_pgt(x, p, g, name):
 @functools.partial(jax.jit, static_argnames=("eps", "ddof"))
 def grpo_token_advantages(r_o, response_mask, *, valid=None, eps: float = 1e-6, ddof: int = 1) -> jax.Array:
     """GRPO advantages broadcast to tokens: ``[P, G, T]`` (0 outside the response mask)."""
-    r_o = _f(r_o)
+    r_o = as_float(r_o)
     mask = _as_pgt(response_mask, *r_o.shape, "response_mask").astype(bool)
     a = grpo_advantages(r_o, valid=valid, eps=eps, ddof=ddof)
     return jnp.where(mask, a[:, :, None], 0.0)
@@ -112,11 +114,11 @@ def segpo_advantages(r_o, r_phi, segment_valid, token_segment, response_mask, *,
       valid: optional ``[P, G]`` mask of real (non-padding) rollouts.
       use_output / use_segment: switch either term off (ablations; ``use_segment=False`` is GRPO).
     """
-    r_o = _f(r_o)
+    r_o = as_float(r_o)
     if r_o.ndim != 2:
         raise ValueError(f"r_o must be [P, G], got shape {r_o.shape}")
     p, g = r_o.shape
-    r_phi = _f(r_phi)
+    r_phi = as_float(r_phi)
     if r_phi.ndim != 3 or r_phi.shape[:2] != (p, g):
         raise ValueError(f"r_phi must be [P, G, J] with P={p}, G={g}; got shape {r_phi.shape}")
     j = r_phi.shape[2]
@@ -143,96 +145,12 @@ def segpo_advantages(r_o, r_phi, segment_valid, token_segment, response_mask, *,
 
 
 # ------------------------------------------------------------------------------------------------
-# policy loss
-
-
-def k3_kl(logp, ref_logp, *, clamp: float = 20.0) -> jax.Array:
-    """Per-token k3 ("low-variance") estimator of KL(pi || pi_ref): ``exp(d) - d - 1``, ``d = ref - logp``.
-
-    ``d`` is clipped to ``[-clamp, clamp]`` so that a far-off token cannot overflow.
-    """
-    d = jnp.clip(_f(ref_logp) - _f(logp), -clamp, clamp)
-    return jnp.exp(d) - d - 1.0
-
-
-def _aggregate(per_tok, mask, aggregation, normalizer):
-    if aggregation == "token_mean":
-        denom = jnp.sum(mask).astype(per_tok.dtype) if normalizer is None else jnp.asarray(normalizer, per_tok.dtype)
-        return jnp.sum(jnp.where(mask, per_tok, 0.0)) / jnp.maximum(denom, 1.0)
-    if aggregation == "seq_mean":
-        n_t = jnp.sum(mask, axis=-1).astype(per_tok.dtype)
-        seq = jnp.sum(jnp.where(mask, per_tok, 0.0), axis=-1) / jnp.maximum(n_t, 1.0)
-        has = n_t > 0
-        denom = jnp.sum(has).astype(per_tok.dtype) if normalizer is None else jnp.asarray(normalizer, per_tok.dtype)
-        return jnp.sum(jnp.where(has, seq, 0.0)) / jnp.maximum(denom, 1.0)
-    raise ValueError(f"aggregation={aggregation!r} must be 'token_mean' or 'seq_mean'")
-
-
-@functools.partial(jax.jit, static_argnames=("eps_low", "eps_high", "kl_coef", "aggregation"))
-def clipped_policy_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low: float = 0.2,
-                        eps_high: float = 0.2, kl_coef: float = 0.001, aggregation: str = "token_mean",
-                        normalizer=None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GRPO/SegPO clipped surrogate with a k3 KL penalty; all token arrays share one shape ``[..., T]``.
-
-    Per token: ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + kl_coef * k3``, with
-    ``ratio = exp(logp - old_logp)`` (``old_logp`` is held fixed: pass the rollout log-probs).
-    ``aggregation``: ``token_mean`` (sum over every response token of the batch / number of tokens) or
-    ``seq_mean`` (mean over sequences of each one's token mean). ``normalizer`` overrides the denominator
-    (number of tokens, or of sequences) -- use the global count when a batch is split in micro-batches.
-    ``ref_logp=None`` or ``kl_coef=0`` drops the KL term.
-    """
-    logp, old_logp, adv = _f(logp), jax.lax.stop_gradient(_f(old_logp)), jax.lax.stop_gradient(_f(advantages))
-    mask = jnp.asarray(mask, bool)
-    if not (logp.shape == old_logp.shape == adv.shape == mask.shape):
-        raise ValueError(f"logp {logp.shape}, old_logp {old_logp.shape}, advantages {adv.shape} and mask "
-                         f"{mask.shape} must have the same shape")
-    if not (0 <= eps_low < 1 and eps_high >= 0):
-        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
-    log_ratio = jnp.where(mask, logp - old_logp, 0.0)
-    ratio = jnp.exp(log_ratio)
-    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * clipped
-    pg = jnp.maximum(loss_unclipped, loss_clipped)
-    per_tok = pg
-    metrics = {}
-    if ref_logp is not None and kl_coef != 0:
-        ref_logp = jax.lax.stop_gradient(_f(ref_logp))
-        if ref_logp.shape != logp.shape:
-            raise ValueError(f"ref_logp shape {ref_logp.shape} != logp shape {logp.shape}")
-        kl = jnp.where(mask, k3_kl(logp, ref_logp), 0.0)
-        per_tok = pg + kl_coef * kl
-        metrics["kl"] = jax.lax.stop_gradient(_aggregate(kl, mask, "token_mean", None))
-    loss = _aggregate(per_tok, mask, aggregation, normalizer)
-    sg = jax.lax.stop_gradient
-    fm = mask.astype(logp.dtype)
-    n = jnp.maximum(jnp.sum(fm), 1.0)
-
-    def tmean(x):
-        return jnp.sum(jnp.where(mask, sg(x), 0.0)) / n
-
-    metrics.update({
-        "loss": sg(loss),
-        "pg_loss": sg(_aggregate(pg, mask, aggregation, normalizer)),
-        "clip_fraction": tmean((loss_clipped > loss_unclipped).astype(logp.dtype)),
-        "clip_fraction_low": tmean(((ratio < 1.0 - eps_low) & (adv < 0)).astype(logp.dtype)),
-        "clip_fraction_high": tmean(((ratio > 1.0 + eps_high) & (adv > 0)).astype(logp.dtype)),
-        "ratio_mean": tmean(ratio),
-        "ratio_max": sg(jnp.max(jnp.where(mask, ratio, 0.0))),
-        "approx_kl_old": tmean(0.5 * log_ratio * log_ratio),
-        "advantage_mean": tmean(adv),
-        "tokens": sg(jnp.sum(fm)),
-    })
-    return loss, metrics
-
-
-# ------------------------------------------------------------------------------------------------
 # rewards from judge verdicts
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardWeights:
-    """Weights of the terms of ``r_o = w_ila*ILA + w_cla*CLA + w_all*all_pass + w_format*r_f`` (SPEC: all 1)."""
+    """Weights of the terms of ``r_o = w_ila*ILA + w_cla*CLA + w_all*all_pass + w_format*r_f`` (docs/rl.md: all 1)."""
 
     ila: float = 1.0
     cla: float = 1.0
@@ -243,7 +161,7 @@ class RewardWeights:
 @functools.partial(jax.jit, static_argnames=("weights",))
 def rewards_from_verdicts(verdicts, constraint_mask, sub_mask=None, format_reward=None, *,
                           weights: RewardWeights = RewardWeights()) -> dict[str, jax.Array]:
-    """Rewards of each rollout from verdicts ``S_ijk`` (SPEC sections 5 and 6).
+    """Rewards of each rollout from verdicts ``S_ijk`` (docs/rl.md, docs/metrics.md).
 
     Args:
       verdicts: ``[..., J, K]`` 0/1 (or bool) verdict of constraint k of sub-instruction j.
@@ -272,7 +190,7 @@ def rewards_from_verdicts(verdicts, constraint_mask, sub_mask=None, format_rewar
     n_con = jnp.sum(real, axis=(-1, -2)).astype(_F32)
     cla = jnp.where(n_con > 0, jnp.sum(s & real, axis=(-1, -2)) / jnp.maximum(n_con, 1.0), 0.0)
     all_pass = jnp.all(sub_pass | ~sm, axis=-1).astype(_F32)
-    r_f = jnp.zeros(ila.shape, _F32) if format_reward is None else _f(format_reward)
+    r_f = jnp.zeros(ila.shape, _F32) if format_reward is None else as_float(format_reward)
     r_o = weights.ila * ila + weights.cla * cla + weights.all_pass * all_pass + weights.format * r_f
     return {"ila": ila, "cla": cla, "all_pass": all_pass, "format": r_f, "r_o": r_o,
             "r_phi": sub_pass.astype(_F32)}

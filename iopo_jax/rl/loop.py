@@ -37,13 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.schema import parse_list
+from data_pipeline.templates import get_template
 from iopo_jax import paths
-from iopo_jax.rl.advantages import RewardWeights, clipped_policy_loss, grpo_token_advantages, k3_kl, segpo_advantages
+from iopo_jax.io_utils import read_jsonl
+from iopo_jax.rl.advantages import RewardWeights, grpo_token_advantages, segpo_advantages
+from iopo_jax.rl.policy_loss import clipped_policy_loss, k3_kl
 from iopo_jax.rl.rewards import compute_rewards, load_prompts, make_reward, reward_metrics
 from iopo_jax.rl.rollouts import (bucket_length, encode_prompts, iteration_seed, pack_rollouts, policy_token_logps,
                                   sample_groups, scatter_response, segment_rollouts)
-from iopo_jax.sharding import batch_sharding, host_value, use_mesh
-from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, _csv, _png, abstract_like,
+from iopo_jax.sampling import SamplingParams
+from iopo_jax.sampling.sampler import Sampler, read_eos_ids
+from iopo_jax.sharding import batch_sharding, host_value, put_global, use_mesh
+from iopo_jax.train_loop import (BoundStep, StepSpec, TrainingDiverged, TrainLoop, abstract_like,
                                  check_common_config, config_error, frozen_keys, make_apply_step,
                                  reference_trainable)
 
@@ -66,7 +72,7 @@ def check_rl_config(cfg) -> None:
     check_common_config(cfg)
     if cfg.model.finetune == "lora" and cfg.model.lora_dropout > 0:
         bad("model.lora_dropout", cfg.model.lora_dropout, "must be 0 for RL (the ratio needs a deterministic policy)")
-    if not _csv(r.prompts_files):
+    if not parse_list(r.prompts_files):
         bad("rl.prompts_files", r.prompts_files, "give the RL prompt files (demo_eval JSONL or EIFBench JSON)")
     choices = {"prompts_kind": ("auto", "demo_eval", "eifbench"), "long_prompts": ("error", "skip"),
                "reward": ("rules", "judge", "python"), "format_reward": ("headings", "none"),
@@ -236,10 +242,6 @@ class RLTrainer(TrainLoop):
             frozen=frozen_keys(cfg.optimizer, self.trainable))
 
     def setup_extra(self):
-        from data_pipeline.templates import get_template
-        from iopo_jax.sampling import SamplingParams
-        from iopo_jax.sampling.sampler import Sampler, read_eos_ids
-
         cfg, r, model_dir = self.cfg, self.rl, self.model_dir
         self.logp_fn, self.ref_fn, self.grad_step = map(self.bound, ("logps", "ref_logps", "grad_step"))
         eos = list(read_eos_ids(model_dir)) if os.path.isdir(model_dir) else []
@@ -247,7 +249,7 @@ class RLTrainer(TrainLoop):
         for t in (self.tokenizer.eos_token_id, stop_tok):
             if isinstance(t, int) and t >= 0 and t not in eos:
                 eos.append(t)
-        buckets = [int(x) for x in _csv(r.prompt_buckets)] or None
+        buckets = list(parse_list(r.prompt_buckets, int, name="config.rl.prompt_buckets")) or None
         if buckets and max(buckets) < r.max_prompt_tokens:
             buckets.append(r.max_prompt_tokens)
         self.sampler = Sampler(self.parts.merge(self.trainable), self.tokenizer, mesh=self.mesh,
@@ -273,7 +275,7 @@ class RLTrainer(TrainLoop):
             with open(r.answer_template, encoding="utf-8") as f:
                 template, name = f.read(), r.answer_template
             kw = dict(answer_template=template, answer_template_name=name)
-        prompts = load_prompts(_csv(r.prompts_files), r.prompts_kind, categories=_csv(r.categories), **kw)
+        prompts = load_prompts(parse_list(r.prompts_files), r.prompts_kind, categories=parse_list(r.categories), **kw)
         ids = encode_prompts(self.tokenizer, [p.user for p in prompts], cfg.data.template, cfg.data.system)
         keep_p, keep_i, skipped = [], [], 0
         for p, x in zip(prompts, ids):
@@ -294,13 +296,6 @@ class RLTrainer(TrainLoop):
                         len(keep_p), r.prompts_per_step)
         return keep_p, keep_i
 
-    # -- host <-> device
-    def _put(self, x: np.ndarray):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        sh = batch_sharding(self.mesh, x.ndim, x.shape)
-        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
     def _micro_rows(self) -> int:
         r = self.rl
         mb = r.prompts_per_step * r.group_size // r.mini_batches
@@ -313,7 +308,7 @@ class RLTrainer(TrainLoop):
         outs = []
         with use_mesh(self.mesh):
             for s in range(0, n, mu):
-                outs.append(host_value(fn(self.trainable, {k: self._put(packed[k][s:s + mu]) for k in keys})))
+                outs.append(host_value(fn(self.trainable, {k: put_global(packed[k][s:s + mu], self.mesh) for k in keys})))
         return np.concatenate(outs, axis=0)
 
     # -- rewards (judge on process 0, broadcast)
@@ -432,9 +427,9 @@ class RLTrainer(TrainLoop):
                     loss = pg = 0.0
                     for s in range(0, mb_rows, mu):
                         rr = rows[s:s + mu]
-                        mb = {k: self._put(packed[k][rr]) for k in keys}
-                        mb.update(mask=self._put(mask[rr]), old_logp=self._put(old[rr]), ref_logp=self._put(ref[rr]),
-                                  advantages=self._put(adv[rr]))
+                        mb = {k: put_global(packed[k][rr], self.mesh) for k in keys}
+                        mb.update(mask=put_global(mask[rr], self.mesh), old_logp=put_global(old[rr], self.mesh), ref_logp=put_global(ref[rr], self.mesh),
+                                  advantages=put_global(adv[rr], self.mesh))
                         acc, m = self.grad_step(self.trainable, acc, mb, jnp.float32(max(norm, 1.0)))
                         m = {k: float(v) for k, v in jax.device_get(m).items()}
                         t = m["tokens"]
@@ -514,8 +509,6 @@ class RLTrainer(TrainLoop):
 def read_history(path: str) -> list[tuple[int, dict]]:
     """``[(iteration, metrics)]`` from metrics.jsonl, the last record of each iteration (resumed runs
     repeat the iterations after their last checkpoint)."""
-    from iopo_jax.io_utils import read_jsonl
-
     by_step = {}
     for rec in read_jsonl(path):
         if rec.get("split") == "train":
@@ -580,7 +573,7 @@ def plot_rl(hist: list[tuple[int, dict]], path: str) -> str:
     for a in axes:
         a.set_xlabel("iteration")
     fig.tight_layout()
-    paths.write_bytes(path, _png(fig))
+    paths.write_png(path, fig)
     plt.close(fig)
     return path
 

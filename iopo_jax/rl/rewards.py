@@ -1,4 +1,4 @@
-"""RL prompts, reward models and verdict-based rewards for GRPO / SegPO (SPEC sections 5 and 6).
+"""RL prompts, reward models and verdict-based rewards for GRPO / SegPO (docs/rl.md, docs/metrics.md).
 
 A prompt (:class:`RLPrompt`) has *slots* ``j``: one per sub-instruction answered under its own
 ``SUB_INSTRUCTION_k`` heading (``segment=True``), then, when the record also has constraints on the
@@ -13,7 +13,7 @@ Reward models (``rl.reward``):
   is checked on the body of its section (the text under its heading, heading removed), the whole-answer
   slot on the whole answer. Needs records with constraint specs (the ``demo_eval`` format).
 * ``judge`` (:class:`JudgeReward`): an LLM judge over the OpenAI-compatible client of
-  :mod:`iopo_jax.judge`, one yes/no call per (rollout, slot, constraint) with the EIFBench protocol (the
+  :mod:`iopo_jax.chat_client`, one yes/no call per (rollout, slot, constraint) with the EIFBench protocol (the
   judge sees the task input, the whole answer, ``"{key}:{instruction}"`` and the one constraint), calls
   concurrent, identical requests sent once, every reply cached in a JSONL store keyed like the
   evaluation's (sha256 of model, messages, sampling params, attempt) so a rerun or a resume re-sends
@@ -36,7 +36,7 @@ Prompt files (``load_prompts``): ``demo_eval`` records (the bundled demo format:
 message, ``sub_instructions[j]`` with ``key`` ``SUB_INSTRUCTION_{j+1}``, rule ``constraints`` and their
 ``constraints_text``) or ``eifbench`` records (``input`` + ``sub_instructions.{sub_instruction_k}`` with
 ``instruction`` and ``scoring_questions``; the user message is the EIFBench answer prompt of
-:mod:`iopo_jax.judge`, or a template file with the field ``{input_text}``).
+:mod:`iopo_jax.chat_client`, or a template file with the field ``{input_text}``).
 
 Example::
 
@@ -59,7 +59,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from iopo_jax import judge as judge_lib
+from data_pipeline.hashing import sha256_hex
+from data_pipeline.protocols import eifbench as eif_protocol
+from data_pipeline.readers import detect_kind_of_paths, iter_raw, load_records
+from data_pipeline.verifiers import verify_constraints
+from iopo_jax import chat_client
 from iopo_jax.rl.advantages import RewardWeights, rewards_from_verdicts
 from iopo_jax.rl.segments import expected_ids_from_keys, segment_text
 
@@ -104,8 +108,6 @@ class RLPrompt:
 
 
 def _detect_kind(paths: Sequence[str]) -> str:
-    from data_pipeline.readers import detect_kind_of_paths
-
     kind = detect_kind_of_paths(paths)
     if kind not in PROMPT_KINDS:
         raise ValueError(f"{', '.join(paths)}: records look like {kind!r}; RL prompts must be "
@@ -119,14 +121,12 @@ def _key_number(key: str) -> float:
 
 
 def load_prompts(paths: Sequence[str], kind: str = "auto", *, categories: Sequence[str] = (),
-                 answer_template: str = judge_lib.EIF_ANSWER_TEMPLATE,
+                 answer_template: str = eif_protocol.EIF_ANSWER_TEMPLATE,
                  answer_template_name: str = "<default EIFBench answer template>") -> list[RLPrompt]:
     """Read and validate RL prompt records (see the module docstring); errors name file, line and field.
 
     ``categories``: keep only records whose ``category`` field is one of these (empty = all).
     """
-    from data_pipeline.readers import iter_raw, load_records
-
     paths = list(paths)
     if not paths:
         raise ValueError("no prompt files given (rl.prompts_files)")
@@ -150,9 +150,9 @@ def load_prompts(paths: Sequence[str], kind: str = "auto", *, categories: Sequen
             subs = rec["sub_instructions"]
             keys = sorted(subs, key=_key_number)
             slots = [Slot(k, str(subs[k]["instruction"]), list(subs[k]["scoring_questions"]), None, True) for k in keys]
-            blocks = [judge_lib.format_sub_instruction(s.key, s.instruction, s.constraints) for s in slots]
-            text = judge_lib.eif_input_text(str(rec["input"] or ""), blocks)
-            user = judge_lib.render_template(answer_template, answer_template_name, input_text=text)
+            blocks = [eif_protocol.format_sub_instruction(s.key, s.instruction, s.constraints) for s in slots]
+            text = eif_protocol.eif_input_text(str(rec["input"] or ""), blocks)
+            user = eif_protocol.render_template(answer_template, answer_template_name, input_text=text)
             out.append(RLPrompt(f"{loc} ({rec['main_id']})", user, str(rec["input"] or ""), slots, rec))
     if not out:
         cats = f" with category in {list(categories)}" if categories else ""
@@ -222,8 +222,6 @@ class RuleReward(RewardModel):
                                      "rl.reward='rules' needs demo_eval records (use 'judge' or 'python')")
 
     def score(self, prompts, texts):
-        from data_pipeline.verifiers import verify_constraints
-
         out = []
         for p, text in zip(prompts, texts):
             bodies = section_bodies(p, text)
@@ -300,11 +298,11 @@ class PythonReward(RewardModel):
 
 @dataclasses.dataclass
 class JudgeSettings:
-    """How the judge reward asks (the client's own settings are a :class:`iopo_jax.judge.ClientConfig`)."""
+    """How the judge reward asks (the client's own settings are a :class:`iopo_jax.chat_client.ClientConfig`)."""
 
-    template: str = judge_lib.YES_NO_JUDGE_TEMPLATE
+    template: str = eif_protocol.YES_NO_JUDGE_TEMPLATE
     template_name: str = "<default yes/no judge template>"
-    system_prompt: str = judge_lib.EIF_SYSTEM_PROMPT
+    system_prompt: str = eif_protocol.EIF_SYSTEM_PROMPT
     max_parse_retries: int = 2
     on_error: str = "skip"
 
@@ -314,7 +312,7 @@ class JudgeReward(RewardModel):
 
     name = "judge"
 
-    def __init__(self, client: judge_lib.ChatClient, settings: JudgeSettings = JudgeSettings()):
+    def __init__(self, client: chat_client.ChatClient, settings: JudgeSettings = JudgeSettings()):
         if settings.on_error not in ON_ERROR:
             raise ValueError(f"rl.judge.on_error={settings.on_error!r} must be one of {ON_ERROR}")
         self.client = client
@@ -324,7 +322,7 @@ class JudgeReward(RewardModel):
 
     def messages(self, p: RLPrompt, slot: Slot, question: str, text: str) -> list[dict]:
         sub = f"{slot.key}:{slot.instruction}" if slot.key else slot.instruction
-        user = judge_lib.render_template(self.s.template, self.s.template_name, input=p.input, output=text,
+        user = eif_protocol.render_template(self.s.template, self.s.template_name, input=p.input, output=text,
                                          sub_instruction=sub, question=question)
         return ([{"role": "system", "content": self.s.system_prompt}] if self.s.system_prompt else []) + \
             [{"role": "user", "content": user}]
@@ -335,12 +333,12 @@ class JudgeReward(RewardModel):
         last = None
         try:
             for attempt in range(self.s.max_parse_retries + 1):
-                parsed = judge_lib.parse_yes_no(self.client.complete(messages, attempt=attempt).text)
+                parsed = eif_protocol.parse_yes_no(self.client.complete(messages, attempt=attempt).text)
                 if parsed is not None and parsed[1] == "exact":
                     return parsed
                 last = parsed or last
             return last if last is not None else (None, "unparseable")
-        except judge_lib.ChatError as e:
+        except chat_client.ChatError as e:
             return None, f"error: {e}"
 
     def score(self, prompts, texts):
@@ -406,9 +404,7 @@ def judge_cache_path(workdir: str) -> str:
     ``~/.cache/iopo_jax/judge_cache/``."""
     if "://" not in str(workdir):
         return os.path.join(workdir, "judge_cache.jsonl")
-    import hashlib
-
-    key = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+    key = sha256_hex(str(workdir))[:16]
     return os.path.join(os.path.expanduser("~/.cache/iopo_jax/judge_cache"), f"{key}.jsonl")
 
 
@@ -422,12 +418,12 @@ def make_reward(rl, prompts: Sequence[RLPrompt], workdir: str) -> RewardModel:
         return PythonReward(rl.reward_fn)
     if rl.reward == "judge":
         j = rl.judge
-        template, name = judge_lib.YES_NO_JUDGE_TEMPLATE, "<default yes/no judge template>"
+        template, name = eif_protocol.YES_NO_JUDGE_TEMPLATE, "<default yes/no judge template>"
         if j.template:
             with open(j.template, encoding="utf-8") as f:
                 template, name = f.read(), j.template
-            judge_lib.render_template(template, name, input="", output="", sub_instruction="", question="")
-        client = judge_lib.ChatClient(judge_lib.ClientConfig(
+            eif_protocol.render_template(template, name, input="", output="", sub_instruction="", question="")
+        client = chat_client.ChatClient(chat_client.ClientConfig(
             base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=j.temperature,
             top_p=j.top_p, max_tokens=j.max_tokens, timeout_s=j.timeout_s, concurrency=j.concurrency,
             max_retries=j.max_retries, backoff_base_s=j.backoff_base_s, backoff_max_s=j.backoff_max_s,

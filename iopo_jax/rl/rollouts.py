@@ -24,30 +24,29 @@ must equal the teacher-forced ones, which the loop checks and logs (``rollout/sa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.hashing import seed63
+from data_pipeline.templates import get_template
+from data_pipeline.tokenization import encode
 from iopo_jax.logprobs import IGNORE_INDEX, token_logprobs
+from iopo_jax.models.transformer import lm_head_logits
 from iopo_jax.rl.segments import hf_token_bytes, offsets_from_token_bytes, segment_response
 
 
 def encode_prompts(tokenizer, users: Sequence[str], template: str = "qwen", system: Optional[str] = None
                    ) -> list[list[int]]:
     """Token ids of the chat prompt (system + user + assistant header) of each user message."""
-    from data_pipeline.templates import get_template
-    from data_pipeline.tokenization import encode
-
     tpl = get_template(template)
     return [encode(tokenizer, tpl.prompt(u, system)) for u in users]
 
 
 def iteration_seed(seed: int, step: int) -> int:
     """Sampling seed of RL iteration ``step`` (a pure function: resumed runs draw the same samples)."""
-    return int.from_bytes(hashlib.sha256(f"rl-rollout|{seed}|{step}".encode()).digest()[:8], "little") >> 1
+    return seed63(f"rl-rollout|{seed}|{step}")
 
 
 def sample_groups(sampler, prompt_ids: Sequence[Sequence[int]], group_size: int, params, seed: int):
@@ -137,7 +136,7 @@ def policy_token_logps(model, batch: dict, *, temperature: float = 1.0, chunk: i
     inv_t = 1.0 / float(temperature)
 
     def head(h):
-        logits = jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        logits = lm_head_logits(h, w, dt)
         return logits if inv_t == 1.0 else logits * inv_t
 
     return token_logprobs(hidden, head, batch["labels"], chunk_size=chunk, max_label_tokens=max_label_tokens,

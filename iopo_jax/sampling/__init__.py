@@ -8,8 +8,8 @@ Public API::
     outs = sampler.generate(["Hello"], SamplingParams(max_new_tokens=32))
     outs = sampler.chat([[{"role": "user", "content": "Hi"}]], SamplingParams(temperature=0.7, seed=0))
 """
-from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, Completion, GenerationStats, SamplingParams
-from iopo_jax.sampling.sampler import Row, Sampler, pick_bucket, pow2_buckets, read_eos_ids
+from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, Completion, GenerationStats, Row, SamplingParams
+from iopo_jax.sampling.sampler import Sampler, pick_bucket, pow2_buckets, read_eos_ids
 
 __all__ = ["Sampler", "SamplingParams", "Completion", "GenerationStats", "Row", "FINISH_STOP", "FINISH_LENGTH",
            "pick_bucket", "pow2_buckets", "read_eos_ids"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from typing import Optional
@@ -47,8 +48,8 @@ import numpy as np
 
 from iopo_jax.models.transformer import KVCache
 from iopo_jax.sampling.engine import LENGTH, RUNNING, STOPPED, RowParams, _is_stop, constrain_cache
-from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, GenerationStats
-from iopo_jax.sharding import host_value, use_mesh
+from iopo_jax.sampling.params import FINISH_LENGTH, FINISH_STOP, GenerationStats, Row, SamplingParams
+from iopo_jax.sharding import host_value, put_global, use_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -277,13 +278,10 @@ class Scheduler:
         bucket, a prefill chunk and ``admit`` into each lane batch. Runs on empty caches (decode with no
         active row runs no step; admissions are dropped). ``params`` (default greedy) sets the stop-id
         width of the row parameters. Returns the compilations it caused by kind."""
-        from iopo_jax.sampling.params import SamplingParams
-        from iopo_jax.sampling.sampler import Row
-
         with use_mesh(self.s.mesh):
-            return self._warmup(shapes, params or SamplingParams(), Row)
+            return self._warmup(shapes, params or SamplingParams())
 
-    def _warmup(self, shapes, params, Row) -> dict:
+    def _warmup(self, shapes, params) -> dict:
         s = self.s
         before = collections.Counter(self.engine.trace_counts)
         lanes: dict[int, set] = collections.defaultdict(set)
@@ -310,14 +308,14 @@ class Scheduler:
                         self._prefill_chunk(job)
                         dst = np.full(kb, b, np.int32)  # out of range: nothing is written
                         lane.cache, tok, _ = self.engine.admit(s.state, lane.cache, job.cache, job.last,
-                                                               s._put(np.zeros(kb, np.int32)), s._put(dst),
+                                                               put_global(np.zeros(kb, np.int32), s.mesh), put_global(dst, s.mesh),
                                                                s._row_params([dummy] * kb, kb))
                         host_value(tok)
                 for b2 in bs:
                     if b2 != b:
                         src = np.full(b2, b, np.int32)
                         src[:min(b, b2)] = np.arange(min(b, b2))
-                        jax.block_until_ready(self.engine.resize(lane.cache, s._put(src)))
+                        jax.block_until_ready(self.engine.resize(lane.cache, put_global(src, s.mesh)))
         after = self.engine.trace_counts
         return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
@@ -401,7 +399,8 @@ class Scheduler:
         return out
 
     def _new_lane(self, length: int, b: int) -> _Lane:
-        cache = self.engine.new_cache(batch=b, length=length, per_row=True, put=self.s._put)
+        cache = self.engine.new_cache(batch=b, length=length, per_row=True,
+                                      put=functools.partial(put_global, mesh=self.s.mesh))
         return _Lane(length, b, cache, [None] * b, set(), np.zeros(b, np.int32), np.zeros(b, np.int32),
                      np.zeros(b, np.int32), np.zeros(b, bool))
 
@@ -436,7 +435,7 @@ class Scheduler:
         s = self.s
         old = lane.batch
         idx = np.asarray([old if i is None else i for i in src], np.int32)  # out of range: an empty row
-        lane.cache = self.engine.resize(lane.cache, s._put(idx))
+        lane.cache = self.engine.resize(lane.cache, put_global(idx, s.mesh))
 
         def take(x, fill):
             return np.asarray([fill if i is None else x[i] for i in src], x.dtype)
@@ -496,11 +495,12 @@ class Scheduler:
     def _prefill_chunk(self, job: _Job):
         s = self.s
         if job.cache is None:
-            job.cache = self.engine.new_cache(batch=job.ids.shape[0], length=job.p, per_row=False, put=s._put)
+            job.cache = self.engine.new_cache(batch=job.ids.shape[0], length=job.p, per_row=False,
+                                                 put=functools.partial(put_global, mesh=s.mesh))
         k, c = job.done_chunks, job.chunk
         sl = slice(k * c, (k + 1) * c)
-        job.cache, job.last = self.engine.prefill_step(s.state, job.cache, s._put(job.ids[:, sl]),
-                                                       s._put(job.pos[:, sl]), s._put(job.seg[:, sl]))
+        job.cache, job.last = self.engine.prefill_step(s.state, job.cache, put_global(job.ids[:, sl], s.mesh),
+                                                       put_global(job.pos[:, sl], s.mesh), put_global(job.seg[:, sl], s.mesh))
         job.done_chunks += 1
 
     def _admit(self, job: _Job):
@@ -511,7 +511,7 @@ class Scheduler:
         dst = np.full(kb, lane.batch, np.int32)  # out of range: dropped
         src[:n], dst[:n] = job.src, job.dst
         rp = s._row_params(job.rows, kb)
-        lane.cache, tok, lp = self.engine.admit(s.state, lane.cache, job.cache, job.last, s._put(src), s._put(dst),
+        lane.cache, tok, lp = self.engine.admit(s.state, lane.cache, job.cache, job.last, put_global(src, s.mesh), put_global(dst, s.mesh),
                                                 rp)
         tok, lp = host_value(tok), host_value(lp)
         lane.reserved.difference_update(job.dst)
@@ -544,7 +544,7 @@ class Scheduler:
 
     def _decode_lane(self, lane: _Lane):
         s = self.s
-        put = s._put
+        put = functools.partial(put_global, mesh=s.mesh)
         lane.cache, toks, lps, count, finish = self.engine.decode(
             s.state, lane.cache, put(lane.cur), put(lane.pos), put(lane.count), put(lane.active),
             self._lane_params(lane), steps=s.decode_chunk)

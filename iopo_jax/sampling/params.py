@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 FINISH_STOP = "stop"  # an EOS / stop token id or a stop string ended the completion
 FINISH_LENGTH = "length"  # max_new_tokens was reached
@@ -133,3 +133,36 @@ class GenerationStats:
 
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+@dataclasses.dataclass(eq=False)
+class Row:
+    """One sequence to generate (low-level unit used by :meth:`Sampler.run_rows` and the server).
+
+    ``on_update(row, delta_text, finished)`` (optional) is called from the sampler's thread after
+    every decode chunk with the new stable text; set ``row.cancelled = True`` from any thread to
+    stop the row at the next chunk boundary.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    prompt_index: int = 0
+    sample_index: int = 0
+    key_index: Optional[int] = None  # folded into the PRNG key with seed and sample_index; default prompt_index
+    on_update: Optional[Callable[["Row", str, bool], None]] = None
+    cancelled: bool = False
+    # results
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    finished: bool = False
+    _emitted: int = 0  # characters of text already passed to on_update
+
+    def completion(self) -> Completion:
+        return Completion(index=self.prompt_index, sample_index=self.sample_index,
+                          prompt_token_ids=list(self.prompt_ids), token_ids=list(self.token_ids), text=self.text,
+                          finish_reason=self.finish_reason or FINISH_LENGTH, stop_reason=self.stop_reason,
+                          logprobs=list(self.logprobs) if self.params.logprobs else None)

@@ -29,17 +29,20 @@ import os
 import secrets
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipeline.tokenizer import load_tokenizer
+from iopo_jax.models.lora import load_model_with_adapter
+from iopo_jax.models.weights import load_model
+from iopo_jax.sampling.continuous import Scheduler
 from iopo_jax.sampling.engine import STOPPED, DecodeState, Engine, RowParams
 from iopo_jax.sampling.params import (FINISH_LENGTH, FINISH_STOP, Completion, GenerationStats, Prompt,
-                                      SamplingParams)
-from iopo_jax.sharding import batch_sharding, host_value, use_mesh
+                                      Row, SamplingParams)
+from iopo_jax.sharding import host_value, put_global, use_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -88,39 +91,6 @@ def read_eos_ids(model_dir: str) -> tuple[int, ...]:
             if isinstance(t, int) and t not in ids:
                 ids.append(t)
     return tuple(ids)
-
-
-@dataclasses.dataclass(eq=False)
-class Row:
-    """One sequence to generate (low-level unit used by :meth:`Sampler.run_rows` and the server).
-
-    ``on_update(row, delta_text, finished)`` (optional) is called from the sampler's thread after
-    every decode chunk with the new stable text; set ``row.cancelled = True`` from any thread to
-    stop the row at the next chunk boundary.
-    """
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    seed: int
-    prompt_index: int = 0
-    sample_index: int = 0
-    key_index: Optional[int] = None  # folded into the PRNG key with seed and sample_index; default prompt_index
-    on_update: Optional[Callable[["Row", str, bool], None]] = None
-    cancelled: bool = False
-    # results
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    text: str = ""
-    finish_reason: Optional[str] = None
-    stop_reason: Any = None
-    finished: bool = False
-    _emitted: int = 0  # characters of text already passed to on_update
-
-    def completion(self) -> Completion:
-        return Completion(index=self.prompt_index, sample_index=self.sample_index,
-                          prompt_token_ids=list(self.prompt_ids), token_ids=list(self.token_ids), text=self.text,
-                          finish_reason=self.finish_reason or FINISH_LENGTH, stop_reason=self.stop_reason,
-                          logprobs=list(self.logprobs) if self.params.logprobs else None)
 
 
 class Sampler:
@@ -219,15 +189,8 @@ class Sampler:
         EOS ids come from generation_config.json / config.json / the tokenizer (all of them).
         ``kw`` go to :class:`Sampler`.
         """
-        from iopo_jax.models.weights import load_model
-        from iopo_jax.tokenizer import load_tokenizer
-
         overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
         if lora:
-            try:
-                from iopo_jax.models.lora import load_model_with_adapter
-            except ImportError as e:
-                raise RuntimeError(f"LoRA adapters need iopo_jax.models.lora.load_model_with_adapter ({e})") from e
             model, _ = load_model_with_adapter(model_dir, lora, mesh=mesh, **overrides)
         else:
             model, _ = load_model(model_dir, mesh=mesh, **overrides)
@@ -355,8 +318,6 @@ class Sampler:
     def scheduler(self):
         """The continuous-batching scheduler (created on first use)."""
         if self._scheduler is None:
-            from iopo_jax.sampling.continuous import Scheduler
-
             self._scheduler = Scheduler(self)
         return self._scheduler
 
@@ -409,11 +370,6 @@ class Sampler:
         return stats
 
     # ------------------------------------------------------------------ one device batch
-    def _put(self, x: np.ndarray):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, batch_sharding(self.mesh, x.ndim, x.shape))
-
     def _stop_ids(self, r: Row) -> list[int]:
         ids = [] if r.params.ignore_eos else list(self.eos_token_ids)
         return ids + [t for t in r.params.stop_token_ids if t not in ids]
@@ -433,16 +389,16 @@ class Sampler:
 
         seeds = [r.seed & (2 ** 64 - 1) for r in rows] + [0] * pad
         return RowParams(
-            temperature=self._put(col(lambda r: r.params.temperature, np.float32, 0.0)),
-            top_p=self._put(col(lambda r: r.params.top_p, np.float32, 1.0)),
-            top_k=self._put(col(lambda r: r.params.top_k, np.int32, 0)),
-            max_new=self._put(col(lambda r: r.params.max_new_tokens, np.int32, 1)),
-            stop_ids=self._put(stop),
-            seed_hi=self._put(np.asarray([s >> 32 for s in seeds], np.uint32)),
-            seed_lo=self._put(np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32)),
-            prompt_index=self._put(col(lambda r: (r.prompt_index if r.key_index is None else r.key_index)
-                                       & 0xFFFFFFFF, np.uint32, 0)),
-            sample_index=self._put(col(lambda r: r.sample_index & 0xFFFFFFFF, np.uint32, 0)),
+            temperature=put_global(col(lambda r: r.params.temperature, np.float32, 0.0), self.mesh),
+            top_p=put_global(col(lambda r: r.params.top_p, np.float32, 1.0), self.mesh),
+            top_k=put_global(col(lambda r: r.params.top_k, np.int32, 0), self.mesh),
+            max_new=put_global(col(lambda r: r.params.max_new_tokens, np.int32, 1), self.mesh),
+            stop_ids=put_global(stop, self.mesh),
+            seed_hi=put_global(np.asarray([s >> 32 for s in seeds], np.uint32), self.mesh),
+            seed_lo=put_global(np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32), self.mesh),
+            prompt_index=put_global(col(lambda r: (r.prompt_index if r.key_index is None else r.key_index)
+                                        & 0xFFFFFFFF, np.uint32, 0), self.mesh),
+            sample_index=put_global(col(lambda r: r.sample_index & 0xFFFFFFFF, np.uint32, 0), self.mesh),
         )
 
     def _run_batch(self, rows: list[Row], stats: GenerationStats):
@@ -462,7 +418,7 @@ class Sampler:
         state = self.state
 
         t0 = time.perf_counter()
-        pre = self.engine.prefill(state, self._put(ids), self._put(mask), rp)
+        pre = self.engine.prefill(state, put_global(ids, self.mesh), put_global(mask, self.mesh), rp)
         ds = self.engine.start(pre, rp, num_new=n)
         done, step = host_value(ds.done), int(host_value(ds.step))
         t1 = time.perf_counter()

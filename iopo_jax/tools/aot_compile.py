@@ -29,14 +29,26 @@ else from a small built-in table of the hub ids the shipped configs use.
 """
 from __future__ import annotations
 
-import argparse
+import ast
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import re
 import sys
 import time
+
+import numpy as np
+from absl import flags
+
+from data_pipeline import cli
+from data_pipeline.batching import make_buckets
+from data_pipeline.schema import parse_list
+from data_pipeline.tokenization import NUM_SEQUENCES
+
+# jax, flax and the iopo_jax modules (which import jax) are imported inside the functions: main() sets
+# JAX_PLATFORMS and the libtpu variables first, and they must be set before jax is imported.
 
 GiB = 1 << 30
 
@@ -127,8 +139,6 @@ def topology_devices(target: Target) -> list:
 
 
 def libtpu_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("libtpu") is not None
 
 
@@ -205,7 +215,6 @@ def with_shardings(shapes, shardings):
 def per_chip_bytes(tree) -> int:
     """Bytes one chip holds of an abstract tree (the per-device shard of every leaf)."""
     import jax
-    import numpy as np
 
     total = 0
     for x in jax.tree_util.tree_leaves(tree):
@@ -331,12 +340,9 @@ def unrolled_flops(cfg, mcfg, mesh, names) -> dict:
 
 def offline_lengths(cfg) -> tuple[int, int]:
     """(global rows, tokens) of the largest micro-batch the data pipeline can yield."""
-    from data_pipeline.batching import make_buckets
-    from iopo_jax.trainer import K_OF_KIND, _csv
-
     d = cfg.data
-    length = int(make_buckets(d.cutoff_len, d.bucket_step, [int(x) for x in _csv(d.buckets)] or None)[-1])
-    return d.batch_size * (1 if d.pack else K_OF_KIND[d.kind]), length
+    length = int(make_buckets(d.cutoff_len, d.bucket_step, parse_list(d.buckets, int, name="config.data.buckets"))[-1])
+    return d.batch_size * (1 if d.pack else NUM_SEQUENCES[d.kind]), length
 
 
 def offline_programs(cfg, mcfg, mesh) -> list[Program]:
@@ -366,11 +372,12 @@ def rl_programs(cfg, mcfg, mesh) -> list[Program]:
     import jax.numpy as jnp
     from flax import nnx
 
+    from data_pipeline.schema import parse_list
     from iopo_jax.rl.loop import make_rl_step_fns, rl_step_specs
     from iopo_jax.sampling.engine import Engine, RowParams
     from iopo_jax.sampling.sampler import pow2_buckets
     from iopo_jax.sharding import use_mesh
-    from iopo_jax.trainer import _csv, abstract_model_parts, abstract_opt_state, make_optimizer
+    from iopo_jax.trainer import abstract_model_parts, abstract_opt_state, make_optimizer
 
     r = cfg.rl
     lora = mcfg.lora is not None
@@ -392,7 +399,8 @@ def rl_programs(cfg, mcfg, mesh) -> list[Program]:
 
     # The sampler as the RL loop builds it: one batch bucket >= sampler_batch_size, prompt buckets up to
     # max_prompt_tokens, one new-token bucket of max_response_tokens, prefill chunks of 512.
-    buckets = [int(x) for x in _csv(r.prompt_buckets)] or list(pow2_buckets(min(32, full), full))
+    buckets = (list(parse_list(r.prompt_buckets, int, name="config.rl.prompt_buckets"))
+               or list(pow2_buckets(min(32, full), full)))
     if max(buckets) < r.max_prompt_tokens:
         buckets.append(r.max_prompt_tokens)
     p = min(b for b in buckets if b >= r.max_prompt_tokens)
@@ -554,35 +562,44 @@ def usable_gib(target: Target, fraction: float) -> float:
     return target.hbm_bytes * fraction / GiB
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m iopo_jax.tools.aot_compile",
-        description="Compile a training config's steps for a TPU slice without a TPU (needs libtpu: "
-                    "pip install \"jax[tpu]\") and check that they fit the chips' HBM. Exit status: 0 fits, "
-                    "1 does not fit, 2 usage / configuration error.")
-    p.add_argument("--config", required=True,
-                   help="config file (python with get_config()), e.g. configs/tpu_v4.py")
-    p.add_argument("--topology", required=True,
-                   help="TPU slice: v4-32, v5e-8 (= v5litepod-8), v5p-128, v6e-16, or a topology name such as "
-                        "v4:2x2x4 (v4/v5p names count TensorCores, 2 per chip; v5e/v6e names count chips)")
-    p.add_argument("--hbm_gib", type=float, default=None,
-                   help="override the HBM per chip in GiB (default: v4 32, v5e 16, v5p 95, v6e 32)")
-    p.add_argument("--hbm_fraction", type=float, default=0.95,
-                   help="fraction of HBM a program may use (runtime reserve); default 0.95")
-    p.add_argument("--model_config", default="",
-                   help="HF config.json (or a directory holding one) of the model, when model.path is neither a "
-                        "local directory nor in the HF cache nor a built-in hub id")
-    p.add_argument("--programs", default="",
-                   help="comma list of programs to compile, or 'all'. Offline configs: micro_step, apply_step, "
-                        "eval_step, ref_step; RL configs: grad_step, logps, ref_logps, apply_step, prefill, decode. "
-                        "Default: the ones that set the memory peak (micro_step, apply_step; RL: grad_step, logps, "
-                        "apply_step, prefill, decode); eval_step / ref_step / ref_logps have the shapes of "
-                        "micro_step / logps without gradients")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field, e.g. --set model.remat=none --set data.batch_size=32 "
-                        "(repeatable; values parsed as Python literals when possible)")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    args = p.parse_args(argv)
+PROG = "python -m iopo_jax.tools.aot_compile"
+DESCRIPTION = """Compile a training config's steps for a TPU slice without a TPU (needs libtpu: pip install
+"jax[tpu]") and check that they fit the chips' HBM. Exit status: 0 fits, 1 does not fit, 2 usage /
+configuration error.
+
+    python -m iopo_jax.tools.aot_compile --config=configs/tpu_v4.py --topology=v4-32 [--config.FIELD=VALUE ...]"""
+
+
+def define_flags(fv) -> None:
+    from ml_collections import config_flags
+
+    f = flags
+    config_flags.DEFINE_config_file("config", None, "config file (python with get_config()), e.g. configs/tpu_v4.py; "
+                                    "override its fields with --config.FIELD=VALUE", flag_values=fv)
+    f.DEFINE_string("topology", None, "TPU slice: v4-32, v5e-8 (= v5litepod-8), v5p-128, v6e-16, or a topology name "
+                    "such as v4:2x2x4 (v4/v5p names count TensorCores, 2 per chip; v5e/v6e names count chips)",
+                    flag_values=fv)
+    f.DEFINE_float("hbm_gib", None, "override the HBM per chip in GiB (default: v4 32, v5e 16, v5p 95, v6e 32)",
+                   flag_values=fv)
+    f.DEFINE_float("hbm_fraction", 0.95, "fraction of HBM a program may use (runtime reserve)", flag_values=fv)
+    f.DEFINE_string("model_config", "", "HF config.json (or a directory holding one) of the model, when model.path "
+                    "is neither a local directory nor in the HF cache nor a built-in hub id", flag_values=fv)
+    f.DEFINE_string("programs", "", "comma list of programs to compile, or 'all'. Offline configs: micro_step, "
+                    "apply_step, eval_step, ref_step; RL configs: grad_step, logps, ref_logps, apply_step, prefill, "
+                    "decode. Default: the ones that set the memory peak (micro_step, apply_step; RL: grad_step, "
+                    "logps, apply_step, prefill, decode); eval_step / ref_step / ref_logps have the shapes of "
+                    "micro_step / logps without gradients", flag_values=fv)
+    f.DEFINE_multi_string("set", [], "FIELD=VALUE: override a config field, e.g. --set model.remat=none --set "
+                          "data.batch_size=32 (repeatable; values parsed as Python literals when possible; the same "
+                          "as --config.FIELD=VALUE)", flag_values=fv)
+    f.DEFINE_string("json", "", "also write the results to this JSON file", flag_values=fv)
+    for name in ("config", "topology"):
+        f.mark_flag_as_required(name, flag_values=fv)
+
+
+def _main(args, positional) -> int:
+    if positional:
+        raise cli.usage_error(PROG, f"unexpected arguments {positional}")
 
     # Compile only: never open a TPU here (a second process may hold it), never query GCE metadata.
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -596,7 +613,7 @@ def main(argv=None) -> int:
         target = parse_topology(args.topology, args.hbm_gib)
         if not 0 < args.hbm_fraction <= 1:
             raise ValueError(f"--hbm_fraction={args.hbm_fraction}: must be in (0, 1]")
-        cfg = load_config(args.config, args.set)
+        cfg = apply_overrides(args.config, args.set)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -631,10 +648,7 @@ def main(argv=None) -> int:
 
 
 def load_config(path: str, overrides: list[str]):
-    """``get_config()`` of a config file, with ``FIELD=VALUE`` overrides (errors name the field)."""
-    import ast
-    import importlib.util
-
+    """``get_config()`` of a config file (what ``--config`` loads), with ``FIELD=VALUE`` overrides."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config={path}: no such file")
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -643,7 +657,12 @@ def load_config(path: str, overrides: list[str]):
     spec = importlib.util.spec_from_file_location(f"_aot_config_{abs(hash(path))}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    return apply_overrides(mod.get_config(), overrides)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """``cfg`` with ``FIELD=VALUE`` overrides applied (errors name the field); a list field takes a tuple or a
+    comma list (:func:`data_pipeline.schema.parse_list`)."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item}: expected FIELD=VALUE")
@@ -662,9 +681,13 @@ def load_config(path: str, overrides: list[str]):
             raise KeyError(f"--set {item}: config has no field '{field}'")
         if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if isinstance(node[leaf], tuple):
+            value = parse_list(value, name=f"--set {field}")
         node[leaf] = value
     return cfg
 
 
+main = cli.command(PROG, DESCRIPTION, define_flags, _main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

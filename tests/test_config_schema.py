@@ -1,0 +1,93 @@
+"""One schema per config section: the ml_collections sections and the dataclasses that read them have the
+same fields and defaults; list fields are tuples, and comma lists from the command line mean the same."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from configs.base import get_config
+from data_pipeline import DataConfig
+from data_pipeline.schema import field_defaults, from_mapping, parse_list
+from iopo_jax.objectives import ObjectiveConfig
+from procs import REPO, cli_env
+
+SECTIONS = {"data": DataConfig, "objective": ObjectiveConfig}
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_section_and_dataclass_have_the_same_fields_and_defaults(section):
+    cls, values = SECTIONS[section], get_config()[section].to_dict()
+    assert sorted(values) == sorted(f.name for f in dataclasses.fields(cls))
+    assert values == field_defaults(cls)  # DataConfig normalises lists to tuples: the config holds tuples too
+    assert from_mapping(cls, get_config()[section], section) == cls()
+
+
+def test_unknown_field_names_the_section_and_the_field():
+    with pytest.raises(ValueError, match=r"config\.data: unknown field\(s\) 'cutof_len'"):
+        DataConfig.from_mapping({"cutof_len": 10})
+    with pytest.raises(ValueError, match=r"config\.objective: unknown field\(s\) 'betta'"):
+        ObjectiveConfig.from_mapping({"betta": 0.2})
+    with pytest.raises(ValueError, match="is not one of"):
+        ObjectiveConfig.from_mapping({"reference": "offline"})
+
+
+def test_list_fields_are_tuples_and_comma_strings_mean_the_same():
+    c = get_config()
+    for v in (c.model.lora_targets, c.data.train_files, c.data.val_files, c.data.buckets, c.optimizer.freeze_patterns):
+        assert isinstance(v, tuple)
+    assert parse_list("q_proj, v_proj") == parse_list(("q_proj,v_proj",)) == ("q_proj", "v_proj")
+    assert parse_list((512, 1024), int) == parse_list("512,1024", int) == (512, 1024)
+    assert parse_list("") == parse_list(None) == parse_list(()) == ()
+    with pytest.raises(ValueError, match=r"config\.data\.buckets='a': not a list of int"):
+        parse_list("a", int, name="config.data.buckets")
+    assert DataConfig(train_files="a.json,b.json", buckets="64,128").train_files == ("a.json", "b.json")
+
+
+def test_generate_flags_are_the_fields_of_generate_args():
+    from absl import flags
+
+    from iopo_jax.sampling.generate import GenerateArgs, _define_flags, args_from_flags
+
+    fv = flags.FlagValues()
+    _define_flags(fv)
+    defaults = field_defaults(GenerateArgs)
+    for f in dataclasses.fields(GenerateArgs):
+        default = fv[f.name].default
+        assert (tuple(default) if isinstance(default, list) else default) == defaults.get(f.name), f.name
+    assert set(fv) - {f.name for f in dataclasses.fields(GenerateArgs)} == {"compilation_cache_dir"}
+    fv(["generate", "--model_dir=m", "--input=i", "--output=o", "--stop_token_ids=5,7", "--stop=a", "--stop=b"])
+    args = args_from_flags(fv)
+    assert args == GenerateArgs(model_dir="m", input="i", output="o", stop=["a", "b"], stop_token_ids=(5, 7))
+    fv["stop_token_ids"].parse("x")
+    with pytest.raises(ValueError, match="--stop_token_ids"):
+        args_from_flags(fv)
+
+
+_PRINT = """
+from absl import app
+from ml_collections import config_flags
+CONFIG = config_flags.DEFINE_config_file("config")
+def main(_):
+    from data_pipeline import DataConfig
+    from data_pipeline.schema import parse_list
+    c = CONFIG.value
+    print(repr(parse_list(c.model.lora_targets)), repr(DataConfig.from_mapping(c.data).buckets),
+          repr(DataConfig.from_mapping(c.data).train_files))
+app.run(main)
+"""
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.model.lora_targets=q_proj,v_proj", "--config.data.buckets=64,128",
+      "--config.data.train_files=a.json,b.json"], "('q_proj', 'v_proj') (64, 128) ('a.json', 'b.json')"),
+    (["--config.model.lora_targets=all", "--config.data.buckets=(256,)", "--config.data.train_files=a.json"],
+     "('all',) (256,) ('a.json',)"),
+    (["--config.model.lora_targets=('q_proj', 'o_proj')", "--config.data.buckets=512"],
+     "('q_proj', 'o_proj') (512,) ()"),
+])
+def test_command_line_list_overrides(args, expected):
+    out = subprocess.run([sys.executable, "-c", _PRINT, "--config=configs/base.py", *args], cwd=REPO,
+                         env=cli_env(None), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == expected
