@@ -54,10 +54,12 @@ def get_config():
     r.reward = "rules"  # rules (demo_eval constraint specs) | judge (LLM, yes/no per constraint) | python
     r.reward_fn = ""  # python: "package.module:function" or "file.py:function" -> verdicts, a number or a dict
     r.format_reward = "headings"  # headings: 1 iff one SUB_INSTRUCTION_k heading per sub-instruction in order | none
-    r.weight_ila = 1.0  # r_o = w_ila*ILA + w_cla*CLA + w_all_pass*all_pass + w_format*r_f (docs/rl.md; all 1)
-    r.weight_cla = 1.0
-    r.weight_all_pass = 1.0
-    r.weight_format = 1.0
+    # r_o = ila*ILA + cla*CLA + all_pass*all_pass + format*r_f (docs/rl.md; all 1): iopo_jax.rl.advantages.RewardWeights
+    r.weights = w = ml_collections.ConfigDict()
+    w.ila = 1.0
+    w.cla = 1.0
+    w.all_pass = 1.0
+    w.format = 1.0
 
     r.judge = j = ml_collections.ConfigDict()
     j.base_url = ""  # OpenAI-compatible server, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
@@ -71,12 +73,19 @@ def get_config():
     j.max_retries = 6  # per request: timeouts, connection errors, 429, 5xx (exponential backoff)
     j.backoff_base_s = 1.0
     j.backoff_max_s = 60.0
+    j.max_retry_after_s = 300.0  # cap on a server's Retry-After
     j.request_budget = 0  # max HTTP requests of this run, retries included (0 = no cap)
+    j.price_prompt_per_1k = 0.0  # cost per 1,000 prompt tokens (usage report)
+    j.price_completion_per_1k = 0.0
+    j.store_prompts = False  # also keep the request messages in the reply store
+    j.fsync_interval_s = 1.0  # fsync the reply store at most this often
     j.template = ""  # judge prompt file with {input}, {output}, {sub_instruction}, {question}; "" = our wording
     j.system_prompt = "You are a helpful assistant."  # "" = no system message
     j.max_parse_retries = 2  # ask again when a reply has no verdict
     j.on_error = "skip"  # verdict unavailable: skip (rollout left out) | zero (counted as no) | fail (stop)
     j.cache_path = ""  # JSONL reply store (cache, audit); "" = <workdir>/judge_cache.jsonl
+    # Every field but template, system_prompt, max_parse_retries, on_error and cache_path is a field of
+    # iopo_jax.chat_client.ClientConfig, built with ClientConfig.from_mapping (the two cannot drift apart).
 
     # ---------------------------------------------------------------- loss and updates
     r.ppo_epochs = 1  # passes over each rollout batch (old log-probs fixed for all of them)

@@ -28,21 +28,30 @@ def section_dict(section: Any) -> dict:
     return dict(section)
 
 
-def from_mapping(cls: Type[T], section: Any, name: str = "", exclude: tuple = ()) -> T:
-    """``cls(**section)``, checking the keys: an unknown key raises ``ValueError`` naming
-    ``config.<name>.<key>`` and the valid fields; missing keys take the dataclass defaults. An instance of
-    ``cls`` is returned as it is. ``exclude``: keys of the section that are not fields of ``cls`` and are
-    dropped (e.g. a nested section read by another dataclass)."""
+def from_mapping(cls: Type[T], section: Any, where: str = "", exclude: tuple = (), *, complete: bool = False,
+                 **overrides: Any) -> T:
+    """``cls(**section, **overrides)``, checking the keys against the dataclass's fields.
+
+    An unknown key raises ``ValueError`` naming ``config.<where>`` (or ``where`` itself when it already starts
+    with ``config.``), the keys and the valid fields; a key also set in ``overrides`` raises; a missing key
+    takes the dataclass default, or raises when ``complete`` (the section must then hold every field that
+    ``overrides`` does not set, so the two cannot drift apart). An instance of ``cls`` is returned as it is.
+    ``exclude``: keys of the section that are not fields of ``cls`` and are dropped (e.g. settings of the
+    caller or a nested section read by another dataclass)."""
     if isinstance(section, cls):
         return section
     values = {k: v for k, v in section_dict(section).items() if k not in exclude}
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        where = f"config.{name}" if name else cls.__name__
-        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; the fields of "
-                         f"{cls.__name__} are {sorted(fields)}")
-    return cls(**values)
+    problems = [(what, keys) for what, keys in (
+        ("unknown fields", sorted(set(values) - fields)),
+        ("missing fields", sorted(fields - set(values) - set(overrides)) if complete else []),
+        ("set twice", sorted(set(values) & set(overrides)))) if keys]
+    if problems:
+        where = where if where.startswith("config.") else f"config.{where}" if where else cls.__name__
+        raise ValueError(f"{where} does not match {cls.__name__}: "
+                         + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in problems)
+                         + f" (the fields of {cls.__name__} are {', '.join(sorted(fields))})")
+    return cls(**values, **overrides)
 
 
 def field_defaults(cls: Type) -> dict:

@@ -50,6 +50,7 @@ import time
 import urllib.parse
 from typing import Any, Mapping, Optional, Sequence
 
+from data_pipeline import schema
 from data_pipeline.hashing import sha256_hex
 from iopo_jax import io_utils
 
@@ -83,25 +84,13 @@ class ClientConfig:
     name: str = "judge"  # label used in log lines.
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any], *, section: str = "mapping", ignore: Sequence[str] = (),
+    def from_mapping(cls, mapping: Mapping[str, Any], *, section: str = "", ignore: Sequence[str] = (),
                      **overrides: Any) -> "ClientConfig":
-        """The config held by ``mapping`` (e.g. an ``ml_collections`` section), field for field.
-
-        ``mapping`` must hold every field that ``overrides`` does not set, and nothing else but the keys
-        named in ``ignore`` (settings of the caller, not of the client); errors name ``section`` and the
-        keys that do not match, so the section and this dataclass cannot drift apart.
-        """
-        fields = {f.name for f in dataclasses.fields(cls)}
-        keys = set(mapping.keys()) - set(ignore)
-        unknown = sorted(keys - fields)
-        missing = sorted(fields - keys - set(overrides))
-        clash = sorted(keys & set(overrides))
-        if unknown or missing or clash:
-            raise ValueError(f"{section} does not match {cls.__name__}: "
-                             + "; ".join(f"{what}: {', '.join(ks)}" for what, ks in
-                                         (("unknown fields", unknown), ("missing fields", missing),
-                                          ("set twice", clash)) if ks))
-        return cls(**{k: mapping[k] for k in keys}, **overrides)
+        """The config held by ``mapping`` (e.g. an ``ml_collections`` section), field for field: ``mapping``
+        must hold every field that ``overrides`` does not set, and nothing else but the keys named in
+        ``ignore`` (settings of the caller, not of the client); errors name ``section`` and the keys that do
+        not match (:func:`data_pipeline.schema.from_mapping` with ``complete=True``)."""
+        return schema.from_mapping(cls, mapping, section, tuple(ignore), complete=True, **overrides)
 
 
 class ChatError(RuntimeError):

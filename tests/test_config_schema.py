@@ -24,9 +24,9 @@ def test_section_and_dataclass_have_the_same_fields_and_defaults(section):
 
 
 def test_unknown_field_names_the_section_and_the_field():
-    with pytest.raises(ValueError, match=r"config\.data: unknown field\(s\) 'cutof_len'"):
+    with pytest.raises(ValueError, match=r"config\.data does not match DataConfig: unknown fields: cutof_len"):
         DataConfig.from_mapping({"cutof_len": 10})
-    with pytest.raises(ValueError, match=r"config\.objective: unknown field\(s\) 'betta'"):
+    with pytest.raises(ValueError, match=r"config\.objective does not match ObjectiveConfig: unknown fields: betta"):
         ObjectiveConfig.from_mapping({"betta": 0.2})
     with pytest.raises(ValueError, match="is not one of"):
         ObjectiveConfig.from_mapping({"reference": "offline"})
@@ -91,3 +91,27 @@ def test_command_line_list_overrides(args, expected):
                          env=cli_env(None), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_rl_judge_and_weights_sections_match_their_dataclasses():
+    """config.rl.judge holds every ClientConfig field (plus the judge reward's own settings) and
+    config.rl.weights exactly RewardWeights' fields: a field added to either side without the other fails."""
+    from configs.rl_base import get_config as rl_config
+    from iopo_jax.chat_client import ClientConfig
+    from iopo_jax.rl.advantages import RewardWeights
+    from iopo_jax.rl.loop import weights_of
+    from iopo_jax.rl.rewards import JUDGE_SETTINGS
+
+    c = rl_config()
+    j = c.rl.judge
+    cc = ClientConfig.from_mapping(j, section="config.rl.judge", ignore=JUDGE_SETTINGS + ("cache_path",),
+                                   store_path="s.jsonl", name="judge reward")
+    assert (cc.model, cc.top_p, cc.concurrency, cc.api_key_env) == (j.model, j.top_p, j.concurrency, j.api_key_env)
+    assert weights_of(c.rl) == RewardWeights()
+    c.rl.weights.ilaa = 2.0
+    with pytest.raises(ValueError, match=r"config\.rl\.weights does not match RewardWeights: unknown fields: ilaa"):
+        weights_of(c.rl)
+    del j["top_p"]
+    with pytest.raises(ValueError, match=r"config\.rl\.judge does not match ClientConfig: missing fields: top_p"):
+        ClientConfig.from_mapping(j, section="config.rl.judge", ignore=JUDGE_SETTINGS + ("cache_path",),
+                                  store_path="s.jsonl", name="judge reward")

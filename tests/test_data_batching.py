@@ -282,7 +282,7 @@ def test_build_data_demo_iopo(qwen_tokenizer, tmp_path):
     val = _collect(fresh_val_iterator(data))
     assert len(val) == 6 and sum(int(b["valid"].sum()) for b in val) == 24 * 4
     assert build_data(cfg, qwen_tokenizer, process_index=0, process_count=1).summary["cache_hit"] is True
-    with pytest.raises(ValueError, match=r"config\.data: unknown field\(s\) 'lr'"):
+    with pytest.raises(ValueError, match=r"config\.data does not match DataConfig: unknown fields: lr"):
         build_data(dict(cfg, lr=1.0), qwen_tokenizer)
 
 

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipeline.schema import parse_list
+from data_pipeline.schema import from_mapping, parse_list
 from data_pipeline.templates import get_template
 from iopo_jax import paths
 from iopo_jax.io_utils import read_jsonl
@@ -104,7 +104,7 @@ def check_rl_config(cfg) -> None:
 
 
 def weights_of(r) -> RewardWeights:
-    return RewardWeights(ila=r.weight_ila, cla=r.weight_cla, all_pass=r.weight_all_pass, format=r.weight_format)
+    return from_mapping(RewardWeights, r.weights, "rl.weights", complete=True)
 
 
 # ------------------------------------------------------------------------------------------------ prompt order

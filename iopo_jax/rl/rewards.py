@@ -408,6 +408,9 @@ def judge_cache_path(workdir: str) -> str:
     return os.path.join(os.path.expanduser("~/.cache/iopo_jax/judge_cache"), f"{key}.jsonl")
 
 
+JUDGE_SETTINGS = ("template", "system_prompt", "max_parse_retries", "on_error")  # of JudgeSettings, not the client
+
+
 def make_reward(rl, prompts: Sequence[RLPrompt], workdir: str) -> RewardModel:
     """The reward model named by ``rl.reward`` (config section ``rl`` of configs/rl_base.py)."""
     if rl.reward == "rules":
@@ -423,12 +426,9 @@ def make_reward(rl, prompts: Sequence[RLPrompt], workdir: str) -> RewardModel:
             with open(j.template, encoding="utf-8") as f:
                 template, name = f.read(), j.template
             eif_protocol.render_template(template, name, input="", output="", sub_instruction="", question="")
-        client = chat_client.ChatClient(chat_client.ClientConfig(
-            base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=j.temperature,
-            top_p=j.top_p, max_tokens=j.max_tokens, timeout_s=j.timeout_s, concurrency=j.concurrency,
-            max_retries=j.max_retries, backoff_base_s=j.backoff_base_s, backoff_max_s=j.backoff_max_s,
-            request_budget=j.request_budget, store_path=j.cache_path or judge_cache_path(workdir),
-            name="judge reward"))
+        client = chat_client.ChatClient(chat_client.ClientConfig.from_mapping(
+            j, section="config.rl.judge", ignore=JUDGE_SETTINGS + ("cache_path",),
+            store_path=j.cache_path or judge_cache_path(workdir), name="judge reward"))
         return JudgeReward(client, JudgeSettings(template, name, j.system_prompt, j.max_parse_retries, j.on_error))
     raise ValueError(f"config.rl.reward={rl.reward!r} must be 'rules', 'judge' or 'python'")
 
