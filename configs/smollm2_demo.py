@@ -30,13 +30,13 @@ def get_config():
     j.model = "smollm2-135m-instruct"  # a name known to iopo_jax.tools.fetch_model (used when model.path is "")
     j.model_dir = os.path.join("~", ".cache", "iopo_jax", "models", "smollm2-135m-instruct")  # converted model
     j.eval_path = ""  # held-out prompts; "" = data_pipeline/demo_data/eval_prompts.jsonl
-    j.train_langs = "en"  # comma list of meta.lang values of the training groups kept ("" = all)
+    j.train_langs = ("en",)  # list of meta.lang values of the training groups kept (() = all)
     j.train_limit = 0  # first N training groups after the language filter (0 = all)
-    j.eval_langs = "en"  # comma list of languages kept ("" = all); SmolLM2 is an English model
+    j.eval_langs = ("en",)  # list of languages kept (() = all); SmolLM2 is an English model
     j.eval_limit = 0  # first N held-out prompts after the language filter (0 = all)
     j.eval_max_new_tokens = 128  # greedy answer length cap (the demo answers are a few short sentences)
     j.eval_batch_size = 32  # prompts per sampler call (the one batch shape: a smaller last batch is padded)
-    j.eval_prompt_buckets = "256"  # prompt lengths the sampler compiles for (the 60 English prompts: 47-252 tokens)
+    j.eval_prompt_buckets = (256,)  # prompt lengths the sampler compiles for (the 60 English prompts: 47-252 tokens)
     j.eval_continuous = False  # static batches: one prefill + one decode program per prompt bucket
 
     c.model.path = ""  # "" = the fetched job.model_dir

@@ -78,7 +78,7 @@ def eval_config(job, model_dir: str, lora: str, workdir: str, data_path: str, pr
 def _eval_prompts(job, workdir: str) -> str:
     """The held-out prompts file, filtered to ``job.eval_langs`` / ``job.eval_limit`` when they are set."""
     src = job.eval_path or default_demo_path()
-    langs = [s.strip() for s in job.eval_langs.split(",") if s.strip()]
+    langs = parse_list(job.eval_langs, name="job.eval_langs")
     if not langs and not job.eval_limit:
         return src
     keep = []
@@ -107,7 +107,7 @@ def _eval_prompts(job, workdir: str) -> str:
 def _train_files(job, train_files, workdir: str) -> tuple:
     """The training files, kept to the groups whose ``meta.lang`` is in ``job.train_langs`` and to the first
     ``job.train_limit`` of those when these are set (written to ``<workdir>/train_data.json``)."""
-    langs = [s.strip() for s in job.get("train_langs", "").split(",") if s.strip()]
+    langs = parse_list(job.get("train_langs", ()), name="job.train_langs")
     limit = int(job.get("train_limit", 0))
     if not langs and not limit:
         return parse_list(train_files)
@@ -169,11 +169,8 @@ def _peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
 
 
-def _buckets(text: str, where: str) -> list[int]:
-    try:
-        out = sorted({int(x) for x in str(text).split(",") if x.strip()})
-    except ValueError as e:
-        raise ValueError(f"{where}={text!r}: not a comma list of integers ({e})") from None
+def _buckets(text, where: str) -> list[int]:
+    out = sorted(set(parse_list(text, int, name=where)))
     if not out or out[0] < 1:
         raise ValueError(f"{where}={text!r}: needs at least one positive length")
     return out
@@ -188,7 +185,7 @@ def base_sampler(job, model_dir: str):
     n = int(job.eval_max_new_tokens)
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         ctx = int(json.load(f).get("max_position_embeddings") or 2048)
-    prompts = [p for p in _buckets(job.get("eval_prompt_buckets", "256"), "job.eval_prompt_buckets") if p + n <= ctx]
+    prompts = [p for p in _buckets(job.get("eval_prompt_buckets", (256,)), "job.eval_prompt_buckets") if p + n <= ctx]
     if not prompts or prompts[-1] + n < ctx:
         prompts.append(ctx - n)
     return Sampler.from_pretrained(model_dir, max_batch_size=b, batch_buckets=(b,), prompt_buckets=prompts,

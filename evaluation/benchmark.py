@@ -29,6 +29,7 @@ import dataclasses
 import os
 from typing import Any, ClassVar, Optional, Sequence
 
+from data_pipeline.schema import parse_list
 from evaluation import driver
 from evaluation import generate
 from iopo_jax import chat_client
@@ -163,7 +164,7 @@ def get(name: str) -> Benchmark:
 
 def data_files(config, hint: str, *, single: bool = False) -> list[str]:
     """The comma-separated files of ``config.data.path``, each checked to exist (``hint``: where to get them)."""
-    paths = [p.strip() for p in str(config.data.path).split(",") if p.strip()]
+    paths = list(parse_list(config.data.path, name="config.data.path"))
     if not paths:
         raise ValueError(f"pass --config.data.path=FILE for {config.benchmark} ({hint})")
     for p in paths:

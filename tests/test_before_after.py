@@ -38,13 +38,13 @@ def test_eval_prompt_filter(tmp_path):
     from configs.smollm2_demo import get_config
 
     job = get_config().job
-    job.eval_langs, job.eval_limit = "zh", 3
+    job.eval_langs, job.eval_limit = ("zh",), 3
     path = ba._eval_prompts(job, str(tmp_path))
     recs = [json.loads(l) for l in open(path, encoding="utf-8")]
     assert len(recs) == 3 and {r["lang"] for r in recs} == {"zh"}
-    job.eval_langs, job.eval_limit = "", 0
+    job.eval_langs, job.eval_limit = (), 0
     assert ba._eval_prompts(job, str(tmp_path)) == default_demo_path()
-    job.eval_langs = "xx"
+    job.eval_langs = ("xx",)
     with pytest.raises(ValueError, match="eval_langs"):
         ba._eval_prompts(job, str(tmp_path))
 
@@ -142,17 +142,17 @@ def test_train_data_filter(tmp_path):
     (path,) = ba._train_files(job, cfg.data.train_files, str(tmp_path))
     recs = json.load(open(path, encoding="utf-8"))
     assert len(recs) == 120 and {r["meta"]["lang"] for r in recs} == {"en"}
-    job.train_langs, job.train_limit = "en,zh", 5
+    job.train_langs, job.train_limit = ("en", "zh"), 5
     assert len(json.load(open(ba._train_files(job, cfg.data.train_files, str(tmp_path))[0]))) == 5
     job.train_limit = 0
-    job.train_langs = ""
+    job.train_langs = ()
     assert ba._train_files(job, cfg.data.train_files, str(tmp_path)) == cfg.data.train_files
-    job.train_langs = "xx"
+    job.train_langs = ("xx",)
     with pytest.raises(ValueError, match="train_langs"):
         ba._train_files(job, cfg.data.train_files, str(tmp_path))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"conversations": [], "meta": {}}]))
-    job.train_langs = "en"
+    job.train_langs = ("en",)
     with pytest.raises(ValueError, match=r"bad.json.*meta.lang"):
         ba._train_files(job, str(bad), str(tmp_path))
 
