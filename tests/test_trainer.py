@@ -89,7 +89,8 @@ def test_lora_only_updates_and_reference(tiny_model_dir, small_iopo_file, tmp_pa
     assert "rewards/accuracies_v1" in lines[-2] and "tokens_per_s" in lines[-2]
 
 
-@pytest.mark.slow  # ~2 min each on 2 cores: CI's slow set runs them
+@pytest.mark.slow  # ~2 min each on 2 cores; heavy to keep .ci/run under an hour (the 2-process CLI tests in CI
+@pytest.mark.heavy  # compare a sharded run with another device layout end to end)
 @pytest.mark.parametrize("mesh", [{"data": 2, "fsdp": 4, "tensor": 1}, {"data": 1, "fsdp": 4, "tensor": 2}],
                          ids=["data2xfsdp4", "fsdp4xtensor2"])
 def test_same_losses_on_1_and_8_devices(tiny_model_dir, small_iopo_file, tmp_path, mesh):
