@@ -49,3 +49,12 @@ def test_every_module_is_in_the_layout():
 
 def test_checker_sees_a_missing_file():
     assert not _exists("no_such_module_anywhere.py") and _exists("policy_loss.py") and _exists("docs/rl.md")
+
+
+def test_no_script_shadows_a_package():
+    """``python bench/x.py`` puts bench/ first on sys.path: a script named like one of our packages would
+    shadow it for every import behind it (bench/data_pipeline.py once broke bench/sampling.py)."""
+    packages = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()}
+    for folder in ("bench", "notebooks", "experiments", "tests"):
+        clash = sorted(p.name for p in (REPO / folder).glob("*.py") if p.stem in packages)
+        assert not clash, f"{folder}/ holds scripts named like the packages {sorted(packages)}: {clash}"

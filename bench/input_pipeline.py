@@ -1,8 +1,8 @@
 """Benchmark of the input pipeline: tokenise + batch synthetic IOPO groups, cold and warm (cached).
 
-    python bench/data_pipeline.py                      # 2,000 groups (short default run)
-    python bench/data_pipeline.py --groups 20000       # the issue's size (~1,000 tokens per group)
-    python bench/data_pipeline.py --tokenizer /path/to/tokenizer --batch_size 8 --cutoff_len 1024
+    python bench/input_pipeline.py                      # 2,000 groups (short default run)
+    python bench/input_pipeline.py --groups 20000       # the issue's size (~1,000 tokens per group)
+    python bench/input_pipeline.py --tokenizer /path/to/tokenizer --batch_size 8 --cutoff_len 1024
 
 Prints groups/s for: cold (tokenise + write cache + one epoch of batches) with one process and with
 ``--num_proc`` processes (HF datasets map), warm (load the cache + one epoch of batches), and batch
@@ -56,7 +56,7 @@ def _epoch(ds, batch_size: int) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python bench/data_pipeline.py",
+    ap = argparse.ArgumentParser(prog="python bench/input_pipeline.py",
                                  description="Input-pipeline benchmark: groups/s cold vs warm, 1 vs N processes.")
     ap.add_argument("--groups", type=int, default=2000, help="synthetic IOPO groups (default 2000; the issue uses 20000)")
     ap.add_argument("--batch_size", type=int, default=8, help="groups per batch (default 8)")
