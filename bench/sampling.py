@@ -23,7 +23,9 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+
+from data_pipeline import cli
 
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory; default: a tiny random Qwen2 written to a temp dir")
 flags.DEFINE_enum("random_config", None, ["qwen2_7b", "smoke"],
@@ -263,4 +265,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)

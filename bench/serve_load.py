@@ -34,7 +34,9 @@ import tempfile
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
+
+from data_pipeline import cli
 
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory (Llama / Qwen2) with a tokenizer")
 flags.DEFINE_bool("random_smollm2", False, "instead of --model_dir: random weights of SmolLM2-135M's shape "
@@ -297,4 +299,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
+
+from data_pipeline import cli
 
 flags.DEFINE_string("trace", None, "TRACE evaluation JSONL (read with evaluation.trace.load_trace)", required=True)
 flags.DEFINE_integer("limit", 16, "number of items (from the start of the file)")
@@ -30,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)

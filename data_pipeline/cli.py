@@ -12,11 +12,15 @@ A command module defines its flags in one function ``define(flag_values)`` and i
 ``main(argv)`` parses ``argv`` (without the program name) against a fresh set of flags, so a test or a
 notebook may call it many times in one process; ``cli.run`` runs it as an absl app (absl's logging set-up,
 exit code returned by ``body``). Errors in the command line exit with code 2 and say what is wrong.
+
+List flags are :func:`define_list` (one comma list, items converted and checked: an error names the flag and
+the bad item). Commands that keep their flags on absl's global ``FLAGS`` (those with an ``ml_collections``
+``--config`` file) start with :func:`run_app` instead of ``absl.app.run``, so their ``--help`` also exits 0.
 """
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import app, flags
 
@@ -24,6 +28,13 @@ Define = Callable[[flags.FlagValues], None]
 Body = Callable[[flags.FlagValues, list], Optional[int]]
 
 HELP_ARGS = ("-h", "--help", "--helpshort", "--helpfull")
+
+
+def help_asked(argv: Sequence[str]) -> Optional[str]:
+    """The first help flag of ``argv`` (no program name) before a ``--``, or None."""
+    argv = list(argv)
+    head = argv[:argv.index("--")] if "--" in argv else argv
+    return next((a for a in head if a in HELP_ARGS), None)
 
 
 def usage_error(prog: str, message: str) -> SystemExit:
@@ -42,9 +53,7 @@ def parse(prog: str, doc: str, define: Define, argv: Sequence[str]) -> tuple[fla
     arguments. ``--help`` prints :func:`help_text` and exits 0; a bad command line exits 2."""
     fv = flags.FlagValues()
     define(fv)
-    argv = list(argv)
-    head = argv[:argv.index("--")] if "--" in argv else argv
-    if any(a in HELP_ARGS for a in head):
+    if help_asked(argv):
         print(help_text(prog, doc, fv))
         raise SystemExit(0)
     try:
@@ -75,3 +84,43 @@ def run(main: Callable[[Optional[Sequence[str]]], int]) -> None:
     """Run ``main`` as an absl app (absl's start-up, then ``main`` on the command line; its code is the exit
     status)."""
     app.run(lambda argv: main(argv[1:]), flags_parser=_own_parser)
+
+
+def run_app(main: Callable[[list], Any]) -> None:
+    """``absl.app.run(main)`` for a command whose flags are on absl's global ``FLAGS``, except that ``--help``
+    (``-h``, ``--helpshort``) prints the module's doc and its flags on stdout and exits 0 (absl exits 1);
+    ``--helpfull`` adds the flags of every module imported."""
+    asked = help_asked(sys.argv[1:])
+    if asked:
+        app.usage(shorthelp=asked != "--helpfull", writeto_stdout=True, exitcode=0)
+    app.run(main)
+
+
+class ListParser(flags.ListParser):
+    """A comma list whose items are converted by ``item`` and, when ``choices`` is given, must be among them."""
+
+    def __init__(self, item: Callable[[str], Any] = str, choices: Sequence[Any] = ()):
+        super().__init__()
+        self.item, self.choices = item, tuple(choices)
+
+    def parse(self, argument: Any) -> list:
+        out = []
+        for x in super().parse(argument):
+            try:
+                value = self.item(x)
+            except (TypeError, ValueError):
+                raise ValueError(f"item {x!r} is not a valid {getattr(self.item, '__name__', self.item)}") from None
+            if self.choices and value not in self.choices:
+                raise ValueError(f"unknown item {x!r}; choose from {', '.join(map(str, self.choices))}")
+            out.append(value)
+        return out
+
+    def flag_type(self) -> str:
+        return f"comma separated list of {getattr(self.item, '__name__', 'str')}"
+
+
+def define_list(name: str, default: Optional[Sequence[Any]], help: str, flag_values: flags.FlagValues,
+                item: Callable[[str], Any] = str, choices: Sequence[Any] = ()) -> None:
+    """A list flag given as one comma list (``--seeds=1,2,3``), its items converted by ``item`` (``int``,
+    ``float``, ...) and checked against ``choices``; a bad item is a usage error naming the flag and the item."""
+    flags.DEFINE(ListParser(item, choices), name, default, help, flag_values, flags.CsvListSerializer(","))

@@ -61,6 +61,8 @@ from typing import Callable, Optional, Sequence
 from data_pipeline import make_demo as D
 from data_pipeline import verifiers as V
 
+LANGS = ("en", "zh")  # languages of the prompts, constraints and answers
+
 DEFAULT_SEED = 2026
 DEFAULT_GROUPS = 3000
 DEFAULT_EVAL_SINGLE = 100
@@ -319,8 +321,8 @@ def generate(seed: int = DEFAULT_SEED, n_groups: int = DEFAULT_GROUPS, langs: Se
     if not 1 <= max_constraints <= 9:
         raise ValueError(f"max_constraints must be in 1..9, got {max_constraints}")
     for lang in langs:
-        if lang not in ("en", "zh"):
-            raise ValueError(f"langs: unknown language {lang!r} (en, zh)")
+        if lang not in LANGS:
+            raise ValueError(f"langs: unknown language {lang!r} ({', '.join(LANGS)})")
     rng = random.Random(seed)
     groups = []
     for i in tqdm(range(n_groups), desc="IOPO groups", disable=not progress):

@@ -803,10 +803,10 @@ def parse_mix(text: str) -> list[tuple[str, float]]:
 def run(args, connector: Connector) -> int:
     """Run the stages the flags of ``python -m iopo_jax.tools.synthesize`` (``args``, a namespace) ask for;
     the exit status: 0, or 3 when the request budget is spent (a rerun continues)."""
-    if args.stages == "all":
+    if list(args.stages) == ["all"]:
         stages = [s for s in STAGES if s != "expand" or args.expand_k > 0]
     else:
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        stages = list(args.stages)
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise ValueError(f"--stages: unknown stage(s) {', '.join(bad)}; known: {', '.join(STAGES)}")

@@ -37,6 +37,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
+from data_pipeline import cli
 from data_pipeline.readers import iter_raw
 from data_pipeline.schema import parse_list
 from evaluation import generate
@@ -458,5 +459,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)
     sys.exit(0)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
+from data_pipeline import cli
 from iopo_jax import io_utils
 from evaluation.report import gloss, table
 
@@ -141,4 +142,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)

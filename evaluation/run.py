@@ -48,6 +48,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from data_pipeline import cli
 from evaluation.generate import SamplerUnavailableError
 from evaluation.ifeval import IFEvalUnavailableError
 from evaluation.runner import evaluate
@@ -84,4 +85,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)

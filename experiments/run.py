@@ -344,9 +344,9 @@ def run(args) -> dict:
     t0 = time.time()
     overrides = {}
     if args.lrs:
-        overrides["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+        overrides["lrs"] = tuple(args.lrs)
     if args.seeds:
-        overrides["seeds"] = tuple(int(x) for x in args.seeds.split(","))
+        overrides["seeds"] = tuple(args.seeds)
     if args.steps:
         overrides["steps"] = args.steps
     for item in args.set:
@@ -363,10 +363,7 @@ def run(args) -> dict:
         raise SystemExit(f"--set/--lrs/--seeds/--steps: {e}") from e
     if isinstance(b["lrs"], list) or isinstance(b["seeds"], list):
         b["lrs"], b["seeds"] = tuple(b["lrs"]), tuple(b["seeds"])
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+    methods = list(args.methods) or list(METHODS)
     progress = not args.no_progress
     from iopo_jax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
 
@@ -460,9 +457,9 @@ def define_flags(fv) -> None:
                   flag_values=fv)
     f.DEFINE_enum("budget", "cpu", sorted(BUDGETS), "budget of experiments/configs/common.py when --quick is not given",
                   flag_values=fv)
-    f.DEFINE_string("methods", "", f"comma list (default all: {','.join(METHODS)})", flag_values=fv)
-    f.DEFINE_string("lrs", "", "comma list overriding the budget's learning-rate grid", flag_values=fv)
-    f.DEFINE_string("seeds", "", "comma list overriding the budget's seeds", flag_values=fv)
+    cli.define_list("methods", [], f"comma list (default all: {','.join(METHODS)})", fv, choices=METHODS)
+    cli.define_list("lrs", [], "comma list overriding the budget's learning-rate grid", fv, float)
+    cli.define_list("seeds", [], "comma list overriding the budget's seeds", fv, int)
     f.DEFINE_integer("steps", 0, "override the budget's optimizer steps (0 = budget)", flag_values=fv)
     f.DEFINE_multi_string("set", [], "FIELD=VALUE: override any budget field (repeatable; VALUE is JSON or a string), "
                           "e.g. --set eval_multi=20 --set rl_response_tokens=64; fields: experiments/configs/common.py",

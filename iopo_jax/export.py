@@ -16,6 +16,7 @@ import os
 import ml_collections
 from absl import app, flags
 
+from data_pipeline import cli
 from iopo_jax.checkpoint import Checkpointer
 from iopo_jax.models.lora import export_merged, export_peft, load_model_with_adapter
 from iopo_jax.models.weights import copy_tokenizer, load_model
@@ -85,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)

@@ -20,6 +20,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from data_pipeline import cli
 from iopo_jax import paths
 from iopo_jax.compile_cache import enable_compilation_cache
 from iopo_jax.multihost import detected_cluster, maybe_init_distributed  # noqa: F401  (re-exported)
@@ -95,4 +96,4 @@ def format_result(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import jax
 from absl import flags
 
+from data_pipeline import cli
 from data_pipeline.hashing import seed63
 from data_pipeline.schema import field_defaults, from_mapping, parse_list
 from iopo_jax.compile_cache import enable_compilation_cache
@@ -373,7 +374,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    cli.run_app(main)

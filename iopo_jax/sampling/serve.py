@@ -47,6 +47,7 @@ from typing import Any, List, Optional, Union
 import jax
 from absl import flags
 
+from data_pipeline import cli
 from iopo_jax.sampling import Row, Sampler, SamplingParams
 from iopo_jax.sampling.generate import parse_mesh
 
@@ -918,7 +919,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    cli.run_app(main)

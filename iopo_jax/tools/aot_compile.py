@@ -470,9 +470,10 @@ def table(results: list[Result], target: Target, usable: int) -> str:
     return "\n".join(lines)
 
 
-def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: str = "", only: str = "",
+def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: str = "", only=(),
         out=print) -> tuple[bool, list[Result], dict]:
-    """Compile every program of ``cfg`` for ``target``; returns (all fit, results, summary)."""
+    """Compile the programs of ``cfg`` named in ``only`` (a list, ``("all",)``, or empty for the default ones)
+    for ``target``; returns (all fit, results, summary)."""
     from iopo_jax.sharding import make_mesh, use_mesh
 
     mcfg, where = model_config(cfg, model_config_path)
@@ -487,10 +488,11 @@ def run(cfg, target: Target, *, hbm_fraction: float = 0.95, model_config_path: s
     with use_mesh(mesh):
         programs = rl_programs(cfg, mcfg, mesh) if "rl" in cfg else offline_programs(cfg, mcfg, mesh)
     names = [p.name for p in programs]
-    if only == "all":
+    only = parse_list(only, name="--programs")
+    if only == ("all",):
         wanted = set(names)
     elif only:
-        wanted = {x.strip() for x in only.split(",") if x.strip()}
+        wanted = set(only)
         unknown = wanted - set(names)
         if unknown:
             raise ValueError(f"--programs: {sorted(unknown)} are not programs of this config; choose from {names}")
@@ -584,11 +586,11 @@ def define_flags(fv) -> None:
     f.DEFINE_float("hbm_fraction", 0.95, "fraction of HBM a program may use (runtime reserve)", flag_values=fv)
     f.DEFINE_string("model_config", "", "HF config.json (or a directory holding one) of the model, when model.path "
                     "is neither a local directory nor in the HF cache nor a built-in hub id", flag_values=fv)
-    f.DEFINE_string("programs", "", "comma list of programs to compile, or 'all'. Offline configs: micro_step, "
+    cli.define_list("programs", [], "comma list of programs to compile, or 'all'. Offline configs: micro_step, "
                     "apply_step, eval_step, ref_step; RL configs: grad_step, logps, ref_logps, apply_step, prefill, "
                     "decode. Default: the ones that set the memory peak (micro_step, apply_step; RL: grad_step, "
                     "logps, apply_step, prefill, decode); eval_step / ref_step / ref_logps have the shapes of "
-                    "micro_step / logps without gradients", flag_values=fv)
+                    "micro_step / logps without gradients", fv)
     f.DEFINE_multi_string("set", [], "FIELD=VALUE: override a config field, e.g. --set model.remat=none --set "
                           "data.batch_size=32 (repeatable; values parsed as Python literals when possible; the same "
                           "as --config.FIELD=VALUE)", flag_values=fv)

@@ -54,7 +54,7 @@ def define_flags(fv) -> None:
                     flag_values=fv)
     f.DEFINE_integer("seed", C.DEFAULT_SEED, "random seed", flag_values=fv)
     f.DEFINE_integer("groups", C.DEFAULT_GROUPS, "IOPO groups", flag_values=fv)
-    f.DEFINE_string("langs", "en", "comma list of languages, en and/or zh", flag_values=fv)
+    cli.define_list("langs", ["en"], "comma list of languages, en and/or zh", fv, choices=C.LANGS)
     f.DEFINE_integer("max_constraints", C.DEFAULT_MAX_CONSTRAINTS, "most constraints of x1 and of a held-out prompt, "
                      "1..9 (x2 may have one more with --no_strict)", flag_values=fv)
     f.DEFINE_integer("eval_single", C.DEFAULT_EVAL_SINGLE, "held-out test prompts with one constraint",
@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit("--best_of must be >= 1")
         sample_fn = make_sample_fn(args.sample_model, args.best_of, args.temperature, args.max_new_tokens,
                                    args.sample_batch, progress=not args.no_progress)
-    data = C.generate(args.seed, args.groups, [s.strip() for s in args.langs.split(",") if s.strip()],
+    data = C.generate(args.seed, args.groups, args.langs,
                     args.max_constraints, args.eval_single, args.eval_multi, args.dev, args.sectioned_train,
                     args.sectioned_eval, strict=not args.no_strict, sample_fn=sample_fn,
                     sample_groups=args.sample_groups, progress=not args.no_progress)

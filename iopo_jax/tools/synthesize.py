@@ -45,8 +45,8 @@ def define_flags(fv) -> None:
     f.DEFINE_string("workdir", None, "directory for stage files, response stores and the report", flag_values=fv)
     f.DEFINE_string("output", None, "IOPO file written by the 'write' stage (default: <workdir>/iopo.json)",
                     flag_values=fv)
-    f.DEFINE_string("stages", "all", f"comma-separated stages to run ({', '.join(S.STAGES)}) or 'all' (expand runs "
-                    "only with --expand_k > 0)", flag_values=fv)
+    cli.define_list("stages", ["all"], f"comma-separated stages to run ({', '.join(S.STAGES)}) or 'all' (expand "
+                    "runs only with --expand_k > 0)", fv, choices=(*S.STAGES, "all"))
     f.DEFINE_bool("force", False, "rerun stages whose output file already exists (the outputs of later stages are "
                   "then removed, they were computed from the old output)", flag_values=fv)
     f.DEFINE_integer("seed", 0, "seed of every random choice (dimensions, edit ops, rule parameters); per item, so "
