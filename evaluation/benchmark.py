@@ -16,6 +16,8 @@ all of them (workdir fingerprint, answer generation with resume, judge client, `
   ``generation_stats`` and ``run``, which the runner adds).
 * :meth:`Benchmark.report_section` and :meth:`Benchmark.summary` - the benchmark's part of ``report.md``
   and its console line.
+* :attr:`Benchmark.headline` and :attr:`Benchmark.breakdowns` - the metrics ``python -m evaluation.compare``
+  sets side by side for two runs (:class:`Breakdown`: one table per breakdown); compare only formats them.
 
 Implementations: :mod:`evaluation.trace`, :mod:`evaluation.eifbench`, :mod:`evaluation.ifeval` and
 :mod:`evaluation.demo`, each registering its class with :func:`register`. To add a benchmark, subclass
@@ -27,7 +29,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from data_pipeline.schema import parse_list
 from evaluation import driver
@@ -47,11 +49,28 @@ class Loaded:
     spec: Any = None  # the benchmark's prompt settings (templates, system prompt, ...), if any
 
 
+METRIC_KINDS = ("rate", "score", "count")  # how a metric is printed: a share in percent, a mean score, a number
+Metric = tuple[str, str]  # (key in metrics.json or in a breakdown's row, kind: one of METRIC_KINDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Breakdown:
+    """A breakdown of ``metrics.json`` that ``evaluation.compare`` puts in a table: ``metrics[key]`` maps row
+    names to dicts holding ``fields``."""
+
+    key: str  # e.g. "by_split"
+    title: str  # what the rows are, e.g. "split"
+    fields: tuple[Metric, ...]  # the columns compared
+    gloss: bool = False  # row names are TRACE dimension labels, glossed in English (evaluation.report.gloss)
+
+
 class Benchmark(abc.ABC):
     """One benchmark (see module docstring); ``evaluation.runner`` drives it."""
 
     name: ClassVar[str]  # the value of config.benchmark
     llm_judge: ClassVar[bool] = False  # judged by the OpenAI-compatible judge of config.judge
+    headline: ClassVar[tuple[Metric, ...]] = ()  # the headline metrics evaluation.compare sets side by side
+    breakdowns: ClassVar[tuple[Breakdown, ...]] = ()  # and its breakdown tables, in this order
 
     @abc.abstractmethod
     def load(self, config) -> Loaded:
@@ -121,13 +140,26 @@ class LLMJudgedBenchmark(Benchmark):
 
 
 class RuleJudgedBenchmark(Benchmark):
-    """A benchmark whose judge is a function of the item and its answer (no network)."""
+    """A benchmark whose judge is a function of the item and its answer (no network).
+
+    Its work is three functions of its items, usually its module's, set as static methods:
+    ``item_units(items)`` (one generation unit per item), ``judge_record(item, response)`` (one
+    judgments.jsonl line) and ``item_metrics(items, judgments, n_missing_predictions=N)``; a subclass may
+    override :meth:`gen_units` and :meth:`metrics` instead of setting ``item_units`` and ``item_metrics``."""
 
     check_progress_desc: ClassVar[Optional[str]] = None  # a progress bar over the checks, when named
+    item_units: ClassVar[Callable[[Sequence[Any]], list[driver.GenUnit]]]
+    item_metrics: ClassVar[Callable[..., dict[str, Any]]]
 
     @abc.abstractmethod
     def judge_record(self, item: dict[str, Any], response: str) -> dict[str, Any]:
         """One judgments.jsonl line for an item and its answer."""
+
+    def gen_units(self, loaded):
+        return self.item_units(loaded.items)
+
+    def metrics(self, config, loaded, judgments, n_missing_predictions):
+        return self.item_metrics(loaded.items, judgments, n_missing_predictions=n_missing_predictions)
 
     def judge(self, config, loaded, predictions, client):
         todo = [r for r in loaded.items if r["id"] in predictions]

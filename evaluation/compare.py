@@ -3,10 +3,12 @@ r"""Compare two evaluation runs side by side: deltas per metric and per dimensio
     python -m evaluation.compare runs/trace_base runs/trace_iopo [--out=compare.md]
 
 Reads ``metrics.json`` of both run folders (same benchmark), prints a markdown table of every headline
-metric (A, B, B - A; rates in percent, deltas in percentage points) followed by the breakdowns (TRACE:
-by constraint count and by ``levels2`` dimension; EIFBench: by split, by number of sub-instructions and
-by task type; demo: by constraint count and verifier type), and writes the same markdown to ``--out``
-(default: ``RUN_B/compare_vs_<name of RUN_A>.md``).
+metric (A, B, B - A; rates in percent, deltas in percentage points) followed by the breakdowns, and writes
+the same markdown to ``--out`` (default: ``RUN_B/compare_vs_<name of RUN_A>.md``). Which metrics and
+breakdowns a benchmark compares is said by its :class:`~evaluation.benchmark.Benchmark` class
+(``headline``, ``breakdowns``; e.g. TRACE: by constraint count, by ``levels2`` dimension and by category;
+EIFBench: by split, by number of sub-instructions and by task type; demo: by constraint count and
+verifier type); this module only formats them.
 """
 from __future__ import annotations
 
@@ -19,30 +21,29 @@ from absl import app
 from absl import flags
 
 from data_pipeline import cli
-from iopo_jax import io_utils
+from evaluation import benchmark
+from evaluation import runner  # noqa: F401  (imports, so registers, every benchmark)
 from evaluation.report import gloss, table
+from iopo_jax import io_utils
 
 _OUT = flags.DEFINE_string("out", None, "Markdown output file (default RUN_B/compare_vs_<RUN_A>.md).")
 
-HEADLINE = {
-    "trace": [("IF-S", "rate"), ("IF-M", "rate"), ("IF", "rate"), ("mean_score", "score"), ("n_scored", "count"),
-              ("n_unparseable", "count"), ("n_judge_errors", "count")],
-    "eifbench": [("task_level", "rate"), ("ILA", "rate"), ("CLA", "rate"), ("n_scored_instances", "count"),
-                 ("n_pairs_scored", "count"), ("n_unparseable", "count"), ("n_judge_errors", "count")],
-    "demo": [("IF", "rate"), ("IF-S", "rate"), ("IF-M", "rate"), ("constraint_accuracy", "rate"),
-             ("n_scored", "count")],
-}
-BREAKDOWNS = {
-    "trace": [("by_constraint_count", "number of constraints", ["IF", "mean_score"]),
-              ("by_dimension", "dimension (levels2)", ["constraint_accuracy", "IF"]),
-              ("by_category", "category", ["IF", "mean_score"])],
-    "eifbench": [("by_split", "split", ["task_level", "ILA", "CLA"]),
-                 ("by_num_sub_instructions", "number of sub-instructions", ["task_level", "ILA", "CLA"]),
-                 ("by_task_type", "task type", ["task_level", "ILA", "CLA"])],
-    "demo": [("by_constraint_count", "number of constraints", ["IF", "constraint_accuracy"]),
-             ("by_dimension", "verifier type", ["constraint_accuracy"])],
-}
-SCORE_FIELDS = {"mean_score"}
+
+def columns(bench: Optional[str]) -> tuple[tuple[benchmark.Metric, ...], tuple[benchmark.Breakdown, ...]]:
+    """(headline metrics, breakdowns) that benchmark ``bench`` reports for comparison (its
+    :class:`~evaluation.benchmark.Benchmark` class says); none for a benchmark that is not registered."""
+    cls = benchmark.REGISTRY.get(bench)
+    return (cls.headline, cls.breakdowns) if cls else ((), ())
+
+
+def _rows(breakdown: benchmark.Breakdown, a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Row names of a breakdown: A's, then those only in B."""
+    da, db = a.get(breakdown.key) or {}, b.get(breakdown.key) or {}
+    return list(da) + [n for n in db if n not in da]
+
+
+def _cell(run: dict[str, Any], breakdown: benchmark.Breakdown, name: str, field: str) -> Optional[float]:
+    return ((run.get(breakdown.key) or {}).get(name) or {}).get(field)
 
 
 def load_metrics(run_dir: str) -> dict[str, Any]:
@@ -76,50 +77,38 @@ def _delta(a: Optional[float], b: Optional[float], kind: str) -> str:
 
 def deltas(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Structured deltas (B - A) for the headline metrics and every breakdown cell present in both."""
-    bench = a.get("benchmark")
-    out: dict[str, Any] = {"headline": {}, "breakdowns": {}}
-    for k, kind in HEADLINE.get(bench, []):
-        va, vb = a.get(k), b.get(k)
-        out["headline"][k] = None if va is None or vb is None else vb - va
-    for key, _, fields in BREAKDOWNS.get(bench, []):
-        da, db = a.get(key) or {}, b.get(key) or {}
-        cells = {}
-        for name in list(da) + [n for n in db if n not in da]:
-            row = {}
-            for f in fields:
-                va, vb = (da.get(name) or {}).get(f), (db.get(name) or {}).get(f)
-                row[f] = None if va is None or vb is None else vb - va
-            cells[name] = row
-        out["breakdowns"][key] = cells
-    return out
+    headline, breakdowns = columns(a.get("benchmark"))
+
+    def delta(va, vb):
+        return None if va is None or vb is None else vb - va
+
+    return {"headline": {k: delta(a.get(k), b.get(k)) for k, _ in headline},
+            "breakdowns": {bd.key: {name: {f: delta(_cell(a, bd, name, f), _cell(b, bd, name, f))
+                                           for f, _ in bd.fields}
+                                    for name in _rows(bd, a, b)}
+                           for bd in breakdowns}}
 
 
 def compare_markdown(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> str:
     bench = a.get("benchmark")
     if bench != b.get("benchmark"):
         raise ValueError(f"cannot compare a {bench} run with a {b.get('benchmark')} run")
+    headline, breakdowns = columns(bench)
     s = f"# {bench}: {name_b} vs {name_a}\n\nRates in percent; deltas (B - A) in percentage points.\n\n"
-    rows = []
-    for k, kind in HEADLINE.get(bench, []):
-        va, vb = a.get(k), b.get(k)
-        rows.append([k, _fmt(va, kind), _fmt(vb, kind), _delta(va, vb, kind)])
+    rows = [[k, _fmt(a.get(k), kind), _fmt(b.get(k), kind), _delta(a.get(k), b.get(k), kind)] for k, kind in headline]
     s += table(["metric", f"A: {name_a}", f"B: {name_b}", "delta"], rows)
-    for key, title, fields in BREAKDOWNS.get(bench, []):
-        da, db = a.get(key) or {}, b.get(key) or {}
-        if not da and not db:
+    for bd in breakdowns:
+        if not a.get(bd.key) and not b.get(bd.key):
             continue
-        headers = [title]
-        for f in fields:
-            headers += [f"{f} A", f"{f} B", f"{f} delta"]
+        headers = [bd.title] + [f"{f} {col}" for f, _ in bd.fields for col in ("A", "B", "delta")]
         rows = []
-        for name in list(da) + [n for n in db if n not in da]:
-            row = [gloss(name) if key == "by_dimension" else name]
-            for f in fields:
-                kind = "score" if f in SCORE_FIELDS else "rate"
-                va, vb = (da.get(name) or {}).get(f), (db.get(name) or {}).get(f)
+        for name in _rows(bd, a, b):
+            row = [gloss(name) if bd.gloss else name]
+            for f, kind in bd.fields:
+                va, vb = _cell(a, bd, name, f), _cell(b, bd, name, f)
                 row += [_fmt(va, kind), _fmt(vb, kind), _delta(va, vb, kind)]
             rows.append(row)
-        s += f"\n## By {title}\n\n" + table(headers, rows)
+        s += f"\n## By {bd.title}\n\n" + table(headers, rows)
     return s
 
 

@@ -117,6 +117,15 @@ class DemoBenchmark(benchmark.RuleJudgedBenchmark):
     may also come from the bundled references (``--config.generation.backend=reference``)."""
 
     name = "demo"
+    headline = (("IF", "rate"), ("IF-S", "rate"), ("IF-M", "rate"), ("constraint_accuracy", "rate"),
+                ("n_scored", "count"))
+    breakdowns = (
+        benchmark.Breakdown("by_constraint_count", "number of constraints",
+                            (("IF", "rate"), ("constraint_accuracy", "rate"))),
+        benchmark.Breakdown("by_dimension", "verifier type", (("constraint_accuracy", "rate"),), gloss=True))
+    item_units = staticmethod(gen_units)
+    judge_record = staticmethod(judge_record)
+    item_metrics = staticmethod(compute_metrics)
 
     def load(self, config) -> benchmark.Loaded:
         path = config.data.path or default_demo_path()
@@ -134,15 +143,6 @@ class DemoBenchmark(benchmark.RuleJudgedBenchmark):
 
     def model_name(self, config, backend):
         return "reference answers" if backend == "reference" else super().model_name(config, backend)
-
-    def gen_units(self, loaded):
-        return gen_units(loaded.items)
-
-    def judge_record(self, item, response):
-        return judge_record(item, response)
-
-    def metrics(self, config, loaded, judgments, n_missing_predictions):
-        return compute_metrics(loaded.items, judgments, n_missing_predictions=n_missing_predictions)
 
     def run_info(self, config, backend):
         return {"judge": "rule verifiers (data_pipeline.verifiers)"}

@@ -291,6 +291,12 @@ class EifBenchmark(benchmark.LLMJudgedBenchmark):
     holds one or more split files, comma-separated."""
 
     name = "eifbench"
+    headline = (("task_level", "rate"), ("ILA", "rate"), ("CLA", "rate"), ("n_scored_instances", "count"),
+                ("n_pairs_scored", "count"), ("n_unparseable", "count"), ("n_judge_errors", "count"))
+    breakdowns = tuple(benchmark.Breakdown(key, title, (("task_level", "rate"), ("ILA", "rate"), ("CLA", "rate")))
+                       for key, title in (("by_split", "split"),
+                                          ("by_num_sub_instructions", "number of sub-instructions"),
+                                          ("by_task_type", "task type")))
 
     def load(self, config) -> benchmark.Loaded:
         j, g = config.judge, config.generation

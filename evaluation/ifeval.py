@@ -255,21 +255,15 @@ class IFEvalBenchmark(benchmark.RuleJudgedBenchmark):
 
     name = "ifeval"
     check_progress_desc = "ifeval checks"
+    item_units = staticmethod(gen_units)
+    judge_record = staticmethod(judge_record)
+    item_metrics = staticmethod(compute_metrics)
 
     def load(self, config) -> benchmark.Loaded:
         files = benchmark.data_files(config, f"get it with: {DOWNLOAD_HINT}", single=True)
         records = load_ifeval(files[0], limit=config.data.limit)
         instruction_registry()  # fail on a missing dependency before any generation
         return benchmark.Loaded(items=records, files=files)
-
-    def gen_units(self, loaded):
-        return gen_units(loaded.items)
-
-    def judge_record(self, item, response):
-        return judge_record(item, response)
-
-    def metrics(self, config, loaded, judgments, n_missing_predictions):
-        return compute_metrics(loaded.items, judgments, n_missing_predictions=n_missing_predictions)
 
     def run_info(self, config, backend):
         g = config.generation

@@ -326,6 +326,13 @@ class TraceBenchmark(benchmark.LLMJudgedBenchmark):
     """TRACE as a :class:`~evaluation.benchmark.Benchmark` (see module docstring)."""
 
     name = "trace"
+    headline = (("IF-S", "rate"), ("IF-M", "rate"), ("IF", "rate"), ("mean_score", "score"), ("n_scored", "count"),
+                ("n_unparseable", "count"), ("n_judge_errors", "count"))
+    breakdowns = (
+        benchmark.Breakdown("by_constraint_count", "number of constraints", (("IF", "rate"), ("mean_score", "score"))),
+        benchmark.Breakdown("by_dimension", "dimension (levels2)", (("constraint_accuracy", "rate"), ("IF", "rate")),
+                            gloss=True),
+        benchmark.Breakdown("by_category", "category", (("IF", "rate"), ("mean_score", "score"))))
 
     def load(self, config) -> benchmark.Loaded:
         j = config.judge
