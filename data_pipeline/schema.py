@@ -14,6 +14,7 @@ This module has no dependency (the bottom layer: data_pipeline and iopo_jax both
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping, Type, TypeVar
 
 T = TypeVar("T")
@@ -28,30 +29,45 @@ def section_dict(section: Any) -> dict:
     return dict(section)
 
 
-def from_mapping(cls: Type[T], section: Any, where: str = "", exclude: tuple = (), *, complete: bool = False,
-                 **overrides: Any) -> T:
-    """``cls(**section, **overrides)``, checking the keys against the dataclass's fields.
+def section_fields(cls: Type, section: Any, where: str = "", exclude: tuple = (), *, complete: bool = False,
+                   prefix: str = "", overrides: Mapping[str, Any] = ()) -> dict:
+    """The keys of ``section`` checked against the fields of the dataclass ``cls``: ``{field: value}``.
 
-    An unknown key raises ``ValueError`` naming ``config.<where>`` (or ``where`` itself when it already starts
-    with ``config.``), the keys and the valid fields; a key also set in ``overrides`` raises; a missing key
-    takes the dataclass default, or raises when ``complete`` (the section must then hold every field that
-    ``overrides`` does not set, so the two cannot drift apart). An instance of ``cls`` is returned as it is.
-    ``exclude``: keys of the section that are not fields of ``cls`` and are dropped (e.g. settings of the
-    caller or a nested section read by another dataclass)."""
-    if isinstance(section, cls):
-        return section
-    values = {k: v for k, v in section_dict(section).items() if k not in exclude}
+    An unknown key raises ``ValueError`` naming ``config.<where>`` (``where`` itself when it already starts
+    with ``config.`` or is not a section name, e.g. a file), the keys and the valid fields; a key also set in ``overrides`` raises; a missing key
+    is left out (the dataclass default), or raises when ``complete`` (the section must then hold every field
+    that ``overrides`` does not set, so the two cannot drift apart). ``exclude``: keys of the section that are
+    not fields of ``cls`` and are dropped (e.g. settings of the caller or a nested section read by another
+    dataclass). ``prefix``: only the keys that start with it are read, without it (a dataclass held by a
+    part of a section, e.g. ``model.lora_rank``, ``model.lora_alpha``, ... for ``LoRAConfig.rank``, ...)."""
+    overrides = dict(overrides)
+    values = {k[len(prefix):]: v for k, v in section_dict(section).items() if k not in exclude and k.startswith(prefix)}
     fields = {f.name for f in dataclasses.fields(cls)}
     problems = [(what, keys) for what, keys in (
         ("unknown fields", sorted(set(values) - fields)),
         ("missing fields", sorted(fields - set(values) - set(overrides)) if complete else []),
         ("set twice", sorted(set(values) & set(overrides)))) if keys]
     if problems:
-        where = where if where.startswith("config.") else f"config.{where}" if where else cls.__name__
-        raise ValueError(f"{where} does not match {cls.__name__}: "
-                         + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in problems)
-                         + f" (the fields of {cls.__name__} are {', '.join(sorted(fields))})")
-    return cls(**values, **overrides)
+        if not where:
+            where = cls.__name__
+        elif re.fullmatch(r"[A-Za-z_][\w.]*", where) and not where.startswith("config."):
+            where = f"config.{where}"  # a section name; anything else (e.g. a file) is named as it is
+        names = lambda keys: ", ".join(prefix + k for k in keys)  # noqa: E731  (as the section spells them)
+        raise ValueError(f"{where}{'.' + prefix + '*' if prefix else ''} does not match {cls.__name__}: "
+                         + "; ".join(f"{what}: {names(keys)}" for what, keys in problems)
+                         + f" (the fields of {cls.__name__} are {names(sorted(fields))})")
+    return values
+
+
+def from_mapping(cls: Type[T], section: Any, where: str = "", exclude: tuple = (), *, complete: bool = False,
+                 prefix: str = "", **overrides: Any) -> T:
+    """``cls(**section, **overrides)``, the keys of the section checked by :func:`section_fields` (unknown,
+    missing when ``complete``, set twice: ``ValueError`` naming the section and the keys). An instance of
+    ``cls`` is returned as it is."""
+    if isinstance(section, cls):
+        return section
+    return cls(**section_fields(cls, section, where, exclude, complete=complete, prefix=prefix, overrides=overrides),
+               **overrides)
 
 
 def field_defaults(cls: Type) -> dict:

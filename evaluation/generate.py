@@ -23,6 +23,7 @@ import logging
 from typing import Any, Iterator, Optional, Sequence
 
 from data_pipeline.hashing import seed63
+from data_pipeline.schema import from_mapping
 from evaluation import driver
 from iopo_jax import io_utils
 from iopo_jax import chat_client
@@ -282,14 +283,18 @@ def resolve_backend(config) -> str:
     return backend
 
 
+# Keys of config.generation that are not ClientConfig fields: the choice of backend, the settings of the other
+# backends and of the prompts, and max_new_tokens (sent to the server as max_tokens).
+GENERATION_SETTINGS = ("backend", "predictions", "batch_size", "answer_template", "max_chars", "max_new_tokens")
+
+
 def api_client_config(config, workdir: str) -> chat_client.ClientConfig:
-    """The chat client settings of the "api" backend (its response store: generation_cache.jsonl)."""
+    """``config.generation`` as the chat client settings of the "api" backend: its ClientConfig fields as they
+    are (the others take ClientConfig's defaults; a key that is neither one nor in :data:`GENERATION_SETTINGS`
+    fails, naming it), ``max_tokens`` = ``max_new_tokens``, the response store generation_cache.jsonl."""
     g = config.generation
-    return chat_client.ClientConfig(
-        base_url=g.base_url, model=g.model, api_key_env=g.api_key_env, temperature=g.temperature,
-        top_p=g.top_p, max_tokens=g.max_new_tokens, timeout_s=g.timeout_s, concurrency=g.concurrency,
-        max_retries=g.max_retries, request_budget=g.request_budget,
-        store_path=os.path.join(workdir, "generation_cache.jsonl"), name="generation")
+    return from_mapping(chat_client.ClientConfig, g, "generation", GENERATION_SETTINGS, max_tokens=g.max_new_tokens,
+                        store_path=os.path.join(workdir, "generation_cache.jsonl"), name="generation")
 
 
 def make_generator(config, backend: str, workdir: str):

@@ -41,11 +41,11 @@ import optax
 from flax import nnx
 
 from data_pipeline.hashing import sha256_int
-from data_pipeline.schema import parse_list
+from data_pipeline.schema import from_mapping, parse_list, section_fields
 from data_pipeline.tokenizer import load_tokenizer
 from iopo_jax import paths
 from iopo_jax.checkpoint import Checkpointer
-from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig
+from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig, ModelConfig
 from iopo_jax.models.lora import export_merged, export_peft
 from iopo_jax.models.weights import copy_tokenizer, load_model
 from iopo_jax.sharding import make_mesh, path_str, use_mesh
@@ -89,13 +89,27 @@ def check_common_config(cfg) -> None:
             bad("optimizer.freeze_patterns", p, f"not a valid regex ({e})")
 
 
+# Keys of config.model that are settings of the run (where the model is, what is trained), not fields of
+# ModelConfig (the numerics and memory keys) or of LoRAConfig (the lora_* keys).
+MODEL_SETTINGS = ("path", "make_tiny_if_missing", "tiny_hidden_size", "tiny_num_layers", "tokenizer", "finetune")
+
+
 def lora_config(cfg) -> LoRAConfig | None:
+    """``config.model.lora_*`` as a :class:`LoRAConfig`, field for field (``lora_rank`` -> ``rank``, ...; every
+    field must be there), or None when ``config.model.finetune`` is not "lora"."""
     if cfg.model.finetune != "lora":
         return None
-    targets = parse_list(cfg.model.lora_targets, name="config.model.lora_targets")
-    targets = LORA_TARGETS_ALL if targets == ("all",) else targets
-    return LoRAConfig(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
-                      targets=targets)
+    return from_mapping(LoRAConfig, cfg.model, "model", prefix="lora_", complete=True)
+
+
+def model_overrides(cfg) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields ``config.model`` sets (param_dtype, dtype, remat, attention_impl,
+    attention_block, scan_layers) and ``lora`` (:func:`lora_config`): the overrides of the checkpoint's
+    ``config.json`` for ``load_model`` / ``ModelConfig.from_hf``. Any other key of ``config.model`` that is
+    not in :data:`MODEL_SETTINGS` must be a ModelConfig field (an unknown one fails, naming it)."""
+    lora_keys = tuple(k for k in cfg.model.keys() if k.startswith("lora_"))
+    return {**section_fields(ModelConfig, cfg.model, "model", exclude=MODEL_SETTINGS + lora_keys),
+            "lora": lora_config(cfg)}
 
 
 def resolve_model_dir(cfg) -> str:
@@ -478,15 +492,10 @@ class TrainLoop:
     def load_policy(self) -> dict:
         """Load ``model_dir`` on the mesh (with LoRA when configured); sets ``parts``, returns the trainable
         leaves."""
-        cfg = self.cfg
-        lcfg = lora_config(cfg)
+        overrides = model_overrides(self.cfg)
         with use_mesh(self.mesh):
-            model, self.model_cfg = load_model(self.model_dir, mesh=self.mesh, seed=cfg.train.seed,
-                                               param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                                               remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
-                                               scan_layers=cfg.model.get("scan_layers", False),
-                                               attention_block=cfg.model.attention_block, lora=lcfg)
-        self.parts, trainable = split_model(model, lora=lcfg is not None)
+            model, self.model_cfg = load_model(self.model_dir, mesh=self.mesh, seed=self.cfg.train.seed, **overrides)
+        self.parts, trainable = split_model(model, lora=overrides["lora"] is not None)
         return trainable
 
     def bound(self, name: str) -> BoundStep:

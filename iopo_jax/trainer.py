@@ -49,8 +49,8 @@ from iopo_jax.sharding import batch_sharding, host_local_rows, param_spec, path_
 from iopo_jax.train_loop import (BoundStep, MetricsLogger, ModelParts, PreemptionGuard, StepSpec,  # noqa: F401
                                  TrainingDiverged, TrainLoop, abstract_like, check_common_config,
                                  config_error, decays, export_model, frozen_keys, lora_config, make_apply_step,
-                                 make_optimizer, make_schedule, reference_trainable, resolve_model_dir,
-                                 split_model)
+                                 make_optimizer, make_schedule, model_overrides, reference_trainable,
+                                 resolve_model_dir, split_model)
 
 log = logging.getLogger("iopo_jax.train")
 
@@ -332,9 +332,7 @@ def abstract_train_specs(cfg, mesh, model_cfg=None, rows: int | None = None, seq
                          "slots) have no abstract layout yet; compile with --set data.share_prompt=False")
     lcfg = lora_config(cfg)
     if model_cfg is None:
-        model_cfg = ModelConfig.from_hf(cfg.model.path, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                                        remat=cfg.model.remat, attention_impl=cfg.model.attention_impl,
-                                        attention_block=cfg.model.attention_block, lora=lcfg)
+        model_cfg = ModelConfig.from_hf(cfg.model.path, **model_overrides(cfg))
     parts, trainable = abstract_model_parts(model_cfg, mesh, lora=lcfg is not None)
     k = NUM_SEQUENCES[cfg.data.kind]
     objective = get_objective(cfg.objective.name)

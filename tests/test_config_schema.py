@@ -115,3 +115,68 @@ def test_rl_judge_and_weights_sections_match_their_dataclasses():
     with pytest.raises(ValueError, match=r"config\.rl\.judge does not match ClientConfig: missing fields: top_p"):
         ClientConfig.from_mapping(j, section="config.rl.judge", ignore=JUDGE_SETTINGS + ("cache_path",),
                                   store_path="s.jsonl", name="judge reward")
+
+
+def test_model_section_is_lora_config_and_model_config_overrides_field_for_field():
+    """config.model: lora_* are LoRAConfig's fields (same defaults), the other keys are ModelConfig fields or
+    settings of the run; a key of neither kind, or a LoRA field missing, fails naming it."""
+    from iopo_jax.models.config import LORA_TARGETS_ALL, LoRAConfig, ModelConfig
+    from iopo_jax.train_loop import MODEL_SETTINGS, lora_config, model_overrides
+
+    c = get_config()
+    lora = {k[len("lora_"):]: v for k, v in c.model.items() if k.startswith("lora_")}
+    assert lora == field_defaults(LoRAConfig) and lora_config(c) == LoRAConfig()
+    over = model_overrides(c)
+    assert over.pop("lora") == LoRAConfig()
+    assert over == {k: c.model[k] for k in c.model.keys() if k not in MODEL_SETTINGS and not k.startswith("lora_")}
+    assert set(over) <= {f.name for f in dataclasses.fields(ModelConfig)}
+    c.model.lora_targets, c.model.lora_rank = ("q_proj, v_proj",), 4  # a comma list from the command line
+    assert lora_config(c) == LoRAConfig(rank=4, targets=("q_proj", "v_proj"))
+    c.model.lora_targets = ("all",)
+    assert lora_config(c).targets == LORA_TARGETS_ALL
+    c.model.finetune = "full"
+    assert lora_config(c) is None and model_overrides(c)["lora"] is None
+    c = get_config()
+    c.model.lora_rnak = 4
+    with pytest.raises(ValueError, match=r"config\.model\.lora_\* does not match LoRAConfig: unknown fields: lora_rnak"):
+        lora_config(c)
+    del c.model["lora_rnak"], c.model["lora_dropout"]
+    with pytest.raises(ValueError, match="missing fields: lora_dropout"):
+        lora_config(c)
+    c = get_config()
+    c.model.remmat = "full"
+    with pytest.raises(ValueError, match=r"config\.model does not match ModelConfig: unknown fields: remmat"):
+        model_overrides(c)
+
+
+def test_from_hf_checks_overrides_and_required_fields():
+    from iopo_jax.models.config import ModelConfig
+    from iopo_jax.tools.make_tiny_model import tiny_config
+
+    cfg = tiny_config()
+    hf = cfg.to_hf()
+    assert ModelConfig.from_hf(hf, param_dtype=cfg.param_dtype) == cfg
+    assert ModelConfig.from_hf(hf, remat="full", param_dtype=cfg.param_dtype) == cfg.replace(remat="full")
+    with pytest.raises(ValueError, match="the HF config with overrides does not match ModelConfig: unknown fields: remmat"):
+        ModelConfig.from_hf(hf, remmat="full")
+    del hf["num_hidden_layers"]
+    with pytest.raises(ValueError, match="missing field.*num_hidden_layers"):
+        ModelConfig.from_hf(hf)
+
+
+def test_generation_section_is_the_api_client_config():
+    """config.generation: the ClientConfig fields it holds go to the api backend's client as they are."""
+    from configs.eval_trace import get_config as eval_config
+    from evaluation.generate import GENERATION_SETTINGS, api_client_config
+    from iopo_jax.chat_client import ClientConfig
+
+    c = eval_config()
+    cc = api_client_config(c, "/w")
+    shared = set(c.generation.keys()) - set(GENERATION_SETTINGS)
+    assert shared <= {f.name for f in dataclasses.fields(ClientConfig)}
+    assert {k: getattr(cc, k) for k in shared} == {k: c.generation[k] for k in shared}
+    assert (cc.max_tokens, cc.store_path, cc.name) == (c.generation.max_new_tokens, "/w/generation_cache.jsonl",
+                                                       "generation")
+    c.generation.top_k = 5
+    with pytest.raises(ValueError, match=r"config\.generation does not match ClientConfig: unknown fields: top_k"):
+        api_client_config(c, "/w")

@@ -11,10 +11,19 @@ import json
 import os
 from typing import Any
 
+from data_pipeline.schema import from_mapping, parse_list
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ModelConfig field -> HF config.json key, for the fields copied as they are (from_hf).
+HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+             "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "rms_norm_eps": "rms_norm_eps",
+             "max_position_embeddings": "max_position_embeddings", "bos_token_id": "bos_token_id"}
+HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 class UnsupportedConfigError(ValueError):
@@ -28,9 +37,11 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = LORA_TARGETS_ALL
+    targets: tuple[str, ...] = LORA_TARGETS_ALL  # or ("all",); a comma string means the same list
 
     def __post_init__(self):
+        targets = parse_list(self.targets, name="lora.targets")
+        object.__setattr__(self, "targets", LORA_TARGETS_ALL if targets == ("all",) else targets)
         if self.rank <= 0:
             raise ValueError(f"lora.rank must be > 0, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
@@ -150,28 +161,23 @@ class ModelConfig:
             elif kind not in (None, "default"):
                 raise UnsupportedConfigError(
                     f"{src}: rope_scaling type '{kind}' is not supported (only llama3 scaling)")
-        heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id")
-        kw = dict(
+        missing = [k for k in HF_REQUIRED if k not in hf]
+        if missing:
+            raise ValueError(f"{src}: missing field(s) {', '.join(missing)}")
+        # the fields of the same meaning and value; absent optional ones take the dataclass defaults
+        kw = {ours: hf[key] for ours, key in HF_FIELDS.items() if key in hf}
+        heads, eos = hf["num_attention_heads"], hf.get("eos_token_id")
+        kw.update(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rope_theta=float(theta),
             rope_llama3=llama3,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         )
-        kw.update(overrides)
-        return cls(**kw)
+        return from_mapping(cls, {**kw, **overrides}, f"{src if src != 'config' else 'the HF config'} with overrides")
 
     def to_hf(self) -> dict[str, Any]:
         """The HF ``config.json`` dict that transformers needs to rebuild this architecture."""

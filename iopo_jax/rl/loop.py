@@ -152,6 +152,14 @@ def make_rl_steps(parts, tx, **kw):
     return bind(fns["logps"]), bind(fns["ref_logps"]), bind(fns["grad_step"]), fns["apply_step"]
 
 
+def rl_step_settings(cfg) -> dict:
+    """The settings of :func:`make_rl_step_fns` a config gives (``rl`` and ``train`` sections), but ``frozen``."""
+    r = cfg.rl
+    return dict(temperature=r.temperature, chunk=cfg.train.logprob_chunk, max_label_tokens=r.max_response_tokens,
+                eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef, aggregation=r.aggregation,
+                seed=cfg.train.seed, remat=cfg.train.get("logprob_remat", True))
+
+
 def make_rl_step_fns(parts, tx, *, temperature: float, chunk: int, max_label_tokens: int, eps_low: float,
                      eps_high: float, kl_coef: float, aggregation: str, seed: int, remat: bool = True,
                      frozen: frozenset = frozenset()) -> dict:
@@ -234,12 +242,8 @@ class RLTrainer(TrainLoop):
         return self.iterations, self.iterations * r.ppo_epochs * r.mini_batches
 
     def build_steps(self) -> dict:
-        cfg, r = self.cfg, self.rl
-        return make_rl_step_fns(
-            self.parts, self.tx, temperature=r.temperature, chunk=cfg.train.logprob_chunk,
-            max_label_tokens=r.max_response_tokens, eps_low=r.eps_low, eps_high=r.eps_high, kl_coef=r.kl_coef,
-            aggregation=r.aggregation, seed=cfg.train.seed, remat=cfg.train.get("logprob_remat", True),
-            frozen=frozen_keys(cfg.optimizer, self.trainable))
+        return make_rl_step_fns(self.parts, self.tx, **rl_step_settings(self.cfg),
+                                frozen=frozen_keys(self.cfg.optimizer, self.trainable))
 
     def setup_extra(self):
         cfg, r, model_dir = self.cfg, self.rl, self.model_dir

@@ -190,7 +190,7 @@ def hf_architecture(path: str, model_config: str = "", tiny: dict | None = None)
 
 def model_config(cfg, model_config_path: str = ""):
     from iopo_jax.models.config import ModelConfig
-    from iopo_jax.trainer import lora_config
+    from iopo_jax.trainer import model_overrides
 
     m = cfg.model
     tiny = None
@@ -198,9 +198,7 @@ def model_config(cfg, model_config_path: str = ""):
         tiny = dict(hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
                     intermediate_size=2 * m.tiny_hidden_size)
     src, where = hf_architecture(m.path, model_config_path, tiny)
-    mcfg = ModelConfig.from_hf(src, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                               attention_impl=m.attention_impl, attention_block=m.attention_block,
-                               scan_layers=m.get("scan_layers", False), lora=lora_config(cfg))
+    mcfg = ModelConfig.from_hf(src, **model_overrides(cfg))
     return mcfg, where
 
 
@@ -373,7 +371,7 @@ def rl_programs(cfg, mcfg, mesh) -> list[Program]:
     from flax import nnx
 
     from data_pipeline.schema import parse_list
-    from iopo_jax.rl.loop import make_rl_step_fns, rl_step_specs
+    from iopo_jax.rl.loop import make_rl_step_fns, rl_step_settings, rl_step_specs
     from iopo_jax.sampling.engine import Engine, RowParams
     from iopo_jax.sampling.sampler import pow2_buckets
     from iopo_jax.sharding import use_mesh
@@ -384,10 +382,7 @@ def rl_programs(cfg, mcfg, mesh) -> list[Program]:
     parts, trainable = abstract_model_parts(mcfg, mesh, lora=lora)
     tx = make_optimizer(cfg.optimizer, max(cfg.train.max_steps, 1), trainable)
     opt_state = abstract_opt_state(tx, trainable)
-    fns = make_rl_step_fns(parts, tx, temperature=r.temperature, chunk=cfg.train.logprob_chunk,
-                           max_label_tokens=r.max_response_tokens, eps_low=r.eps_low, eps_high=r.eps_high,
-                           kl_coef=r.kl_coef, aggregation=r.aggregation, seed=cfg.train.seed,
-                           remat=cfg.train.get("logprob_remat", True))
+    fns = make_rl_step_fns(parts, tx, **rl_step_settings(cfg))
     full = r.max_prompt_tokens + r.max_response_tokens
     length = int(math.ceil(full / r.length_step) * r.length_step) if r.length_step > 0 else full
     micro_rows = r.micro_batch_size or r.prompts_per_step * r.group_size // r.mini_batches
