@@ -4,6 +4,9 @@ The configs in ``configs/`` are ml_collections ``ConfigDict`` s (overridable on 
 reads them through dataclasses. :func:`from_mapping` builds the dataclass from its section: every key must
 be a field (an unknown one fails, naming the section and the field), a missing field takes the dataclass
 default, which equals the section's default in ``configs/base.py`` (tests/test_config_schema.py checks it).
+A dataclass may be a part of a section (``prefix``: ``model.lora_*`` is ``LoRAConfig``); :func:`section_fields`
+gives the checked keys as a dict, for the fields a section sets on a dataclass built from elsewhere (the
+``ModelConfig`` of a checkpoint's ``config.json``).
 
 :func:`parse_list` is the one parser of list-valued fields: configs hold tuples
 (``model.lora_targets = ("q_proj", "v_proj")``), and a comma string from the command line
@@ -34,12 +37,13 @@ def section_fields(cls: Type, section: Any, where: str = "", exclude: tuple = ()
     """The keys of ``section`` checked against the fields of the dataclass ``cls``: ``{field: value}``.
 
     An unknown key raises ``ValueError`` naming ``config.<where>`` (``where`` itself when it already starts
-    with ``config.`` or is not a section name, e.g. a file), the keys and the valid fields; a key also set in ``overrides`` raises; a missing key
-    is left out (the dataclass default), or raises when ``complete`` (the section must then hold every field
-    that ``overrides`` does not set, so the two cannot drift apart). ``exclude``: keys of the section that are
-    not fields of ``cls`` and are dropped (e.g. settings of the caller or a nested section read by another
-    dataclass). ``prefix``: only the keys that start with it are read, without it (a dataclass held by a
-    part of a section, e.g. ``model.lora_rank``, ``model.lora_alpha``, ... for ``LoRAConfig.rank``, ...)."""
+    with ``config.`` or is not a section name, e.g. a file), the keys and the valid fields; a key also set in
+    ``overrides`` raises; a missing key is left out (the dataclass default), or raises when ``complete`` (the
+    section must then hold every field that ``overrides`` does not set, so the two cannot drift apart).
+    ``exclude``: keys of the section that are not fields of ``cls`` and are dropped (e.g. settings of the
+    caller or a nested section read by another dataclass). ``prefix``: only the keys that start with it are
+    read, without it (a dataclass held by a part of a section: ``model.lora_rank``, ``model.lora_alpha``, ...
+    are ``LoRAConfig.rank``, ``LoRAConfig.alpha``, ...)."""
     overrides = dict(overrides)
     values = {k[len(prefix):]: v for k, v in section_dict(section).items() if k not in exclude and k.startswith(prefix)}
     fields = {f.name for f in dataclasses.fields(cls)}
