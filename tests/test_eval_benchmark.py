@@ -7,6 +7,7 @@ import pytest
 
 from configs import eval_demo, eval_eifbench, eval_ifeval, eval_trace
 from evaluation import benchmark, driver, runner
+from evaluation import compare as compare_lib
 from iopo_jax import chat_client
 from iopo_jax import io_utils
 
@@ -22,6 +23,13 @@ def test_registry_holds_the_four_benchmarks():
     assert not benchmark.get("demo").llm_judge and not benchmark.get("ifeval").llm_judge
     with pytest.raises(ValueError, match="demo, eifbench, ifeval, trace, got 'nope'"):
         benchmark.get("nope")
+
+
+def test_compare_columns_of_every_benchmark_have_a_known_kind():
+    for cls in benchmark.REGISTRY.values():
+        kinds = [k for _, k in cls.headline] + [k for bd in cls.breakdowns for _, k in bd.fields]
+        assert set(kinds) <= set(benchmark.METRIC_KINDS), cls.name
+    assert [k for k, _ in benchmark.REGISTRY["trace"].headline][:3] == ["IF-S", "IF-M", "IF"]
 
 
 def test_registering_another_class_under_a_taken_name_fails():
@@ -60,6 +68,7 @@ class _Lengths(benchmark.RuleJudgedBenchmark):
     """A toy benchmark: an answer passes when it is at most ``limit`` characters long."""
 
     name = "toy_lengths"
+    headline = (("pass", "rate"), ("n_items", "count"))
 
     def load(self, config):
         items = [{"id": str(i), "prompt": f"say {i}", "limit": 3 + i} for i in range(4)]
@@ -105,6 +114,9 @@ def test_one_runner_drives_a_newly_registered_benchmark(tmp_path, capsys):
         assert json.loads((run / "metrics.json").read_text())["benchmark"] == "toy_lengths"
         assert "pass rate 0.333" in (run / "report.md").read_text()
         assert "judge" not in json.loads((run / "config.json").read_text())["fingerprint"]
+        # evaluation.compare takes its columns from the benchmark class
+        md = compare_lib.compare_markdown(m, {**m, "pass": 1.0, "n_items": 5}, "a", "b")
+        assert "| pass | 33.3 | 100.0 | +66.7 |" in md and "| n_items | 4 | 5 | +1 |" in md
     finally:
         benchmark.REGISTRY.pop("toy_lengths", None)
 
