@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from absl import flags
+from absl import app, flags
 
 from data_pipeline import cli
 
@@ -45,6 +45,9 @@ flags.DEFINE_bool("matmul_peak", True,
                   "same run and report the decode step's achieved FLOP/s as a fraction of it")
 flags.DEFINE_bool("scan_layers", True, "our sampler's cached forward as one lax.scan over the stacked layers "
                   "(Sampler(scan_layers=...)); false: layers unrolled")
+flags.DEFINE_list("engines", ["continuous", "static"],
+                  "our engines to measure: continuous (continuous batching, the sampler's default) and/or static "
+                  "(the batch-level engine, Sampler(continuous=False))")
 flags.DEFINE_string("json_out", None, "also write the results to this JSON file")
 FLAGS = flags.FLAGS
 
@@ -87,14 +90,14 @@ def _load(dtype):
     return model, cfg, d
 
 
-def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats):
+def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats, continuous=True):
     import numpy as np
 
     from iopo_jax.sampling import Sampler, SamplingParams
 
     sampler = Sampler(model, None, eos_token_ids=[], prompt_buckets=(prompt_len,), new_token_buckets=(new_tokens,),
                       batch_buckets=tuple(sorted(batch_sizes)), max_batch_size=max(batch_sizes),
-                      max_model_len=prompt_len + new_tokens,
+                      max_model_len=prompt_len + new_tokens, continuous=continuous,
                       **({} if FLAGS.scan_layers else {"scan_layers": False}))
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     rng = np.random.RandomState(0)
@@ -218,38 +221,47 @@ def main(argv):
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {cfg.model_type} "
           f"d={cfg.hidden_size} layers={cfg.num_layers} vocab={cfg.vocab_size} dtype={FLAGS.dtype}  "
           f"prompt_len={FLAGS.prompt_len} new_tokens={FLAGS.new_tokens}", flush=True)
-    ours, _ = bench_ours(model, cfg, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats)
+    bad = [e for e in FLAGS.engines if e not in ("continuous", "static")]
+    if bad or not FLAGS.engines:
+        raise app.UsageError(f"--engines: unknown {bad}; choose from continuous, static")
+    engines = {e: bench_ours(model, cfg, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats,
+                             continuous=e == "continuous")[0] for e in FLAGS.engines}
+    ours = engines[FLAGS.engines[0]]
     hf = None
     if not FLAGS.skip_hf and model_dir is not None:
         hf = bench_hf(model_dir, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats, FLAGS.dtype)
     results = {"config": dict(batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
-                              dtype=FLAGS.dtype, device=jax.devices()[0].device_kind), "ours": ours, "hf": hf}
-    header = f"{'batch':>5} | {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8}"
+                              dtype=FLAGS.dtype, device=jax.devices()[0].device_kind),
+               "ours": ours, "engines": engines, "hf": hf}
+    header = f"{'engine':>10} {'batch':>5} | {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8}"
     if hf:
         header += f" | {'HF prefill':>10} {'HF decode':>10} | {'prefill x':>9} {'decode x':>8}"
     print(header)
-    for b in batch_sizes:
-        o = ours[b]
-        line = f"{b:>5} | {o['compile_s']:>9.1f} {o['prefill_tok_s']:>13.0f} {o['decode_tok_s']:>12.0f} {o['decode_step_ms']:>8.2f}"
-        if hf:
-            h = hf[b]
-            line += (f" | {h['prefill_tok_s']:>10.0f} {h['decode_tok_s']:>10.0f} | "
-                     f"{o['prefill_tok_s'] / h['prefill_tok_s']:>9.2f} {o['decode_tok_s'] / h['decode_tok_s']:>8.2f}")
-        print(line)
+    for e, res in engines.items():
+        for b in batch_sizes:
+            o = res[b]
+            line = (f"{e:>10} {b:>5} | {o['compile_s']:>9.1f} {o['prefill_tok_s']:>13.0f} {o['decode_tok_s']:>12.0f} "
+                    f"{o['decode_step_ms']:>8.2f}")
+            if hf:
+                h = hf[b]
+                line += (f" | {h['prefill_tok_s']:>10.0f} {h['decode_tok_s']:>10.0f} | "
+                         f"{o['prefill_tok_s'] / h['prefill_tok_s']:>9.2f} {o['decode_tok_s'] / h['decode_tok_s']:>8.2f}")
+            print(line)
     if FLAGS.matmul_peak:
         peak = matmul_peak(FLAGS.dtype)
         fpt = decode_flops_per_token(cfg, FLAGS.prompt_len, FLAGS.new_tokens)
         results["matmul_peak"] = dict(peak, decode_flops_per_token=fpt, decode={})
         print(f"measured matmul peak: {peak['gflops']:.1f} GFLOP/s ({FLAGS.dtype}, n={peak['n']}); "
               f"decode step: {fpt / 1e6:.1f} MFLOP per row")
-        for b in batch_sizes:
-            g = ours[b]["decode_tok_s"] * fpt / 1e9
-            results["matmul_peak"]["decode"][b] = dict(gflops=g, fraction=g / peak["gflops"])
-            line = f"batch {b}: decode {g:.1f} GFLOP/s = {100 * g / peak['gflops']:.1f}% of the matmul peak"
-            if hf:
-                gh = hf[b]["decode_tok_s"] * fpt / 1e9
-                line += f" (transformers: {gh:.1f} GFLOP/s = {100 * gh / peak['gflops']:.1f}%)"
-            print(line)
+        for e, res in engines.items():
+            for b in batch_sizes:
+                g = res[b]["decode_tok_s"] * fpt / 1e9
+                results["matmul_peak"]["decode"][f"{e}/{b}"] = dict(gflops=g, fraction=g / peak["gflops"])
+                line = f"{e} batch {b}: decode {g:.1f} GFLOP/s = {100 * g / peak['gflops']:.1f}% of the matmul peak"
+                if hf:
+                    gh = hf[b]["decode_tok_s"] * fpt / 1e9
+                    line += f" (transformers: {gh:.1f} GFLOP/s = {100 * gh / peak['gflops']:.1f}%)"
+                print(line)
     if FLAGS.peak_bandwidth_gbs > 0:
         results["roofline"] = {}
         for b in batch_sizes:

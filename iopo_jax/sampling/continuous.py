@@ -22,9 +22,11 @@ One scheduler round (:meth:`Scheduler.step`):
 4. a lane whose rows fit a smaller batch bucket (and that no waiting row needs) is compacted into it
    (``resize``), so a lone request decodes at batch 1, not in a full lane.
 
-Lane lengths are coarse (by default 512, 2048, 8192, ... slots): on a memory-bound decode step the
-weights are read once per lane, so one lane for short and medium rows costs less than one lane each,
-while a very long prompt still does not make short rows attend over its cache.
+Lane lengths are the sampler's cache buckets from 128 slots on, at least 2x apart (128, 256, 512, ...):
+every decode step attends over the lane's whole cache, and on XLA:CPU that attention (small batched
+products per row and key-value head) costs more than reading the weights once more for a second lane.
+Measured on SmolLM2-135M, batch 32, 128-token prompts, 64 new tokens, 2 CPU cores: a 512-slot lane
+decoded at 424 ms a step, a 192-slot lane at 234 ms (``bench/sampling.py --engine``).
 
 Static shapes: prefill compiles per (job batch bucket, prompt bucket, chunk), ``admit`` per
 (lane batch, lane length, job shape), ``decode`` per (lane batch, lane length) and ``resize`` per
@@ -213,14 +215,15 @@ class Scheduler:
 
     Shapes: lane and prefill-job batches come from :attr:`buckets` (the sampler's batch buckets thinned
     to steps of at least 4x, e.g. 1, 4, 16, 32), lane lengths from :attr:`lane_lengths` (its cache
-    buckets from ``min_lane_length`` on, thinned to steps of at least 4x): few shapes, so that
+    buckets from ``min_lane_length`` on, at least 2x apart): few shapes, so that
     :meth:`warmup` can compile all of them before serving. A lane holds the smallest batch bucket
     that fits its rows: it grows when rows wait for it and shrinks (its rows compacted into the
     first slots) when rows leave, so a lone request decodes at batch 1.
     """
 
-    min_lane_length = 512  # shorter lanes would save little attention and cost one more lane (decode call) per round
-    step_factor = 4  # consecutive lane lengths / batch buckets differ by at least this factor
+    min_lane_length = 128  # shortest lane (cache slots per row)
+    length_factor = 2  # consecutive lane lengths differ by at least this factor (attention cost ~ length)
+    step_factor = 4  # consecutive batch buckets differ by at least this factor (one compilation per bucket)
 
     def __init__(self, sampler):
         self.s = sampler
@@ -233,7 +236,7 @@ class Scheduler:
         self.prefilled_prompts = 0  # prompt rows prefilled (fewer than rows with prefix sharing)
         self.resizes = 0
         self.buckets = _thin(tuple(sampler.batch_buckets), self.step_factor, lo=0)
-        self.lane_lengths = _thin(tuple(sampler.cache_buckets), self.step_factor, lo=self.min_lane_length)
+        self.lane_lengths = _thin(tuple(sampler.cache_buckets), self.length_factor, lo=self.min_lane_length)
 
     # ------------------------------------------------------------------ public
     def add(self, rows):
