@@ -7,7 +7,7 @@ r"""Generate a rule-verifiable complex-instruction set for the IOPO experiments 
 Built on the bundled demo generator (:mod:`data_pipeline.make_demo`: the :class:`~data_pipeline.make_demo.Prompt`
 type, the answer composer, the random constraint specs and the ADD / DELETE / REVISE edits) with more
 topics, two more constraint types, 1 to ``--max_constraints`` (default 9) constraints per instruction
-(with ``--no_strict`` x2 may hold one more), held-out topics and constraint combinations, a sectioned
+(with ``--nostrict`` x2 may hold one more), held-out topics and constraint combinations, a sectioned
 (EIFBench-like) set, and answers sampled from a model where it can meet the constraints. Every constraint is a spec that
 :mod:`data_pipeline.verifiers` checks; no judge is needed.
 

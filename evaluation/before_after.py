@@ -55,7 +55,7 @@ from iopo_jax.trainer import Trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config (e.g. configs/smollm2_demo.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: eval_before/, train/, eval_after/, the table "
                                                 "and the plot. Rerun with the same folder to resume.")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "progress bars on stderr (--noprogress: none)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -455,7 +455,7 @@ def main(argv):
         raise app.UsageError(f"{flags.FLAGS['config'].value}: the config has no `job` section "
                              "(see configs/smollm2_demo.py)")
     enable_compilation_cache(cfg.train.get("compilation_cache_dir", "auto"))  # both evaluations and the training
-    run_job(cfg, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+    run_job(cfg, _WORKDIR.value, progress=_PROGRESS.value)
 
 
 if __name__ == "__main__":

@@ -364,7 +364,7 @@ def run(args) -> dict:
     if isinstance(b["lrs"], list) or isinstance(b["seeds"], list):
         b["lrs"], b["seeds"] = tuple(b["lrs"]), tuple(b["seeds"])
     methods = list(args.methods) or list(METHODS)
-    progress = not args.no_progress
+    progress = args.progress
     from iopo_jax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
 
     enable_compilation_cache("auto")  # the many evaluations and trainings share compiled programs
@@ -471,7 +471,7 @@ def define_flags(fv) -> None:
     f.DEFINE_string("results", "", "also write the report here (e.g. experiments/RESULTS.md) with its plot next to it",
                     flag_values=fv)
     f.DEFINE_string("machine", "", "machine description written into the report", flag_values=fv)
-    f.DEFINE_bool("no_progress", False, "hide progress bars", flag_values=fv)
+    f.DEFINE_bool("progress", True, "progress bars on stderr (--noprogress: none)", flag_values=fv)
     f.mark_flag_as_required("out", flag_values=fv)
 
 

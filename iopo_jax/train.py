@@ -34,7 +34,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "Output directory: checkpoints, metrics.jsonl, TensorBoard events, plots, exports. "
                                "A local path or a gs://bucket/path URI (needs gcsfs). "
                                "Rerun with the same workdir to resume.")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar (e.g. in CI logs).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "progress bar on stderr (--noprogress: none, e.g. in CI logs)")
 
 
 _COORD = flags.DEFINE_string("coordinator_address", None,
@@ -66,7 +66,7 @@ def main(argv):
     workdir = str(paths.makedirs(_WORKDIR.value))  # a local folder or a gs://bucket/run URI
     if jax.process_index() == 0:
         paths.write_text(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
-    trainer = trainer_cls(cfg, workdir, progress=not _NO_PROGRESS.value)
+    trainer = trainer_cls(cfg, workdir, progress=_PROGRESS.value)
     result = trainer.run()
     if jax.process_index() == 0:
         print(format_result(result))

@@ -56,7 +56,7 @@ def test_main_job_cli_on_smollm2_with_tiny_budget(smollm2_dir, tmp_path):
     4 held-out prompts, 16 new tokens, 2 training groups seen 6 times (so the training loss must fall)."""
     wd = tmp_path / "job"
     cmd = [sys.executable, "-m", "evaluation.before_after", "--config=configs/smollm2_demo.py", f"--workdir={wd}",
-           "--no_progress", f"--config.job.model_dir={smollm2_dir}", "--config.job.eval_limit=4",
+           "--noprogress", f"--config.job.model_dir={smollm2_dir}", "--config.job.eval_limit=4",
            "--config.job.eval_max_new_tokens=16", "--config.job.eval_batch_size=4", "--config.job.train_limit=2",
            "--config.data.num_epochs=6", "--config.train.max_steps=-1", "--config.checkpoint.every=6"]
     # One CPU device, as the README command runs (conftest forces 8 for the sharding tests).

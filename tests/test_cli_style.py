@@ -112,3 +112,16 @@ def test_both_spellings_booleans_and_positionals():
     with pytest.raises(SystemExit) as e:
         cli.parse("prog", "doc", define, ["--n=three"])
     assert e.value.code == 2
+
+
+BOOL_FLAG = re.compile(r'DEFINE_bool(?:ean)?\(\s*"(\w+)"')
+
+
+def test_switches_are_named_positively():
+    """absl gives every boolean --name and --noname; a flag named no_x would read --no_x / --nono_x, and
+    two spellings of one switch across commands (e.g. --no_progress next to --noprogress) is what this
+    stops."""
+    bad = []
+    for name in COMMANDS + APP_COMMANDS:
+        bad += [f"{name}: --{f}" for f in BOOL_FLAG.findall(_source(name)) if f.startswith("no")]
+    assert not bad, bad

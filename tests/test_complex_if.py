@@ -123,7 +123,7 @@ def test_cli_samples_with_the_tiny_model(tiny_model_dir, tmp_path):
     rc = complex_if_cli.main(["--out", str(tmp_path), "--seed", "1", "--groups", "3", "--eval_single", "1",
                               "--eval_multi", "1", "--dev", "3", "--sectioned_train", "1", "--sectioned_eval", "1",
                               "--sample_model", tiny_model_dir, "--best_of", "2", "--max_new_tokens", "6",
-                              "--sample_batch", "8", "--no_progress"])
+                              "--sample_batch", "8", "--noprogress"])
     assert rc == 0
     st = json.loads((tmp_path / "stats.json").read_text())
     assert st["answers"]["groups_offered_to_the_sampler"] == 3

@@ -72,7 +72,7 @@ def test_quick_mode_end_to_end(tmp_path):
     run is the one recorded in experiments/RESULTS.md)."""
     out = tmp_path / "exp"
     res_md = tmp_path / "RESULTS.md"
-    cmd = [sys.executable, "-m", "experiments.run", "--quick", "--out", str(out), "--no_progress",
+    cmd = [sys.executable, "-m", "experiments.run", "--quick", "--out", str(out), "--noprogress",
            "--results", str(res_md), "--methods", ",".join(QUICK_METHODS)]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)

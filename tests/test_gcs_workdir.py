@@ -164,7 +164,7 @@ def _env(extra: dict) -> dict:
 
 
 def _train(workdir, args, env, timeout=600):
-    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={workdir}", "--no_progress",
+    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={workdir}", "--noprogress",
            *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -187,7 +187,7 @@ def test_gs_workdir_train_kill_resume_export(gcs, tiny_model_dir, tmp_path):
     t_local = time.time() - t0
 
     run = f"gs://{BUCKET}/runs/iopo"
-    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={run}", "--no_progress",
+    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={run}", "--noprogress",
            *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 600

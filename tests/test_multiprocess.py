@@ -16,7 +16,7 @@ from conftest import DEMO_DIR, REPO
 
 
 def _args(model_dir, data_file, workdir):
-    return ["--config=configs/base.py", f"--workdir={workdir}", "--no_progress", f"--config.model.path={model_dir}",
+    return ["--config=configs/base.py", f"--workdir={workdir}", "--noprogress", f"--config.model.path={model_dir}",
             f"--config.data.train_files={data_file}", "--config.data.val_fraction=0", "--config.data.val_count=4",
             "--config.data.cutoff_len=256", "--config.data.batch_size=8", "--config.data.num_epochs=3",
             "--config.model.dtype=float32", "--config.optimizer.lr=1e-2", "--config.optimizer.grad_accum=1",
@@ -170,7 +170,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_then_resumes_exactly(two_p
 def _segpo_args(model_dir, workdir, iterations=3):
     """The SegPO CPU demo through the real RL CLI on the tiny model, a few iterations: 8 prompts x 8
     samples per iteration (the same global batch whatever the process count), 2 mini-batches."""
-    return ["--config=configs/segpo_demo.py", f"--workdir={workdir}", "--no_progress",
+    return ["--config=configs/segpo_demo.py", f"--workdir={workdir}", "--noprogress",
             f"--config.model.path={model_dir}", "--config.model.make_tiny_if_missing=False",
             f"--config.train.max_steps={iterations}", "--config.checkpoint.every=100", "--config.train.plot=False",
             "--config.checkpoint.async_save=False", "--config.train.tensorboard=False"]

@@ -32,7 +32,7 @@ def test_sigterm_saves_and_resumes_exactly(tiny_model_dir, small_iopo_file, tmp_
     assert total >= 4
 
     wd = tmp_path / "term"
-    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={wd}", "--no_progress", *args]
+    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={wd}", "--noprogress", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     deadline = time.time() + 600
     while time.time() < deadline and _train_lines(wd / "metrics.jsonl") < 2 and proc.poll() is None:

@@ -122,7 +122,7 @@ def _cli_losses(workdir, remat):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/cpu_demo.py", f"--workdir={workdir}",
-           "--no_progress", f"--config.model.remat={remat}", "--config.train.max_steps=2",
+           "--noprogress", f"--config.model.remat={remat}", "--config.train.max_steps=2",
            # no validation split and an online reference: the check is the jitted steps, not the demo's
            # once-per-dataset reference pass or evaluations
            "--config.data.val_fraction=0.0", "--config.objective.reference=online",

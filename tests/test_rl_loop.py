@@ -194,7 +194,7 @@ def test_demo_segpo_and_grpo_rewards_rise(tmp_path):
     for name in ("segpo", "grpo"):
         wd = tmp_path / name
         out = subprocess.run([sys.executable, "-m", "iopo_jax.train", f"--config=configs/{name}_demo.py",
-                              f"--workdir={wd}", "--no_progress"], cwd=REPO, env=env, capture_output=True,
+                              f"--workdir={wd}", "--noprogress"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
         summary = json.loads((wd / "summary.json").read_text())

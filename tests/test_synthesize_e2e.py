@@ -105,7 +105,7 @@ def test_synthesize_against_our_server_then_train(model_dir, tmp_path):
     assert st.returncode == 0, st.stderr[-2000:]
     train_wd = tmp_path / "train"
     tr = subprocess.run([sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={train_wd}",
-                         "--no_progress", f"--config.model.path={model_dir}", f"--config.data.train_files={out}",
+                         "--noprogress", f"--config.model.path={model_dir}", f"--config.data.train_files={out}",
                          "--config.data.val_fraction=0", "--config.data.val_count=0", "--config.data.cutoff_len=256",
                          "--config.data.batch_size=1", "--config.data.num_epochs=1", "--config.model.dtype=float32",
                          "--config.optimizer.grad_accum=1", "--config.train.max_steps=2", "--config.train.eval_every=0",

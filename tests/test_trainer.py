@@ -127,7 +127,7 @@ def cli_env():
 
 
 def _cli(workdir, *overrides, timeout=600):
-    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={workdir}", "--no_progress",
+    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={workdir}", "--noprogress",
            *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cli_env())
 
@@ -153,7 +153,7 @@ def test_kill9_resume_is_bitwise_exact(tiny_model_dir, small_iopo_file, tmp_path
     assert full.returncode == 0, full.stderr[-3000:]
     # Interrupted run: kill -9 once a few steps are logged, then rerun the same command.
     wd = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={wd}", "--no_progress", *args]
+    cmd = [sys.executable, "-m", "iopo_jax.train", "--config=configs/base.py", f"--workdir={wd}", "--noprogress", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -206,7 +206,7 @@ def test_cpu_demo_learns(tmp_path):
     validation loss falls."""
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "iopo_jax.train", "--config=configs/cpu_demo.py",
-                        f"--workdir={tmp_path / 'demo'}", "--no_progress"], cwd=REPO, capture_output=True, text=True,
+                        f"--workdir={tmp_path / 'demo'}", "--noprogress"], cwd=REPO, capture_output=True, text=True,
                        timeout=1500, env=cli_env())
     assert r.returncode == 0, r.stderr[-3000:]
     print(r.stdout, f"\nwall time {time.time() - t0:.0f} s")

