@@ -24,11 +24,11 @@ One scheduler round (:meth:`Scheduler.step`):
 3. prefill jobs advance by chunks of ``prefill_chunk`` tokens, shortest job first, within a token
    budget per round, so a long prompt is prefilled over several rounds while the others decode;
    a finished job samples each row's first token and copies its cache into the lane (``admit``);
-4. every lane with running rows that fit it decodes ``decode_chunk`` steps (one device call), the lane whose rows
-   are closest to done first; the host then collects the tokens, applies stop strings, streams text,
+4. every lane with running rows that fit it decodes ``decode_chunk`` steps (one device call), the lane
+   whose rows are closest to done first; the host then collects the tokens, applies stop strings, streams text,
    honours cancellation and frees the slots of finished rows, which the next round fills;
-5. a lane whose rows fit a smaller batch bucket (and that no waiting or outgrowing row needs) is compacted into it
-   (``resize``), so a lone request decodes at batch 1, not in a full lane.
+5. a lane whose rows fit a smaller batch bucket (and that no waiting or outgrowing row needs) is
+   compacted into it (``resize``), so a lone request decodes at batch 1, not in a full lane.
 
 Lane lengths are the sampler's cache buckets from 128 slots on, at least 2x apart (128, 256, 512, ...):
 every decode step attends over the lane's whole cache, and on XLA:CPU that attention (small batched
@@ -303,8 +303,9 @@ class Scheduler:
         and each of its batch buckets, ``decode`` and every ``resize`` between buckets; for each prompt
         bucket and job batch bucket, a prefill chunk and ``admit`` into each batch of the lane the rows are
         admitted to; ``promote`` between the batches of consecutive lanes of a path. Runs on empty caches
-        (decode with no active row runs no step; admissions and promotions copy nothing). ``params`` (default greedy) sets the stop-id
-        width of the row parameters. Returns the compilations it caused by kind."""
+        (decode with no active row runs no step; admissions and promotions copy nothing). ``params``
+        (default greedy) sets the stop-id width of the row parameters. Returns the compilations it caused
+        by kind."""
         with use_mesh(self.s.mesh):
             return self._warmup(shapes, params or SamplingParams())
 
