@@ -60,6 +60,9 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     # predictions.jsonl (with its finish_reason and new_tokens) as soon as it finishes, and the next
     # prompt takes its place, so an interrupted run loses only the answers still being generated.
     c.generation.batch_size = 16
+    # JAX sampler (continuous batching): rows move to longer KV-cache lanes as their answers grow, so a decode
+    # step attends over about the cache a row has used, not its max_new_tokens (same answers; False: off).
+    c.generation.lane_promotion = True
     # Requests in flight (api backend).
     c.generation.concurrency = 8
     # Per-request timeout in seconds (api backend).

@@ -172,14 +172,15 @@ def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], 
 
 def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, str]]], ids: Sequence[str], *,
                        temperature: float, top_p: float, max_new_tokens: int, seed: int, lora: str = "",
-                       window: int = 32) -> Iterator[tuple[int, Any]]:
+                       window: int = 32, lane_promotion: bool = True) -> Iterator[tuple[int, Any]]:
     """Answers chat conversations with our JAX sampler, yielding ``(position, Completion)`` as each finishes.
 
     At most ``window`` conversations are in the sampler at once (continuous batching): when one
     finishes it is yielded at once and the next conversation takes its place, so a caller that writes
     each answer as it arrives loses nothing already answered on a crash. Each conversation samples
     with :func:`unit_seed` of its id (the key :meth:`Sampler.generate` uses with ``seeds``), so the
-    answers do not depend on the window or on the order of completion.
+    answers do not depend on the window or on the order of completion. ``lane_promotion`` sets the
+    sampler's (rows move to longer KV-cache lanes as they grow; same answers).
     """
     if not os.path.isdir(model_dir):
         raise SamplerUnavailableError(
@@ -190,6 +191,7 @@ def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, st
     if window < 1:
         raise ValueError(f"jax_sampler_stream: window must be >= 1, got {window}")
     sampler = _sampler_for(model_dir, lora)
+    sampler.lane_promotion = bool(lane_promotion)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     if not getattr(sampler, "continuous", True):  # a batch-level sampler: a window per call
         for start in range(0, len(conversations), window):
@@ -236,10 +238,11 @@ class JaxSamplerGenerator:
     number of new tokens."""
 
     def __init__(self, model_dir: str, *, temperature: float, top_p: float, max_new_tokens: int,
-                 batch_size: int, seed: int = 0, lora: str = ""):
+                 batch_size: int, seed: int = 0, lora: str = "", lane_promotion: bool = True):
         self.model_dir = model_dir
         self.name = f"jax:{model_dir}" + (f"+{lora}" if lora else "")
-        self.kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, lora=lora)
+        self.kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, lora=lora,
+                       lane_promotion=lane_promotion)
         self.batch_size = batch_size
 
     def generate(self, requests: Sequence[driver.GenRequest]) -> Iterator[driver.GenResult]:
@@ -285,7 +288,8 @@ def resolve_backend(config) -> str:
 
 # Keys of config.generation that are not ClientConfig fields: the choice of backend, the settings of the other
 # backends and of the prompts, and max_new_tokens (sent to the server as max_tokens).
-GENERATION_SETTINGS = ("backend", "predictions", "batch_size", "answer_template", "max_chars", "max_new_tokens")
+GENERATION_SETTINGS = ("backend", "predictions", "batch_size", "answer_template", "max_chars", "max_new_tokens",
+                       "lane_promotion")
 
 
 def api_client_config(config, workdir: str) -> chat_client.ClientConfig:
@@ -306,7 +310,7 @@ def make_generator(config, backend: str, workdir: str):
         return ChatAPIGenerator(api_client_config(config, workdir))
     return JaxSamplerGenerator(config.model_dir, temperature=g.temperature, top_p=g.top_p,
                                max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=config.seed,
-                               lora=config.lora)
+                               lora=config.lora, lane_promotion=g.lane_promotion)
 
 
 def model_name(config, backend: str) -> str:

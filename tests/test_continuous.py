@@ -5,6 +5,7 @@ from flax import nnx
 
 from iopo_jax.models import ModelConfig, Transformer
 from iopo_jax.sampling import Row, Sampler, SamplingParams
+from iopo_jax.sampling.continuous import Scheduler
 
 VOCAB = 512
 # One cache bucket and one batch bucket keep the number of compilations (the cost of these tests) small.
@@ -171,3 +172,171 @@ def test_lanes_sized_to_demand_warmup_covers_every_shape(model):
     assert dict(s.trace_counts) == counts  # nothing compiled after the warm-up
     ref = Sampler(model, None, continuous=False, **kw).generate([long_p, short_p], SamplingParams(max_new_tokens=24))
     assert long_row.token_ids == ref[0].token_ids and short_row.token_ids == ref[1].token_ids[:8]
+
+
+# ------------------------------------------------------------------ lane promotion
+# Lanes of 24, 48, 96 and 192 slots (lanes from 16 slots on, not 128): a 16-token prompt bucket starts in
+# the 24-slot lane and is promoted to 48 and 96 as it writes its 48 tokens; a 64-token bucket goes 96 -> 192.
+KW2 = dict(KW, max_model_len=192, new_token_buckets=(48,), cache_buckets=(24, 48, 96, 192))
+PROMO_LENGTHS = [3, 10, 20, 40, 5, 60, 9, 11, 2, 33, 14, 100]
+
+
+class _Letters:
+    """Token id -> one letter (decode only): enough for stop strings."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+
+def _promoting_sampler(model, **kw):
+    """A continuous sampler whose lanes start at 16 slots (its scheduler is made inside the patch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Scheduler, "min_lane_length", 16)
+        s = Sampler(model, None, **kw)
+        s.scheduler
+    return s
+
+
+@pytest.fixture(scope="module")
+def promo(model):
+    static, cont = Sampler(model, None, continuous=False, **KW2), _promoting_sampler(model, **KW2)
+    assert cont.scheduler.lane_lengths == (24, 48, 96, 192)
+    return static, cont
+
+
+def _toggle(sampler, promotion: bool, fn):
+    """``fn()`` with the sampler's lane promotion set to ``promotion`` (restored after)."""
+    try:
+        sampler.lane_promotion = promotion
+        return fn()
+    finally:
+        sampler.lane_promotion = True
+
+
+def test_lane_promotion_greedy_equals_batch_level(promo):
+    static, cont = promo
+    sch = cont.scheduler
+    assert sch.lane_path(16, 48) == [24, 48, 96] and sch.lane_path(64, 48) == [96, 192]
+    assert sch.lane_path(128, 48) == [192] and sch.lane_path(16, 3) == [24]
+    assert _toggle(cont, False, lambda: sch.lane_path(16, 48)) == [96]
+    prompts = _prompts(PROMO_LENGTHS, seed=7)
+    params = SamplingParams(max_new_tokens=48, logprobs=True)
+    before = sch.promotions
+    ref, out = static.generate(prompts, params), cont.generate(prompts, params)
+    # 7 rows of the 16-token bucket are promoted twice, 4 of the 64-token bucket once, the 100-token one never
+    assert sch.promotions - before == 7 * 2 + 4
+    assert len({tuple(o.token_ids) for o in ref}) > len(ref) // 2, "degenerate model: outputs should differ"
+    for a, b in zip(ref, out):
+        assert b.token_ids == a.token_ids, f"prompt {a.index}"
+        assert b.finish_reason == a.finish_reason == "length"
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
+
+
+def test_lane_promotion_sampled_n2_equals_no_promotion(promo):
+    """Seeded samples, 2 per prompt sharing one prefill, stop ids: the same with and without promotion."""
+    _, cont = promo
+    prompts = _prompts([3, 10, 40, 5], seed=8)  # 8 rows: every lane holds all of its rows at once
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=40, seed=3, n=2,
+                            stop_token_ids=(5, 7, 9, 11), logprobs=True)
+    out, prefilled, moved = {}, {}, {}
+    for promotion in (False, True):
+        before, moves = cont.scheduler.prefilled_prompts, cont.scheduler.promotions
+        out[promotion] = _toggle(cont, promotion, lambda: cont.generate(prompts, params))
+        prefilled[promotion] = cont.scheduler.prefilled_prompts - before
+        moved[promotion] = cont.scheduler.promotions - moves
+    assert moved[False] == 0 and moved[True] > 0
+    assert prefilled == {False: len(prompts), True: len(prompts)}  # the 2 samples of a prompt share its prefill
+    for a, b in zip(out[False], out[True]):
+        assert (b.index, b.sample_index) == (a.index, a.sample_index)
+        assert b.token_ids == a.token_ids, f"prompt {a.index} sample {a.sample_index}"
+        assert b.finish_reason == a.finish_reason and b.stop_reason == a.stop_reason
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
+    assert len({tuple(o.token_ids) for o in out[True][:2]}) > 1  # the samples of one prompt differ
+    assert {o.finish_reason for o in out[True]} == {"stop", "length"}
+
+
+def test_lane_promotion_stop_string_and_cancel_at_the_lane_end(promo):
+    """Rows of the 16-token bucket outgrow the 24-slot lane after their first decode chunk (5 tokens): one
+    stopped there by a stop string and one cancelled there are finished, not promoted."""
+    _, cont = promo
+    sch = cont.scheduler
+    prompts = _prompts([4, 6, 8], seed=9)
+    try:
+        cont.tokenizer = _Letters()
+        free = cont.generate(prompts, SamplingParams(max_new_tokens=24))
+        stop = free[0].text[3:5]
+        assert free[0].text.find(stop) == 3  # the stop string ends at token 5
+        cancel_at = 5
+
+        def cancel(row, delta, final):
+            if len(row.token_ids) >= cancel_at:
+                row.cancelled = True
+
+        rows = [Row(prompts[0], SamplingParams(max_new_tokens=24, stop=(stop,)), seed=0),
+                Row(prompts[1], SamplingParams(max_new_tokens=24), seed=0, prompt_index=1, on_update=cancel),
+                Row(prompts[2], SamplingParams(max_new_tokens=24), seed=0, prompt_index=2)]
+        before = sch.promotions
+        cont.run_rows(rows)
+    finally:
+        cont.tokenizer = None
+    assert rows[0].text == free[0].text[:3] and rows[0].stop_reason == stop
+    assert rows[0].token_ids == free[0].token_ids[:5]
+    assert rows[1].stop_reason == "cancelled" and rows[1].token_ids == free[1].token_ids[:cancel_at]
+    assert rows[2].token_ids == free[2].token_ids and rows[2].finish_reason == "length"
+    assert sch.promotions - before == 1  # only the third row moved to the 48-slot lane
+    assert all(r.finished for r in rows) and sch.idle()
+
+
+def test_lane_promotion_waits_for_a_slot_warmup_covers_every_shape(model, promo):
+    """Longer lanes of one slot (max_cache_tokens 96): rows that outgrow the 24-slot lane wait there, sitting
+    out its decode chunks, until the 48-slot lane has room; nothing deadlocks, the outputs equal the
+    batch-level engine's, and the warm-up compiled every shape this needs (promotions included)."""
+    static, _ = promo
+    kw = dict(KW2, max_batch_size=4, batch_buckets=(1, 4), max_cache_tokens=96)
+    s = _promoting_sampler(model, **kw)
+    sch = s.scheduler
+    assert [sch.lane_cap(n) for n in (24, 48, 96)] == [4, 1, 1]
+    assert sch.lane_path(16, 40) == [24, 48, 96]
+    compiled = sch.warmup([(16, 40)])
+    # lanes 24 (batches 1, 4), 48 and 96 (batch 1): decode 4, resize 1->4 and 4->1; prompt bucket 16 x job
+    # batches 1, 4: prefill 2, admit (lane 1, job 1), (4, 1), (4, 4); promote 24x1 and 24x4 -> 48x1, 48x1 -> 96x1
+    assert compiled == {"decode_lane": 4, "resize": 2, "prefill_chunk": 2, "admit": 3, "promote": 3}, compiled
+    counts = dict(s.trace_counts)
+    prompts = _prompts([3, 9, 14, 5, 12, 7], seed=10)
+    rows = [Row(p, SamplingParams(max_new_tokens=40), seed=0, prompt_index=i) for i, p in enumerate(prompts)]
+    held = []
+    promote = sch._promote_rows
+
+    def spy():
+        promote()
+        held.append(len(sch._outgrown()))  # rows that could not move this round
+
+    sch._promote_rows = spy
+    s.submit(rows)
+    for _ in range(500):
+        if not s.step():
+            break
+    else:
+        pytest.fail("rows never finished")
+    assert max(held) >= 2, held  # rows waited for the one slot of the 48-slot lane
+    assert all(r.finished and len(r.token_ids) == 40 for r in rows)
+    assert sch.promotions == 2 * len(rows)
+    assert dict(s.trace_counts) == counts  # nothing compiled after the warm-up
+    ref = static.generate(prompts, SamplingParams(max_new_tokens=40))
+    assert [r.token_ids for r in rows] == [o.token_ids for o in ref]
+
+
+def test_lane_promotion_compilations_bounded(promo):
+    """Any mix of lengths in the same buckets: promote compiles once per pair of consecutive lanes."""
+    _, cont = promo
+    rng = np.random.RandomState(11)
+    cont.generate(_prompts([2, 30, 70, 16, 64], seed=12), SamplingParams(max_new_tokens=48))
+    after = dict(cont.trace_counts)
+    cont.generate(_prompts(rng.randint(1, 100, size=20), seed=13),
+                  SamplingParams(max_new_tokens=int(rng.randint(5, 48)), temperature=0.8, seed=2))
+    new = {k: v - after.get(k, 0) for k, v in cont.trace_counts.items() if v != after.get(k, 0)}
+    assert not new, new
+    assert cont.trace_counts["promote"] == 3  # 24 -> 48 -> 96 -> 192, lane batch 8

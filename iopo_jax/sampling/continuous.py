@@ -3,24 +3,32 @@
 The batch-level engine (:mod:`iopo_jax.sampling.engine`) pads a batch to its longest prompt and runs
 it until its longest answer ends. Here the decode batch is a set of *lanes*; a lane is ``b`` slots
 over one KV cache of ``S`` slots per row with a **per-row** write position (``KVCache.end [b]``), so
-rows that joined at different times decode side by side. A row goes to the lane of its cache-length
-bucket (prompt bucket + its ``max_new_tokens``, rounded up to a lane length), so short requests never
-pad to the cache of a much longer prompt.
+rows that joined at different times decode side by side. A row goes to the lane of its current
+need: its prompt bucket + the tokens it can write by the end of its next decode chunk, rounded up to a
+lane length (``lane_promotion``; without it prompt bucket + its ``max_new_tokens`` for its whole life),
+so short requests never pad to the cache of a much longer prompt and a row attends over about the cache
+it has used, not the one it may use.
 
 One scheduler round (:meth:`Scheduler.step`):
 
-1. waiting rows take free slots (a lane is created at the smallest batch bucket that holds them, or
+1. running rows whose next decode chunk would not fit their lane are *promoted*: their cache rows
+   (keys, values, mask, write position) are copied into free slots of the lane they now need (created
+   or grown like a lane for waiting rows), never longer than the lane of prompt + ``max_new_tokens``;
+   a row for which no slot is free yet stays and sits out the decoding of its lane until one is, while
+   the lane decodes its other rows (the longest lanes' rows always progress, so nothing deadlocks).
+   Tokens, counts, positions and sampling keys go along, so outputs do not change;
+2. waiting rows take free slots (a lane is created at the smallest batch bucket that holds them, or
    grown to a larger one); rows of one lane and one prompt bucket form a *prefill job*; rows with the
    same prompt ids (the ``n`` samples of a prompt) share one prefill row: the prompt is prefilled once
    and its cache is copied into each sample's slot (prefix reuse);
-2. prefill jobs advance by chunks of ``prefill_chunk`` tokens, shortest job first, within a token
+3. prefill jobs advance by chunks of ``prefill_chunk`` tokens, shortest job first, within a token
    budget per round, so a long prompt is prefilled over several rounds while the others decode;
    a finished job samples each row's first token and copies its cache into the lane (``admit``);
-3. every lane with running rows decodes ``decode_chunk`` steps (one device call), the lane whose rows
-   are closest to done first; the host then collects the tokens, applies stop strings, streams text,
+4. every lane with running rows that fit it decodes ``decode_chunk`` steps (one device call), the lane
+   whose rows are closest to done first; the host then collects the tokens, applies stop strings, streams text,
    honours cancellation and frees the slots of finished rows, which the next round fills;
-4. a lane whose rows fit a smaller batch bucket (and that no waiting row needs) is compacted into it
-   (``resize``), so a lone request decodes at batch 1, not in a full lane.
+5. a lane whose rows fit a smaller batch bucket (and that no waiting or outgrowing row needs) is
+   compacted into it (``resize``), so a lone request decodes at batch 1, not in a full lane.
 
 Lane lengths are the sampler's cache buckets from 128 slots on, at least 2x apart (128, 256, 512, ...):
 every decode step attends over the lane's whole cache, and on XLA:CPU that attention (small batched
@@ -29,8 +37,9 @@ Measured on SmolLM2-135M, batch 32, 128-token prompts, 64 new tokens, 2 CPU core
 decoded at 424 ms a step, a 192-slot lane at 234 ms (``bench/sampling.py --engine``).
 
 Static shapes: prefill compiles per (job batch bucket, prompt bucket, chunk), ``admit`` per
-(lane batch, lane length, job shape), ``decode`` per (lane batch, lane length) and ``resize`` per
-pair of lane batches: a bounded number, which :meth:`Scheduler.warmup` compiles ahead for given
+(lane batch, lane length, job shape), ``decode`` per (lane batch, lane length), ``resize`` per
+pair of lane batches and ``promote`` per pair of (lane batch, lane length) of consecutive lanes of a
+row's path: a bounded number, which :meth:`Scheduler.warmup` compiles ahead for given
 request classes. Keys for sampling depend on (seed, prompt index, sample index, token index) only,
 so outputs do not depend on which rows share a batch, and greedy outputs equal the batch-level
 engine's.
@@ -69,6 +78,7 @@ class ContinuousEngine:
         self.admit = jax.jit(self._admit, donate_argnums=(1,))
         self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("steps",))
         self.resize = jax.jit(self._resize)
+        self.promote = jax.jit(self._promote, donate_argnums=(1,))
 
     def new_cache(self, *, batch: int, length: int, per_row: bool, put=None) -> KVCache:
         """Zeros, made outside jit (XLA folds large constant zeros slowly); ``put`` places them."""
@@ -101,21 +111,16 @@ class ContinuousEngine:
         range = unused entry) and sample each admitted row's first token (key step 0)."""
         self.trace_counts["admit"] += 1
         model, _ = self.base._model(state)
-        b, s = lane.mask.shape
-        p = job.mask.shape[1]
-
-        def put(buf, rows_src):
-            rows_src = jnp.pad(rows_src, [(0, 0), (0, s - p)] + [(0, 0)] * (rows_src.ndim - 2))
-            return buf.at[dst_k].set(rows_src.astype(buf.dtype), mode="drop")
-
-        def put_kv(buf, job_buf):  # stacked [layers, b, s, k, h]: rows on axis 1
-            rows_src = jnp.pad(job_buf[:, src_k], [(0, 0), (0, 0), (0, s - p), (0, 0), (0, 0)])
-            return buf.at[:, dst_k].set(rows_src.astype(buf.dtype), mode="drop")
-
-        mask = put(lane.mask, job.mask[src_k])
-        end = lane.end.at[dst_k].set(p, mode="drop")
+        end = lane.end.at[dst_k].set(job.mask.shape[1], mode="drop")
         tok, lp = self.base._select(model, last_bd[src_k], rows, jnp.zeros((), jnp.int32))
-        return _constrain_cache(KVCache(put_kv(lane.k, job.k), put_kv(lane.v, job.v), mask, end)), tok, lp
+        return _copy_rows(job, lane, src_k, dst_k, end), tok, lp
+
+    def _promote(self, src: KVCache, dst: KVCache, src_k, dst_k) -> KVCache:
+        """Move running rows into a longer lane: ``dst[dst_k[i]] = src[src_k[i]]`` (keys, values and mask
+        of every slot, the rest of the longer row empty, and the row's ``end``); ``dst_k`` out of range =
+        unused entry. One compilation per (source lane shape, destination lane shape)."""
+        self.trace_counts["promote"] += 1
+        return _copy_rows(src, dst, src_k, dst_k, dst.end.at[dst_k].set(src.end[src_k], mode="drop"))
 
     def _decode(self, state, cache: KVCache, cur, pos, count, active, rows: RowParams, *, steps: int):
         """Up to ``steps`` decode steps of a lane; returns the new tokens ``[b, steps]`` per row."""
@@ -162,6 +167,22 @@ class ContinuousEngine:
             return jnp.take(x, src, axis=axis, mode="fill", fill_value=0)
 
         return _constrain_cache(KVCache(g(cache.k, 1), g(cache.v, 1), g(cache.mask), g(cache.end)))
+
+
+def _put_rows(buf, rows, dst_k, axis: int = 0):
+    """``buf[dst_k[i]] = rows[i]`` along the batch axis ``axis``, each row zero-padded on the next axis (cache
+    slots) to ``buf``'s length; an out-of-range ``dst_k`` entry writes nothing."""
+    pad = [(0, 0)] * rows.ndim
+    pad[axis + 1] = (0, buf.shape[axis + 1] - rows.shape[axis + 1])
+    idx = (slice(None),) * axis + (dst_k,)
+    return buf.at[idx].set(jnp.pad(rows, pad).astype(buf.dtype), mode="drop")
+
+
+def _copy_rows(src: KVCache, dst: KVCache, src_k, dst_k, end) -> KVCache:
+    """``dst`` with its rows ``dst_k`` replaced by the (shorter or equal) rows ``src_k`` of ``src`` and ``end``."""
+    k = _put_rows(dst.k, src.k[:, src_k], dst_k, axis=1)  # stacked [layers, b, s, k, h]: rows on axis 1
+    v = _put_rows(dst.v, src.v[:, src_k], dst_k, axis=1)
+    return _constrain_cache(KVCache(k, v, _put_rows(dst.mask, src.mask[src_k], dst_k), end))
 
 
 @dataclasses.dataclass(eq=False)
@@ -235,6 +256,7 @@ class Scheduler:
         self.rounds = 0
         self.prefilled_prompts = 0  # prompt rows prefilled (fewer than rows with prefix sharing)
         self.resizes = 0
+        self.promotions = 0  # rows moved into a longer lane
         self.buckets = _thin(tuple(sampler.batch_buckets), self.step_factor, lo=0)
         self.lane_lengths = _thin(tuple(sampler.cache_buckets), self.length_factor, lo=self.min_lane_length)
 
@@ -257,44 +279,51 @@ class Scheduler:
         and fit each lane's batch to its rows."""
         self.rounds += 1
         self._drop_cancelled_waiting()
+        self._promote_rows()
         self._form_jobs()
         t0 = time.perf_counter()
         self._prefill_round()
         t1 = time.perf_counter()
         self.stats.prefill_s += t1 - t0
-        lanes = [l for l in self.lanes.values() if l.active.any()]
+        lanes = [l for l in self.lanes.values() if self._decodable(l).any()]
         for lane in sorted(lanes, key=self._remaining):
             self._decode_lane(lane)
         self.stats.decode_s += time.perf_counter() - t1
         for key in [k for k, l in self.lanes.items() if not l.busy()]:
             del self.lanes[key]  # free its cache; recreated (no recompilation) when needed
         if not self.s.full_lanes:
-            waiting_for = {self._row_lane(r) for r in self.waiting}
+            waiting_for = {self._row_lane(r) for r in self.waiting} | {t for _, _, t in self._outgrown()}
             for lane in self.lanes.values():
                 if lane.length not in waiting_for:
                     self._shrink(lane)
 
     def warmup(self, shapes, params=None) -> dict:
         """Compile every shape the scheduler can produce for requests of the given ``(prompt tokens,
-        max_new_tokens)`` classes, before serving them: for each lane they map to and each of its batch
-        buckets, ``decode`` and every ``resize`` between buckets; for each prompt bucket and job batch
-        bucket, a prefill chunk and ``admit`` into each lane batch. Runs on empty caches (decode with no
-        active row runs no step; admissions are dropped). ``params`` (default greedy) sets the stop-id
-        width of the row parameters. Returns the compilations it caused by kind."""
+        max_new_tokens)`` classes, before serving them: for each lane they pass through (:meth:`lane_path`)
+        and each of its batch buckets, ``decode`` and every ``resize`` between buckets; for each prompt
+        bucket and job batch bucket, a prefill chunk and ``admit`` into each batch of the lane the rows are
+        admitted to; ``promote`` between the batches of consecutive lanes of a path. Runs on empty caches
+        (decode with no active row runs no step; admissions and promotions copy nothing). ``params``
+        (default greedy) sets the stop-id width of the row parameters. Returns the compilations it caused
+        by kind."""
         with use_mesh(self.s.mesh):
             return self._warmup(shapes, params or SamplingParams())
 
     def _warmup(self, shapes, params) -> dict:
         s = self.s
         before = collections.Counter(self.engine.trace_counts)
-        lanes: dict[int, set] = collections.defaultdict(set)
+        lanes: dict[int, set] = collections.defaultdict(set)  # lane length -> prompt buckets admitted into it
+        moves = set()  # (shorter lane, longer lane) pairs of promotions
         for n, new in shapes:
             p = self.prompt_bucket(int(n))
-            lanes[self.lane_length(p, int(new))].add(p)
+            path = self.lane_path(p, int(new))
+            lanes[path[0]].add(p)
+            for length in path[1:]:
+                lanes.setdefault(length, set())  # a lane rows are promoted into: decode, resize
+            moves.update(zip(path, path[1:]))
         dummy = Row([s.pad_id], params, 0)
         for length, ps in sorted(lanes.items()):
-            cap = self.lane_cap(length)
-            bs = [b for b in self.buckets if b <= cap] if not s.full_lanes else [cap]
+            bs = self._lane_batches(length)
             for b in bs:
                 lane = self._new_lane(length, b)
                 lane.params = s._row_params([dummy] * b, b)
@@ -319,6 +348,11 @@ class Scheduler:
                         src = np.full(b2, b, np.int32)
                         src[:min(b, b2)] = np.arange(min(b, b2))
                         jax.block_until_ready(self.engine.resize(lane.cache, put_global(src, s.mesh)))
+        for short, long in sorted(moves):
+            for b in self._lane_batches(short):
+                src = self._new_lane(short, b)
+                for b2 in self._lane_batches(long):
+                    self._move(src, [], self._new_lane(long, b2), [])  # no row: compiles, copies nothing
         after = self.engine.trace_counts
         return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
@@ -333,14 +367,55 @@ class Scheduler:
         need = p + max_new
         return _pick(need, self.lane_lengths) if need <= self.lane_lengths[-1] else need
 
+    def target_lane(self, p: int, count: int, max_new: int) -> int:
+        """The lane a row of prompt bucket ``p`` that has ``count`` tokens needs for its next decode chunk.
+        Without lane promotion the lane of all its ``max_new`` tokens; with it the shortest lane that holds
+        ``count + decode_chunk`` of them, never longer than that cap."""
+        cap = self.lane_length(p, max_new)
+        need = p + min(count + self.s.decode_chunk, max_new)
+        if not self.s.lane_promotion or need > self.lane_lengths[-1]:
+            return cap
+        return min(cap, _pick(need, self.lane_lengths))
+
+    def lane_path(self, p: int, max_new: int) -> list[int]:
+        """The lanes a row of prompt bucket ``p`` goes through: admitted to the first with its first token,
+        promoted to each next one (a row's count grows by ``decode_chunk`` a chunk until ``max_new``)."""
+        path: list[int] = []
+        for count in range(1, max(max_new, 2), max(self.s.decode_chunk, 1)):
+            length = self.target_lane(p, count, max_new)
+            if not path or length != path[-1]:
+                path.append(length)
+        return path
+
+    def _lane_batches(self, length: int) -> list[int]:
+        """The batch sizes a lane of ``length`` slots can take."""
+        cap = self.lane_cap(length)
+        return [b for b in self.buckets if b <= cap] if not self.s.full_lanes else [cap]
+
     def lane_cap(self, length: int) -> int:
         s = self.s
         cap = max(1, min(s.max_batch_size, s.max_cache_tokens // length))
         ok = [b for b in self.buckets if b <= cap]
         return ok[-1] if ok else self.buckets[0]
 
-    def _row_lane(self, r) -> int:
-        return self.lane_length(self.prompt_bucket(len(r.prompt_ids)), r.params.max_new_tokens)
+    def _row_lane(self, r, count: int = 1) -> int:
+        """The lane row ``r`` needs with ``count`` tokens (1: at its admission)."""
+        return self.target_lane(self.prompt_bucket(len(r.prompt_ids)), int(count), r.params.max_new_tokens)
+
+    def _decodable(self, lane: _Lane) -> np.ndarray:
+        """Running rows of the lane whose next decode chunk fits it (the others wait for a longer lane)."""
+        return np.asarray([bool(lane.active[i]) and self._row_lane(r, lane.count[i]) <= lane.length
+                           for i, r in enumerate(lane.rows)], bool).reshape(lane.batch)
+
+    def _outgrown(self) -> list[tuple]:
+        """``(lane, slot, longer lane length)`` of every running row whose next chunk does not fit its lane."""
+        out = []
+        for lane in list(self.lanes.values()):
+            for i in np.nonzero(lane.active)[0]:
+                length = self._row_lane(lane.rows[i], lane.count[i])
+                if length > lane.length:
+                    out.append((lane, int(i), length))
+        return out
 
     def _remaining(self, lane: _Lane) -> int:
         """Fewest decode steps any running row of the lane still has at most (its max_new_tokens left)."""
@@ -363,8 +438,7 @@ class Scheduler:
             return
         groups: dict[tuple[int, int], list] = collections.OrderedDict()
         for r in self.waiting:
-            p = self.prompt_bucket(len(r.prompt_ids))
-            groups.setdefault((self.lane_length(p, r.params.max_new_tokens), p), []).append(r)
+            groups.setdefault((self._row_lane(r), self.prompt_bucket(len(r.prompt_ids))), []).append(r)
         taken = set()
         wanted = collections.Counter()
         for (length, _), rows in groups.items():
@@ -449,6 +523,44 @@ class Scheduler:
         lane.reserved = {j for j, i in enumerate(src) if i is not None and i in lane.reserved}
         lane.batch, lane.params = len(src), None
         self.resizes += 1
+
+    # ------------------------------------------------------------------ promotion
+    def _promote_rows(self):
+        """Rows whose next decode chunk would not fit their lane move into free slots of the lane they
+        need (created or grown like a lane for waiting rows), before anything is admitted or decoded this
+        round; a row for which no slot is free stays and skips decoding until one is (its lane decodes its
+        other rows). A cancelled row waiting here is finished."""
+        wanted: dict[int, list] = collections.defaultdict(list)
+        for lane, slot, length in self._outgrown():
+            if lane.rows[slot].cancelled:
+                self._cancel(lane, slot)
+            else:
+                wanted[length].append((lane, slot))
+        for length, rows in sorted(wanted.items()):
+            dst = self._lane_for(length, len(rows))
+            free = dst.free_slots()
+            by_src: dict[int, tuple] = {}
+            for lane, slot in rows[:len(free)]:
+                by_src.setdefault(id(lane), (lane, []))[1].append(slot)
+            for src, slots in by_src.values():
+                self._move(src, slots, dst, free[:len(slots)])
+                free = free[len(slots):]
+
+    def _move(self, src: _Lane, slots: list[int], dst: _Lane, free: list[int]):
+        """Rows of ``src`` slots move into ``dst`` slots ``free`` (one device call; caches, tokens, counts
+        and positions go along)."""
+        s = self.s
+        si = np.zeros(src.batch, np.int32)
+        di = np.full(src.batch, dst.batch, np.int32)  # out of range: nothing is written
+        si[:len(slots)], di[:len(free)] = slots, free
+        dst.cache = self.engine.promote(src.cache, dst.cache, put_global(si, s.mesh), put_global(di, s.mesh))
+        for a, b in zip(slots, free):
+            dst.rows[b] = src.rows[a]
+            dst.cur[b], dst.pos[b], dst.count[b], dst.active[b] = src.cur[a], src.pos[a], src.count[a], True
+            self._free(src, a)
+        if slots:
+            dst.params = None
+            self.promotions += len(slots)
 
     def _make_job(self, lane: _Lane, p: int, rows: list, slots: list[int]):
         s = self.s
@@ -546,13 +658,15 @@ class Scheduler:
         return lane.params
 
     def _decode_lane(self, lane: _Lane):
+        """One decode chunk of the lane's rows that fit it (a row waiting for a longer lane sits it out)."""
         s = self.s
         put = functools.partial(put_global, mesh=s.mesh)
+        go = self._decodable(lane)
         lane.cache, toks, lps, count, finish = self.engine.decode(
-            s.state, lane.cache, put(lane.cur), put(lane.pos), put(lane.count), put(lane.active),
+            s.state, lane.cache, put(lane.cur), put(lane.pos), put(lane.count), put(go),
             self._lane_params(lane), steps=s.decode_chunk)
         toks, lps, count, finish = (host_value(x) for x in (toks, lps, count, finish))
-        for i in np.nonzero(lane.active)[0]:
+        for i in np.nonzero(go)[0]:
             r = lane.rows[i]
             k = int(count[i] - lane.count[i])  # tokens the row wrote in this chunk
             new = [int(t) for t in toks[i, :k]]
@@ -574,9 +688,7 @@ class Scheduler:
         if not (r.params.stop or r.on_update is not None or r.cancelled):
             return
         if r.cancelled:
-            r.finish_reason, r.stop_reason, r.finished = FINISH_STOP, "cancelled", True
-            self._free(lane, slot)
-            s._emit(r, final=True)
+            self._cancel(lane, slot)
             return
         if s._apply_stop_string(r, list(r.token_ids), list(r.logprobs)):
             self._free(lane, slot)
@@ -584,6 +696,12 @@ class Scheduler:
             return
         r.text = s._decode_text(r, r.token_ids)
         s._emit(r, final=False)
+
+    def _cancel(self, lane: _Lane, slot: int):
+        r = lane.rows[slot]
+        r.finish_reason, r.stop_reason, r.finished = FINISH_STOP, "cancelled", True
+        self._free(lane, slot)
+        self.s._emit(r, final=True)
 
     def _finish(self, lane: _Lane, slot: int, code: int):
         s, r = self.s, lane.rows[slot]

@@ -37,6 +37,10 @@ from iopo_jax.multihost import require_single_process
 from iopo_jax.sampling import GenerationStats, Row, Sampler, SamplingParams
 from iopo_jax.sharding import make_mesh
 
+LANE_PROMOTION_HELP = ("continuous batching: a row starts in the shortest KV-cache lane that holds its prompt and "
+                       "next decode chunk and moves to a longer one as it grows (less attention work per step); "
+                       "same outputs either way")
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,6 +76,7 @@ class GenerateArgs:
     progress: bool = True
     batching: str = "continuous"  # or "static": the batch-level engine (a batch runs until its longest answer)
     prefill_budget: int = 512  # continuous: padded prompt tokens prefilled per scheduler round (>= one chunk)
+    lane_promotion: bool = True  # continuous: rows move to longer KV-cache lanes as they grow (same outputs)
 
 
 def parse_mesh(spec: str):
@@ -202,7 +207,8 @@ def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
                                           dtype=args.dtype, param_dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
                                           max_batch_size=rows, max_model_len=args.max_model_len or None,
                                           continuous=args.batching == "continuous",
-                                          prefill_budget=args.prefill_budget, **kw)
+                                          prefill_budget=args.prefill_budget, lane_promotion=args.lane_promotion,
+                                          **kw)
     # Tokenize and check everything first: a bad record fails the run before any compute.
     for r in pending:
         where = f"{args.input}:{r['line']}"
@@ -344,6 +350,7 @@ def _define_flags(fv=None):
                      "continuous batching: padded prompt tokens prefilled per scheduler round "
                      "(at least one chunk of one prompt) between decode chunks; small = the rows already decoding "
                      "(and their records) finish sooner, long prompts are read over more rounds", flag_values=fv)
+    f.DEFINE_bool("lane_promotion", d["lane_promotion"], LANE_PROMOTION_HELP, flag_values=fv)
     for name in ("model_dir", "input", "output"):
         flags.mark_flag_as_required(name, flag_values=fv)
 

@@ -122,6 +122,11 @@ class Sampler:
         length) are kept under this (default ``max_batch_size * 2048``): long lanes get fewer rows.
       prefill_budget: with continuous batching, prompt tokens (padded) prefilled per scheduler round
         (at least one chunk), between decode chunks.
+      lane_promotion: with continuous batching, a row starts in the shortest lane (KV-cache length) that
+        holds its prompt and its next decode chunk and moves to a longer lane when it outgrows it (up to
+        the lane of prompt + ``max_new_tokens``), so every decode step attends over about the cache the
+        row has used, not the one it may use. False: a row decodes in the lane of prompt +
+        ``max_new_tokens`` from its first token on. Same outputs either way.
       scan_layers: run the cached forward (prefill and decode) as one ``lax.scan`` over the decoder
         layers, whose weights are stacked once when the weights are set (one extra copy of the layer
         weights): every program compiles one layer body instead of one per layer. False: layers
@@ -135,7 +140,8 @@ class Sampler:
                  eos_token_ids: Optional[Sequence[int]] = None, decode_chunk: int = 16, pad_id: Optional[int] = None,
                  prefill_chunk: int = 512, continuous: bool = True, prefix_sharing: bool = True,
                  max_cache_tokens: Optional[int] = None, prefill_budget: int = 4096,
-                 cache_buckets: Optional[Sequence[int]] = None, scan_layers: bool = True):
+                 cache_buckets: Optional[Sequence[int]] = None, scan_layers: bool = True,
+                 lane_promotion: bool = True):
         self.cfg = model.config
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -170,6 +176,7 @@ class Sampler:
         self.prefix_sharing = bool(prefix_sharing)
         self.max_cache_tokens = int(max_cache_tokens or self.max_batch_size * 2048)
         self.prefill_budget = int(prefill_budget)
+        self.lane_promotion = bool(lane_promotion)
         c = prefill_chunk if prefill_chunk > 0 else self.prompt_buckets[-1]
         top = -(-self.prompt_buckets[-1] // c) * c + self.new_token_buckets[-1]
         self.cache_buckets = tuple(sorted(cache_buckets or pow2_buckets(min(128, top), top)))
