@@ -22,7 +22,9 @@ def test_methods_share_lora_data_steps_and_differ_in_objective(tmp_path):
     for m, c in trained.items():
         assert c.model.lora_rank == 8 and c.train.max_steps == b["steps"] and c.optimizer.lr == 3e-4
         assert c.train.seed == 1 and c.model.path == "/m"
+        assert c.optimizer.grad_accum == 1  # a step sees batch_groups groups, not 8x that (configs/base.py's default)
     assert cfgs["sft"].data.batch_size == cfgs["dpo"].data.batch_size == 2 * cfgs["iopo"].data.batch_size
+    assert cfgs["iopo"].data.batch_size == b["batch_groups"]
     assert cfgs["iopo_star"].data.kind == cfgs["iopo_no_input"].data.kind == "iopo"
     assert cfgs["segpo"].rl.prompts_files[0].endswith("sectioned_train.jsonl")
     with pytest.raises(ValueError, match="does not exist"):

@@ -57,6 +57,7 @@ def _shared(b: dict, model_dir: str, lr: float, seed: int, c: ml_collections.Con
     c.model.lora_rank = b["lora_rank"]
     c.model.lora_alpha = 2.0 * b["lora_rank"]
     c.optimizer.lr = lr
+    c.optimizer.grad_accum = 1  # one micro-batch of batch_groups per step, as the budgets say (base.py has 8)
     c.train.max_steps = b["steps"]
     c.train.seed = seed
     c.train.eval_every = 0
