@@ -8,7 +8,7 @@ import pytest
 
 from experiments import run as R
 from experiments.configs import METHODS, get_method_config
-from experiments.configs.common import budget
+from experiments.configs.common import SMOLLM2_SYSTEM, budget
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,6 +23,8 @@ def test_methods_share_lora_data_steps_and_differ_in_objective(tmp_path):
         assert c.model.lora_rank == 8 and c.train.max_steps == b["steps"] and c.optimizer.lr == 3e-4
         assert c.train.seed == 1 and c.model.path == "/m"
         assert c.optimizer.grad_accum == 1  # a step sees batch_groups groups, not 8x that (configs/base.py's default)
+        # RL rollouts included: prompts rendered as evaluation renders them (SmolLM2's template and system prompt)
+        assert (c.data.template, c.data.system) == ("chatml", SMOLLM2_SYSTEM), m
     assert cfgs["sft"].data.batch_size == cfgs["dpo"].data.batch_size == 2 * cfgs["iopo"].data.batch_size
     assert cfgs["iopo"].data.batch_size == b["batch_groups"]
     assert cfgs["iopo_star"].data.kind == cfgs["iopo_no_input"].data.kind == "iopo"

@@ -65,6 +65,10 @@ def _shared(b: dict, model_dir: str, lr: float, seed: int, c: ml_collections.Con
     c.train.tensorboard = False
     c.checkpoint.every = max(1, b["steps"])
     c.mesh.fsdp = -1
+    # every method (GRPO / SegPO rollouts too) renders prompts with the chat template and system prompt that
+    # evaluation uses (the model's own template), so what is trained is what is scored
+    c.data.template = "qwen" if b["model"] == "tiny" else "chatml"
+    c.data.system = "" if b["model"] == "tiny" else SMOLLM2_SYSTEM
     return c
 
 
@@ -76,8 +80,6 @@ def train_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, k
     files = {"sft": "sft_train.jsonl", "dpo": "dpo_train.json", "iopo": "iopo_train.json"}
     c.data.kind = kind
     c.data.train_files = (os.path.join(data_dir, files[kind]),)
-    c.data.template = "qwen" if b["model"] == "tiny" else "chatml"
-    c.data.system = "" if b["model"] == "tiny" else SMOLLM2_SYSTEM
     c.data.val_fraction = 0.0
     c.data.val_count = 0
     c.data.cutoff_len = b["cutoff"]
