@@ -180,6 +180,34 @@ def evaluate_ifeval(b: dict, model_dir: str, adapter: str, path: str, limit: int
     return run_eval(c)
 
 
+def ifeval_or_reuse(b: dict, model_dir: str, adapter: str, args, workdir: str, progress: bool) -> Optional[dict]:
+    """IFEval of one run: evaluated with ``--ifeval``; without it, a finished earlier IFEval evaluation of the
+    run (an invocation with ``--ifeval`` on some of the methods) is reported as it is; otherwise None."""
+    if args.ifeval:
+        return evaluate_ifeval(b, model_dir, adapter, args.ifeval, args.ifeval_limit, workdir, progress)
+    done = os.path.join(workdir, "metrics.json")
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            m = json.load(f)
+        if m.get("n_missing_predictions") == 0:
+            return m
+    return None
+
+
+def segment_example(b: dict, model_dir: str, data_dir: str, results: dict, prompts: str, out: str) -> dict:
+    """SegPO's per-segment advantages on the first held-out sectioned test prompt, rollouts sampled from the
+    SegPO adapter of the first seed (see :mod:`experiments.segment_example`)."""
+    from experiments import segment_example as E  # pylint: disable=import-outside-toplevel
+
+    r = results["methods"]["segpo"]
+    cfg = get_method_config("segpo", b, model_dir, data_dir, r["lr"], r["runs"][0]["seed"])
+    return E.explain_cached(os.path.join(out, "segpo", "segment_example.json"), model_dir,
+                            os.path.join(r["runs"][0]["workdir"], "export", "adapter"), E.pick_sectioned(prompts),
+                            group=b["rl_group"],
+                            max_new_tokens=b["rl_response_tokens"], template=cfg.data.template,
+                            system=cfg.data.system, temperature=cfg.rl.temperature, seed=0)
+
+
 def _rate(xs) -> Optional[float]:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else None
@@ -300,6 +328,15 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
         for x in r.get("lr_search", []):
             L.append(f"| {method} | {x['lr']} | {_fmt(x['dev_key'][0], None)} | {_fmt(x['dev_key'][1], None)} | "
                      f"{x.get('train_s', 0):.0f} |")
+    ex = results.get("segment_example")
+    if ex:
+        from experiments.segment_example import markdown as ex_md  # pylint: disable=import-outside-toplevel
+
+        L += ["", "## SegPO's advantages on one example", "",
+              f"{len(ex['rollouts'])} rollouts of the held-out sectioned prompt `{ex['prompt_id']}` sampled from the "
+              f"SegPO adapter (temperature {ex['temperature']}, seed {ex['seed']}); rewards from the verifiers. A "
+              "token of segment j of rollout i is trained with A = A_o(i) + A_phi(i, j); GRPO gives every token "
+              "A_o(i). The texts are in `segpo/segment_example.json`.", "", ex_md(ex)]
     L += ["", "## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in plots.items()] + [""]
     return "\n".join(L)
 
@@ -382,9 +419,9 @@ def run(args) -> dict:
         if method == "base":
             ev = evaluate(b, model_dir, "", prompts["test"], os.path.join(out, "base", "eval_test"), progress)
             run_rec = {"seed": None, "test": ev}
-            if args.ifeval:
-                run_rec["ifeval"] = evaluate_ifeval(b, model_dir, "", args.ifeval, args.ifeval_limit,
-                                                    os.path.join(out, "base", "ifeval"), progress)
+            ife = ifeval_or_reuse(b, model_dir, "", args, os.path.join(out, "base", "ifeval"), progress)
+            if ife:
+                run_rec["ifeval"] = ife
             results["methods"][method] = {"runs": [run_rec], "lr": "-"}
             print(f"[{method}] test IF {ev['scores']['IF']} ({time.time() - mt:.0f} s)", flush=True)
             continue
@@ -413,13 +450,15 @@ def run(args) -> dict:
             ev = evaluate(b, model_dir, adapter, prompts["test"], os.path.join(wd, "eval_test"), progress)
             run_rec = {"seed": seed, "workdir": wd, "train_s": round(tr_s, 1) if seed != seed0 else 0.0, "test": ev}
             # (the first seed's training time is counted once, under lr_search)
-            if args.ifeval:
-                run_rec["ifeval"] = evaluate_ifeval(b, model_dir, adapter, args.ifeval, args.ifeval_limit,
-                                                    os.path.join(wd, "ifeval"), progress)
+            ife = ifeval_or_reuse(b, model_dir, adapter, args, os.path.join(wd, "ifeval"), progress)
+            if ife:
+                run_rec["ifeval"] = ife
             runs.append(run_rec)
         results["methods"][method] = {"runs": runs, "lr": best["lr"], "lr_search": search}
         print(f"[{method}] lr={best['lr']:g} test IF per seed {[r['test']['scores']['IF'] for r in runs]} "
               f"({time.time() - mt:.0f} s)", flush=True)
+    if "segpo" in results["methods"]:
+        results["segment_example"] = segment_example(b, model_dir, data_dir, results, prompts["test"], out)
     stats_path = os.path.join(data_dir, "stats.json")
     if os.path.isfile(stats_path):
         with open(stats_path, encoding="utf-8") as f:

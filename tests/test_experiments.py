@@ -3,7 +3,9 @@ import json
 import os
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 
 from experiments import run as R
@@ -104,9 +106,66 @@ def test_quick_mode_end_to_end(tmp_path):
         assert f"| {method} |" in md
     assert "| dpo |" not in md
     assert (tmp_path / "results.png").is_file()
+    ex = json.loads((out / "segpo" / "segment_example.json").read_text())  # SegPO's advantages on one example
+    assert len(ex["rollouts"]) == 4 and ex["adapter"].endswith("adapter") and "## SegPO's advantages" in md
     # rerunning resumes: nothing is trained again
     p2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert p2.returncode == 0 and "training lr=" not in p2.stdout
     # another budget in the same folder is refused
     p3 = subprocess.run(cmd + ["--steps", "5"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert p3.returncode != 0 and "steps" in p3.stderr
+
+
+class _FakeSampler:
+    """Returns given answers (as token ids) as the group's rollouts."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts = tokenizer, texts
+
+    def generate(self, prompts, params):
+        assert len(prompts) == 1 and params.n == len(self.texts)
+        return [types.SimpleNamespace(token_ids=self.tokenizer.encode(t, add_special_tokens=False))
+                for t in self.texts]
+
+
+def test_segment_example_rewards_and_advantages(tmp_path, qwen_tokenizer):
+    """SegPO's per-segment advantages on one prompt (experiments/segment_example.py): the reference answer,
+    the reference with its first section emptied, an answer without sections, the reference again."""
+    from data_pipeline import complex_if
+    from data_pipeline.headings import find_headings
+    from experiments import segment_example as E
+
+    complex_if.write(complex_if.generate(7, 4, ("en",), 4, 1, 1, 1, 2, 3, progress=False), str(tmp_path / "d"))
+    prompt = E.pick_sectioned(str(tmp_path / "d" / "sectioned_eval.jsonl"))
+    keys = [s.key for s in prompt.slots if s.segment]
+    assert len(keys) >= 2
+    ref = prompt.record["reference"]
+    h = find_headings(ref)
+    first_end = ref.index("\n", h[0].start) + 1
+    emptied = ref[:first_end] + "\n" + ref[h[1].start:]
+    texts = [ref, emptied, "No sections here.", ref]
+    ex = E.explain(_FakeSampler(qwen_tokenizer, texts), prompt, group=4, max_new_tokens=8, template="qwen",
+                   system=None)
+    assert ex["segments"] == keys and len(ex["rollouts"]) == 4
+    R = ex["rollouts"]
+    assert [r["format"] for r in R] == [True, True, False, True] and R[0]["all_pass"] == 1.0
+    r_o = np.array([r["r_o"] for r in R])
+    for r in R:
+        assert r["r_o"] == pytest.approx(r["ila"] + r["cla"] + r["all_pass"] + float(r["format"]))
+    # A_o: r_o normalised over the group (sample std)
+    np.testing.assert_allclose([r["A_o"] for r in R], (r_o - r_o.mean()) / (r_o.std(ddof=1) + 1e-6), atol=1e-4)
+    # A_phi of segment j: r_phi normalised over the rollouts that have segment j (not rollout 2)
+    assert R[1]["segments"][0]["r_phi"] == 0.0 and R[0]["segments"][0]["r_phi"] == 1.0
+    for j in range(len(keys)):
+        have = [i for i in range(4) if R[i]["segments"][j]["found"]]
+        assert have == [0, 1, 3]
+        phi = np.array([R[i]["segments"][j]["r_phi"] for i in have])
+        want = (phi - phi.mean()) / (phi.std(ddof=1) + 1e-6) if phi.std() > 0 else np.zeros(3)
+        np.testing.assert_allclose([R[i]["segments"][j]["A_phi"] for i in have], want, atol=1e-4)
+        for i in have:
+            s = R[i]["segments"][j]
+            assert s["tokens"] > 0 and s["A"] == pytest.approx(R[i]["A_o"] + s["A_phi"], abs=1e-5)
+        s = R[2]["segments"][j]
+        assert (s["found"], s["tokens"], s["A_phi"]) == (False, 0, None) and s["A"] == pytest.approx(R[2]["A_o"])
+    md = E.markdown(ex)
+    assert md.count("\n") == 1 + 4 and all(f"{k}: r_phi" in md for k in keys) and "missing" in md
