@@ -31,6 +31,7 @@ def test_methods_share_lora_data_steps_and_differ_in_objective(tmp_path):
     assert cfgs["iopo"].data.batch_size == b["batch_groups"]
     assert cfgs["iopo_star"].data.kind == cfgs["iopo_no_input"].data.kind == "iopo"
     assert cfgs["segpo"].rl.prompts_files[0].endswith("sectioned_train.jsonl")
+    assert cfgs["segpo"].model.remat == cfgs["grpo"].model.remat == "full"  # the learner's full-length rows fit
     with pytest.raises(ValueError, match="does not exist"):
         budget("cpu", stepz=3)
 

@@ -9,7 +9,8 @@ A *budget* is a plain dict (``BUDGETS[name]``, each field overridable from ``pyt
 - ``lrs`` the learning-rate grid every method searches (seed ``seeds[0]``, scored on the dev prompts),
   ``seeds`` the seeds the chosen learning rate is trained with;
 - ``cutoff`` and ``bucket_step`` (training sequence lengths; quick: one shape, one compilation),
-  ``eval_max_new_tokens``, and the RL rollout sizes.
+  ``eval_max_new_tokens``, and the RL rollout sizes (``rl_prompt_tokens``: the cpu budget's 384 holds the
+  longest sectioned prompt, 364 tokens with SmolLM2's chat template).
 
 ``quick``: the tiny random model, a pipeline check (about 11 CPU-minutes for all methods). ``cpu``:
 SmolLM2-135M-Instruct on a 2-core CPU, several hours
@@ -29,7 +30,7 @@ BUDGETS = {
     "cpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=50, eval_multi=100,
                 sectioned_train=400, sectioned_eval=60, steps=100, batch_groups=2, cutoff=384, lrs=(2e-4, 5e-4),
                 seeds=(0, 1), eval_max_new_tokens=128, eval_batch_size=32, rl_prompts=2, rl_group=4,
-                rl_response_tokens=256, rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="float32", bucket_step=64),
+                rl_response_tokens=256, rl_prompt_tokens=384, lora_rank=8, seed=2026, dtype="float32", bucket_step=64),
     "gpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=100, eval_multi=200,
                 sectioned_train=400, sectioned_eval=90, steps=375, batch_groups=8, cutoff=512,
                 lrs=(1e-4, 2e-4, 5e-4), seeds=(0, 1, 2), eval_max_new_tokens=256, eval_batch_size=64,
@@ -113,6 +114,9 @@ def rl_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, obje
     r.prompt_buckets = (int(b["rl_prompt_tokens"]),)
     r.length_step = 0
     r.ppo_epochs = 1
+    # the learner's rows are prompt + response at the full length (one shape): without activation checkpointing
+    # the backward pass of 8 such rows keeps every layer's attention scores (SmolLM2, 1,152 tokens: ~50 GB)
+    c.model.remat = "full"
     r.mini_batches = 1
     r.kl_coef = 0.001
     c.optimizer.schedule = "constant"
