@@ -32,6 +32,9 @@ def test_methods_share_lora_data_steps_and_differ_in_objective(tmp_path):
     assert cfgs["iopo_star"].data.kind == cfgs["iopo_no_input"].data.kind == "iopo"
     assert cfgs["segpo"].rl.prompts_files[0].endswith("sectioned_train.jsonl")
     assert cfgs["segpo"].model.remat == cfgs["grpo"].model.remat == "full"  # the learner's full-length rows fit
+    assert cfgs["segpo"].train.max_steps == b["steps"]  # rl_steps 0: as many iterations as steps
+    rl = get_method_config("grpo", budget("cpu", rl_steps=7), "/m", str(tmp_path), 3e-4, 1)
+    assert rl.train.max_steps == rl.checkpoint.every == 7
     with pytest.raises(ValueError, match="does not exist"):
         budget("cpu", stepz=3)
 

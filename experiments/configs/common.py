@@ -4,7 +4,8 @@ A *budget* is a plain dict (``BUDGETS[name]``, each field overridable from ``pyt
 
 - data sizes passed to :func:`data_pipeline.complex_if.generate` (``groups``, ``dev``, ``eval_single``,
   ``eval_multi``, ``sectioned_train``, ``sectioned_eval``);
-- ``steps`` optimizer steps (RL: iterations) for every method, ``batch_groups`` IOPO groups per step (SFT
+- ``steps`` optimizer steps for every method (GRPO / SegPO: ``rl_steps`` iterations, 0 = ``steps``; on CPU an
+  iteration of 8 rollouts costs about as much as 5-10 preference steps), ``batch_groups`` IOPO groups per step (SFT
   and DPO see the same groups: 2 records / pairs per group, so their batch is twice as many rows);
 - ``lrs`` the learning-rate grid every method searches (seed ``seeds[0]``, scored on the dev prompts),
   ``seeds`` the seeds the chosen learning rate is trained with;
@@ -25,16 +26,16 @@ from configs.base import get_config as base_config
 BUDGETS = {
     "quick": dict(model="tiny", groups=24, dev=6, eval_single=4, eval_multi=6, sectioned_train=8,
                   sectioned_eval=6, steps=3, batch_groups=2, cutoff=384, lrs=(1e-3,), seeds=(0,),
-                  eval_max_new_tokens=8, eval_batch_size=16, rl_prompts=2, rl_group=4, rl_response_tokens=8,
+                  eval_max_new_tokens=8, eval_batch_size=16, rl_steps=0, rl_prompts=2, rl_group=4, rl_response_tokens=8,
                   rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="float32", bucket_step=384),
     "cpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=50, eval_multi=100,
                 sectioned_train=400, sectioned_eval=60, steps=100, batch_groups=2, cutoff=384, lrs=(2e-4, 5e-4),
-                seeds=(0, 1), eval_max_new_tokens=128, eval_batch_size=32, rl_prompts=2, rl_group=4,
-                rl_response_tokens=256, rl_prompt_tokens=384, lora_rank=8, seed=2026, dtype="float32", bucket_step=64),
+                seeds=(0, 1), eval_max_new_tokens=128, eval_batch_size=32, rl_steps=0, rl_prompts=2,
+                rl_group=4, rl_response_tokens=256, rl_prompt_tokens=384, lora_rank=8, seed=2026, dtype="float32", bucket_step=64),
     "gpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=100, eval_multi=200,
                 sectioned_train=400, sectioned_eval=90, steps=375, batch_groups=8, cutoff=512,
                 lrs=(1e-4, 2e-4, 5e-4), seeds=(0, 1, 2), eval_max_new_tokens=256, eval_batch_size=64,
-                rl_prompts=8, rl_group=8, rl_response_tokens=384, rl_prompt_tokens=1024, lora_rank=8, seed=2026,
+                rl_steps=0, rl_prompts=8, rl_group=8, rl_response_tokens=384, rl_prompt_tokens=1024, lora_rank=8, seed=2026,
                 dtype="bfloat16", bucket_step=128),
 }
 # SmolLM2's default system prompt (its chat template adds it at evaluation), so training sequences match.
@@ -119,6 +120,8 @@ def rl_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, obje
     c.model.remat = "full"
     r.mini_batches = 1
     r.kl_coef = 0.001
+    c.train.max_steps = b["rl_steps"] or b["steps"]
+    c.checkpoint.every = max(1, c.train.max_steps)
     c.optimizer.schedule = "constant"
     c.optimizer.warmup_ratio = 0.0
     return c
