@@ -103,6 +103,7 @@ def split_files(data_dir: str, out: str) -> dict:
     sec = read("sectioned_eval.jsonl")
     parts = {"dev": read("eval_dev.jsonl") + sec[::3],
              "test": read("eval_test.jsonl") + [r for i, r in enumerate(sec) if i % 3]}
+    parts["test_sectioned"] = [r for r in parts["test"] if r["category"] == "sectioned"]
     os.makedirs(os.path.join(out, "prompts"), exist_ok=True)
     paths = {}
     for k, recs in parts.items():
@@ -406,11 +407,13 @@ def plot(agg: dict, path: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     x = np.arange(len(methods))
     w = 0.8 / len(keys)
+    flat = [mm for mm in methods if agg[mm]["IF"][0] is not None]  # (--rl_test=sectioned: RL methods have none)
+    x0 = np.arange(len(flat))
     for i, (k, name) in enumerate(keys):
-        m = [100 * (agg[mm][k][0] or 0) for mm in methods]
-        s = [100 * (agg[mm][k][1] or 0) for mm in methods]
-        axes[0].bar(x + i * w - 0.4 + w / 2, m, w, yerr=s, label=name, capsize=2)
-    axes[0].set_xticks(x, methods, rotation=30, fontsize=8)
+        m = [100 * (agg[mm][k][0] or 0) for mm in flat]
+        s = [100 * (agg[mm][k][1] or 0) for mm in flat]
+        axes[0].bar(x0 + i * w - 0.4 + w / 2, m, w, yerr=s, label=name, capsize=2)
+    axes[0].set_xticks(x0, flat, rotation=30, fontsize=8)
     axes[0].set_ylabel("% (held-out)")
     axes[0].set_title("single + multi prompts")
     axes[0].legend(fontsize=7)
@@ -500,7 +503,11 @@ def run(args) -> dict:
                 wd = os.path.join(out, method, f"lr{best['lr']:g}_seed{seed}")
                 adapter, tr_s = train(method, get_method_config(method, b, model_dir, data_dir, best["lr"], seed),
                                       wd, progress, f"lr={best['lr']:g} seed={seed}")
-            ev = evaluate(b, model_dir, adapter, prompts["test"], os.path.join(wd, "eval_test"), progress)
+            if method in RL_METHODS and args.rl_test == "sectioned":  # only the prompts RL trains for
+                ev = evaluate(b, model_dir, adapter, prompts["test_sectioned"], os.path.join(wd, "eval_test_sectioned"),
+                              progress)
+            else:
+                ev = evaluate(b, model_dir, adapter, prompts["test"], os.path.join(wd, "eval_test"), progress)
             run_rec = {"seed": seed, "workdir": wd, "train_s": round(tr_s, 1) if seed != seed0 else 0.0, "test": ev}
             # (the first seed's training time is counted once, under lr_search)
             ife = ifeval_or_reuse(b, model_dir, adapter, args, os.path.join(wd, "ifeval"), progress)
@@ -558,6 +565,9 @@ def define_flags(fv) -> None:
                           flag_values=fv)
     f.DEFINE_string("model_dir", "", "model directory ('' = the budget's model, fetched or made)", flag_values=fv)
     f.DEFINE_string("data_dir", "", "complex_if output to use ('' = generate into <out>/data)", flag_values=fv)
+    f.DEFINE_enum("rl_test", "all", ["all", "sectioned"], "test prompts of GRPO / SegPO: all, or only the held-out "
+                  "sectioned ones they are trained for (a fifth of the evaluation time; their single/multi "
+                  "columns then read '-')", flag_values=fv)
     f.DEFINE_string("ifeval", "", "IFEval input_data.jsonl: also evaluate out of domain ('' = skip)", flag_values=fv)
     f.DEFINE_integer("ifeval_limit", 0, "first N IFEval prompts (0 = all)", flag_values=fv)
     f.DEFINE_string("results", "", "also write the report here (e.g. experiments/RESULTS.md) with its plot next to it",

@@ -197,3 +197,20 @@ def test_paired_comparisons_and_sign_test():
     assert set(rows) == {("iopo", "base"), ("segpo", "base"), ("grpo", "base"), ("segpo", "grpo")}
     what, cmp = rows[("segpo", "grpo")]
     assert what == "sectioned" and (cmp["n"], cmp["prompt_wins"], cmp["constraint_wins"]) == (1, 1, 2)
+
+
+def test_rl_methods_on_sectioned_prompts_only_report(tmp_path):
+    """--rl_test=sectioned: GRPO/SegPO scored on the sectioned prompts only; their flat columns read '-'."""
+    recs = [{"id": "a", "category": "single"}, {"id": "d", "category": "sectioned"}]
+    full = R.score(recs, {"a": _judg("a", True, [True], ["t"]),
+                          "d": _judg("d", False, [True, False], ["x", "y"], ila=0.5, cla=0.5, fmt=True)})
+    sec = R.score(recs[1:], {"d": _judg("d", True, [True, True], ["x", "y"], ila=1.0, cla=1.0, fmt=True)})
+    assert sec["n"] == 0 and sec["IF"] is None and sec["sectioned"]["n"] == 1
+    results = {"budget_name": "cpu", "budget": budget("cpu"), "model_dir": "m", "data_dir": "d", "machine": "x",
+               "finished": "now", "wall_s": 1.0, "command": "c",
+               "methods": {"base": {"lr": "-", "runs": [{"seed": None, "test": {"scores": full, "wall_s": 2}}]},
+                           "segpo": {"lr": 5e-4, "runs": [{"seed": 0, "test": {"scores": sec, "wall_s": 2}}]}}}
+    agg = R.aggregate(results)
+    md = R.markdown(results, agg, {"p": R.plot(agg, str(tmp_path / "results.png"))})
+    assert "| segpo | 0.0005 | - | - | - | - | 100.0 | 100.0 | 100.0 | 100.0 | 0/1 |" in md
+    assert "| segpo | base | sectioned (1) | 1 / 0 | 1.000 | 1 / 0 | 1.000 |" in md
