@@ -184,15 +184,19 @@ def evaluate_ifeval(b: dict, model_dir: str, adapter: str, path: str, limit: int
 def ifeval_or_reuse(b: dict, model_dir: str, adapter: str, args, workdir: str, progress: bool) -> Optional[dict]:
     """IFEval of one run: evaluated with ``--ifeval``; without it, a finished earlier IFEval evaluation of the
     run (an invocation with ``--ifeval`` on some of the methods) is reported as it is; otherwise None."""
+    m = None
     if args.ifeval:
-        return evaluate_ifeval(b, model_dir, adapter, args.ifeval, args.ifeval_limit, workdir, progress)
-    done = os.path.join(workdir, "metrics.json")
-    if os.path.isfile(done):
-        with open(done, encoding="utf-8") as f:
+        m = evaluate_ifeval(b, model_dir, adapter, args.ifeval, args.ifeval_limit, workdir, progress)
+    elif os.path.isfile(os.path.join(workdir, "metrics.json")):
+        with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
             m = json.load(f)
-        if m.get("n_missing_predictions") == 0:
-            return m
-    return None
+        if m.get("n_missing_predictions") != 0:
+            m = None
+    if m is not None:  # per prompt, for paired comparisons: [category, prompt strict, instruction verdicts strict]
+        with open(os.path.join(workdir, "judgments.jsonl"), encoding="utf-8") as f:
+            m = dict(m, per_prompt={j["id"]: ["ifeval", bool(j["prompt_strict"]), [bool(x) for x in j["strict"]]]
+                                    for j in map(json.loads, f) if j.get("status") == "ok"})
+    return m
 
 
 def segment_example(b: dict, model_dir: str, data_dir: str, results: dict, prompts: str, out: str) -> dict:
@@ -276,7 +280,11 @@ def paired_rows(results: dict) -> list[tuple[str, str, str, dict]]:
             for m in first}
     pairs = [(m, "base") for m in first if m != "base" and "base" in first]
     pairs += [(a, b) for a, b in PAIRS if a in first and b in first]
-    return [(a, b, sets[a][1], paired(first[a], first[b], sets[a][0])) for a, b in pairs]
+    out = [(a, b, sets[a][1], paired(first[a], first[b], sets[a][0])) for a, b in pairs]
+    ife = {m: r["runs"][0].get("ifeval") for m, r in results["methods"].items()}
+    ife = {m: x for m, x in ife.items() if x and "per_prompt" in x}
+    return out + [(a, b, "IFEval, strict", paired(ife[a], ife[b], ("ifeval",))) for a, b in pairs
+                  if a in ife and b in ife]
 
 
 def dev_key(s: dict) -> tuple:
@@ -375,8 +383,8 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
     pr = paired_rows(results)
     if pr:
         L += ["", "## Paired comparisons (first seed, same test prompts)", "",
-              "Prompts (all constraints pass) and single constraints that pass for one method and fail for the "
-              "other; p: two-sided exact sign test over those discordant ones (ties dropped). With one seed this "
+              "Prompts (all constraints pass) and single constraints (IFEval: instructions) that pass for one "
+              "method and fail for the other; p: two-sided exact sign test over those discordant ones (ties dropped). With one seed this "
               "is the evidence the run gives on whether a difference is more than noise.", "",
               "| a | b | prompts | prompts a+ / b+ | p | constraints a+ / b+ | p |", "|---|---|---|---:|---:|---:|---:|"]
         for a, b, what, c in pr:

@@ -197,6 +197,14 @@ def test_paired_comparisons_and_sign_test():
     assert set(rows) == {("iopo", "base"), ("segpo", "base"), ("grpo", "base"), ("segpo", "grpo")}
     what, cmp = rows[("segpo", "grpo")]
     assert what == "sectioned" and (cmp["n"], cmp["prompt_wins"], cmp["constraint_wins"]) == (1, 1, 2)
+    # IFEval per prompt (strict), where both runs have it
+    results["methods"]["base"]["runs"][0]["ifeval"] = {"per_prompt": {"1": ["ifeval", False, [False, True]],
+                                                                      "2": ["ifeval", True, [True]]}}
+    results["methods"]["iopo"]["runs"][0]["ifeval"] = {"per_prompt": {"1": ["ifeval", True, [True, True]],
+                                                                      "2": ["ifeval", True, [True]]}}
+    rows = [(a, b, what, c) for a, b, what, c in R.paired_rows(results) if what == "IFEval, strict"]
+    assert [(a, b, c["n"], c["prompt_wins"], c["constraint_wins"]) for a, b, _, c in rows] == [("iopo", "base", 2, 1, 1)]
+    assert what == "sectioned" and (cmp["n"], cmp["prompt_wins"], cmp["constraint_wins"]) == (1, 1, 2)
 
 
 def test_rl_methods_on_sectioned_prompts_only_report(tmp_path):
@@ -214,3 +222,19 @@ def test_rl_methods_on_sectioned_prompts_only_report(tmp_path):
     md = R.markdown(results, agg, {"p": R.plot(agg, str(tmp_path / "results.png"))})
     assert "| segpo | 0.0005 | - | - | - | - | 100.0 | 100.0 | 100.0 | 100.0 | 0/1 |" in md
     assert "| segpo | base | sectioned (1) | 1 / 0 | 1.000 | 1 / 0 | 1.000 |" in md
+
+
+def test_ifeval_reused_with_per_prompt_verdicts(tmp_path):
+    """Without --ifeval a finished IFEval evaluation of the run is reported, with its per-prompt verdicts."""
+    wd = tmp_path / "ifeval"
+    args = types.SimpleNamespace(ifeval="", ifeval_limit=0)
+    assert R.ifeval_or_reuse({}, "m", "", args, str(wd), False) is None
+    wd.mkdir()
+    (wd / "metrics.json").write_text(json.dumps({"n_missing_predictions": 0, "prompt_level_strict": 0.5}))
+    (wd / "judgments.jsonl").write_text(
+        json.dumps({"id": "7", "status": "ok", "strict": [True, False], "prompt_strict": False}) + "\n" +
+        json.dumps({"id": "8", "status": "error"}) + "\n")
+    m = R.ifeval_or_reuse({}, "m", "", args, str(wd), False)
+    assert m["prompt_level_strict"] == 0.5 and m["per_prompt"] == {"7": ["ifeval", False, [True, False]]}
+    (wd / "metrics.json").write_text(json.dumps({"n_missing_predictions": 3}))  # unfinished: not reported
+    assert R.ifeval_or_reuse({}, "m", "", args, str(wd), False) is None
