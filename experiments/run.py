@@ -161,17 +161,24 @@ def evaluate(b: dict, model_dir: str, adapter: str, prompts: str, workdir: str, 
     return {"demo_metrics": metrics, "scores": score(records, judgments), "wall_s": wall}
 
 
+def finished_metrics(workdir: str) -> Optional[dict]:
+    """The metrics of a finished evaluation in ``workdir`` (every item answered), else None."""
+    path = os.path.join(workdir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        m = json.load(f)
+    return m if m.get("n_missing_predictions") == 0 else None
+
+
 def evaluate_ifeval(b: dict, model_dir: str, adapter: str, path: str, limit: int, workdir: str,
                     progress: bool) -> dict:
     from evaluation.config_defaults import base_config  # pylint: disable=import-outside-toplevel
     from evaluation.runner import evaluate as run_eval  # pylint: disable=import-outside-toplevel
 
-    done = os.path.join(workdir, "metrics.json")
-    if os.path.isfile(done):
-        with open(done, encoding="utf-8") as f:
-            m = json.load(f)
-        if m.get("n_missing_predictions") == 0:
-            return m
+    m = finished_metrics(workdir)
+    if m is not None:
+        return m
     c = base_config("ifeval")
     c.workdir, c.model_dir, c.lora, c.progress = workdir, model_dir, adapter, progress
     c.data.path, c.data.limit = path, limit
@@ -184,14 +191,10 @@ def evaluate_ifeval(b: dict, model_dir: str, adapter: str, path: str, limit: int
 def ifeval_or_reuse(b: dict, model_dir: str, adapter: str, args, workdir: str, progress: bool) -> Optional[dict]:
     """IFEval of one run: evaluated with ``--ifeval``; without it, a finished earlier IFEval evaluation of the
     run (an invocation with ``--ifeval`` on some of the methods) is reported as it is; otherwise None."""
-    m = None
     if args.ifeval:
         m = evaluate_ifeval(b, model_dir, adapter, args.ifeval, args.ifeval_limit, workdir, progress)
-    elif os.path.isfile(os.path.join(workdir, "metrics.json")):
-        with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
-            m = json.load(f)
-        if m.get("n_missing_predictions") != 0:
-            m = None
+    else:
+        m = finished_metrics(workdir)
     if m is not None:  # per prompt, for paired comparisons: [category, prompt strict, instruction verdicts strict]
         with open(os.path.join(workdir, "judgments.jsonl"), encoding="utf-8") as f:
             m = dict(m, per_prompt={j["id"]: ["ifeval", bool(j["prompt_strict"]), [bool(x) for x in j["strict"]]]
