@@ -240,8 +240,10 @@ def pair_ok(c1, c2, y1, y2, strict: bool) -> bool:
 SampleFn = Callable[[Sequence[str], Sequence[int]], list]
 
 
-def apply_samples(groups: Sequence[Group], sample_fn: SampleFn, seed: int, strict: bool) -> None:
-    """Replace templated y1/y2 by the first sampled answer that passes its checks (see module doc)."""
+def apply_samples(groups: Sequence[Group], sample_fn: SampleFn, seed: int, strict: bool) -> dict:
+    """Replace templated y1/y2 by the first sampled answer that passes its checks (see module doc). Returns
+    what the candidates did, per answer: how many there were, how many pass every constraint of their own
+    instruction, and how many of those are usable (also fail the other instruction where required)."""
     prompts, seeds = [], []
     for i, g in enumerate(groups):
         prompts += [g.p1.text(), g.p2.text()]
@@ -249,8 +251,14 @@ def apply_samples(groups: Sequence[Group], sample_fn: SampleFn, seed: int, stric
     cands = sample_fn(prompts, seeds)
     if len(cands) != len(prompts):
         raise RuntimeError(f"the sampler returned {len(cands)} answer lists for {len(prompts)} prompts")
+    counts = {f"{k}_{w}": 0 for k in ("y1", "y2") for w in ("candidates", "pass_own", "usable")}
     for i, g in enumerate(groups):
         c1, c2 = g.p1.specs, g.p2.specs
+        for key, own, other, ys, must_fail in (("y1", c1, c2, cands[2 * i], True),
+                                               ("y2", c2, c1, cands[2 * i + 1], strict)):
+            counts[f"{key}_candidates"] += len(ys)
+            counts[f"{key}_pass_own"] += sum(answer_ok(own, other, y, False) for y in ys)
+            counts[f"{key}_usable"] += sum(answer_ok(own, other, y, must_fail) for y in ys)
         y1 = next((y for y in cands[2 * i] if answer_ok(c1, c2, y)), None)
         y2 = next((y for y in cands[2 * i + 1] if answer_ok(c2, c1, y, strict)), None)
         if y1 is not None and y1 != g.y2:
@@ -258,6 +266,7 @@ def apply_samples(groups: Sequence[Group], sample_fn: SampleFn, seed: int, stric
         if y2 is not None and y2.strip() != g.y1:
             g.y2, g.y2_source = y2.strip(), "sampled"
         assert pair_ok(c1, c2, g.y1, g.y2, strict)  # stripping keeps every verdict (the checks strip)
+    return counts
 
 
 def group_record(g: Group, index: int) -> dict:
@@ -330,8 +339,9 @@ def generate(seed: int = DEFAULT_SEED, n_groups: int = DEFAULT_GROUPS, langs: Se
         groups.append(make_group(rng, lang, EDIT_NAMES[(i // len(langs)) % 3], topic_split(lang)[0],
                                  max_constraints, strict))
     n_sampled = len(groups) if sample_groups < 0 else min(sample_groups, len(groups))
+    candidates = {}
     if sample_fn is not None and n_sampled:
-        apply_samples(groups[:n_sampled], sample_fn, seed, strict)
+        candidates = apply_samples(groups[:n_sampled], sample_fn, seed, strict)
     iopo = [group_record(g, i + 1) for i, g in enumerate(groups)]
     train_combos = {combo(g.p1.specs) for g in groups} | {combo(g.p2.specs) for g in groups}
     seen = {t for g in iopo for t in (g["conversations"][0]["value"], g["conversations"][1]["value"])}
@@ -355,6 +365,7 @@ def generate(seed: int = DEFAULT_SEED, n_groups: int = DEFAULT_GROUPS, langs: Se
     data = {"iopo": iopo, "sft": sft, "dpo": dpo, "eval_dev": dev, "eval_test": test,
             "sectioned_train": sec_train, "sectioned_eval": sec_eval}
     data["stats"] = statistics(data, train_combos, seed=seed, strict=strict, n_sampled=n_sampled if sample_fn else 0,
+                               candidates=candidates,
                                langs=langs, max_constraints=max_constraints)
     return data
 
@@ -372,6 +383,7 @@ def statistics(data: dict, train_combos: set, **params) -> dict:
                       for g, m in zip(iopo, metas))
     words = lambda xs: round(sum(V.count_words(x) for x in xs) / max(1, len(xs)), 1)  # noqa: E731
     sampled_groups = params.pop("n_sampled")
+    candidates = params.pop("candidates", {})
     out = {
         "params": params,
         "iopo_groups": n,
@@ -390,6 +402,10 @@ def statistics(data: dict, train_combos: set, **params) -> dict:
             "template_share": sum((m["y1_source"] == "template") + (m["y2_source"] == "template")
                                   for m in metas) / max(1, 2 * n),
             "y2_fails_x1_share": y2_fails_x1 / max(1, n),
+            # of the groups offered to the sampler (the shares above are of all groups)
+            "y1_sampled_share_of_offered": sum(m["y1_source"] == "sampled" for m in metas) / max(1, sampled_groups),
+            "y2_sampled_share_of_offered": sum(m["y2_source"] == "sampled" for m in metas) / max(1, sampled_groups),
+            "candidates": candidates,
         },
         "mean_words": {"x": words([t["value"] for g in iopo for t in g["conversations"]]),
                        "y": words([g[k]["value"] for g in iopo for k in ("chosen", "rejected")])},
@@ -419,6 +435,13 @@ FILES = {"iopo": "iopo_train.json", "sft": "sft_train.jsonl", "dpo": "dpo_train.
          "stats": "stats.json"}
 
 
+def candidates_lines(c: dict) -> list:
+    """The sampled candidates' verdicts, per answer (empty without sampling)."""
+    return [f"- {k} candidates: {c[k + '_candidates']}; pass every constraint of their own instruction "
+            f"{c[k + '_pass_own']}; usable (and fail the other instruction where required) {c[k + '_usable']}"
+            for k in ("y1", "y2") if c.get(k + "_candidates")]
+
+
 def stats_markdown(st: dict) -> str:
     a = st["answers"]
     lines = ["# Complex-IF data statistics", "", f"Parameters: `{json.dumps(st['params'], ensure_ascii=False)}`", "",
@@ -426,9 +449,12 @@ def stats_markdown(st: dict) -> str:
              f"{st['sft_records']} SFT records, {st['dpo_pairs']} DPO pairs",
              f"- constraints per x1: {st['x1_constraints']}; per x2: {st['x2_constraints']}",
              f"- answers: {a['groups_offered_to_the_sampler']} groups offered to the sampler; y1 sampled "
-             f"{a['y1_sampled']} ({100 * a['y1_sampled_share']:.1f}%), y2 sampled {a['y2_sampled']} "
-             f"({100 * a['y2_sampled_share']:.1f}%), templated answers {100 * a['template_share']:.1f}%; "
+             f"{a['y1_sampled']} ({100 * a['y1_sampled_share']:.1f}% of all groups, "
+             f"{100 * a.get('y1_sampled_share_of_offered', 0):.1f}% of those offered), y2 sampled {a['y2_sampled']} "
+             f"({100 * a['y2_sampled_share']:.1f}%, {100 * a.get('y2_sampled_share_of_offered', 0):.1f}%), "
+             f"templated answers {100 * a['template_share']:.1f}%; "
              f"y2 fails x1 in {100 * a['y2_fails_x1_share']:.1f}% of groups",
+             *candidates_lines(a.get("candidates") or {}),
              f"- mean words: prompt {st['mean_words']['x']}, answer {st['mean_words']['y']}; "
              f"{st['distinct_training_type_combinations']} distinct constraint-type combinations in training",
              "", "| constraint type | TRACE dimension | count |", "|---|---|---:|"]

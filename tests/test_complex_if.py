@@ -110,6 +110,12 @@ def test_best_of_n_keeps_passing_samples_and_falls_back_to_templates():
     assert src == [("sampled", "template"), ("template", "template")] * 3
     st = data["stats"]["answers"]
     assert st["y1_sampled"] == 3 and st["y2_sampled"] == 0 and st["template_share"] == pytest.approx(9 / 12)
+    assert st["y1_sampled_share_of_offered"] == 0.5 and st["y2_sampled_share_of_offered"] == 0.0
+    # every group offered 2 candidates per answer; the 3 GOOD y1 answers pass x1 (and fail x2); blanks pass nothing
+    assert st["candidates"] == {"y1_candidates": 12, "y1_pass_own": 3, "y1_usable": 3,
+                                "y2_candidates": 12, "y2_pass_own": 0, "y2_usable": 0}
+    assert "- y1 candidates: 12; pass every constraint of their own instruction 3; usable" in \
+        C.stats_markdown(data["stats"])
     assert len(seen["seeds"]) == 12 and len(set(seen["seeds"])) == 12
     # sample_groups bounds what is offered to the sampler
     data2 = C.generate(seed=4, n_groups=6, n_single=1, n_multi=1, n_dev=3, n_sectioned_train=1,
@@ -129,3 +135,4 @@ def test_cli_samples_with_the_tiny_model(tiny_model_dir, tmp_path):
     assert st["answers"]["groups_offered_to_the_sampler"] == 3
     assert st["params"]["best_of"] == 2
     assert st["answers"]["template_share"] + (st["answers"]["y1_sampled"] + st["answers"]["y2_sampled"]) / 6 == 1.0
+    assert st["answers"]["candidates"]["y1_candidates"] == 6 and st["answers"]["candidates"]["y2_candidates"] == 6
