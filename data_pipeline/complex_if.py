@@ -384,6 +384,8 @@ def statistics(data: dict, train_combos: set, **params) -> dict:
     words = lambda xs: round(sum(V.count_words(x) for x in xs) / max(1, len(xs)), 1)  # noqa: E731
     sampled_groups = params.pop("n_sampled")
     candidates = params.pop("candidates", {})
+    y1s = sum(m["y1_source"] == "sampled" for m in metas)
+    y2s = sum(m["y2_source"] == "sampled" for m in metas)
     out = {
         "params": params,
         "iopo_groups": n,
@@ -395,16 +397,16 @@ def statistics(data: dict, train_combos: set, **params) -> dict:
         "trace_dimensions": _hist(TYPE_DIMENSION[s["type"]] for s in specs),
         "answers": {
             "groups_offered_to_the_sampler": sampled_groups,
-            "y1_sampled": sum(m["y1_source"] == "sampled" for m in metas),
-            "y2_sampled": sum(m["y2_source"] == "sampled" for m in metas),
-            "y1_sampled_share": sum(m["y1_source"] == "sampled" for m in metas) / max(1, n),
-            "y2_sampled_share": sum(m["y2_source"] == "sampled" for m in metas) / max(1, n),
+            "y1_sampled": y1s,
+            "y2_sampled": y2s,
+            "y1_sampled_share": y1s / max(1, n),
+            "y2_sampled_share": y2s / max(1, n),
             "template_share": sum((m["y1_source"] == "template") + (m["y2_source"] == "template")
                                   for m in metas) / max(1, 2 * n),
             "y2_fails_x1_share": y2_fails_x1 / max(1, n),
             # of the groups offered to the sampler (the shares above are of all groups)
-            "y1_sampled_share_of_offered": sum(m["y1_source"] == "sampled" for m in metas) / max(1, sampled_groups),
-            "y2_sampled_share_of_offered": sum(m["y2_source"] == "sampled" for m in metas) / max(1, sampled_groups),
+            "y1_sampled_share_of_offered": y1s / max(1, sampled_groups),
+            "y2_sampled_share_of_offered": y2s / max(1, sampled_groups),
             "candidates": candidates,
         },
         "mean_words": {"x": words([t["value"] for g in iopo for t in g["conversations"]]),
