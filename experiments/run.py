@@ -75,6 +75,9 @@ def ensure_model(b: dict, out: str, model_dir: str, progress: bool) -> str:
     return fetch_model(b["model"], d, quiet=not progress)
 
 
+ADDED_FIELDS = {"rl_warm_start_steps": 0}  # budget fields added later, with the value earlier runs had
+
+
 def check_budget(out: str, b: dict, data_dir: str, model_dir: str) -> None:
     """Resuming reuses finished runs, so an ``--out`` may only ever hold one budget, data and model."""
     path = os.path.join(out, "budget.json")
@@ -82,6 +85,8 @@ def check_budget(out: str, b: dict, data_dir: str, model_dir: str) -> None:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             have = json.load(f)
+        for k, v in ADDED_FIELDS.items():  # folders made before a field existed ran with its default
+            have["budget"].setdefault(k, v)
         if have != want:
             diff = sorted(k for k in set(have["budget"]) | set(want["budget"])
                           if have["budget"].get(k) != want["budget"].get(k))
@@ -117,11 +122,42 @@ def split_files(data_dir: str, out: str) -> dict:
     return paths
 
 
-def train(method: str, cfg, workdir: str, progress: bool, label: str = "") -> tuple[str, float]:
+WARM = "sft_sectioned"  # the warm start of GRPO / SegPO (budget field rl_warm_start_steps), reported as a method
+
+
+def warm_start(b: dict, model_dir: str, data_dir: str, out: str, progress: bool) -> tuple[str, str, float]:
+    """SFT on the sectioned training prompts' reference answers, LoRA merged in (``<out>/sft_sectioned``):
+    the model GRPO / SegPO start from and keep as their reference. Returns (merged model dir, workdir, wall s)."""
+    from experiments.configs.common import warm_start_config  # pylint: disable=import-outside-toplevel
+
+    wd = os.path.join(out, WARM, f"lr{b['lrs'][0]:g}_seed{b['seeds'][0]}")
+    os.makedirs(wd, exist_ok=True)
+    sft_file = os.path.join(wd, "sft_sectioned.jsonl")
+    with open(os.path.join(data_dir, "sectioned_train.jsonl"), encoding="utf-8") as f:
+        recs = [json.loads(x) for x in f if x.strip()]
+    missing = [r.get("id", i) for i, r in enumerate(recs) if not r.get("reference")]
+    if missing:
+        raise SystemExit(f"{data_dir}/sectioned_train.jsonl: {len(missing)} records have no 'reference' answer "
+                         f"(first: {missing[0]}); the warm start (rl_warm_start_steps) trains on them")
+    text = "".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["reference"]}]},
+                              ensure_ascii=False) + "\n" for r in recs)
+    if not os.path.isfile(sft_file) or open(sft_file, encoding="utf-8").read() != text:
+        with open(sft_file, "w", encoding="utf-8") as f:
+            f.write(text)
+    cfg = warm_start_config(b, model_dir, sft_file, b["lrs"][0], b["seeds"][0])
+    _, wall = train(WARM, cfg, wd, progress, f"{b['rl_warm_start_steps']} steps lr={b['lrs'][0]:g}", merged=True)
+    return os.path.join(wd, "export", "merged"), wd, wall
+
+
+def train(method: str, cfg, workdir: str, progress: bool, label: str = "", merged: bool = False) -> tuple[str, float]:
     """Train one run (resumes; skipped when its adapter exists); returns (adapter dir, wall seconds)."""
     adapter = os.path.join(workdir, "export", "adapter")
     timing = os.path.join(workdir, "train_wall_s.json")
-    if os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+    done = os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
+    if merged:  # the merged export is written after the adapter
+        done = done and os.path.isfile(os.path.join(workdir, "export", "merged", "config.json"))
+    if done:
         if not os.path.isfile(timing):
             return adapter, 0.0
         with open(timing, encoding="utf-8") as f:
@@ -279,9 +315,10 @@ def paired_rows(results: dict) -> list[tuple[str, str, str, dict]]:
     first = {m: r["runs"][0]["test"]["scores"] for m, r in results["methods"].items()}
     if not all("per_prompt" in s for s in first.values()):
         return []
-    sets = {m: (("sectioned",), "sectioned") if m in RL_METHODS else (("single", "multi"), "single + multi")
+    sets = {m: (("sectioned",), "sectioned") if m in RL_METHODS + (WARM,) else (("single", "multi"), "single + multi")
             for m in first}
     pairs = [(m, "base") for m in first if m != "base" and "base" in first]
+    pairs += [(m, WARM) for m in RL_METHODS if m in first and WARM in first]  # RL against where it started
     pairs += [(a, b) for a, b in PAIRS if a in first and b in first]
     out = [(a, b, sets[a][1], paired(first[a], first[b], sets[a][0])) for a, b in pairs]
     ife = {m: r["runs"][0].get("ifeval") for m, r in results["methods"].items()}
@@ -352,6 +389,14 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
          f"pairs each), LoRA r={b['lora_rank']}, learning-rate grid {list(b['lrs'])} searched with seed "
          f"{b['seeds'][0]} on the dev prompts, seeds {list(b['seeds'])}, greedy answers of at most "
          f"{b['eval_max_new_tokens']} new tokens. Cells: mean ± sample standard deviation over seeds, in %.", "",
+    ]
+    if WARM in results["methods"]:
+        w = results["methods"][WARM]["runs"][0]
+        L += [f"GRPO and SegPO start from `{WARM}`: the model after {b['rl_warm_start_steps']} SFT steps (lr "
+              f"{results['methods'][WARM]['lr']}, seed {w['seed']}) on the sectioned training prompts' reference "
+              f"answers, LoRA merged in (`{w['workdir']}/export/merged`); it is also their reference model, and its "
+              "row is the RL runs' starting point.", ""]
+    L += [
          "## Held-out pass rates", "",
          "| method | lr | " + " | ".join(n for _, n in ROW_METRICS) + " | " +
          " | ".join(f"sectioned {n}" for _, n in SEC_METRICS) + (" | IFEval prompt strict | IFEval inst. strict"
@@ -374,7 +419,8 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
     L += ["", "## Accuracy per constraint type (single + multi prompts)", "",
           "| method | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
     for method, a in agg.items():
-        L.append(f"| {method} | " + " | ".join(_fmt(*a["per_type"].get(t, (None, None))) for t in types) + " |")
+        if a["per_type"]:  # (none: judged on the sectioned prompts only)
+            L.append(f"| {method} | " + " | ".join(_fmt(*a["per_type"].get(t, (None, None))) for t in types) + " |")
     L += ["", "## Learning-rate search (dev prompts, seed %s)" % b["seeds"][0], "",
           "| method | lr | dev pass rate | dev constraint acc. | train s |", "|---|---:|---:|---:|---:|"]
     if len(b["lrs"]) < 2:
@@ -481,6 +527,15 @@ def run(args) -> dict:
     prompts = split_files(data_dir, out)
     results = {"budget_name": "quick" if args.quick else args.budget, "budget": b, "model_dir": model_dir,
                "data_dir": data_dir, "command": "python -m experiments.run " + " ".join(args.argv), "methods": {}}
+    rl_model_dir = model_dir  # GRPO / SegPO's model: the warm start when the budget asks for one
+    if b["rl_warm_start_steps"] and any(m in RL_METHODS for m in methods):
+        mt = time.time()
+        rl_model_dir, wd, tr_s = warm_start(b, model_dir, data_dir, out, progress)
+        ev = evaluate(b, rl_model_dir, "", prompts["test_sectioned"], os.path.join(wd, "eval_test_sectioned"), progress)
+        results["methods"][WARM] = {"runs": [{"seed": b["seeds"][0], "workdir": wd, "train_s": round(tr_s, 1),
+                                              "test": ev}], "lr": b["lrs"][0]}
+        print(f"[{WARM}] GRPO / SegPO start from {rl_model_dir}: sectioned task-level "
+              f"{ev['scores']['sectioned']['task']} ({time.time() - mt:.0f} s)", flush=True)
     for method in methods:
         mt = time.time()
         if method == "base":
@@ -494,13 +549,14 @@ def run(args) -> dict:
             continue
         search = []
         seed0 = b["seeds"][0]
+        mdir = rl_model_dir if method in RL_METHODS else model_dir
         for lr in b["lrs"]:
             wd = os.path.join(out, method, f"lr{lr:g}_seed{seed0}")
-            cfg = get_method_config(method, b, model_dir, data_dir, lr, seed0)
+            cfg = get_method_config(method, b, mdir, data_dir, lr, seed0)
             adapter, tr_s = train(method, cfg, wd, progress, f"lr={lr:g} seed={seed0}")
             rec = {"lr": lr, "workdir": wd, "adapter": adapter, "train_s": round(tr_s, 1)}
             if len(b["lrs"]) > 1:
-                dev = evaluate(b, model_dir, adapter, prompts["dev"], os.path.join(wd, "eval_dev"), progress)
+                dev = evaluate(b, mdir, adapter, prompts["dev"], os.path.join(wd, "eval_dev"), progress)
                 rec.update(dev_key=list(dev_key(dev["scores"])), dev_eval_s=dev["wall_s"])
             else:
                 rec["dev_key"] = [None, None, None]
@@ -512,16 +568,16 @@ def run(args) -> dict:
                 adapter, wd, tr_s = best["adapter"], best["workdir"], best["train_s"]
             else:
                 wd = os.path.join(out, method, f"lr{best['lr']:g}_seed{seed}")
-                adapter, tr_s = train(method, get_method_config(method, b, model_dir, data_dir, best["lr"], seed),
+                adapter, tr_s = train(method, get_method_config(method, b, mdir, data_dir, best["lr"], seed),
                                       wd, progress, f"lr={best['lr']:g} seed={seed}")
             if method in RL_METHODS and args.rl_test == "sectioned":  # only the prompts RL trains for
-                ev = evaluate(b, model_dir, adapter, prompts["test_sectioned"], os.path.join(wd, "eval_test_sectioned"),
+                ev = evaluate(b, mdir, adapter, prompts["test_sectioned"], os.path.join(wd, "eval_test_sectioned"),
                               progress)
             else:
-                ev = evaluate(b, model_dir, adapter, prompts["test"], os.path.join(wd, "eval_test"), progress)
+                ev = evaluate(b, mdir, adapter, prompts["test"], os.path.join(wd, "eval_test"), progress)
             run_rec = {"seed": seed, "workdir": wd, "train_s": round(tr_s, 1) if seed != seed0 else 0.0, "test": ev}
             # (the first seed's training time is counted once, under lr_search)
-            ife = ifeval_or_reuse(b, model_dir, adapter, args, os.path.join(wd, "ifeval"), progress)
+            ife = ifeval_or_reuse(b, mdir, adapter, args, os.path.join(wd, "ifeval"), progress)
             if ife:
                 run_rec["ifeval"] = ife
             runs.append(run_rec)
@@ -529,7 +585,7 @@ def run(args) -> dict:
         print(f"[{method}] lr={best['lr']:g} test IF per seed {[r['test']['scores']['IF'] for r in runs]} "
               f"({time.time() - mt:.0f} s)", flush=True)
     if "segpo" in results["methods"]:
-        results["segment_example"] = segment_example(b, model_dir, data_dir, results, prompts["test"], out)
+        results["segment_example"] = segment_example(b, rl_model_dir, data_dir, results, prompts["test"], out)
     stats_path = os.path.join(data_dir, "stats.json")
     if os.path.isfile(stats_path):
         with open(stats_path, encoding="utf-8") as f:

@@ -84,12 +84,25 @@ def test_quick_mode_end_to_end(tmp_path):
     out = tmp_path / "exp"
     res_md = tmp_path / "RESULTS.md"
     cmd = [sys.executable, "-m", "experiments.run", "--quick", "--out", str(out), "--noprogress",
-           "--results", str(res_md), "--methods", ",".join(QUICK_METHODS)]
+           "--results", str(res_md), "--methods", ",".join(QUICK_METHODS), "--set", "rl_warm_start_steps=2"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert list(res["methods"]) == list(QUICK_METHODS)
+    assert list(res["methods"]) == [R.WARM] + list(QUICK_METHODS)
+    # the warm start: SFT on the sectioned references, merged; SegPO trains from it and is judged on top of it
+    warm = res["methods"].pop(R.WARM)["runs"][0]
+    merged = os.path.join(warm["workdir"], "export", "merged")
+    assert os.path.isfile(os.path.join(merged, "model.safetensors"))
+    sft_lines = [json.loads(x) for x in open(os.path.join(warm["workdir"], "sft_sectioned.jsonl"))]
+    refs = [json.loads(x)["reference"] for x in open(out / "data" / "sectioned_train.jsonl")]
+    assert [m["messages"][1]["content"] for m in sft_lines] == refs
+    assert warm["test"]["scores"]["sectioned"]["n"] == 4 and warm["test"]["scores"]["n"] == 0
+    seg_cfg = json.loads(open(os.path.join(res["methods"]["segpo"]["runs"][0]["workdir"], "config.json")).read())
+    assert seg_cfg["model"]["path"] == merged
+    seg_eval = json.loads(open(os.path.join(res["methods"]["segpo"]["runs"][0]["workdir"], "eval_test",
+                                            "config.json")).read())
+    assert merged in json.dumps(seg_eval)
     test_ids = [json.loads(x)["id"] for x in open(out / "prompts" / "test.jsonl")]
     for method, r in res["methods"].items():
         for run in r["runs"]:
@@ -107,15 +120,16 @@ def test_quick_mode_end_to_end(tmp_path):
                 assert os.path.isfile(os.path.join(run["workdir"], "export", "adapter", "adapter_model.safetensors"))
     md = res_md.read_text()
     assert "QUICK MODE" in md
-    for method in QUICK_METHODS:
+    for method in QUICK_METHODS + (R.WARM,):
         assert f"| {method} |" in md
+    assert "| segpo | sft_sectioned | sectioned (4) |" in md  # RL against where it started
     assert "| dpo |" not in md
     assert (tmp_path / "results.png").is_file()
     ex = json.loads((out / "segpo" / "segment_example.json").read_text())  # SegPO's advantages on one example
     assert len(ex["rollouts"]) == 4 and ex["adapter"].endswith("adapter") and "## SegPO's advantages" in md
     # rerunning resumes: nothing is trained again
     p2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert p2.returncode == 0 and "training lr=" not in p2.stdout
+    assert p2.returncode == 0 and "] training " not in p2.stdout
     # another budget in the same folder is refused
     p3 = subprocess.run(cmd + ["--steps", "5"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert p3.returncode != 0 and "steps" in p3.stderr

@@ -11,7 +11,10 @@ A *budget* is a plain dict (``BUDGETS[name]``, each field overridable from ``pyt
   ``seeds`` the seeds the chosen learning rate is trained with;
 - ``cutoff`` and ``bucket_step`` (training sequence lengths; quick: one shape, one compilation),
   ``eval_max_new_tokens``, and the RL rollout sizes (``rl_prompt_tokens``: the cpu budget's 384 holds the
-  longest sectioned prompt, 364 tokens with SmolLM2's chat template).
+  longest sectioned prompt, 364 tokens with SmolLM2's chat template);
+- ``rl_warm_start_steps``: 0 = GRPO / SegPO start from the model itself; N > 0 = they start from a *warm start*,
+  the model after N SFT steps on the sectioned training prompts' reference answers (LoRA merged in), which is
+  then also their reference model (:func:`warm_start_config`; the runner reports it as ``sft_sectioned``).
 
 ``quick``: the tiny random model, a pipeline check (about 11 CPU-minutes for all methods). ``cpu``:
 SmolLM2-135M-Instruct on a 2-core CPU, several hours
@@ -27,16 +30,18 @@ BUDGETS = {
     "quick": dict(model="tiny", groups=24, dev=6, eval_single=4, eval_multi=6, sectioned_train=8,
                   sectioned_eval=6, steps=3, batch_groups=2, cutoff=384, lrs=(1e-3,), seeds=(0,),
                   eval_max_new_tokens=8, eval_batch_size=16, rl_steps=0, rl_prompts=2, rl_group=4, rl_response_tokens=8,
-                  rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="float32", bucket_step=384),
+                  rl_prompt_tokens=1024, lora_rank=8, seed=2026, dtype="float32", bucket_step=384,
+                  rl_warm_start_steps=0),
     "cpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=50, eval_multi=100,
                 sectioned_train=400, sectioned_eval=60, steps=100, batch_groups=2, cutoff=384, lrs=(2e-4, 5e-4),
                 seeds=(0, 1), eval_max_new_tokens=128, eval_batch_size=32, rl_steps=0, rl_prompts=2,
-                rl_group=4, rl_response_tokens=256, rl_prompt_tokens=384, lora_rank=8, seed=2026, dtype="float32", bucket_step=64),
+                rl_group=4, rl_response_tokens=256, rl_prompt_tokens=384, lora_rank=8, seed=2026, dtype="float32", bucket_step=64,
+                rl_warm_start_steps=0),
     "gpu": dict(model="smollm2-135m-instruct", groups=3000, dev=60, eval_single=100, eval_multi=200,
                 sectioned_train=400, sectioned_eval=90, steps=375, batch_groups=8, cutoff=512,
                 lrs=(1e-4, 2e-4, 5e-4), seeds=(0, 1, 2), eval_max_new_tokens=256, eval_batch_size=64,
                 rl_steps=0, rl_prompts=8, rl_group=8, rl_response_tokens=384, rl_prompt_tokens=1024, lora_rank=8, seed=2026,
-                dtype="bfloat16", bucket_step=128),
+                dtype="bfloat16", bucket_step=128, rl_warm_start_steps=0),
 }
 # SmolLM2's default system prompt (its chat template adds it at evaluation), so training sequences match.
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -93,6 +98,30 @@ def train_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, k
     c.objective.beta = 0.1
     c.objective.reference = "online"
     c.optimizer.warmup_ratio = 0.1
+    return c
+
+
+def warm_start_config(b: dict, model_dir: str, sft_file: str, lr: float, seed: int):
+    """SFT on the sectioned training prompts' reference answers (``sft_file``, see ``experiments.run``) for
+    ``rl_warm_start_steps`` steps, exported with the LoRA merged in: the model GRPO / SegPO then start from.
+    Sequences hold a whole rollout (``rl_prompt_tokens + rl_response_tokens``), so the reference answers are
+    learned as RL will sample them."""
+    c = _shared(b, model_dir, lr, seed, base_config())
+    c.data.kind = "sft"
+    c.data.train_files = (sft_file,)
+    c.data.val_fraction = 0.0
+    c.data.val_count = 0
+    c.data.cutoff_len = int(b["rl_prompt_tokens"]) + int(b["rl_response_tokens"])
+    c.data.bucket_step = b["bucket_step"]
+    c.data.batch_size = 2 * b["batch_groups"]  # as SFT's batch in train_config
+    c.data.num_epochs = 1
+    c.data.seed = seed
+    c.objective.name = "sft"
+    c.optimizer.warmup_ratio = 0.1
+    c.train.max_steps = int(b["rl_warm_start_steps"])
+    c.checkpoint.every = max(1, c.train.max_steps)
+    c.export.merged = True
+    c.export.dtype = b["dtype"]  # the RL runs load it as their model
     return c
 
 
