@@ -79,25 +79,32 @@ def _shared(b: dict, model_dir: str, lr: float, seed: int, c: ml_collections.Con
     return c
 
 
-def train_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, kind: str, objective: str):
-    """SFT / DPO / IOPO-family config on the generated data (``kind`` sft | dpo | iopo)."""
-    import os  # pylint: disable=import-outside-toplevel
-
+def _supervised(b: dict, model_dir: str, train_file: str, lr: float, seed: int, kind: str, objective: str,
+                cutoff: int):
+    """A Trainer config on one data file (``kind`` sft | dpo | iopo), one epoch at most."""
     c = _shared(b, model_dir, lr, seed, base_config())
-    files = {"sft": "sft_train.jsonl", "dpo": "dpo_train.json", "iopo": "iopo_train.json"}
     c.data.kind = kind
-    c.data.train_files = (os.path.join(data_dir, files[kind]),)
+    c.data.train_files = (train_file,)
     c.data.val_fraction = 0.0
     c.data.val_count = 0
-    c.data.cutoff_len = b["cutoff"]
+    c.data.cutoff_len = int(cutoff)
     c.data.bucket_step = b["bucket_step"]
     c.data.batch_size = b["batch_groups"] * (2 if kind in ("sft", "dpo") else 1)
     c.data.num_epochs = 1
     c.data.seed = seed
     c.objective.name = objective
+    c.optimizer.warmup_ratio = 0.1
+    return c
+
+
+def train_config(b: dict, model_dir: str, data_dir: str, lr: float, seed: int, kind: str, objective: str):
+    """SFT / DPO / IOPO-family config on the generated data (``kind`` sft | dpo | iopo)."""
+    import os  # pylint: disable=import-outside-toplevel
+
+    files = {"sft": "sft_train.jsonl", "dpo": "dpo_train.json", "iopo": "iopo_train.json"}
+    c = _supervised(b, model_dir, os.path.join(data_dir, files[kind]), lr, seed, kind, objective, b["cutoff"])
     c.objective.beta = 0.1
     c.objective.reference = "online"
-    c.optimizer.warmup_ratio = 0.1
     return c
 
 
@@ -106,18 +113,8 @@ def warm_start_config(b: dict, model_dir: str, sft_file: str, lr: float, seed: i
     ``rl_warm_start_steps`` steps, exported with the LoRA merged in: the model GRPO / SegPO then start from.
     Sequences hold a whole rollout (``rl_prompt_tokens + rl_response_tokens``), so the reference answers are
     learned as RL will sample them."""
-    c = _shared(b, model_dir, lr, seed, base_config())
-    c.data.kind = "sft"
-    c.data.train_files = (sft_file,)
-    c.data.val_fraction = 0.0
-    c.data.val_count = 0
-    c.data.cutoff_len = int(b["rl_prompt_tokens"]) + int(b["rl_response_tokens"])
-    c.data.bucket_step = b["bucket_step"]
-    c.data.batch_size = 2 * b["batch_groups"]  # as SFT's batch in train_config
-    c.data.num_epochs = 1
-    c.data.seed = seed
-    c.objective.name = "sft"
-    c.optimizer.warmup_ratio = 0.1
+    c = _supervised(b, model_dir, sft_file, lr, seed, "sft", "sft",
+                    int(b["rl_prompt_tokens"]) + int(b["rl_response_tokens"]))
     c.train.max_steps = int(b["rl_warm_start_steps"])
     c.checkpoint.every = max(1, c.train.max_steps)
     c.export.merged = True
