@@ -239,14 +239,15 @@ def ifeval_or_reuse(b: dict, model_dir: str, adapter: str, args, workdir: str, p
 
 
 def segment_example(b: dict, model_dir: str, data_dir: str, results: dict, prompts: str, out: str) -> dict:
-    """SegPO's per-segment advantages on the first held-out sectioned test prompt, rollouts sampled from the
-    SegPO adapter of the first seed (see :mod:`experiments.segment_example`)."""
+    """SegPO's per-segment advantages on a held-out sectioned test prompt (the first, of at most 8 in file order,
+    on which the segment term acts), rollouts sampled from the SegPO adapter of the first seed (see
+    :mod:`experiments.segment_example`)."""
     from experiments import segment_example as E  # pylint: disable=import-outside-toplevel
 
     r = results["methods"]["segpo"]
     cfg = get_method_config("segpo", b, model_dir, data_dir, r["lr"], r["runs"][0]["seed"])
     return E.explain_cached(os.path.join(out, "segpo", "segment_example.json"), model_dir,
-                            os.path.join(r["runs"][0]["workdir"], "export", "adapter"), E.pick_sectioned(prompts),
+                            os.path.join(r["runs"][0]["workdir"], "export", "adapter"), E.sectioned_prompts(prompts),
                             group=b["rl_group"],
                             max_new_tokens=b["rl_response_tokens"], template=cfg.data.template,
                             system=cfg.data.system, temperature=cfg.rl.temperature, seed=0)
@@ -416,8 +417,9 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
         L.append(f"| {method} | {r.get('lr', '-')} | " + " | ".join(cells) +
                  f" | {s0['n']}/{s0['sectioned']['n']} | {tr:.0f} | {ev:.0f} |")
     types = sorted({t for a in agg.values() for t in a["per_type"]})
-    L += ["", "## Accuracy per constraint type (single + multi prompts)", "",
-          "| method | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+    if types:
+        L += ["", "## Accuracy per constraint type (single + multi prompts)", "",
+              "| method | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
     for method, a in agg.items():
         if a["per_type"]:  # (none: judged on the sectioned prompts only)
             L.append(f"| {method} | " + " | ".join(_fmt(*a["per_type"].get(t, (None, None))) for t in types) + " |")
@@ -447,9 +449,25 @@ def markdown(results: dict, agg: dict, plots: dict) -> str:
               f"{len(ex['rollouts'])} rollouts of the held-out sectioned prompt `{ex['prompt_id']}` sampled from the "
               f"SegPO adapter (temperature {ex['temperature']}, seed {ex['seed']}); rewards from the verifiers. A "
               "token of segment j of rollout i is trained with A = A_o(i) + A_phi(i, j); GRPO gives every token "
-              "A_o(i). The texts are in `segpo/segment_example.json`.", "", ex_md(ex)]
+              "A_o(i). The texts are in `segpo/segment_example.json`." + passed_over_note(ex), "", ex_md(ex)]
     L += ["", "## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in plots.items()] + [""]
     return "\n".join(L)
+
+
+def passed_over_note(ex: dict) -> str:
+    """What the example's choice of prompt was (examples made before the choice existed say nothing)."""
+    from experiments.segment_example import segment_term_acts  # pylint: disable=import-outside-toplevel
+
+    if "passed_over" not in ex:
+        return ""
+    before = ex["passed_over"]
+    if segment_term_acts(ex):
+        return (f" It is the first held-out sectioned test prompt whose rollouts make the segment term act; on the "
+                f"{len(before)} before it ({', '.join(before) or 'none'}) every A_phi was 0." if before else
+                " Its rollouts make the segment term act (the first sectioned test prompt tried).")
+    return (f" On none of the {len(before) + 1} held-out sectioned prompts tried (this one, "
+            f"{', '.join(before) or 'no other'}) did a section pass in some rollouts and fail in others, so every "
+            "A_phi is 0 and SegPO's update equals GRPO's.")
 
 
 def plot(agg: dict, path: str) -> str:

@@ -18,14 +18,19 @@ from typing import Optional
 import numpy as np
 
 
-def pick_sectioned(prompts_path: str, min_segments: int = 2):
-    """The first prompt of a test file with at least ``min_segments`` sub-instructions (an RLPrompt)."""
+def sectioned_prompts(prompts_path: str, min_segments: int = 2) -> list:
+    """The prompts of a test file with at least ``min_segments`` sub-instructions (RLPrompts), in file order."""
     from iopo_jax.rl.rewards import load_prompts  # pylint: disable=import-outside-toplevel
 
-    for p in load_prompts([prompts_path], "auto"):
-        if sum(s.segment for s in p.slots) >= min_segments:
-            return p
-    raise ValueError(f"{prompts_path}: no prompt with {min_segments}+ sub-instructions")
+    out = [p for p in load_prompts([prompts_path], "auto") if sum(s.segment for s in p.slots) >= min_segments]
+    if not out:
+        raise ValueError(f"{prompts_path}: no prompt with {min_segments}+ sub-instructions")
+    return out
+
+
+def segment_term_acts(ex: dict) -> bool:
+    """Whether SegPO's segment advantage is non-zero somewhere in the example (else its update is GRPO's)."""
+    return any(s["A_phi"] for r in ex["rollouts"] for s in r["segments"])
 
 
 def explain(sampler, prompt, *, group: int, max_new_tokens: int, template: str, system: Optional[str],
@@ -72,16 +77,32 @@ def explain(sampler, prompt, *, group: int, max_new_tokens: int, template: str, 
     return out
 
 
-def explain_cached(path: str, model_dir: str, adapter: str, prompt, *, group: int, **kw) -> dict:
-    """:func:`explain` with the model of ``model_dir`` plus ``adapter``, once per output file (reruns of the
-    runner reuse it)."""
+def explain_first_acting(sampler, prompts: list, *, group: int, tries: int = 8, **kw) -> dict:
+    """:func:`explain` on the first of ``prompts`` (at most ``tries``, in order) on which the segment term acts,
+    else on the first; ``passed_over`` lists the ids of the other prompts tried."""
+    tried = []
+    for prompt in prompts[:max(1, tries)]:
+        tried.append(explain(sampler, prompt, group=group, **kw))
+        if segment_term_acts(tried[-1]):
+            break
+    ex = tried[-1] if segment_term_acts(tried[-1]) else tried[0]
+    return dict(ex, passed_over=[t["prompt_id"] for t in tried if t is not ex])
+
+
+def explain_cached(path: str, model_dir: str, adapter: str, prompts: list, *, group: int, tries: int = 8,
+                   **kw) -> dict:
+    """:func:`explain` with the model of ``model_dir`` plus ``adapter`` on the first of ``prompts`` (trying at
+    most ``tries`` in order) whose rollouts make the segment term act (some rollouts pass a section, others fail
+    it), else on the first; the ids of the prompts passed over are kept under ``passed_over``. Once per output
+    file (reruns of the runner reuse it)."""
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     from iopo_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
 
     sampler = Sampler.from_pretrained(model_dir, lora=adapter or None, max_batch_size=group)
-    ex = dict(explain(sampler, prompt, group=group, **kw), model_dir=model_dir, adapter=adapter)
+    ex = dict(explain_first_acting(sampler, prompts, group=group, tries=tries, **kw), model_dir=model_dir,
+              adapter=adapter)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(ex, f, indent=1, ensure_ascii=False)

@@ -155,7 +155,7 @@ def test_segment_example_rewards_and_advantages(tmp_path, qwen_tokenizer):
     from experiments import segment_example as E
 
     complex_if.write(complex_if.generate(7, 4, ("en",), 4, 1, 1, 1, 2, 3, progress=False), str(tmp_path / "d"))
-    prompt = E.pick_sectioned(str(tmp_path / "d" / "sectioned_eval.jsonl"))
+    prompt = E.sectioned_prompts(str(tmp_path / "d" / "sectioned_eval.jsonl"))[0]
     keys = [s.key for s in prompt.slots if s.segment]
     assert len(keys) >= 2
     ref = prompt.record["reference"]
@@ -188,6 +188,42 @@ def test_segment_example_rewards_and_advantages(tmp_path, qwen_tokenizer):
         assert (s["found"], s["tokens"], s["A_phi"]) == (False, 0, None) and s["A"] == pytest.approx(R[2]["A_o"])
     md = E.markdown(ex)
     assert md.count("\n") == 1 + 4 and all(f"{k}: r_phi" in md for k in keys) and "missing" in md
+
+
+class _ScriptedSampler(_FakeSampler):
+    """Returns the next group of answers of a script at each call."""
+
+    def __init__(self, tokenizer, groups):
+        super().__init__(tokenizer, groups[0])
+        self.groups = list(groups)
+
+    def generate(self, prompts, params):
+        self.texts = self.groups.pop(0)
+        return super().generate(prompts, params)
+
+
+def test_segment_example_takes_the_first_prompt_where_the_segment_term_acts(tmp_path, qwen_tokenizer):
+    """The example skips prompts whose rollouts all pass or all fail every section (A_phi = 0: SegPO = GRPO)."""
+    from data_pipeline import complex_if
+    from data_pipeline.headings import find_headings
+    from experiments import segment_example as E
+
+    complex_if.write(complex_if.generate(7, 4, ("en",), 4, 1, 1, 1, 2, 3, progress=False), str(tmp_path / "d"))
+    prompts = E.sectioned_prompts(str(tmp_path / "d" / "sectioned_eval.jsonl"))
+    assert len(prompts) >= 2
+    same = ["No sections here."] * 4  # no segment found anywhere: the segment term is 0
+    ref = prompts[1].record["reference"]
+    h = find_headings(ref)
+    emptied = ref[:ref.index("\n", h[0].start) + 1] + "\n" + ref[h[1].start:]
+    mixed = [ref, emptied, ref, emptied]  # the first section passes in two rollouts, fails in two
+    kw = dict(group=4, max_new_tokens=8, template="qwen", system=None)
+    ex = E.explain_first_acting(_ScriptedSampler(qwen_tokenizer, [same, mixed]), prompts, tries=5, **kw)
+    assert ex["prompt_id"] == prompts[1].id and ex["passed_over"] == [prompts[0].id] and E.segment_term_acts(ex)
+    assert R.passed_over_note(ex).startswith(" It is the first")
+    # nowhere acting within the tries: the first prompt, and the report says the update is GRPO's
+    ex = E.explain_first_acting(_ScriptedSampler(qwen_tokenizer, [same, same]), prompts, tries=2, **kw)
+    assert ex["prompt_id"] == prompts[0].id and ex["passed_over"] == [prompts[1].id]
+    assert not E.segment_term_acts(ex) and "equals GRPO's" in R.passed_over_note(ex)
 
 
 def test_paired_comparisons_and_sign_test():
