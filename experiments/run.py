@@ -112,14 +112,22 @@ def split_files(data_dir: str, out: str) -> dict:
     os.makedirs(os.path.join(out, "prompts"), exist_ok=True)
     paths = {}
     for k, recs in parts.items():
-        p = os.path.join(out, "prompts", f"{k}.jsonl")
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-        if not os.path.isfile(p) or open(p, encoding="utf-8").read() != text:
-            with open(p + ".tmp", "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(p + ".tmp", p)
-        paths[k] = p
+        paths[k] = write_jsonl_if_changed(os.path.join(out, "prompts", f"{k}.jsonl"), recs)
     return paths
+
+
+def write_jsonl_if_changed(path: str, records) -> str:
+    """Write ``records`` as JSON lines (atomically), leaving the file alone when it already holds them (so a
+    resumed run sees the same file). Returns ``path``."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return path
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 WARM = "sft_sectioned"  # the warm start of GRPO / SegPO (budget field rl_warm_start_steps), reported as a method
@@ -139,23 +147,19 @@ def warm_start(b: dict, model_dir: str, data_dir: str, out: str, progress: bool)
     if missing:
         raise SystemExit(f"{data_dir}/sectioned_train.jsonl: {len(missing)} records have no 'reference' answer "
                          f"(first: {missing[0]}); the warm start (rl_warm_start_steps) trains on them")
-    text = "".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                            {"role": "assistant", "content": r["reference"]}]},
-                              ensure_ascii=False) + "\n" for r in recs)
-    if not os.path.isfile(sft_file) or open(sft_file, encoding="utf-8").read() != text:
-        with open(sft_file, "w", encoding="utf-8") as f:
-            f.write(text)
+    write_jsonl_if_changed(sft_file, ({"messages": [{"role": "user", "content": r["prompt"]},
+                                                    {"role": "assistant", "content": r["reference"]}]} for r in recs))
     cfg = warm_start_config(b, model_dir, sft_file, b["lrs"][0], b["seeds"][0])
-    _, wall = train(WARM, cfg, wd, progress, f"{b['rl_warm_start_steps']} steps lr={b['lrs'][0]:g}", merged=True)
+    _, wall = train(WARM, cfg, wd, progress, f"{b['rl_warm_start_steps']} steps lr={b['lrs'][0]:g}")
     return os.path.join(wd, "export", "merged"), wd, wall
 
 
-def train(method: str, cfg, workdir: str, progress: bool, label: str = "", merged: bool = False) -> tuple[str, float]:
-    """Train one run (resumes; skipped when its adapter exists); returns (adapter dir, wall seconds)."""
+def train(method: str, cfg, workdir: str, progress: bool, label: str = "") -> tuple[str, float]:
+    """Train one run (resumes; skipped when its exports exist); returns (adapter dir, wall seconds)."""
     adapter = os.path.join(workdir, "export", "adapter")
     timing = os.path.join(workdir, "train_wall_s.json")
     done = os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
-    if merged:  # the merged export is written after the adapter
+    if cfg.export.merged:  # written after the adapter
         done = done and os.path.isfile(os.path.join(workdir, "export", "merged", "config.json"))
     if done:
         if not os.path.isfile(timing):
