@@ -49,7 +49,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["iopo_jax*", "data_pipeline*", "evaluation*", "configs*", "experiments*"]),
-    package_data={"data_pipeline": ["demo_data/*.json", "demo_data/*.jsonl"]},
+    package_data={"data_pipeline": ["demo_data/*.json", "demo_data/*.jsonl"],
+                  "iopo_jax.models": ["*.cc"]},  # the CPU decode-attention kernel, compiled on first use
     install_requires=CORE,
     extras_require=EXTRAS,
 )

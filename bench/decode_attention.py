@@ -1,12 +1,14 @@
-"""Decode-step attention on this device: our attention (``iopo_jax.models.transformer.attend``) against
-NumPy's batched ``matmul`` on the same shapes, in one run.
+"""Decode-step attention on this device: the einsum attention (``iopo_jax.models.transformer.attend``,
+what XLA compiles), the CPU kernel (``iopo_jax.models.cpu_attention``, XLA FFI) and NumPy's batched
+``matmul``, on the same shapes, in one run.
 
 One decode step of a grouped-query model attends, in every layer, one query token per row against the
 row's cached keys and values: per (row, key-value head) two small products, ``[g, h] x [h, S]`` and
 ``[g, S] x [S, h]`` (``g`` query heads per key-value head). The FLOPs are few (SmolLM2-135M at batch 32
 and 192 cached tokens: 0.2 GFLOP per step over 30 layers) and the bytes are the cache itself, so this
 should cost about one read of the cache. The script reports both engines' times for all layers of one
-step, the achieved GFLOP/s and GB/s (cache bytes read once), and the same-process ratio.
+step, the achieved GFLOP/s and GB/s (cache bytes read once), and the same-process ratios. The kernel
+column is empty where the kernel is unavailable (its reason is printed).
 
     python bench/decode_attention.py                                  # SmolLM2-135M shapes
     python bench/decode_attention.py --batch=32 --cache_len=384,1408
@@ -45,6 +47,7 @@ def measure(b: int, s: int, layers: int, k: int, g: int, h: int, repeats: int) -
     import jax.numpy as jnp
     import numpy as np
 
+    from iopo_jax.models import cpu_attention
     from iopo_jax.models.transformer import attend
 
     rng = np.random.RandomState(0)
@@ -60,6 +63,15 @@ def measure(b: int, s: int, layers: int, k: int, g: int, h: int, repeats: int) -
     qj, kj, vj, mj = (jnp.asarray(x) for x in (q, kc, vc, mask))
     out_ours = np.asarray(ours(qj, kj, vj, mj))
     t_ours = _time(lambda: jax.block_until_ready(ours(qj, kj, vj, mj)), repeats)
+
+    t_kernel, kernel_diff = float("nan"), float("nan")
+    if cpu_attention.status()[0]:
+        @jax.jit
+        def kernel(q, kc, vc, mask):
+            return jnp.stack([cpu_attention.decode_attention(q, kc, vc, i, mask) for i in range(layers)])
+
+        kernel_diff = float(np.max(np.abs(np.asarray(kernel(qj, kj, vj, mj)) - out_ours)))
+        t_kernel = _time(lambda: jax.block_until_ready(kernel(qj, kj, vj, mj)), repeats)
 
     # NumPy: the same maths with the cache in [b, k, S, h] (transposed once, outside the timing)
     kt = np.ascontiguousarray(kc.transpose(0, 1, 3, 2, 4))
@@ -79,25 +91,29 @@ def measure(b: int, s: int, layers: int, k: int, g: int, h: int, repeats: int) -
     t_np = _time(numpy_step, repeats)
     flops = layers * b * k * g * s * h * 2 * 2
     cache_bytes = 2 * layers * b * s * k * h * 4
-    return dict(batch=b, cache_len=s, ours_ms=1000 * t_ours, numpy_ms=1000 * t_np,
-                ours_gflops=flops / t_ours / 1e9, numpy_gflops=flops / t_np / 1e9,
-                ours_gbs=cache_bytes / t_ours / 1e9, numpy_gbs=cache_bytes / t_np / 1e9,
-                max_abs_diff=float(np.max(np.abs(out_ours - out_np))))
+    return dict(batch=b, cache_len=s, ours_ms=1000 * t_ours, kernel_ms=1000 * t_kernel, numpy_ms=1000 * t_np,
+                ours_gbs=cache_bytes / t_ours / 1e9, kernel_gbs=cache_bytes / t_kernel / 1e9,
+                numpy_gbs=cache_bytes / t_np / 1e9, ours_gflops=flops / t_ours / 1e9,
+                max_abs_diff=float(np.max(np.abs(out_ours - out_np))), kernel_diff=kernel_diff)
 
 
 def main(argv):
     del argv
     import jax
 
+    from iopo_jax.models import cpu_attention
+
     print(f"device: {jax.devices()[0].device_kind}; {FLAGS.layers} layers, {FLAGS.kv_heads} kv heads x "
-          f"{FLAGS.group} query heads, head_dim {FLAGS.head_dim}, float32", flush=True)
-    print(f"{'batch':>5} {'cache':>6} | {'ours ms':>8} {'GFLOP/s':>8} {'GB/s':>6} | {'numpy ms':>8} {'GFLOP/s':>8} "
-          f"{'GB/s':>6} | {'numpy x':>7} {'max diff':>9}")
+          f"{FLAGS.group} query heads, head_dim {FLAGS.head_dim}, float32; kernel: {cpu_attention.status()[1]}",
+          flush=True)
+    print(f"{'batch':>5} {'cache':>6} | {'einsum ms':>9} {'GB/s':>5} {'GFLOP/s':>7} | {'kernel ms':>9} {'GB/s':>5} | "
+          f"{'numpy ms':>8} {'GB/s':>5} | {'einsum/kernel':>13} {'einsum/numpy':>12} | {'kernel diff':>11}")
     for s in (int(x) for x in FLAGS.cache_len):
         r = measure(FLAGS.batch, s, FLAGS.layers, FLAGS.kv_heads, FLAGS.group, FLAGS.head_dim, FLAGS.repeats)
-        print(f"{r['batch']:>5} {r['cache_len']:>6} | {r['ours_ms']:>8.1f} {r['ours_gflops']:>8.2f} {r['ours_gbs']:>6.1f} | "
-              f"{r['numpy_ms']:>8.1f} {r['numpy_gflops']:>8.2f} {r['numpy_gbs']:>6.1f} | "
-              f"{r['ours_ms'] / r['numpy_ms']:>7.2f} {r['max_abs_diff']:>9.1e}", flush=True)
+        print(f"{r['batch']:>5} {r['cache_len']:>6} | {r['ours_ms']:>9.1f} {r['ours_gbs']:>5.1f} {r['ours_gflops']:>7.2f} | "
+              f"{r['kernel_ms']:>9.1f} {r['kernel_gbs']:>5.1f} | {r['numpy_ms']:>8.1f} {r['numpy_gbs']:>5.1f} | "
+              f"{r['ours_ms'] / r['kernel_ms']:>13.2f} {r['ours_ms'] / r['numpy_ms']:>12.2f} | {r['kernel_diff']:>11.1e}",
+              flush=True)
     sys.stdout.flush()
 
 

@@ -47,7 +47,9 @@ flags.DEFINE_bool("scan_layers", True, "our sampler's cached forward as one lax.
                   "(Sampler(scan_layers=...)); false: layers unrolled")
 flags.DEFINE_list("engines", ["continuous", "static"],
                   "our engines to measure: continuous (continuous batching, the sampler's default) and/or static "
-                  "(the batch-level engine, Sampler(continuous=False))")
+                  "(the batch-level engine, Sampler(continuous=False)); a suffix ':xla' runs that engine with the "
+                  "model's attention_impl set to xla (on CPU: the einsum decode attention instead of the C++ kernel "
+                  "of iopo_jax.models.cpu_attention), e.g. static,static:xla compares the two in one run")
 flags.DEFINE_string("json_out", None, "also write the results to this JSON file")
 FLAGS = flags.FLAGS
 
@@ -90,7 +92,21 @@ def _load(dtype):
     return model, cfg, d
 
 
-def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats, continuous=True):
+def _attention_impl(model, impl: str) -> str:
+    """Set every layer's attention implementation (read when a sampler traces the model); returns the old one."""
+    old = model.layers[0].self_attn.impl
+    for layer in model.layers:
+        layer.self_attn.impl = impl
+    return old
+
+
+def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats, continuous=True, attention_impl=None):
+    if attention_impl is not None:
+        old = _attention_impl(model, attention_impl)
+        try:
+            return bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats, continuous)
+        finally:
+            _attention_impl(model, old)
     import numpy as np
 
     from iopo_jax.sampling import Sampler, SamplingParams
@@ -109,14 +125,15 @@ def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats, continu
         first = time.perf_counter() - t0
         best = None
         for _ in range(repeats):
-            sampler.generate(prompts, params)
+            completions = sampler.generate(prompts, params)
             s = sampler.last_stats
             if best is None or s.total_s < best.total_s:
                 best = s
         out[b] = dict(prefill_tok_s=b * prompt_len / best.prefill_s,
                       decode_tok_s=b * (new_tokens - 1) / best.decode_s,
                       decode_step_ms=1000 * best.decode_s / (new_tokens - 1),
-                      first_call_s=first, compile_s=first - best.total_s)
+                      first_call_s=first, compile_s=first - best.total_s,
+                      tokens=[c.token_ids for c in completions])
     return out, sampler
 
 
@@ -221,27 +238,33 @@ def main(argv):
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {cfg.model_type} "
           f"d={cfg.hidden_size} layers={cfg.num_layers} vocab={cfg.vocab_size} dtype={FLAGS.dtype}  "
           f"prompt_len={FLAGS.prompt_len} new_tokens={FLAGS.new_tokens}", flush=True)
-    bad = [e for e in FLAGS.engines if e not in ("continuous", "static")]
+    bad = [e for e in FLAGS.engines if e.split(":")[0] not in ("continuous", "static") or e.count(":") > 1
+           or (":" in e and e.split(":")[1] != "xla")]
     if bad or not FLAGS.engines:
-        raise app.UsageError(f"--engines: unknown {bad}; choose from continuous, static")
+        raise app.UsageError(f"--engines: unknown {bad}; choose from continuous, static (optionally with ':xla')")
     engines = {e: bench_ours(model, cfg, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats,
-                             continuous=e == "continuous")[0] for e in FLAGS.engines}
+                             continuous=e.split(":")[0] == "continuous",
+                             attention_impl="xla" if e.endswith(":xla") else None)[0] for e in FLAGS.engines}
     ours = engines[FLAGS.engines[0]]
+    ref_tokens = {b: ours[b]["tokens"] for b in batch_sizes}
+    for res in engines.values():  # greedy: each engine's rows that equal the first engine's, token for token
+        for b in batch_sizes:
+            res[b]["same_rows"] = sum(x == y for x, y in zip(ref_tokens[b], res[b].pop("tokens")))
     hf = None
     if not FLAGS.skip_hf and model_dir is not None:
         hf = bench_hf(model_dir, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats, FLAGS.dtype)
     results = {"config": dict(batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
                               dtype=FLAGS.dtype, device=jax.devices()[0].device_kind),
                "ours": ours, "engines": engines, "hf": hf}
-    header = f"{'engine':>10} {'batch':>5} | {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8}"
+    header = f"{'engine':>14} {'batch':>5} | {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8} {'same rows':>9}"
     if hf:
         header += f" | {'HF prefill':>10} {'HF decode':>10} | {'prefill x':>9} {'decode x':>8}"
     print(header)
     for e, res in engines.items():
         for b in batch_sizes:
             o = res[b]
-            line = (f"{e:>10} {b:>5} | {o['compile_s']:>9.1f} {o['prefill_tok_s']:>13.0f} {o['decode_tok_s']:>12.0f} "
-                    f"{o['decode_step_ms']:>8.2f}")
+            line = (f"{e:>14} {b:>5} | {o['compile_s']:>9.1f} {o['prefill_tok_s']:>13.0f} {o['decode_tok_s']:>12.0f} "
+                    f"{o['decode_step_ms']:>8.2f} {o['same_rows']:>4}/{b:<4}")
             if hf:
                 h = hf[b]
                 line += (f" | {h['prefill_tok_s']:>10.0f} {h['decode_tok_s']:>10.0f} | "

@@ -19,8 +19,9 @@ Implementations (``ModelConfig.attention_impl``):
 - ``auto``: splash on TPU, cudnn on GPU, xla (dense) elsewhere. The platform is the one of the current mesh's
   devices (so compiling ahead of time for a TPU topology picks splash on a CPU host), else the default backend.
 
-Layouts splash cannot express (prefix ids, a length that is not a multiple of 128) fall back to ``chunked``;
-the KV-cache (decode) path always uses the dense mask.
+Layouts splash cannot express (prefix ids, a length that is not a multiple of 128) fall back to ``chunked``.
+The KV-cache (decode) path uses the dense mask; on CPU with ``auto``, calls with at most 16 new tokens run
+the C++ decode-attention kernel of :mod:`iopo_jax.models.cpu_attention` instead (``xla`` keeps the einsums).
 """
 from __future__ import annotations
 

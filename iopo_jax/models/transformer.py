@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from iopo_jax.models import attention as attn_lib
+from iopo_jax.models import cpu_attention
 from iopo_jax.models.config import ModelConfig
 from iopo_jax.sharding import BATCH_AXES, constrain
 
@@ -315,6 +316,8 @@ class Attention(nnx.Module):
             k_all = _write_layer(cache.k, k.astype(cache.k.dtype), cache.index, end)
             v_all = _write_layer(cache.v, v.astype(cache.v.dtype), cache.index, end)
             cache = LayerCache(k_all, v_all, cache.index)
+            if self.impl == "auto" and cpu_attention.applies(q, k_all):  # reads the slice in place
+                return self.o_proj(cpu_attention.decode_attention(q, k_all, v_all, cache.index, mask_bts)), cache
             k = jax.lax.dynamic_index_in_dim(k_all, cache.index, 0, keepdims=False).astype(q.dtype)
             v = jax.lax.dynamic_index_in_dim(v_all, cache.index, 0, keepdims=False).astype(q.dtype)
         elif cache is not None:
@@ -325,6 +328,8 @@ class Attention(nnx.Module):
                 k_all = _write_rows(cache.k, k.astype(cache.k.dtype), end)
                 v_all = _write_rows(cache.v, v.astype(cache.v.dtype), end)
             cache = LayerCache(k_all, v_all)
+            if self.impl == "auto" and cpu_attention.applies(q, k_all):
+                return self.o_proj(cpu_attention.decode_attention(q, k_all[None], v_all[None], 0, mask_bts)), cache
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         out = attend(q, k, v, mask_bts, self.impl, self.block)
         return self.o_proj(out), cache
