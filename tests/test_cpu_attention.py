@@ -100,3 +100,35 @@ def test_switch_off_and_missing_compiler_fall_back_with_a_reason(monkeypatch, tm
     finally:
         cpu_attention._STATE.clear()
         cpu_attention._STATE.update(saved)
+
+
+def _run_bench(args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable] + args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_decode_attention_times_the_kernel_next_to_the_einsums(tmp_path):
+    out = _run_bench(["bench/decode_attention.py", "--batch=3", "--cache_len=24", "--layers=2", "--repeats=1"], tmp_path)
+    assert "kernel: compiled kernel" in out
+    row = [line for line in out.splitlines() if line.strip().startswith("3 ")][0].split("|")
+    kernel_ms, diff = float(row[2].split()[0]), float(row[-1])
+    assert kernel_ms > 0 and diff < 1e-5
+
+
+def test_bench_sampling_runs_an_engine_with_and_without_the_kernel(tmp_path):
+    import json
+
+    js = tmp_path / "s.json"
+    _run_bench(["bench/sampling.py", "--engines=static,static:xla", "--batch_sizes=2", "--skip_hf", "--new_tokens=4",
+                "--prompt_len=8", "--repeats=1", "--nomatmul_peak", f"--json_out={js}"], tmp_path)
+    engines = json.loads(js.read_text())["engines"]
+    assert set(engines) == {"static", "static:xla"}
+    for res in engines.values():
+        assert res["2"]["same_rows"] == 2 and res["2"]["decode_tok_s"] > 0

@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iopo_jax.models.attention import platform
+from iopo_jax.sharding import current_mesh
+
 log = logging.getLogger("iopo_jax.cpu_attention")
 
 _TARGET = "iopo_cpu_decode_attention"
@@ -111,9 +114,6 @@ def status() -> tuple[bool, str]:
 def applies(q_btnh, k_cache) -> bool:
     """Whether a cached attention call with these operands runs the kernel: CPU, no multi-device mesh,
     float32 or bfloat16 with one dtype, at most :data:`MAX_NEW_TOKENS` new tokens, and the kernel usable."""
-    from iopo_jax.models.attention import platform
-    from iopo_jax.sharding import current_mesh
-
     if platform() != "cpu" or q_btnh.shape[1] > MAX_NEW_TOKENS:
         return False
     if q_btnh.dtype != k_cache.dtype or q_btnh.dtype not in (jnp.float32, jnp.bfloat16):
