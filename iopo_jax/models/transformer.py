@@ -316,10 +316,7 @@ class Attention(nnx.Module):
             k_all = _write_layer(cache.k, k.astype(cache.k.dtype), cache.index, end)
             v_all = _write_layer(cache.v, v.astype(cache.v.dtype), cache.index, end)
             cache = LayerCache(k_all, v_all, cache.index)
-            if self.impl == "auto" and cpu_attention.applies(q, k_all):  # reads the slice in place
-                return self.o_proj(cpu_attention.decode_attention(q, k_all, v_all, cache.index, mask_bts)), cache
-            k = jax.lax.dynamic_index_in_dim(k_all, cache.index, 0, keepdims=False).astype(q.dtype)
-            v = jax.lax.dynamic_index_in_dim(v_all, cache.index, 0, keepdims=False).astype(q.dtype)
+            k_stack, v_stack, index = k_all, v_all, cache.index
         elif cache is not None:
             if jnp.ndim(end) == 0:
                 k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
@@ -328,9 +325,12 @@ class Attention(nnx.Module):
                 k_all = _write_rows(cache.k, k.astype(cache.k.dtype), end)
                 v_all = _write_rows(cache.v, v.astype(cache.v.dtype), end)
             cache = LayerCache(k_all, v_all)
-            if self.impl == "auto" and cpu_attention.applies(q, k_all):
-                return self.o_proj(cpu_attention.decode_attention(q, k_all[None], v_all[None], 0, mask_bts)), cache
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            k_stack, v_stack, index = k_all[None], v_all[None], 0
+        if cache is not None:
+            if self.impl == "auto" and cpu_attention.applies(q, k_stack):  # reads the layer's slice in place
+                return self.o_proj(cpu_attention.decode_attention(q, k_stack, v_stack, index, mask_bts)), cache
+            k = jax.lax.dynamic_index_in_dim(k_stack, index, 0, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(v_stack, index, 0, keepdims=False).astype(q.dtype)
         out = attend(q, k, v, mask_bts, self.impl, self.block)
         return self.o_proj(out), cache
 
