@@ -44,6 +44,7 @@ from evaluation import benchmark
 from evaluation import driver
 from evaluation import report
 from iopo_jax import io_utils
+from iopo_jax.paths import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ def _missing(pkg: str, e: Exception) -> IFEvalUnavailableError:
 
 
 def nltk_data_dir() -> str:
-    root = os.environ.get("IOPO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iopo_jax")
-    return os.path.join(root, "nltk_data")
+    return os.path.join(cache_root(), "nltk_data")
 
 
 def _punkt_tab_texts() -> dict[str, str]:

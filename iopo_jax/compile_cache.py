@@ -1,6 +1,6 @@
 """Persistent XLA compilation cache, shared by training, evaluation, RL, generation and serving.
 
-    enable_compilation_cache("auto")          # ~/.cache/iopo_jax/jax_compilation_cache (or $XDG_CACHE_HOME)
+    enable_compilation_cache("auto")          # <cache root>/jax_compilation_cache (iopo_jax.paths.cache_root)
     enable_compilation_cache("/fast/disk/xla") # or a gs:// path shared by the hosts of a pod
     enable_compilation_cache("off")           # nothing
 
@@ -16,8 +16,9 @@ log = logging.getLogger("iopo_jax.compile_cache")
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "iopo_jax", "jax_compilation_cache")
+    from iopo_jax.paths import cache_root
+
+    return os.path.join(cache_root(), "jax_compilation_cache")
 
 
 def enable_compilation_cache(path: str | None, min_compile_time_secs: float = 0.5) -> str | None:

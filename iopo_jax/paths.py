@@ -33,6 +33,15 @@ import numpy as np
 from etils import epath
 
 
+def cache_root() -> str:
+    """The local folder for iopo-jax's caches (compiled programs, kernels, wheels, NLTK data):
+    ``$IOPO_JAX_CACHE``, else ``$XDG_CACHE_HOME/iopo_jax``, else ``~/.cache/iopo_jax``."""
+    if os.environ.get("IOPO_JAX_CACHE"):
+        return os.environ["IOPO_JAX_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "iopo_jax")
+
+
 def is_remote(path) -> bool:
     """True for URIs with a scheme (``gs://``, ``s3://``...); False for local paths."""
     return "://" in os.fspath(path)

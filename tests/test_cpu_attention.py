@@ -92,7 +92,7 @@ def test_switch_off_and_missing_compiler_fall_back_with_a_reason(monkeypatch, tm
 
         cpu_attention._STATE.clear()
         monkeypatch.delenv("IOPO_JAX_CPU_KERNELS")
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there
+        monkeypatch.setenv("IOPO_JAX_CACHE", str(tmp_path))  # nothing built there
         monkeypatch.setattr(shutil, "which", lambda name: None)
         monkeypatch.delenv("CXX", raising=False)
         ok, reason = cpu_attention.status()

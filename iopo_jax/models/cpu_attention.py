@@ -7,7 +7,7 @@ same attention (softmax in float32) reading each cached key and value once per (
 query heads, skipping masked-out slots, over XLA's intra-op thread pool.
 
 The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``g++`` / ``c++``) against
-the FFI headers that ship with jaxlib, into ``~/.cache/iopo_jax/kernels`` (or ``$XDG_CACHE_HOME``), keyed by
+the FFI headers that ship with jaxlib, into ``~/.cache/iopo_jax/kernels`` (:func:`iopo_jax.paths.cache_root`), keyed by
 the source, jaxlib's version and the CPU. Without a compiler, or with ``IOPO_JAX_CPU_KERNELS=0``, the einsum
 path runs instead (same results up to float rounding); :func:`status` says which and why.
 """
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iopo_jax.models.attention import platform
+from iopo_jax.paths import cache_root
 from iopo_jax.sharding import current_mesh
 
 log = logging.getLogger("iopo_jax.cpu_attention")
@@ -41,8 +42,7 @@ MAX_NEW_TOKENS = 16  # longer query blocks (prefill chunks) are matrix products 
 
 
 def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "iopo_jax", "kernels")
+    return os.path.join(cache_root(), "kernels")
 
 
 def _cpu_key() -> str:

@@ -34,6 +34,7 @@ from absl import flags
 from data_pipeline import cli
 
 from iopo_jax.models.safetensors_io import write_safetensors
+from iopo_jax.paths import cache_root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,7 @@ class FetchError(RuntimeError):
 
 
 def cache_dir() -> str:
-    root = os.environ.get("IOPO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iopo_jax")
-    return root
+    return cache_root()
 
 
 def _pkg_name(req: str) -> str:
