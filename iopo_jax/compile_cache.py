@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 
+from iopo_jax.paths import cache_root
+
 log = logging.getLogger("iopo_jax.compile_cache")
 
 
 def default_cache_dir() -> str:
-    from iopo_jax.paths import cache_root
-
     return os.path.join(cache_root(), "jax_compilation_cache")
 
 

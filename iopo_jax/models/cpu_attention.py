@@ -26,6 +26,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from iopo_jax.models.attention import platform
@@ -64,8 +65,6 @@ def _compiler() -> str | None:
 
 def _build() -> str:
     """Compile the kernel (once per source / jaxlib / CPU) and return the shared library's path."""
-    import jaxlib
-
     with open(_SOURCE, "rb") as f:
         src = f.read()
     key = hashlib.sha256(src + jaxlib.__version__.encode() + _cpu_key().encode()).hexdigest()[:16]
