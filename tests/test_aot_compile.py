@@ -89,6 +89,7 @@ def _run_tool(tmp_path, *extra, config="configs/cpu_demo.py"):
     return p, (json.loads(out.read_text()) if out.exists() else None)
 
 
+@pytest.mark.slow  # > 25 s on 2 cores: runs in .ci/run's second (slow) stage
 @needs_libtpu
 def test_aot_no_fit_exits_nonzero(tmp_path):
     """A program bigger than the chip's (overridden) HBM: exit status 1 and a message naming it."""

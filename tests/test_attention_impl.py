@@ -54,6 +54,7 @@ def test_splash_interpret_matches_reference_outputs_and_grads():
         assert np.abs(np.asarray(b)[real]).max() > 1e-3  # the gradient is not trivially zero
 
 
+@pytest.mark.slow  # > 25 s on 2 cores: runs in .ci/run's second (slow) stage
 def test_splash_under_a_mesh_runs_per_shard():
     q, k, v = _qkv(1)
     seg = _packed_segments()

@@ -39,6 +39,7 @@ def _ids(sampler):
     return [list(c.token_ids) for c in out]
 
 
+@pytest.mark.slow  # > 25 s on 2 cores: runs in .ci/run's second (slow) stage
 def test_merged_adapter_answers_like_the_adapter_without_compiling(base_and_adapter):
     base_dir, adapter = base_and_adapter
     base = ba.base_sampler(_job(), base_dir)

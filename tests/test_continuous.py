@@ -290,6 +290,7 @@ def test_lane_promotion_stop_string_and_cancel_at_the_lane_end(promo):
     assert all(r.finished for r in rows) and sch.idle()
 
 
+@pytest.mark.slow  # > 25 s on 2 cores: runs in .ci/run's second (slow) stage
 def test_lane_promotion_waits_for_a_slot_warmup_covers_every_shape(model, promo):
     """Longer lanes of one slot (max_cache_tokens 96): rows that outgrow the 24-slot lane wait there, sitting
     out its decode chunks, until the 48-slot lane has room; nothing deadlocks, the outputs equal the

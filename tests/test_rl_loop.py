@@ -133,6 +133,7 @@ def compile_cache(tmp_path_factory):
         jax.config.update(k, v)
 
 
+@pytest.mark.slow  # > 25 s on 2 cores: runs in .ci/run's second (slow) stage
 def test_segpo_with_fake_judge_survives_faults_and_resumes(tiny_model_dir, prompts_file, tmp_path, compile_cache):
     """A short SegPO run with the fake judge as reward model: transient faults are retried and no
     iteration is lost; a judge outage stops a run (on_error=fail), the same command resumes it from its

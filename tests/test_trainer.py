@@ -107,6 +107,7 @@ def test_same_losses_on_1_and_8_devices(tiny_model_dir, small_iopo_file, tmp_pat
     np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # > 25 s on 2 cores: runs in .ci/run's second (slow) stage
 def test_nan_stops_with_message_and_keeps_checkpoint(tiny_model_dir, small_iopo_file, tmp_path):
     cfg = small_config(tiny_model_dir, small_iopo_file, optimizer__lr=1e30, optimizer__max_grad_norm=0.0,
                        optimizer__warmup_ratio=0.0, train__max_steps=6)
@@ -173,6 +174,7 @@ def test_kill9_resume_is_bitwise_exact(tiny_model_dir, small_iopo_file, tmp_path
     assert a == b
 
 
+@pytest.mark.slow  # > 25 s on 2 cores: runs in .ci/run's second (slow) stage
 def test_export_cli_after_training(tiny_model_dir, small_iopo_file, tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
