@@ -26,6 +26,7 @@ import time
 from absl import app, flags
 
 from data_pipeline import cli
+from peak import matmul_peak  # bench/peak.py
 
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory; default: a tiny random Qwen2 written to a temp dir")
 flags.DEFINE_enum("random_config", None, ["qwen2_7b", "smoke"],
@@ -166,37 +167,6 @@ def bench_hf(model_dir, batch_sizes, prompt_len, new_tokens, repeats, dtype):
         out[b] = dict(prefill_tok_s=b * prompt_len / t1, decode_tok_s=b * (new_tokens - 1) / dec,
                       decode_step_ms=1000 * dec / (new_tokens - 1))
     return out
-
-
-def matmul_peak(dtype: str, sizes=(1024, 2048, 3072), repeats: int = 5) -> dict:
-    """Measured dense matmul throughput: best GFLOP/s over square sizes (compiled, warm, 8 products a call)."""
-    import jax
-    import jax.numpy as jnp
-
-    best = {"gflops": 0.0}
-    for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-        bm = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-
-        @jax.jit
-        def f(a, b):
-            acc = a
-            for _ in range(8):  # a chain, so XLA cannot drop or merge the products
-                acc = jnp.dot(acc, b) * 1e-3
-            return acc
-
-        f(a, bm).block_until_ready()
-        t = min(_timed(lambda: f(a, bm).block_until_ready()) for _ in range(repeats))
-        g = 8 * 2 * n ** 3 / t / 1e9
-        if g > best["gflops"]:
-            best = {"gflops": g, "n": n}
-    return best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def decode_flops_per_token(cfg, prompt_len: int, new_tokens: int) -> float:

@@ -20,7 +20,8 @@ COMMANDS = ["data_pipeline.tokenizer", "iopo_jax.tools.make_tiny_model", "iopo_j
 # by cli.run_app; run in a subprocess. Modules by name, benchmark scripts by path.
 APP_COMMANDS = ["iopo_jax.train", "iopo_jax.export", "iopo_jax.sampling.generate", "iopo_jax.sampling.serve",
                 "evaluation.run", "evaluation.before_after", "evaluation.compare",
-                "bench/rl_step.py", "bench/sampling.py", "bench/serve_load.py", "bench/trace_prompts.py", "bench/decode_attention.py"]
+                "bench/rl_step.py", "bench/sampling.py", "bench/serve_load.py", "bench/trace_prompts.py", "bench/decode_attention.py",
+                "bench/dense_dots.py"]
 PACKAGES = ("data_pipeline", "iopo_jax", "evaluation", "experiments")
 MAIN_BLOCK = re.compile(r'^if __name__ == "__main__":', re.M)
 DEFINED_FLAG = re.compile(r'(?:DEFINE_[a-z_]+|define_list)\(\s*"(\w+)"')
