@@ -28,6 +28,7 @@ from evaluation import driver
 from iopo_jax import io_utils
 from iopo_jax import chat_client
 from iopo_jax.sampling import Row, Sampler, SamplingParams
+from iopo_jax.sampling.sampler import resolve_scan_layers
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +133,15 @@ def provide_sampler(model_dir: str, lora: str, factory) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_sampler(model_dir: str, lora: str):
-    return Sampler.from_pretrained(model_dir, lora=lora or None)
+def _cached_sampler(model_dir: str, lora: str, scan_layers: bool):
+    return Sampler.from_pretrained(model_dir, lora=lora or None, scan_layers=scan_layers)
 
 
-def _sampler_for(model_dir: str, lora: str):
-    """The provided sampler of ``(model_dir, lora)`` (:func:`provide_sampler`) or the cached one."""
+def _sampler_for(model_dir: str, lora: str, scan_layers="auto"):
+    """The provided sampler of ``(model_dir, lora)`` (:func:`provide_sampler`) or the cached one, built with
+    ``scan_layers`` (see :func:`iopo_jax.sampling.sampler.resolve_scan_layers`)."""
     factory = _PROVIDED.get((model_dir, lora or ""))
-    return factory() if factory is not None else _cached_sampler(model_dir, lora)
+    return factory() if factory is not None else _cached_sampler(model_dir, lora, resolve_scan_layers(scan_layers))
 
 
 def unit_seed(seed: int, request_id: str) -> int:
@@ -172,7 +174,8 @@ def jax_sampler_generate(model_dir: str, batch: Sequence[list[dict[str, str]]], 
 
 def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, str]]], ids: Sequence[str], *,
                        temperature: float, top_p: float, max_new_tokens: int, seed: int, lora: str = "",
-                       window: int = 32, lane_promotion: bool = True) -> Iterator[tuple[int, Any]]:
+                       window: int = 32, lane_promotion: bool = True,
+                       scan_layers="auto") -> Iterator[tuple[int, Any]]:
     """Answers chat conversations with our JAX sampler, yielding ``(position, Completion)`` as each finishes.
 
     At most ``window`` conversations are in the sampler at once (continuous batching): when one
@@ -180,7 +183,8 @@ def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, st
     each answer as it arrives loses nothing already answered on a crash. Each conversation samples
     with :func:`unit_seed` of its id (the key :meth:`Sampler.generate` uses with ``seeds``), so the
     answers do not depend on the window or on the order of completion. ``lane_promotion`` sets the
-    sampler's (rows move to longer KV-cache lanes as they grow; same answers).
+    sampler's (rows move to longer KV-cache lanes as they grow; same answers); ``scan_layers`` is the cached
+    sampler's layer loop (:func:`~iopo_jax.sampling.sampler.resolve_scan_layers`; same answers).
     """
     if not os.path.isdir(model_dir):
         raise SamplerUnavailableError(
@@ -190,7 +194,7 @@ def jax_sampler_stream(model_dir: str, conversations: Sequence[list[dict[str, st
         raise ValueError(f"jax_sampler_stream: {len(ids)} ids for {len(conversations)} conversations")
     if window < 1:
         raise ValueError(f"jax_sampler_stream: window must be >= 1, got {window}")
-    sampler = _sampler_for(model_dir, lora)
+    sampler = _sampler_for(model_dir, lora, scan_layers)
     sampler.lane_promotion = bool(lane_promotion)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     if not getattr(sampler, "continuous", True):  # a batch-level sampler: a window per call
@@ -238,11 +242,12 @@ class JaxSamplerGenerator:
     number of new tokens."""
 
     def __init__(self, model_dir: str, *, temperature: float, top_p: float, max_new_tokens: int,
-                 batch_size: int, seed: int = 0, lora: str = "", lane_promotion: bool = True):
+                 batch_size: int, seed: int = 0, lora: str = "", lane_promotion: bool = True,
+                 scan_layers="auto"):
         self.model_dir = model_dir
         self.name = f"jax:{model_dir}" + (f"+{lora}" if lora else "")
         self.kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, lora=lora,
-                       lane_promotion=lane_promotion)
+                       lane_promotion=lane_promotion, scan_layers=scan_layers)
         self.batch_size = batch_size
 
     def generate(self, requests: Sequence[driver.GenRequest]) -> Iterator[driver.GenResult]:
@@ -289,7 +294,7 @@ def resolve_backend(config) -> str:
 # Keys of config.generation that are not ClientConfig fields: the choice of backend, the settings of the other
 # backends and of the prompts, and max_new_tokens (sent to the server as max_tokens).
 GENERATION_SETTINGS = ("backend", "predictions", "batch_size", "answer_template", "max_chars", "max_new_tokens",
-                       "lane_promotion")
+                       "lane_promotion", "scan_layers")
 
 
 def api_client_config(config, workdir: str) -> chat_client.ClientConfig:
@@ -308,9 +313,13 @@ def make_generator(config, backend: str, workdir: str):
         return PredictionsFileGenerator(g.predictions)
     if backend == "api":
         return ChatAPIGenerator(api_client_config(config, workdir))
+    try:
+        scan_layers = resolve_scan_layers(g.scan_layers)
+    except ValueError as e:
+        raise ValueError(f"config.generation.scan_layers: {e}") from None
     return JaxSamplerGenerator(config.model_dir, temperature=g.temperature, top_p=g.top_p,
                                max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=config.seed,
-                               lora=config.lora, lane_promotion=g.lane_promotion)
+                               lora=config.lora, lane_promotion=g.lane_promotion, scan_layers=scan_layers)
 
 
 def model_name(config, backend: str) -> str:

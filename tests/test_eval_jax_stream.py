@@ -8,7 +8,7 @@ def test_stream_answers_equal_sampler_generate_whatever_the_window(tiny_model_di
     convs = [[{"role": "user", "content": f"Write {k} words about the sea{'!' * k}"}] for k in range(5)]
     ids = [f"k{k}#0" for k in range(5)]
     kw = dict(temperature=0.8, top_p=1.0, max_new_tokens=6, seed=3)
-    sampler = generate._cached_sampler(tiny_model_dir, "")
+    sampler = generate._sampler_for(tiny_model_dir, "")
     want = sampler.generate(convs, SamplingParams(**kw), seeds=[generate.unit_seed(3, i) for i in ids])
 
     submitted, peak = [], [0]
@@ -27,3 +27,28 @@ def test_stream_answers_equal_sampler_generate_whatever_the_window(tiny_model_di
     for k in range(5):
         assert got[k].token_ids == want[k].token_ids and got[k].text == want[k].text
         assert got[k].finish_reason in ("stop", "length") and 1 <= len(got[k].token_ids) <= 6
+
+
+def test_scan_layers_setting_picks_the_layer_loop_and_keeps_the_answers(tiny_model_dir):
+    """config.generation.scan_layers: "auto" is the unrolled loop on CPU; true / false give the same answers."""
+    import pytest
+    from evaluation import config_defaults, driver
+    from iopo_jax.sampling.sampler import resolve_scan_layers
+
+    assert resolve_scan_layers("auto") is False  # this test runs on CPU
+    assert resolve_scan_layers("TRUE") is True and resolve_scan_layers(False) is False
+    with pytest.raises(ValueError, match="true, false or auto"):
+        resolve_scan_layers("sometimes")
+    reqs = [driver.GenRequest(f"u{k}#0", [{"role": "user", "content": f"Name {k} colours"}]) for k in range(3)]
+    answers = {}
+    for scan in (True, False):
+        gen = generate.JaxSamplerGenerator(tiny_model_dir, temperature=0.0, top_p=1.0, max_new_tokens=5,
+                                           batch_size=2, scan_layers=scan)
+        answers[scan] = {r.id: r.text for r in gen.generate(reqs)}
+        assert generate._sampler_for(tiny_model_dir, "", scan).engine.scan_layers is scan
+    assert answers[True] == answers[False] and len(answers[True]) == 3
+    config = config_defaults.base_config("ifeval")
+    config.model_dir = tiny_model_dir
+    config.generation.scan_layers = "sometimes"
+    with pytest.raises(ValueError, match="config.generation.scan_layers"):
+        generate.make_generator(config, "jax", "/tmp")

@@ -54,7 +54,7 @@ class _FakeSampler:
 
 def test_eval_sampling_seed_follows_the_unit_not_its_batch_position(tmp_path, monkeypatch):
     fake = _FakeSampler()
-    monkeypatch.setattr(generate, "_cached_sampler", lambda model_dir, lora: fake)
+    monkeypatch.setattr(generate, "_cached_sampler", lambda model_dir, lora, scan_layers: fake)
     gen = generate.JaxSamplerGenerator(str(tmp_path), temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=2,
                                        seed=7)
 
@@ -76,7 +76,7 @@ def test_eval_writes_each_answer_as_it_finishes_and_a_crash_keeps_them(tmp_path,
     """Answers reach predictions.jsonl one by one (with finish reason and token count), so a crash in the
     middle of a window keeps every finished answer and the rerun generates only the rest."""
     fake = _FakeSampler()
-    monkeypatch.setattr(generate, "_cached_sampler", lambda model_dir, lora: fake)
+    monkeypatch.setattr(generate, "_cached_sampler", lambda model_dir, lora, scan_layers: fake)
     gen = generate.JaxSamplerGenerator(str(tmp_path), temperature=0.0, top_p=1.0, max_new_tokens=8, batch_size=3)
     units = [driver.GenUnit(f"u{k}", [[{"role": "user", "content": f"q{k}"}]]) for k in range(5)]
     path = str(tmp_path / "predictions.jsonl")

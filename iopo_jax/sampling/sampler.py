@@ -93,6 +93,22 @@ def read_eos_ids(model_dir: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def resolve_scan_layers(value, mesh=None) -> bool:
+    """``scan_layers`` as a bool: True / False (or "true" / "false", any case) as given; "auto" is False when
+    the sampler's devices (``mesh``'s, else JAX's default) are CPUs, where a loop over stacked layer weights
+    copies every layer's weight slice at every step, and True on accelerators (one compiled layer body)."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v == "auto":
+            devices = mesh.devices.flat if mesh is not None else jax.devices()
+            return next(iter(devices)).platform != "cpu"
+        if v in ("true", "false"):
+            return v == "true"
+    elif isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"scan_layers must be true, false or auto, got {value!r}")
+
+
 class Sampler:
     """Batched generation with a KV cache, on any mesh, for a :class:`~iopo_jax.models.Transformer`.
 
@@ -131,7 +147,9 @@ class Sampler:
         layers, whose weights are stacked once when the weights are set (one extra copy of the layer
         weights): every program compiles one layer body instead of one per layer. False: layers
         unrolled over the model's own weights (longer compilation; on CPU faster decode steps, since
-        XLA:CPU copies each layer's weight slice inside a loop).
+        XLA:CPU copies each layer's weight slice inside a loop: batch 32, SmolLM2-135M 222 vs 260 ms,
+        Qwen2.5-0.5B 661 vs 878 ms a step, with 2-3.5x the compile time). "auto": False on CPU, True
+        on accelerators (see :func:`resolve_scan_layers`).
     """
 
     def __init__(self, model, tokenizer=None, *, mesh=None, max_batch_size: int = 32,
@@ -140,7 +158,7 @@ class Sampler:
                  eos_token_ids: Optional[Sequence[int]] = None, decode_chunk: int = 16, pad_id: Optional[int] = None,
                  prefill_chunk: int = 512, continuous: bool = True, prefix_sharing: bool = True,
                  max_cache_tokens: Optional[int] = None, prefill_budget: int = 4096,
-                 cache_buckets: Optional[Sequence[int]] = None, scan_layers: bool = True,
+                 cache_buckets: Optional[Sequence[int]] = None, scan_layers: bool | str = True,
                  lane_promotion: bool = True):
         self.cfg = model.config
         self.tokenizer = tokenizer
@@ -170,7 +188,8 @@ class Sampler:
         self.pad_id = int(pad_id)
         self.decode_chunk = int(decode_chunk)
         graphdef, state = nnx.split(model)
-        self.engine = Engine(graphdef, self.cfg, self.pad_id, prefill_chunk, scan_layers=scan_layers)
+        self.engine = Engine(graphdef, self.cfg, self.pad_id, prefill_chunk,
+                             scan_layers=resolve_scan_layers(scan_layers, mesh))
         self.state = state
         self.continuous = bool(continuous)
         self.prefix_sharing = bool(prefix_sharing)
