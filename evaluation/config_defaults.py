@@ -65,7 +65,7 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
     c.generation.lane_promotion = True
     # JAX sampler: the decoder layers as one lax.scan over stacked weights (true: one compiled layer body) or
     # unrolled (false: on CPU 1.2-1.3x faster decode steps, since XLA:CPU copies each layer's weight slice in a
-    # loop, for 2-3.5x the compile time); auto: false on CPU, true on accelerators.
+    # loop, for 2-3.6x the compile time); auto: false on CPU, true on accelerators.
     c.generation.scan_layers = "auto"
     # Requests in flight (api backend).
     c.generation.concurrency = 8

@@ -148,7 +148,7 @@ class Sampler:
         weights): every program compiles one layer body instead of one per layer. False: layers
         unrolled over the model's own weights (longer compilation; on CPU faster decode steps, since
         XLA:CPU copies each layer's weight slice inside a loop: batch 32, SmolLM2-135M 222 vs 260 ms,
-        Qwen2.5-0.5B 661 vs 878 ms a step, with 2-3.5x the compile time). "auto": False on CPU, True
+        Qwen2.5-0.5B 661 vs 878 ms a step, with 2-3.6x the compile time). "auto": False on CPU, True
         on accelerators (see :func:`resolve_scan_layers`).
     """
 
