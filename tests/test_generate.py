@@ -183,16 +183,22 @@ def test_real_command_line_with_lora(tmp_path, lora_setup):
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["generated"] == 2
     got = {r["id"]: r["response"] for r in _read_jsonl(out)}
+    # the command line's default --scan_layers=auto unrolls the layers on CPU; the fixture's sampler scans them,
+    # so the equality below holds across the two layer loops
+    assert sampler.engine.scan_layers
     ref = sampler.chat([[{"role": "user", "content": "Write one word."}], RECORDS[1]["messages"]],
                        SamplingParams(max_new_tokens=6))
     assert got == {"a": ref[0].text, "2": ref[1].text}
     bad = subprocess.run(cmd[:4] + [f"--input={tmp_path / 'nope.jsonl'}", f"--output={out}"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "nope.jsonl: input file not found" in bad.stderr
+    bad = subprocess.run(cmd + ["--scan_layers=sometimes"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "scan_layers" in bad.stderr
     helptext = subprocess.run([sys.executable, "-m", "iopo_jax.sampling.generate", "--helpfull"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=120).stdout
     for flag in ("--model_dir", "--input", "--output", "--lora", "--temperature", "--top_p", "--top_k", "--seed",
-                 "--stop", "--max_new_tokens", "--batch_size"):
+                 "--stop", "--max_new_tokens", "--batch_size", "--scan_layers"):
         assert flag in helptext
 
 

@@ -40,6 +40,9 @@ from iopo_jax.sharding import make_mesh
 LANE_PROMOTION_HELP = ("continuous batching: a row starts in the shortest KV-cache lane that holds its prompt and "
                        "next decode chunk and moves to a longer one as it grows (less attention work per step); "
                        "same outputs either way")
+SCAN_LAYERS_HELP = ("the decoder layers as one lax.scan over stacked weights (true: one compiled layer body) or "
+                    "unrolled (false: longer compilation, faster decode steps on CPU, where XLA copies each layer's "
+                    "weight slice in a loop); auto: false on CPU, true on accelerators; same outputs")
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class GenerateArgs:
     batching: str = "continuous"  # or "static": the batch-level engine (a batch runs until its longest answer)
     prefill_budget: int = 512  # continuous: padded prompt tokens prefilled per scheduler round (>= one chunk)
     lane_promotion: bool = True  # continuous: rows move to longer KV-cache lanes as they grow (same outputs)
+    scan_layers: str = "auto"  # layer loop: "true" (lax.scan), "false" (unrolled), "auto" (unrolled on CPU)
 
 
 def parse_mesh(spec: str):
@@ -208,7 +212,7 @@ def run(args: GenerateArgs, sampler=None) -> dict[str, Any]:
                                           max_batch_size=rows, max_model_len=args.max_model_len or None,
                                           continuous=args.batching == "continuous",
                                           prefill_budget=args.prefill_budget, lane_promotion=args.lane_promotion,
-                                          **kw)
+                                          scan_layers=args.scan_layers, **kw)
     # Tokenize and check everything first: a bad record fails the run before any compute.
     for r in pending:
         where = f"{args.input}:{r['line']}"
@@ -351,6 +355,7 @@ def _define_flags(fv=None):
                      "(at least one chunk of one prompt) between decode chunks; small = the rows already decoding "
                      "(and their records) finish sooner, long prompts are read over more rounds", flag_values=fv)
     f.DEFINE_bool("lane_promotion", d["lane_promotion"], LANE_PROMOTION_HELP, flag_values=fv)
+    f.DEFINE_enum("scan_layers", d["scan_layers"], ["auto", "true", "false"], SCAN_LAYERS_HELP, flag_values=fv)
     for name in ("model_dir", "input", "output"):
         flags.mark_flag_as_required(name, flag_values=fv)
 

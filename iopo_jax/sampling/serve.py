@@ -49,7 +49,7 @@ from absl import flags
 
 from data_pipeline import cli
 from iopo_jax.sampling import Row, Sampler, SamplingParams
-from iopo_jax.sampling.generate import LANE_PROMOTION_HELP, parse_mesh
+from iopo_jax.sampling.generate import LANE_PROMOTION_HELP, SCAN_LAYERS_HELP, parse_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -872,6 +872,7 @@ def _define_flags():
                      "(at least one chunk) between decode chunks of the running requests; lower = running "
                      "requests are held up less by new long prompts")
     f.DEFINE_bool("lane_promotion", True, LANE_PROMOTION_HELP)
+    f.DEFINE_enum("scan_layers", "auto", ["auto", "true", "false"], SCAN_LAYERS_HELP)
     f.DEFINE_integer("max_body_mb", MAX_BODY_BYTES >> 20, "largest request body accepted (413 above)")
     f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
     f.DEFINE_string("mesh", "", "device mesh, e.g. 'fsdp=-1' or 'fsdp=4,tensor=2' (default: fsdp over all devices)")
@@ -897,7 +898,7 @@ def main(argv):
                                       max_batch_size=F.max_batch_size, max_model_len=F.max_model_len or None,
                                       decode_chunk=F.decode_chunk, prefill_chunk=F.prefill_chunk,
                                       prefill_budget=F.prefill_budget, continuous=F.batching == "continuous",
-                                      lane_promotion=F.lane_promotion)
+                                      lane_promotion=F.lane_promotion, scan_layers=F.scan_layers)
     if shapes:
         if sampler.continuous:
             t0 = time.perf_counter()
