@@ -19,6 +19,7 @@ CORE = [
     "matplotlib>=3.7",
     "tensorboardX>=2.6",
     "gguf>=0.10",  # iopo_jax.tools.fetch_model reads and dequantizes GGUF files
+    "jinja2>=3.1",  # chat templates (transformers' apply_chat_template); torch used to bring it in
 ]
 
 # IFEval: lm-eval's instruction checkers (lm_eval.tasks.ifeval), their nltk / langdetect / immutabledict
