@@ -211,15 +211,10 @@ def test_real_qwen_chat_template_and_sampler_answer_sensibly(converted):
 # ----------------------------------------------------------------------------- a tiny GGUF, converted (fast)
 def _byte_alphabet():
     # GPT-2's printable spelling of the 256 bytes (the alphabet byte-level BPE vocabularies are written in).
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    out, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + n)
-            n += 1
-    return [out[b] for b in range(256)]
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spelling = bytes_to_unicode()
+    return [spelling[b] for b in range(256)]
 
 
 TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
