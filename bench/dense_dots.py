@@ -11,6 +11,11 @@ fraction of this device's dense matmul peak measured in the same run (``bench/pe
 engine can decode faster than its own ceiling, so the ratio of two ceilings bounds the speed-up one
 can show over the other on this machine.
 
+Products timed one call at a time pay a dispatch per call, which a compiled step does not; the
+``xla_chain`` line therefore also times every product of a step in **one** jitted program (each layer's
+own weights, in our layout, the products chained through a residual as in the model; the elementwise work
+around them is a few adds and multiplies): XLA's dense ceiling without dispatch.
+
     python bench/dense_dots.py --model_dir=~/.cache/iopo_jax/models/smollm2-135m-instruct
     python bench/dense_dots.py --model_dir=... --batch_sizes=1,32 --json_out=dots.json
 """
@@ -75,6 +80,43 @@ def time_product(b: int, d_in: int, d_out: int, dtype: str, repeats: int, use_to
     return out
 
 
+def time_chain(b: int, products: list, dtype: str, repeats: int) -> float:
+    """Best seconds of all ``products`` (``step_products``) of one decode step in one jitted program, each
+    layer with its own ``[out, in]`` weights: ``q, k, v`` from the residual, ``o`` of ``q`` plus ``k`` and ``v``
+    tiled to ``q``'s width (so nothing is dead code; a row sum here made XLA:CPU fuse the product into a
+    slow loop), ``gate, up`` from the residual, ``down`` of their
+    product, then the LM head (its row maxima are returned)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    shapes = {name: (d_in, d_out, count) for name, d_in, d_out, count in products}
+    layers = shapes["q"][2]
+    rng = np.random.RandomState(1)
+
+    def w(name):
+        d_in, d_out, _ = shapes[name]
+        return jnp.asarray((rng.randn(d_out, d_in) / np.sqrt(d_in)).astype(np.float32), dtype)
+
+    weights = [{n: w(n) for n in ("q", "k", "v", "o", "gate", "up", "down")} for _ in range(layers)]
+    head = w("lm_head")
+
+    def lin(x, wt):
+        return jnp.einsum("bi,oi->bo", x, wt)
+
+    @jax.jit
+    def step(x, weights, head):
+        for lw in weights:
+            q, k, v = lin(x, lw["q"]), lin(x, lw["k"]), lin(x, lw["v"])
+            group = q.shape[-1] // k.shape[-1]  # query heads per kv head
+            x = x + lin(q + jnp.tile(k, group) + jnp.tile(v, group), lw["o"])
+            x = x + lin(lin(x, lw["gate"]) * lin(x, lw["up"]), lw["down"])
+        return jnp.max(lin(x, head), axis=-1)
+
+    x = jnp.asarray(rng.randn(b, shapes["q"][0]).astype(np.float32) * 0.1, dtype)
+    return best_seconds(lambda: step(x, weights, head).block_until_ready(), repeats)
+
+
 def main(argv):
     del argv
     path = os.path.join(os.path.expanduser(FLAGS.model_dir), "config.json")
@@ -124,6 +166,11 @@ def main(argv):
             ceil[e] = {"step_ms": step[e] * 1e3, "tokens_per_s": b / step[e], "gflops": g, "of_peak": g / peak}
             print(f"    {e:>8}: {step[e] * 1e3:8.1f} ms  {b / step[e]:8.1f} tokens/s  {g:6.1f} GFLOP/s  "
                   f"{100 * g / peak:5.1f}% of the matmul peak")
+        t_chain = time_chain(b, step_products(cfg), FLAGS.dtype, max(3, FLAGS.repeats // 4))
+        g = flops_step / t_chain / 1e9
+        ceil["xla_chain"] = {"step_ms": t_chain * 1e3, "tokens_per_s": b / t_chain, "gflops": g, "of_peak": g / peak}
+        print(f"  {'xla_chain':>10}: {t_chain * 1e3:8.1f} ms  {b / t_chain:8.1f} tokens/s  {g:6.1f} GFLOP/s  "
+              f"{100 * g / peak:5.1f}% of the matmul peak  (every product of the step in one jitted program)")
         results["batches"].append({"batch": b, "products": rows, "ceiling": ceil})
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as fh:

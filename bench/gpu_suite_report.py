@@ -11,8 +11,9 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
+
+from peak import git_commit  # bench/peak.py
 
 
 def _load(out, name):
@@ -118,11 +119,7 @@ def main(argv=None):
     p.add_argument("--peak_bandwidth_gbs", type=float, default=4800.0, help="peak used for the roofline")
     a = p.parse_args(argv)
     rows, raw = rows_of(a.out)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()
     device = "unknown"
     deps = raw.get("deps") or {}
     if deps.get("platform_ok") and deps.get("devices"):

@@ -1,8 +1,19 @@
 """Shared helpers of the benchmark scripts (no flags, so any script can import it): the device's measured
-dense matmul peak, and the best wall time of a call."""
+dense matmul peak, the best wall time of a call, and the commit the scripts run at."""
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+
+
+def git_commit() -> str:
+    """Short hash of the checkout the bench scripts live in ("" when git cannot say)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return ""
 
 
 def best_seconds(fn, repeats: int) -> float:

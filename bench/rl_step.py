@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 from absl import flags
 
 from data_pipeline import cli
+from peak import git_commit  # bench/peak.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,14 +70,6 @@ def _load_config(path: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return "?"
 
 
 def main(argv):
@@ -138,7 +130,7 @@ def main(argv):
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                    f"jax {jax.__version__} {jax.devices()[0].platform} x{len(devices or jax.devices())}",
         "load_avg_1m_before": load[0], "load_avg_1m_after": os.getloadavg()[0],
-        "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "commit": (git_commit() or "?"),
     }
     print(f"RL iteration ({cfg.objective.name}, {rows} rollouts = {r.prompts_per_step} prompts x {r.group_size}, "
           f"<= {new} new tokens, mean {res['mean_response_tokens']:.1f}; prompt ~{plen} tokens), "

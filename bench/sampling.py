@@ -26,7 +26,7 @@ import time
 from absl import app, flags
 
 from data_pipeline import cli
-from peak import matmul_peak  # bench/peak.py
+from peak import git_commit, matmul_peak  # bench/peak.py
 
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory; default: a tiny random Qwen2 written to a temp dir")
 flags.DEFINE_enum("random_config", None, ["qwen2_7b", "smoke"],
@@ -44,8 +44,10 @@ flags.DEFINE_float("peak_bandwidth_gbs", 0.0,
 flags.DEFINE_bool("matmul_peak", True,
                   "also measure this device's dense matmul FLOP/s (jitted [n, n] x [n, n] products in --dtype) in the "
                   "same run and report the decode step's achieved FLOP/s as a fraction of it")
-flags.DEFINE_bool("scan_layers", True, "our sampler's cached forward as one lax.scan over the stacked layers "
-                  "(Sampler(scan_layers=...)); false: layers unrolled")
+flags.DEFINE_enum("scan_layers", "auto", ["auto", "true", "false"],
+                  "our sampler's layer loop (Sampler(scan_layers=...)): true = one lax.scan over the stacked layer "
+                  "weights, false = layers unrolled, auto = unrolled on CPU and scanned on accelerators (what "
+                  "evaluation, generate and serve use)")
 flags.DEFINE_list("engines", ["continuous", "static"],
                   "our engines to measure: continuous (continuous batching, the sampler's default) and/or static "
                   "(the batch-level engine, Sampler(continuous=False)); a suffix ':xla' runs that engine with the "
@@ -115,7 +117,7 @@ def bench_ours(model, cfg, batch_sizes, prompt_len, new_tokens, repeats, continu
     sampler = Sampler(model, None, eos_token_ids=[], prompt_buckets=(prompt_len,), new_token_buckets=(new_tokens,),
                       batch_buckets=tuple(sorted(batch_sizes)), max_batch_size=max(batch_sizes),
                       max_model_len=prompt_len + new_tokens, continuous=continuous,
-                      **({} if FLAGS.scan_layers else {"scan_layers": False}))
+                      scan_layers=FLAGS.scan_layers)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     rng = np.random.RandomState(0)
     out = {}
@@ -203,11 +205,15 @@ def main(argv):
     del argv
     import jax
 
+    from iopo_jax.sampling.sampler import resolve_scan_layers
+
     batch_sizes = [int(b) for b in FLAGS.batch_sizes]
     model, cfg, model_dir = _load(FLAGS.dtype)
+    layer_loop = "scanned" if resolve_scan_layers(FLAGS.scan_layers) else "unrolled"
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {cfg.model_type} "
           f"d={cfg.hidden_size} layers={cfg.num_layers} vocab={cfg.vocab_size} dtype={FLAGS.dtype}  "
-          f"prompt_len={FLAGS.prompt_len} new_tokens={FLAGS.new_tokens}", flush=True)
+          f"prompt_len={FLAGS.prompt_len} new_tokens={FLAGS.new_tokens}  layers {layer_loop} "
+          f"(--scan_layers={FLAGS.scan_layers})", flush=True)
     bad = [e for e in FLAGS.engines if e.split(":")[0] not in ("continuous", "static") or e.count(":") > 1
            or (":" in e and e.split(":")[1] != "xla")]
     if bad or not FLAGS.engines:
@@ -224,7 +230,8 @@ def main(argv):
     if not FLAGS.skip_hf and model_dir is not None:
         hf = bench_hf(model_dir, batch_sizes, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats, FLAGS.dtype)
     results = {"config": dict(batch_sizes=batch_sizes, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
-                              dtype=FLAGS.dtype, device=jax.devices()[0].device_kind),
+                              dtype=FLAGS.dtype, device=jax.devices()[0].device_kind,
+                              layer_loop=layer_loop, commit=git_commit()),
                "ours": ours, "engines": engines, "hf": hf}
     header = f"{'engine':>14} {'batch':>5} | {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8} {'same rows':>9}"
     if hf:

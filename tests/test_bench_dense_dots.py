@@ -1,5 +1,5 @@
 """bench/dense_dots.py through its command line: every product of a decode step of the model's config,
-timed per engine, and a dense ceiling that is the sum of those products."""
+timed per engine, a dense ceiling that is the sum of those products, and the same products in one program."""
 import json
 import os
 import subprocess
@@ -34,7 +34,12 @@ def test_dense_dots_products_and_ceiling(tmp_path):
             assert abs(ceil["step_ms"] - 1e3 * step_s) < 1e-6 * ceil["step_ms"] + 1e-9
             assert abs(ceil["tokens_per_s"] - b / step_s) < 1e-6 * ceil["tokens_per_s"]
             assert abs(ceil["of_peak"] - ceil["gflops"] / res["peak_gflops"]) < 1e-9
-    assert "dense ceiling" in proc.stdout
+        # the whole step's products in one program: its own timing, same FLOPs per step
+        chain = batch["ceiling"]["xla_chain"]
+        flops = sum(2 * b * p["d_in"] * p["d_out"] * p["per_step"] for p in prods.values())
+        assert chain["step_ms"] > 0 and abs(chain["gflops"] - flops / (chain["step_ms"] / 1e3) / 1e9) < 1e-6 * chain["gflops"]
+        assert abs(chain["tokens_per_s"] - b / (chain["step_ms"] / 1e3)) < 1e-6 * chain["tokens_per_s"]
+    assert "dense ceiling" in proc.stdout and "xla_chain" in proc.stdout
 
 
 def test_dense_dots_names_an_unreadable_config(tmp_path):
