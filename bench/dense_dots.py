@@ -28,7 +28,7 @@ import sys
 from absl import flags
 
 from data_pipeline import cli
-from peak import best_seconds, matmul_peak  # bench/peak.py
+from peak import best_seconds, matmul_peak, step_products, time_chain  # bench/peak.py
 
 flags.DEFINE_string("model_dir", None, "HF model directory (its config.json gives the shapes)")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "rows per product (the decode batch)")
@@ -40,17 +40,6 @@ flags.DEFINE_list("peak_sizes", ["1024", "2048", "3072"], "square sizes n of the
 flags.DEFINE_string("json_out", None, "also write the results to this JSON file")
 FLAGS = flags.FLAGS
 flags.mark_flag_as_required("model_dir")
-
-
-def step_products(cfg: dict) -> list[tuple[str, int, int, int]]:
-    """``(name, d_in, d_out, count per step)`` of a decode step of the HF ``config.json`` ``cfg``."""
-    d = cfg["hidden_size"]
-    heads = cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or d // heads
-    kv = cfg.get("num_key_value_heads", heads) * hd
-    f, n = cfg["intermediate_size"], cfg["num_hidden_layers"]
-    return [("q", d, heads * hd, n), ("k", d, kv, n), ("v", d, kv, n), ("o", heads * hd, d, n),
-            ("gate", d, f, n), ("up", d, f, n), ("down", f, d, n), ("lm_head", d, cfg["vocab_size"], 1)]
 
 
 def time_product(b: int, d_in: int, d_out: int, dtype: str, repeats: int, use_torch: bool) -> dict:
@@ -78,43 +67,6 @@ def time_product(b: int, d_in: int, d_out: int, dtype: str, repeats: int, use_to
         with torch.inference_mode():
             out["torch"] = best_seconds(lambda: torch.nn.functional.linear(tx, tw), repeats)
     return out
-
-
-def time_chain(b: int, products: list, dtype: str, repeats: int) -> float:
-    """Best seconds of all ``products`` (``step_products``) of one decode step in one jitted program, each
-    layer with its own ``[out, in]`` weights: ``q, k, v`` from the residual, ``o`` of ``q`` plus ``k`` and ``v``
-    tiled to ``q``'s width (so nothing is dead code; a row sum here made XLA:CPU fuse the product into a
-    slow loop), ``gate, up`` from the residual, ``down`` of their
-    product, then the LM head (its row maxima are returned)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    shapes = {name: (d_in, d_out, count) for name, d_in, d_out, count in products}
-    layers = shapes["q"][2]
-    rng = np.random.RandomState(1)
-
-    def w(name):
-        d_in, d_out, _ = shapes[name]
-        return jnp.asarray((rng.randn(d_out, d_in) / np.sqrt(d_in)).astype(np.float32), dtype)
-
-    weights = [{n: w(n) for n in ("q", "k", "v", "o", "gate", "up", "down")} for _ in range(layers)]
-    head = w("lm_head")
-
-    def lin(x, wt):
-        return jnp.einsum("bi,oi->bo", x, wt)
-
-    @jax.jit
-    def step(x, weights, head):
-        for lw in weights:
-            q, k, v = lin(x, lw["q"]), lin(x, lw["k"]), lin(x, lw["v"])
-            group = q.shape[-1] // k.shape[-1]  # query heads per kv head
-            x = x + lin(q + jnp.tile(k, group) + jnp.tile(v, group), lw["o"])
-            x = x + lin(lin(x, lw["gate"]) * lin(x, lw["up"]), lw["down"])
-        return jnp.max(lin(x, head), axis=-1)
-
-    x = jnp.asarray(rng.randn(b, shapes["q"][0]).astype(np.float32) * 0.1, dtype)
-    return best_seconds(lambda: step(x, weights, head).block_until_ready(), repeats)
 
 
 def main(argv):

@@ -26,7 +26,7 @@ import time
 from absl import app, flags
 
 from data_pipeline import cli
-from peak import git_commit, matmul_peak  # bench/peak.py
+from peak import git_commit, matmul_peak, step_products, time_chain  # bench/peak.py
 
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory; default: a tiny random Qwen2 written to a temp dir")
 flags.DEFINE_enum("random_config", None, ["qwen2_7b", "smoke"],
@@ -43,7 +43,11 @@ flags.DEFINE_float("peak_bandwidth_gbs", 0.0,
                    "bandwidth roofline (bytes of weights + KV cache read per step / step time / peak)")
 flags.DEFINE_bool("matmul_peak", True,
                   "also measure this device's dense matmul FLOP/s (jitted [n, n] x [n, n] products in --dtype) in the "
-                  "same run and report the decode step's achieved FLOP/s as a fraction of it")
+                  "same run and report the decode step's achieved FLOP/s as a fraction of it, and time the step's "
+                  "dense products alone in one jitted program (XLA's dense ceiling of a step, no attention, norms "
+                  "or sampling; bench/dense_dots.py's xla_chain)")
+flags.DEFINE_list("peak_sizes", ["1024", "2048", "3072"], "square sizes n of the [n, n] x [n, n] products that "
+                  "measure the matmul peak (the best is kept)")
 flags.DEFINE_enum("scan_layers", "auto", ["auto", "true", "false"],
                   "our sampler's layer loop (Sampler(scan_layers=...)): true = one lax.scan over the stacked layer "
                   "weights, false = layers unrolled, auto = unrolled on CPU and scanned on accelerators (what "
@@ -248,16 +252,28 @@ def main(argv):
                          f"{o['prefill_tok_s'] / h['prefill_tok_s']:>9.2f} {o['decode_tok_s'] / h['decode_tok_s']:>8.2f}")
             print(line)
     if FLAGS.matmul_peak:
-        peak = matmul_peak(FLAGS.dtype)
+        peak = matmul_peak(FLAGS.dtype, sizes=[int(n) for n in FLAGS.peak_sizes])
         fpt = decode_flops_per_token(cfg, FLAGS.prompt_len, FLAGS.new_tokens)
         results["matmul_peak"] = dict(peak, decode_flops_per_token=fpt, decode={})
         print(f"measured matmul peak: {peak['gflops']:.1f} GFLOP/s ({FLAGS.dtype}, n={peak['n']}); "
               f"decode step: {fpt / 1e6:.1f} MFLOP per row")
+        hf_cfg = {"hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+                  "num_key_value_heads": cfg.num_kv_heads, "intermediate_size": cfg.intermediate_size,
+                  "num_hidden_layers": cfg.num_layers, "vocab_size": cfg.vocab_size}
+        results["dense_chain"] = {}
+        for b in batch_sizes:  # XLA's dense ceiling: the step's products alone, in one jitted program
+            t = time_chain(b, step_products(hf_cfg), FLAGS.dtype, 5)
+            g = sum(2.0 * b * i * o * c for _, i, o, c in step_products(hf_cfg)) / t / 1e9
+            results["dense_chain"][b] = dict(step_ms=1e3 * t, tokens_per_s=b / t, gflops=g, fraction=g / peak["gflops"])
+            print(f"batch {b}: the step's dense products alone in one program (bench/dense_dots.py's xla_chain): "
+                  f"{1e3 * t:.1f} ms = {b / t:.0f} tok/s, {g:.1f} GFLOP/s = {100 * g / peak['gflops']:.1f}% of the peak")
         for e, res in engines.items():
             for b in batch_sizes:
                 g = res[b]["decode_tok_s"] * fpt / 1e9
                 results["matmul_peak"]["decode"][f"{e}/{b}"] = dict(gflops=g, fraction=g / peak["gflops"])
-                line = f"{e} batch {b}: decode {g:.1f} GFLOP/s = {100 * g / peak['gflops']:.1f}% of the matmul peak"
+                chain_ms = results["dense_chain"][b]["step_ms"]
+                line = (f"{e} batch {b}: decode {g:.1f} GFLOP/s = {100 * g / peak['gflops']:.1f}% of the matmul peak, "
+                        f"step at {100 * chain_ms / res[b]['decode_step_ms']:.0f}% of the dense chain's speed")
                 if hf:
                     gh = hf[b]["decode_tok_s"] * fpt / 1e9
                     line += f" (transformers: {gh:.1f} GFLOP/s = {100 * gh / peak['gflops']:.1f}%)"

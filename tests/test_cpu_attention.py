@@ -132,3 +132,19 @@ def test_bench_sampling_runs_an_engine_with_and_without_the_kernel(tmp_path):
     assert set(engines) == {"static", "static:xla"}
     for res in engines.values():
         assert res["2"]["same_rows"] == 2 and res["2"]["decode_tok_s"] > 0
+
+
+def test_bench_sampling_puts_the_step_next_to_the_peak_and_the_dense_chain(tmp_path):
+    import json
+
+    js = tmp_path / "s.json"
+    out = _run_bench(["bench/sampling.py", "--engines=static", "--batch_sizes=2", "--skip_hf", "--new_tokens=4",
+                      "--prompt_len=8", "--repeats=1", "--peak_sizes=64", f"--json_out={js}"], tmp_path)
+    res = json.loads(js.read_text())
+    assert res["config"]["layer_loop"] == "unrolled"  # --scan_layers=auto on CPU
+    peak, chain = res["matmul_peak"], res["dense_chain"]["2"]
+    assert peak["gflops"] > 0 and chain["step_ms"] > 0
+    assert abs(chain["fraction"] - chain["gflops"] / peak["gflops"]) < 1e-9
+    step = res["engines"]["static"]["2"]
+    assert abs(peak["decode"]["static/2"]["gflops"] - step["decode_tok_s"] * peak["decode_flops_per_token"] / 1e9) < 1e-6
+    assert "of the dense chain's speed" in out
