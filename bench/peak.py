@@ -66,10 +66,10 @@ def step_products(cfg: dict) -> list[tuple[str, int, int, int]]:
 
 def time_chain(b: int, products: list, dtype: str, repeats: int) -> float:
     """Best seconds of all ``products`` (``step_products``) of one decode step in one jitted program, each
-    layer with its own ``[out, in]`` weights: ``q, k, v`` from the residual, ``o`` of ``q`` plus ``k`` and ``v``
-    tiled to ``q``'s width (so nothing is dead code; a row sum here made XLA:CPU fuse the product into a
-    slow loop), ``gate, up`` from the residual, ``down`` of their
-    product, then the LM head (its row maxima are returned)."""
+    layer with its own ``[out, in]`` weights: ``q, k, v`` from the residual, ``o`` of ``q`` plus ``k`` and
+    ``v`` tiled to ``q``'s width (so nothing is dead code; a row sum here made XLA:CPU fuse the product into
+    a slow loop), ``gate, up`` from the residual, ``down`` of their product, then the LM head (its row
+    maxima are returned)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
