@@ -145,9 +145,36 @@ class Linear(nnx.Module):
             xd = self.lora_dropout(x) if self.lora_dropout is not None else x
             a = self.lora_a[...].astype(self.dtype)
             b = self.lora_b[...].astype(self.dtype)
-            y = y + jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", xd, a), b) * jnp.asarray(
-                self.lora_scale, self.dtype)
+            y = y + _lora_delta(xd, a, b) * jnp.asarray(self.lora_scale, self.dtype)
         return y
+
+
+@jax.custom_vjp
+def _lora_delta(x, a, b):
+    """LoRA's low-rank term ``(x A^T) B^T`` for ``x [..., in]``, ``A [r, in]``, ``B [out, r]``.
+
+    The gradient is written by hand only to pick the product order of ``dB``: as ``(xa^T dy)^T`` it
+    transposes the rank-``r`` operand and result, where autodiff's ``dy^T xa`` made XLA:CPU copy every
+    layer's output cotangent ``[tokens, out]`` into ``[out, tokens]`` (fused with the elementwise backward
+    around it, a slow strided loop: 22% of an IOPO step on SmolLM2-135M). Same values either way."""
+    return _lora_delta_fwd(x, a, b)[0]
+
+
+def _lora_delta_fwd(x, a, b):
+    xa = jnp.einsum("...i,ri->...r", x, a)
+    return jnp.einsum("...r,or->...o", xa, b), (x, a, b, xa)
+
+
+def _lora_delta_bwd(res, dy):
+    x, a, b, xa = res
+    dxa = jnp.einsum("...o,or->...r", dy, b)
+    db = jnp.einsum("...r,...o->ro", xa, dy).T
+    da = jnp.einsum("...r,...i->ri", dxa, x)
+    dx = jnp.einsum("...r,ri->...i", dxa, a)
+    return dx, da, db
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 @dataclasses.dataclass
