@@ -9,9 +9,8 @@ script prints GFLOP/s per engine, and then the **dense ceiling** of a decode ste
 products at the measured speeds (no attention, norms, cache writes, sampling), as tokens/s and as a
 fraction of this device's dense matmul peak measured in the same run (``bench/peak.py``). No
 engine can decode faster than its own ceiling, so the ratio of two ceilings bounds the speed-up one
-can show over the other on this machine.
-
-Products timed one call at a time pay a dispatch per call, which a compiled step does not; the
+can show over the other on this machine, with one caveat: products timed one call at a time each pay a
+dispatch, which a compiled step does not, so for XLA the sum can exceed a real step's time. The
 ``xla_chain`` line therefore also times every product of a step in **one** jitted program (each layer's
 own weights, in our layout, the products chained through a residual as in the model; the elementwise work
 around them is a few adds and multiplies): XLA's dense ceiling without dispatch.
