@@ -260,10 +260,11 @@ def main(argv):
         hf_cfg = {"hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_heads, "head_dim": cfg.head_dim,
                   "num_key_value_heads": cfg.num_kv_heads, "intermediate_size": cfg.intermediate_size,
                   "num_hidden_layers": cfg.num_layers, "vocab_size": cfg.vocab_size}
+        products = step_products(hf_cfg)
         results["dense_chain"] = {}
         for b in batch_sizes:  # XLA's dense ceiling: the step's products alone, in one jitted program
-            t = time_chain(b, step_products(hf_cfg), FLAGS.dtype, 5)
-            g = sum(2.0 * b * i * o * c for _, i, o, c in step_products(hf_cfg)) / t / 1e9
+            t = time_chain(b, products, FLAGS.dtype, 5)
+            g = sum(2.0 * b * i * o * c for _, i, o, c in products) / t / 1e9
             results["dense_chain"][b] = dict(step_ms=1e3 * t, tokens_per_s=b / t, gflops=g, fraction=g / peak["gflops"])
             print(f"batch {b}: the step's dense products alone in one program (bench/dense_dots.py's xla_chain): "
                   f"{1e3 * t:.1f} ms = {b / t:.0f} tok/s, {g:.1f} GFLOP/s = {100 * g / peak['gflops']:.1f}% of the peak")
